@@ -1,0 +1,99 @@
+//! Wire types of the cfgsync protocol, compatible with the seed's clients and servers.
+
+use std::net::IpAddr;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+/// The payload schema version this server speaks.
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// Error code: the node's config is not ready yet (425).
+pub const NOT_READY: &str = "not_ready";
+/// Error code: there is no config for this identifier (404).
+pub const MISSING_CONFIG: &str = "missing_config";
+/// Error code: a server fault (500).
+pub const INTERNAL: &str = "internal";
+
+/// A node's registration, the body of both `POST /register` and `POST /node`.
+///
+/// Unknown fields are ignored, as the seed's server does.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeRegistration {
+    /// Stable node identifier.
+    pub identifier: String,
+    /// The node's address (IPv4 as in the seed; IPv6 is an addition).
+    pub ip: IpAddr,
+    /// Opaque application metadata; `null` or absent means none.
+    #[serde(default, skip_serializing_if = "Value::is_null")]
+    pub metadata: Value,
+}
+
+impl NodeRegistration {
+    /// A registration without metadata.
+    pub fn new(identifier: impl Into<String>, ip: IpAddr) -> Self {
+        Self {
+            identifier: identifier.into(),
+            ip,
+            metadata: Value::Null,
+        }
+    }
+
+    /// Attaches typed metadata.
+    pub fn with_metadata<T: Serialize>(mut self, metadata: &T) -> Result<Self, serde_json::Error> {
+        self.metadata = serde_json::to_value(metadata)?;
+        Ok(self)
+    }
+
+    /// Reads the metadata back as a typed value.
+    pub fn metadata_as<T: serde::de::DeserializeOwned>(
+        &self,
+    ) -> Result<Option<T>, serde_json::Error> {
+        if self.metadata.is_null() {
+            return Ok(None);
+        }
+        serde_json::from_value(self.metadata.clone()).map(Some)
+    }
+}
+
+/// One delivered file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ArtifactFile {
+    /// Where the node should put it (routed by the client's output map).
+    pub path: String,
+    /// Its text.
+    pub content: String,
+}
+
+impl ArtifactFile {
+    /// A file from a path and its content.
+    pub fn new(path: impl Into<String>, content: impl Into<String>) -> Self {
+        Self {
+            path: path.into(),
+            content: content.into(),
+        }
+    }
+}
+
+/// The `200` body of `POST /node`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct NodeArtifactsPayload {
+    /// Always [`SCHEMA_VERSION`].
+    pub schema_version: u32,
+    /// The node's files, shared files included.
+    pub files: Vec<ArtifactFile>,
+    /// Addition: the store revision this payload was materialised at (old clients ignore it).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub epoch: Option<u64>,
+}
+
+impl NodeArtifactsPayload {
+    /// A payload of the current schema version.
+    pub fn new(files: Vec<ArtifactFile>) -> Self {
+        Self {
+            schema_version: SCHEMA_VERSION,
+            files,
+            epoch: None,
+        }
+    }
+}

@@ -1,0 +1,94 @@
+//! The `bootsync` command line: flag parsing and dispatch. Each subcommand lives in its own
+//! file; [`main`] is the entry point of the `bootsync` binary and of third-party binaries.
+
+mod bootstrap;
+mod client;
+mod config;
+mod serve;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::telemetry::{self, LogFormat};
+
+/// Exit status: success.
+pub const EXIT_OK: u8 = 0;
+/// Exit status: a runtime failure.
+pub const EXIT_FAILURE: u8 = 1;
+/// Exit status: bad usage or invalid input (bad flags, an invalid spec).
+pub const EXIT_USAGE: u8 = 2;
+/// Exit status: gave up waiting (`client`, `status --wait`).
+pub const EXIT_GAVE_UP: u8 = 3;
+
+/// bootsync: bootstrap reconciler, config store and cfgsync server.
+#[derive(Debug, Parser)]
+#[command(name = "bootsync", version, about, propagate_version = true)]
+pub struct Cli {
+    /// Log line format on stderr.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text, env = "BOOTSYNC_LOG_FORMAT")]
+    pub log_format: LogFormat,
+
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// The subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Serve the config API and cfgsync on the chosen store.
+    Serve(serve::ServeArgs),
+    /// Serve on the embedded store and run the reconciler against it (the sidecar default).
+    Run(bootstrap::RunArgs),
+    /// Run the reconciler alone against a remote server.
+    Bootstrap(bootstrap::BootstrapArgs),
+    /// Validate a spec file and print every problem.
+    Check(bootstrap::CheckArgs),
+    /// Show which initialisers would run now and why.
+    Plan(bootstrap::PlanArgs),
+    /// Show initialisers, registrations and readiness; optionally wait until converged.
+    Status(bootstrap::StatusArgs),
+    /// Node side: register, wait, fetch and write this node's files.
+    Client(client::ClientArgs),
+    /// Operate the config store from a shell.
+    #[command(subcommand)]
+    Config(config::ConfigCommand),
+}
+
+/// Parses the process arguments, runs the command and returns its exit status.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(runtime) => runtime,
+        Err(err) => {
+            eprintln!("error: cannot start the async runtime: {err}");
+            return ExitCode::from(EXIT_FAILURE);
+        }
+    };
+    match runtime.block_on(dispatch(cli.command)) {
+        Ok(code) => ExitCode::from(code),
+        Err(err) => {
+            eprintln!("error: {err:#}");
+            ExitCode::from(EXIT_FAILURE)
+        }
+    }
+}
+
+async fn dispatch(command: Command) -> anyhow::Result<u8> {
+    match command {
+        Command::Serve(args) => serve::run(args).await,
+        Command::Run(args) => bootstrap::run(args).await,
+        Command::Bootstrap(args) => bootstrap::bootstrap(args).await,
+        Command::Check(args) => bootstrap::check(args).await,
+        Command::Plan(args) => bootstrap::plan(args).await,
+        Command::Status(args) => bootstrap::status(args).await,
+        Command::Client(args) => client::run(args).await,
+        Command::Config(command) => config::run(command).await,
+    }
+}

@@ -1,0 +1,116 @@
+//! `bootsync serve`: the server alone on the chosen store.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::Context;
+use clap::Args;
+
+use super::EXIT_OK;
+use crate::metrics::Metrics;
+use crate::server::{self, AppState, ServerOptions, Token};
+use crate::store::{self, Limits};
+
+/// Flags shared by every command that runs the server (`serve`, `run`).
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ServerArgs {
+    /// Address to listen on; loopback unless told otherwise.
+    #[arg(long, default_value = server::DEFAULT_LISTEN, env = "BOOTSYNC_LISTEN")]
+    pub(crate) listen: SocketAddr,
+
+    /// Store URL: `sqlite:PATH`, `memory:` or `etcd:http://h1:2379,...`.
+    #[arg(
+        long,
+        default_value = "sqlite:./bootsync-data/store.db",
+        env = "BOOTSYNC_STORE"
+    )]
+    pub(crate) store: String,
+
+    /// File holding the admin token (guards config writes and reserved namespaces).
+    #[arg(long, env = "BOOTSYNC_ADMIN_TOKEN_FILE")]
+    pub(crate) admin_token_file: Option<PathBuf>,
+
+    /// File holding the join token (guards `/register` and `/node`).
+    #[arg(long, env = "BOOTSYNC_JOIN_TOKEN_FILE")]
+    pub(crate) join_token_file: Option<PathBuf>,
+
+    /// Allow listening on a non-loopback address without a join token.
+    #[arg(long, env = "BOOTSYNC_INSECURE")]
+    pub(crate) insecure: bool,
+
+    /// Largest request body in bytes.
+    #[arg(long, default_value_t = server::DEFAULT_BODY_LIMIT, env = "BOOTSYNC_BODY_LIMIT")]
+    pub(crate) body_limit: usize,
+
+    /// Largest stored value in bytes.
+    #[arg(long, default_value_t = Limits::default().max_value_bytes, env = "BOOTSYNC_MAX_VALUE_BYTES")]
+    pub(crate) max_value_bytes: usize,
+}
+
+impl ServerArgs {
+    /// Reads the token files and checks the listen address against them.
+    pub(crate) fn options(&self) -> anyhow::Result<ServerOptions> {
+        let admin_token = self
+            .admin_token_file
+            .as_deref()
+            .map(Token::from_file)
+            .transpose()?;
+        let join_token = self
+            .join_token_file
+            .as_deref()
+            .map(Token::from_file)
+            .transpose()?;
+        if !self.listen.ip().is_loopback() && join_token.is_none() && !self.insecure {
+            anyhow::bail!(
+                "refusing to listen on non-loopback {} without --join-token-file; \
+                 pass --insecure to accept unauthenticated nodes",
+                self.listen
+            );
+        }
+        Ok(ServerOptions {
+            admin_token,
+            join_token,
+            body_limit: self.body_limit,
+        })
+    }
+
+    /// The store limits these flags ask for.
+    pub(crate) fn limits(&self) -> Limits {
+        Limits {
+            max_value_bytes: self.max_value_bytes,
+            ..Limits::default()
+        }
+    }
+
+    /// Opens the store and builds the server state.
+    pub(crate) async fn state(&self) -> anyhow::Result<AppState> {
+        let options = self.options()?;
+        let store = store::open(&self.store, self.limits())
+            .await
+            .with_context(|| format!("opening store {}", self.store))?;
+        Ok(AppState::new(store, options, Arc::new(Metrics::new())))
+    }
+}
+
+/// Flags of `bootsync serve`.
+#[derive(Debug, Args)]
+pub struct ServeArgs {
+    #[command(flatten)]
+    pub(crate) server: ServerArgs,
+}
+
+pub(super) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
+    let shutdown = crate::shutdown::on_signals();
+    let state = args.server.state().await?;
+    let store = state.store.clone();
+    let app = server::router(state, []);
+    let listener = tokio::net::TcpListener::bind(args.server.listen)
+        .await
+        .with_context(|| format!("binding {}", args.server.listen))?;
+    tracing::info!(listen = %listener.local_addr()?, store = store.backend(), "serving");
+    server::serve(listener, app, shutdown).await?;
+    store.close().await?;
+    tracing::info!("stopped");
+    Ok(EXIT_OK)
+}

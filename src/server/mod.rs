@@ -1,0 +1,184 @@
+//! The HTTP server: one axum router for the config API, cfgsync, health, readiness and metrics.
+
+pub mod auth;
+pub mod config_api;
+pub mod error;
+mod health;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::Response;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+use tower_http::trace::TraceLayer;
+
+use crate::metrics::Metrics;
+use crate::store::DynStore;
+pub use auth::Token;
+pub use error::{ApiError, ApiJson, ErrorBody};
+
+/// Default listen address: loopback only, unless the operator says otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4400";
+/// Default largest request body, in bytes.
+pub const DEFAULT_BODY_LIMIT: usize = 2 * 1024 * 1024;
+
+/// Knobs of the server that are not the store itself.
+#[derive(Debug, Clone)]
+pub struct ServerOptions {
+    /// Guards config writes and every reserved namespace.
+    pub admin_token: Option<Token>,
+    /// Guards the cfgsync node routes.
+    pub join_token: Option<Token>,
+    /// Largest request body.
+    pub body_limit: usize,
+}
+
+impl Default for ServerOptions {
+    fn default() -> Self {
+        Self {
+            admin_token: None,
+            join_token: None,
+            body_limit: DEFAULT_BODY_LIMIT,
+        }
+    }
+}
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    /// The config store.
+    pub store: DynStore,
+    /// Tokens and limits.
+    pub options: Arc<ServerOptions>,
+    /// The process's metrics.
+    pub metrics: Arc<Metrics>,
+    http: Arc<HttpMetrics>,
+    /// When the server state was built.
+    pub started: Instant,
+}
+
+impl AppState {
+    /// State for a server on `store`, registering the HTTP metric families in `metrics`.
+    pub fn new(store: DynStore, options: ServerOptions, metrics: Arc<Metrics>) -> Self {
+        let http = Arc::new(HttpMetrics::register(&metrics));
+        Self {
+            store,
+            options: Arc::new(options),
+            metrics,
+            http,
+            started: Instant::now(),
+        }
+    }
+
+    /// Requires the admin token when one is configured.
+    pub fn require_admin(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
+        auth::require(self.options.admin_token.as_ref(), headers, "admin")
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RouteLabels {
+    method: String,
+    route: String,
+    status: u16,
+}
+
+#[derive(Debug)]
+struct HttpMetrics {
+    requests: Family<RouteLabels, Counter>,
+    seconds: Family<RouteLabels, Histogram>,
+}
+
+impl HttpMetrics {
+    fn register(metrics: &Metrics) -> Self {
+        let requests = Family::<RouteLabels, Counter>::default();
+        let seconds = Family::<RouteLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.0001, 4.0, 10))
+        });
+        metrics.register(
+            "http_requests",
+            "HTTP requests by route and status",
+            requests.clone(),
+        );
+        metrics.register(
+            "http_request_duration_seconds",
+            "HTTP request handling time",
+            seconds.clone(),
+        );
+        Self { requests, seconds }
+    }
+}
+
+async fn record_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    let started = Instant::now();
+    let method = request.method().to_string();
+    // Matched routes keep the label set bounded; unknown paths share one label.
+    let route = request
+        .extensions()
+        .get::<MatchedPath>()
+        .map_or_else(|| "unmatched".to_string(), |p| p.as_str().to_string());
+    let response = next.run(request).await;
+    let labels = RouteLabels {
+        method,
+        route,
+        status: response.status().as_u16(),
+    };
+    state.http.requests.get_or_create(&labels).inc();
+    state
+        .http
+        .seconds
+        .get_or_create(&labels)
+        .observe(started.elapsed().as_secs_f64());
+    response
+}
+
+/// The whole router; `extra` are the routers of other components (cfgsync, status), merged in.
+pub fn router(state: AppState, extra: impl IntoIterator<Item = Router>) -> Router {
+    let mut app = Router::new()
+        .merge(health::routes(state.clone()))
+        .merge(config_api::routes(state.clone()));
+    for part in extra {
+        app = app.merge(part);
+    }
+    app.fallback(error::not_found_route)
+        .method_not_allowed_fallback(error::method_not_allowed)
+        .layer(middleware::from_fn_with_state(state.clone(), record_request))
+        .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
+            tracing::info_span!("request", method = %request.method(), path = %request.uri().path())
+        }))
+        .layer(DefaultBodyLimit::max(state.options.body_limit))
+}
+
+/// How long in-flight requests may take to finish after shutdown is requested.
+pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
+
+/// Serves `app` on `listener` until `shutdown` is cancelled, then drains in-flight requests.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    shutdown: CancellationToken,
+) -> std::io::Result<()> {
+    let service = app.into_make_service_with_connect_info::<SocketAddr>();
+    let graceful =
+        axum::serve(listener, service).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    let mut graceful = std::pin::pin!(graceful.into_future());
+    tokio::select! {
+        result = &mut graceful => result,
+        () = async {
+            shutdown.cancelled().await;
+            tokio::time::sleep(DRAIN_DEADLINE).await;
+        } => {
+            tracing::warn!(deadline = ?DRAIN_DEADLINE, "in-flight requests did not finish in time; closing");
+            Ok(())
+        }
+    }
+}

@@ -3,13 +3,23 @@
 //!
 //! The parts, each usable on its own: [`store`] (the versioned config store), [`server`] (one
 //! HTTP server for the config API and cfgsync), [`cfgsync`] (node registration and artifact
-//! delivery), and [`cli`] (the `bootsync` command, also the entry point for third-party
-//! binaries that link their own initialisers).
+//! delivery), [`bootstrap`] (the reconciler), [`client`] (HTTP clients of the server's API), and
+//! [`cli`] (the `bootsync` command, also the entry point for third-party binaries that link
+//! their own initialisers).
 
+pub mod bootstrap;
 pub mod cfgsync;
 pub mod cli;
+pub mod client;
 pub mod metrics;
 pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+
+// The core initialisers live in the top-level `initialisers/` folder (the design card's layout)
+// but compile into this crate, so every binary that links bootsync links them too.
+#[path = "../initialisers/mod.rs"]
+mod initialisers;
+
+pub use inventory;

@@ -1,0 +1,74 @@
+//! The initialiser contract: what a core or third-party initialiser implements.
+
+use std::path::{Path, PathBuf};
+
+use async_trait::async_trait;
+use tokio_util::sync::CancellationToken;
+
+use crate::store::DynStore;
+
+/// The error an initialiser returns; its whole `source()` chain lands in the status record.
+pub type InitError = Box<dyn std::error::Error + Send + Sync>;
+
+/// One step that brings the deployment towards its initial state.
+///
+/// `run` is called when the configured flag differs from the one stored after the last success;
+/// it must be safe to run again after a flag bump (and after a crash mid-run).
+#[async_trait]
+pub trait Initialiser: Send + Sync + 'static {
+    /// `false` marks a pre-gate initialiser: it sets up what the service gate depends on, runs
+    /// before the gate on every wake until it succeeded in this process, and must be idempotent.
+    fn wait_for_services(&self) -> bool {
+        true
+    }
+
+    /// Does the work. `old_flag` is `None` on a first run.
+    async fn run(
+        &self,
+        ctx: &InitContext,
+        old_flag: Option<&str>,
+        new_flag: &str,
+    ) -> Result<(), InitError>;
+}
+
+/// What an initialiser can reach while it runs. Built per wake and dropped after it, so an
+/// idle reconciler holds no connections.
+#[derive(Clone)]
+pub struct InitContext {
+    /// The instance name from the spec.
+    pub name: String,
+    /// A span named for the instance; the engine enters it around `run`.
+    pub span: tracing::Span,
+    /// The config store, reached through the server's HTTP API (or directly in tests).
+    pub store: DynStore,
+    /// Base URL of the bootsync server (cfgsync routes, health), e.g. `http://127.0.0.1:4400`.
+    pub server_url: String,
+    /// An HTTP client for the server, carrying the admin token when one is configured.
+    pub http: reqwest::Client,
+    /// Cancelled when the run times out or the process shuts down.
+    pub cancel: CancellationToken,
+    /// The spec file's directory; relative paths in params resolve against it.
+    pub spec_dir: PathBuf,
+}
+
+impl InitContext {
+    /// Resolves a path from params against the spec file's directory.
+    pub fn resolve(&self, path: impl AsRef<Path>) -> PathBuf {
+        let path = path.as_ref();
+        if path.is_absolute() {
+            path.to_path_buf()
+        } else {
+            self.spec_dir.join(path)
+        }
+    }
+}
+
+impl std::fmt::Debug for InitContext {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("InitContext")
+            .field("name", &self.name)
+            .field("server_url", &self.server_url)
+            .field("spec_dir", &self.spec_dir)
+            .finish_non_exhaustive()
+    }
+}

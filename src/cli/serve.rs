@@ -100,6 +100,18 @@ pub struct ServeArgs {
     pub(crate) server: ServerArgs,
 }
 
+/// Prints the one stdout line scripts and tests wait for, `bootsync listening on http://ADDR`,
+/// once the listener is bound (so `--listen 127.0.0.1:0` is usable).
+pub(crate) fn announce(listener: &tokio::net::TcpListener, backend: &str) -> anyhow::Result<()> {
+    use std::io::Write;
+    let addr = listener.local_addr()?;
+    tracing::info!(listen = %addr, store = backend, "serving");
+    let mut stdout = std::io::stdout().lock();
+    writeln!(stdout, "bootsync listening on http://{addr}")?;
+    stdout.flush()?;
+    Ok(())
+}
+
 pub(super) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
     let shutdown = crate::shutdown::on_signals();
     let state = args.server.state().await?;
@@ -108,7 +120,7 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
     let listener = tokio::net::TcpListener::bind(args.server.listen)
         .await
         .with_context(|| format!("binding {}", args.server.listen))?;
-    tracing::info!(listen = %listener.local_addr()?, store = store.backend(), "serving");
+    announce(&listener, store.backend())?;
     server::serve(listener, app, shutdown).await?;
     store.close().await?;
     tracing::info!("stopped");

@@ -1,0 +1,42 @@
+//! The real binary starts, announces its port, and answers health checks.
+
+mod support;
+
+use std::time::Duration;
+
+#[tokio::test]
+async fn serve_starts_on_an_ephemeral_port_and_is_healthy() {
+    let dir = tempfile::tempdir().unwrap();
+    let proc = support::Proc::spawn(&["serve", "--store", "memory:"], dir.path());
+    let health = reqwest::get(format!("{}/healthz", proc.url)).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let ready = reqwest::get(format!("{}/readyz", proc.url)).await.unwrap();
+    assert_eq!(ready.status(), 200);
+    let body: serde_json::Value = ready.json().await.unwrap();
+    assert_eq!(body["backend"], "memory");
+    let missing = reqwest::get(format!("{}/no/such/route", proc.url))
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+    let body: serde_json::Value = missing.json().await.unwrap();
+    assert_eq!(body["code"], "not_found");
+}
+
+#[tokio::test]
+async fn sigterm_stops_the_server_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut proc = support::Proc::spawn(&["serve", "--store", "memory:"], dir.path());
+    proc.signal("TERM");
+    assert_eq!(proc.wait_exit(Duration::from_secs(15)), Some(0));
+}
+
+#[test]
+fn a_non_loopback_listen_without_a_join_token_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = support::run_cli(
+        &["serve", "--store", "memory:", "--listen", "0.0.0.0:0"],
+        dir.path(),
+    );
+    assert_ne!(code, 0);
+    assert!(stderr.contains("--join-token-file"), "stderr: {stderr}");
+}

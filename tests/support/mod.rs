@@ -1,0 +1,166 @@
+//! Shared support for integration tests: the real `bootsync` binary on an ephemeral loopback
+//! port, waiting on conditions with deadlines, and cleanup by PID.
+#![allow(dead_code, unreachable_pub, missing_docs)]
+
+use std::future::Future;
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+/// The path of the binary under test.
+pub fn bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_bootsync"))
+}
+
+/// A running `bootsync` process, killed (by PID) when dropped.
+pub struct Proc {
+    pub child: Child,
+    /// `http://127.0.0.1:PORT` once the process announced its listener.
+    pub url: String,
+    stderr_path: PathBuf,
+}
+
+impl Proc {
+    /// Starts `bootsync ARGS...` and waits (up to 30 s) for its `bootsync listening on URL`
+    /// line. `--listen 127.0.0.1:0` is added when `args` has no `--listen`.
+    pub fn spawn(args: &[&str], dir: &Path) -> Proc {
+        Self::spawn_env(args, dir, &[])
+    }
+
+    /// As [`Proc::spawn`], with extra environment variables.
+    pub fn spawn_env(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Proc {
+        let mut all: Vec<&str> = args.to_vec();
+        let is_server = matches!(args.first(), Some(&"serve") | Some(&"run"));
+        if is_server && !args.contains(&"--listen") {
+            all.extend(["--listen", "127.0.0.1:0"]);
+        }
+        let stderr_path = dir.join(format!("stderr-{}.log", unique()));
+        let stderr = std::fs::File::create(&stderr_path).expect("create stderr log");
+        let mut cmd = Command::new(bin());
+        cmd.args(&all)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(stderr)
+            .env("RUST_LOG", "info");
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("spawn bootsync");
+        let stdout = child.stdout.take().expect("stdout piped");
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if let Some(url) = line.strip_prefix("bootsync listening on ") {
+                    let _ = tx.send(url.trim().to_string());
+                }
+            }
+        });
+        let url = match rx.recv_timeout(Duration::from_secs(30)) {
+            Ok(url) => url,
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                let log = std::fs::read_to_string(&stderr_path).unwrap_or_default();
+                panic!("bootsync {all:?} did not announce a listener within 30 s; stderr:\n{log}");
+            }
+        };
+        Proc {
+            child,
+            url,
+            stderr_path,
+        }
+    }
+
+    /// Everything the process wrote to stderr so far.
+    pub fn stderr(&self) -> String {
+        std::fs::read_to_string(&self.stderr_path).unwrap_or_default()
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Sends a signal by PID (`TERM`, `HUP`, ...).
+    pub fn signal(&self, name: &str) {
+        let status = Command::new("kill")
+            .args([&format!("-{name}"), &self.pid().to_string()])
+            .status()
+            .expect("run kill");
+        assert!(status.success(), "kill -{name} {} failed", self.pid());
+    }
+
+    /// Waits (with a deadline) for the process to exit and returns its status code.
+    pub fn wait_exit(&mut self, deadline: Duration) -> Option<i32> {
+        let end = Instant::now() + deadline;
+        while Instant::now() < end {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status.code();
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!(
+            "bootsync (pid {}) did not exit within {deadline:?}",
+            self.pid()
+        );
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn unique() -> String {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(0);
+    format!(
+        "{}-{}",
+        std::process::id(),
+        N.fetch_add(1, Ordering::Relaxed)
+    )
+}
+
+/// Polls `check` until it returns `Some`, failing with `what` after `deadline`.
+pub async fn wait_for<T, F, Fut>(deadline: Duration, what: &str, mut check: F) -> T
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Option<T>>,
+{
+    let end = tokio::time::Instant::now() + deadline;
+    loop {
+        if let Some(value) = check().await {
+            return value;
+        }
+        if tokio::time::Instant::now() >= end {
+            panic!("timed out after {deadline:?} waiting for: {what}");
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+/// Runs `bootsync ARGS...` to completion and returns (exit code, stdout, stderr).
+pub fn run_cli(args: &[&str], dir: &Path) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .current_dir(dir)
+        .stdin(Stdio::null())
+        .output()
+        .expect("run bootsync");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}

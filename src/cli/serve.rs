@@ -112,17 +112,40 @@ pub(crate) fn announce(listener: &tokio::net::TcpListener, backend: &str) -> any
     Ok(())
 }
 
-pub(super) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
-    let shutdown = crate::shutdown::on_signals();
-    let state = args.server.state().await?;
+/// A server started in this process.
+pub(crate) struct RunningServer {
+    /// `http://ADDR` of the bound listener.
+    pub(crate) url: String,
+    /// The store it serves.
+    pub(crate) store: crate::store::DynStore,
+    /// Finishes when the server has drained after `shutdown`.
+    pub(crate) task: tokio::task::JoinHandle<std::io::Result<()>>,
+}
+
+/// Opens the store, builds the full router (config API, cfgsync, health), binds, announces the
+/// listener and serves until `shutdown`. Shared by `serve` and `run` so both expose the same
+/// server.
+pub(crate) async fn start_server(
+    args: &ServerArgs,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<RunningServer> {
+    let state = args.state().await?;
     let store = state.store.clone();
     let app = server::router(state, []);
-    let listener = tokio::net::TcpListener::bind(args.server.listen)
+    let listener = tokio::net::TcpListener::bind(args.listen)
         .await
-        .with_context(|| format!("binding {}", args.server.listen))?;
+        .with_context(|| format!("binding {}", args.listen))?;
     announce(&listener, store.backend())?;
-    server::serve(listener, app, shutdown).await?;
-    store.close().await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let task = tokio::spawn(server::serve(listener, app, shutdown));
+    Ok(RunningServer { url, store, task })
+}
+
+pub(super) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
+    let shutdown = crate::shutdown::on_signals();
+    let running = start_server(&args.server, shutdown).await?;
+    running.task.await??;
+    running.store.close().await?;
     tracing::info!("stopped");
     Ok(EXIT_OK)
 }

@@ -7,6 +7,7 @@
 mod hub;
 pub mod memory;
 mod names;
+pub mod sqlite;
 
 use std::collections::BTreeMap;
 use std::fmt;
@@ -496,9 +497,27 @@ pub async fn open(url: &str, limits: Limits) -> Result<DynStore, Error> {
     })?;
     match scheme {
         "memory" => Ok(Arc::new(memory::MemoryStore::new(limits))),
+        "sqlite" => {
+            if rest.is_empty() {
+                return Err(Error::BadUrl {
+                    url: url.to_string(),
+                    reason: "sqlite needs a file path, e.g. sqlite:./bootsync-data/store.db".into(),
+                });
+            }
+            let path = rest.to_string();
+            let options = sqlite::SqliteOptions {
+                limits,
+                ..Default::default()
+            };
+            let store =
+                tokio::task::spawn_blocking(move || sqlite::SqliteStore::open(path, options))
+                    .await
+                    .map_err(|err| Error::backend("opening the sqlite store", err))??;
+            Ok(Arc::new(store))
+        }
         other => Err(Error::BadUrl {
             url: url.to_string(),
-            reason: format!("unknown backend {other:?} (known: memory, sqlite) after {rest:?}"),
+            reason: format!("unknown backend {other:?}; known: memory, sqlite, etcd"),
         }),
     }
 }

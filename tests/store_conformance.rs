@@ -1,0 +1,112 @@
+//! The store conformance suite on every backend, plus SQLite's durability across reopen.
+
+mod common;
+
+use std::sync::Arc;
+
+use bootsync::store::memory::MemoryStore;
+use bootsync::store::sqlite::{SqliteOptions, SqliteStore};
+use bootsync::store::{DynStore, Error, Key, Limits, Store, StoreExt, WatchFilter};
+use serde_json::json;
+
+async fn memory_store() -> DynStore {
+    Arc::new(MemoryStore::new(Limits::default()))
+}
+
+async fn sqlite_store() -> DynStore {
+    // The directory must outlive the store: leak it for the test process's lifetime.
+    let dir = tempfile::tempdir().unwrap().keep();
+    Arc::new(SqliteStore::open(dir.join("store.db"), SqliteOptions::default()).unwrap())
+}
+
+conformance!(memory, memory_store());
+conformance!(sqlite, sqlite_store());
+
+#[tokio::test]
+async fn sqlite_reopen_keeps_every_acknowledged_write_and_its_history() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    let mut revs = Vec::new();
+    for i in 0..20 {
+        revs.push(
+            store
+                .put(Key::new("prod", "cfg", format!("k{i}")), json!(i))
+                .await
+                .unwrap(),
+        );
+    }
+    store.close().await.unwrap();
+    drop(store);
+
+    let store = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    assert_eq!(store.revision().await.unwrap(), *revs.last().unwrap());
+    for (i, rev) in revs.iter().enumerate() {
+        let entry = store
+            .get(&Key::new("prod", "cfg", format!("k{i}")))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((entry.value, entry.mod_revision), (json!(i), *rev));
+    }
+    let next = store
+        .put(Key::new("prod", "cfg", "after"), json!(true))
+        .await
+        .unwrap();
+    assert_eq!(
+        next,
+        revs.last().unwrap() + 1,
+        "revisions continue after a reopen"
+    );
+    let mut watch = store.watch(revs[9], WatchFilter::All).await.unwrap();
+    let event = watch.next().await.unwrap().unwrap();
+    assert_eq!(event.revision, revs[10], "history survives a reopen");
+}
+
+#[tokio::test]
+async fn sqlite_watch_before_the_retained_history_is_compacted() {
+    let dir = tempfile::tempdir().unwrap();
+    let options = SqliteOptions {
+        history: 5,
+        ..Default::default()
+    };
+    let store = SqliteStore::open(dir.path().join("store.db"), options.clone()).unwrap();
+    for i in 0..20 {
+        store
+            .put(Key::new("prod", "cfg", "k"), json!(i))
+            .await
+            .unwrap();
+    }
+    let err = store
+        .watch(1, WatchFilter::All)
+        .await
+        .expect_err("history was pruned");
+    assert!(matches!(err, Error::Compacted { .. }), "{err:?}");
+    assert!(
+        store.watch(18, WatchFilter::All).await.is_ok(),
+        "recent history is kept"
+    );
+    store.close().await.unwrap();
+    drop(store);
+    let reopened = SqliteStore::open(dir.path().join("store.db"), options).unwrap();
+    assert!(matches!(
+        reopened.watch(1, WatchFilter::All).await,
+        Err(Error::Compacted { .. })
+    ));
+    assert!(reopened.watch(18, WatchFilter::All).await.is_ok());
+}
+
+#[tokio::test]
+async fn a_bad_sqlite_location_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("plain-file");
+    std::fs::write(&file, "x").unwrap();
+    let err = bootsync::store::open(
+        &format!("sqlite:{}/sub/store.db", file.display()),
+        Limits::default(),
+    )
+    .await
+    .map(|_| ())
+    .expect_err("a path under a regular file cannot be opened");
+    assert!(err.to_string().contains("plain-file"), "{err}");
+}

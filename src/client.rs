@@ -1,1 +1,471 @@
-//! HTTP clients of the bootsync server's `/v1` API (filled in by the foundation work).
+//! HTTP clients of the bootsync server: [`ApiClient`] for the `/v1` routes, and
+//! [`RemoteStore`], the [`Store`] trait spoken over that API — so the reconciler runs the same
+//! code in-process (`run`, through the real listener) and remote (`bootstrap --server`).
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use futures_util::stream;
+use reqwest::{Method, RequestBuilder, StatusCode};
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+
+use crate::server::ErrorBody;
+use crate::server::Token;
+use crate::server::config_api::{ChangesBody, EntryBody, Written};
+use crate::store::{
+    self, Batch, ChangeEvent, Entry, Key, Listing, NamespaceTree, Revision, Store, Watch,
+    WatchFilter,
+};
+
+/// Everything that can go wrong talking to a bootsync server.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The server could not be reached or the connection broke.
+    #[error("cannot reach {url}")]
+    Unreachable {
+        /// The URL asked.
+        url: String,
+        /// The transport error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The server answered with an error status and the JSON error shape.
+    #[error("{url} answered {status}: {message} ({code})")]
+    Status {
+        /// The URL asked.
+        url: String,
+        /// The HTTP status.
+        status: StatusCode,
+        /// The error code from the body.
+        code: String,
+        /// The message from the body.
+        message: String,
+    },
+    /// The server's answer did not decode.
+    #[error("unexpected answer from {url}")]
+    Decode {
+        /// The URL asked.
+        url: String,
+        /// Why it did not decode.
+        #[source]
+        source: reqwest::Error,
+    },
+}
+
+impl Error {
+    /// The HTTP status, when the server answered.
+    pub fn status(&self) -> Option<StatusCode> {
+        match self {
+            Error::Status { status, .. } => Some(*status),
+            _ => None,
+        }
+    }
+}
+
+/// A client of one bootsync server's `/v1` API.
+#[derive(Debug, Clone)]
+pub struct ApiClient {
+    base: String,
+    http: reqwest::Client,
+    admin_token: Option<Token>,
+}
+
+/// How long one ordinary API request may take.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
+
+impl ApiClient {
+    /// A client of the server at `base` (e.g. `http://127.0.0.1:4400`).
+    pub fn new(base: impl Into<String>) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(5))
+            .build()
+            .expect("a plain HTTP client always builds");
+        Self {
+            base: base.into().trim_end_matches('/').to_string(),
+            http,
+            admin_token: None,
+        }
+    }
+
+    /// Sends the admin token with every request.
+    pub fn with_admin_token(mut self, token: Option<Token>) -> Self {
+        self.admin_token = token;
+        self
+    }
+
+    /// The server's base URL.
+    pub fn base_url(&self) -> &str {
+        &self.base
+    }
+
+    /// The underlying HTTP client (shares its connection pool).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("{}{}", self.base, path)
+    }
+
+    fn request(&self, method: Method, path: &str) -> RequestBuilder {
+        let mut builder = self
+            .http
+            .request(method, self.url(path))
+            .timeout(REQUEST_TIMEOUT);
+        if let Some(token) = &self.admin_token {
+            builder = builder.bearer_auth(token.expose());
+        }
+        builder
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        path: &str,
+        builder: RequestBuilder,
+    ) -> Result<T, Error> {
+        let url = self.url(path);
+        let response = builder.send().await.map_err(|source| Error::Unreachable {
+            url: url.clone(),
+            source,
+        })?;
+        let status = response.status();
+        if !status.is_success() {
+            let (code, message) = match response.json::<ErrorBody>().await {
+                Ok(body) => (body.code, body.message),
+                Err(_) => ("unknown".to_string(), format!("HTTP {status}")),
+            };
+            return Err(Error::Status {
+                url,
+                status,
+                code,
+                message,
+            });
+        }
+        response
+            .json::<T>()
+            .await
+            .map_err(|source| Error::Decode { url, source })
+    }
+
+    /// `GET /healthz`: whether the process answers.
+    pub async fn healthz(&self) -> Result<(), Error> {
+        self.send::<Value>("/healthz", self.request(Method::GET, "/healthz"))
+            .await
+            .map(|_| ())
+    }
+
+    /// One entry, or `None` when absent.
+    pub async fn get(&self, key: &Key) -> Result<Option<EntryBody>, Error> {
+        let path = entry_path(key);
+        match self
+            .send::<EntryBody>(&path, self.request(Method::GET, &path))
+            .await
+        {
+            Ok(body) => Ok(Some(body)),
+            Err(Error::Status {
+                status: StatusCode::NOT_FOUND,
+                code,
+                ..
+            }) if code == "not_found" => Ok(None),
+            Err(err) => Err(err),
+        }
+    }
+
+    /// Puts one value.
+    pub async fn put(&self, key: &Key, value: &Value) -> Result<Revision, Error> {
+        let path = entry_path(key);
+        let written: Written = self
+            .send(&path, self.request(Method::PUT, &path).json(value))
+            .await?;
+        Ok(written.revision)
+    }
+
+    /// Deletes one value (404 when absent).
+    pub async fn delete(&self, key: &Key) -> Result<Revision, Error> {
+        let path = entry_path(key);
+        let written: Written = self
+            .send(&path, self.request(Method::DELETE, &path))
+            .await?;
+        Ok(written.revision)
+    }
+
+    /// Every entry of a type.
+    pub async fn list(&self, namespace: &str, kind: &str) -> Result<Listing, Error> {
+        let path = format!("/v1/config/{}/{}", segment(namespace), segment(kind));
+        let body: Value = self.send(&path, self.request(Method::GET, &path)).await?;
+        decode_value(&path, body)
+    }
+
+    /// A whole namespace.
+    pub async fn namespace(&self, namespace: &str) -> Result<NamespaceTree, Error> {
+        let path = format!("/v1/config/{}", segment(namespace));
+        let body: Value = self.send(&path, self.request(Method::GET, &path)).await?;
+        decode_value(&path, body)
+    }
+
+    /// Every namespace (reserved ones only with the admin token) and the store revision.
+    pub async fn namespaces(&self) -> Result<(Revision, Vec<String>), Error> {
+        #[derive(serde::Deserialize)]
+        struct Body {
+            revision: Revision,
+            namespaces: Vec<String>,
+        }
+        let body: Body = self
+            .send("/v1/config", self.request(Method::GET, "/v1/config"))
+            .await?;
+        Ok((body.revision, body.namespaces))
+    }
+
+    /// Commits an atomic batch.
+    pub async fn apply(&self, batch: &Batch) -> Result<Revision, Error> {
+        let written: Written = self
+            .send(
+                "/v1/config",
+                self.request(Method::POST, "/v1/config").json(batch),
+            )
+            .await?;
+        Ok(written.revision)
+    }
+
+    /// One long-poll of `/v1/changes`: events after `from`, held up to `wait`.
+    pub async fn changes<E: DeserializeOwned>(
+        &self,
+        from: Revision,
+        wait: Duration,
+        internal: bool,
+    ) -> Result<ChangesBody<E>, Error> {
+        let path = format!(
+            "/v1/changes?from={from}&timeout={}&internal={internal}",
+            wait.as_secs()
+        );
+        let builder = self
+            .request(Method::GET, &path)
+            .timeout(wait + REQUEST_TIMEOUT);
+        self.send(&path, builder).await
+    }
+}
+
+fn decode_value<T: DeserializeOwned>(path: &str, body: Value) -> Result<T, Error> {
+    serde_json::from_value(body).map_err(|err| Error::Status {
+        url: path.to_string(),
+        status: StatusCode::BAD_GATEWAY,
+        code: "decode".into(),
+        message: err.to_string(),
+    })
+}
+
+/// Percent-encodes one path segment.
+fn segment(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for byte in text.bytes() {
+        match byte {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                out.push(byte as char)
+            }
+            _ => out.push_str(&format!("%{byte:02X}")),
+        }
+    }
+    out
+}
+
+fn entry_path(key: &Key) -> String {
+    format!(
+        "/v1/config/{}/{}/{}",
+        segment(&key.namespace),
+        segment(&key.kind),
+        segment(&key.key)
+    )
+}
+
+/// The [`Store`] trait over a bootsync server's `/v1` API.
+#[derive(Debug, Clone)]
+pub struct RemoteStore {
+    client: ApiClient,
+    /// How long each `/v1/changes` long-poll of a watch is held.
+    poll: Duration,
+}
+
+impl RemoteStore {
+    /// A store backed by the server `client` talks to.
+    pub fn new(client: ApiClient) -> Self {
+        Self {
+            client,
+            poll: Duration::from_secs(30),
+        }
+    }
+
+    /// Sets how long each watch long-poll is held.
+    pub fn with_poll(mut self, poll: Duration) -> Self {
+        self.poll = poll;
+        self
+    }
+
+    /// The client underneath.
+    pub fn client(&self) -> &ApiClient {
+        &self.client
+    }
+}
+
+impl From<Error> for store::Error {
+    fn from(err: Error) -> Self {
+        match err {
+            Error::Unreachable { url, source } => {
+                store::Error::Unavailable(format!("cannot reach {url}: {source}"))
+            }
+            Error::Status {
+                status,
+                code,
+                message,
+                ..
+            } => match status {
+                StatusCode::CONFLICT => store::Error::Conflict {
+                    key: conflict_key(&message),
+                    reason: message,
+                },
+                StatusCode::GONE => store::Error::Compacted {
+                    requested: 0,
+                    compacted: 0,
+                },
+                StatusCode::PAYLOAD_TOO_LARGE => too_large(&message),
+                StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => {
+                    store::Error::Invalid {
+                        what: code,
+                        reason: message,
+                    }
+                }
+                StatusCode::SERVICE_UNAVAILABLE => store::Error::Unavailable(message),
+                _ => store::Error::backend(
+                    "calling the server",
+                    format!("{status} {code}: {message}"),
+                ),
+            },
+            err @ Error::Decode { .. } => {
+                store::Error::backend("decoding the server's answer", err)
+            }
+        }
+    }
+}
+
+/// Recovers a size error from the server's message (`value for ns/type/key is N bytes, over
+/// the limit of L`); a body over the request limit names no key.
+fn too_large(message: &str) -> store::Error {
+    let mut key = Key::new("unknown", "unknown", "unknown");
+    let (mut size, mut limit) = (0, 0);
+    if let Some(rest) = message.strip_prefix("value for ")
+        && let Some((named, rest)) = rest.split_once(" is ")
+    {
+        key = split_key(named).unwrap_or(key);
+        let numbers: Vec<usize> = rest
+            .split(|c: char| !c.is_ascii_digit())
+            .filter_map(|n| n.parse().ok())
+            .collect();
+        if let [s, l] = numbers[..] {
+            (size, limit) = (s, l);
+        }
+    }
+    store::Error::TooLarge { key, size, limit }
+}
+
+fn split_key(text: &str) -> Option<Key> {
+    let mut parts = text.splitn(3, '/');
+    Some(Key::new(parts.next()?, parts.next()?, parts.next()?))
+}
+
+/// Recovers the key named by a conflict message (`precondition failed on ns/type/key: ...`).
+fn conflict_key(message: &str) -> Key {
+    let named = message
+        .strip_prefix("precondition failed on ")
+        .and_then(|rest| rest.split_once(": "))
+        .map(|(key, _)| key);
+    named
+        .and_then(split_key)
+        .unwrap_or_else(|| Key::new("unknown", "unknown", message))
+}
+
+#[async_trait]
+impl Store for RemoteStore {
+    fn backend(&self) -> &'static str {
+        "http"
+    }
+
+    async fn revision(&self) -> Result<Revision, store::Error> {
+        Ok(self.client.namespaces().await?.0)
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<Entry>, store::Error> {
+        key.validate()?;
+        Ok(self.client.get(key).await?.map(|body| body.entry))
+    }
+
+    async fn list(&self, namespace: &str, kind: &str) -> Result<Listing, store::Error> {
+        store::validate_namespace(namespace)?;
+        store::validate_type(kind)?;
+        Ok(self.client.list(namespace, kind).await?)
+    }
+
+    async fn namespace(&self, namespace: &str) -> Result<NamespaceTree, store::Error> {
+        store::validate_namespace(namespace)?;
+        Ok(self.client.namespace(namespace).await?)
+    }
+
+    async fn namespaces(&self) -> Result<Vec<String>, store::Error> {
+        Ok(self.client.namespaces().await?.1)
+    }
+
+    async fn apply(&self, batch: Batch) -> Result<Revision, store::Error> {
+        Ok(self.client.apply(&batch).await?)
+    }
+
+    async fn watch(&self, from: Revision, filter: WatchFilter) -> Result<Watch, store::Error> {
+        // Fail early (e.g. compacted, unauthorised) rather than on the first poll.
+        let first: ChangesBody<ChangeEvent> =
+            self.client.changes(from, Duration::ZERO, true).await?;
+        let state = PollState {
+            client: self.client.clone(),
+            poll: self.poll,
+            filter,
+            next_from: from,
+            pending: first.events.into(),
+            done: false,
+        };
+        Ok(Watch::new(stream::unfold(state, PollState::step)))
+    }
+}
+
+struct PollState {
+    client: ApiClient,
+    poll: Duration,
+    filter: WatchFilter,
+    /// The newest revision delivered (or skipped by the filter) so far.
+    next_from: Revision,
+    pending: std::collections::VecDeque<ChangeEvent>,
+    done: bool,
+}
+
+impl PollState {
+    async fn step(mut self) -> Option<(Result<ChangeEvent, store::Error>, Self)> {
+        if self.done {
+            return None;
+        }
+        loop {
+            while let Some(event) = self.pending.pop_front() {
+                self.next_from = self.next_from.max(event.revision);
+                if let Some(event) = self.filter.apply(&event) {
+                    return Some((Ok(event), self));
+                }
+            }
+            match self
+                .client
+                .changes::<ChangeEvent>(self.next_from, self.poll, true)
+                .await
+            {
+                Ok(body) => self.pending = body.events.into(),
+                Err(err) => {
+                    self.done = true;
+                    return Some((Err(err.into()), self));
+                }
+            }
+        }
+    }
+}

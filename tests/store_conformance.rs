@@ -19,7 +19,28 @@ async fn sqlite_store() -> DynStore {
     Arc::new(SqliteStore::open(dir.join("store.db"), SqliteOptions::default()).unwrap())
 }
 
+/// The store trait spoken over the real HTTP API, against a server on a memory store.
+async fn remote_store() -> DynStore {
+    use bootsync::client::{ApiClient, RemoteStore};
+    use bootsync::server::{self, AppState, ServerOptions};
+    let state = AppState::new(
+        memory_store().await,
+        ServerOptions::default(),
+        Arc::new(bootsync::metrics::Metrics::new()),
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    // The server lives as long as the test's runtime.
+    tokio::spawn(server::serve(
+        listener,
+        server::router(state, []),
+        Default::default(),
+    ));
+    Arc::new(RemoteStore::new(ApiClient::new(url)).with_poll(std::time::Duration::from_secs(5)))
+}
+
 conformance!(memory, memory_store());
+conformance!(remote, remote_store());
 conformance!(sqlite, sqlite_store());
 
 #[tokio::test]

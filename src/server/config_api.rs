@@ -1,9 +1,383 @@
-//! The `/v1` config API (filled in by the foundation work).
+//! The `/v1` config API: entries, types, namespaces, atomic batches and the change stream.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
 
 use axum::Router;
+use axum::extract::{FromRequestParts, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, HeaderValue, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
 
-use super::AppState;
+use super::{ApiError, ApiJson, AppState};
+use crate::store::{
+    Batch, ChangeEvent, Entry, Key, Precondition, Revision, WatchFilter, is_reserved,
+};
+
+/// Header carrying the store revision a response was read or written at.
+pub const REVISION_HEADER: &str = "x-bootsync-revision";
+/// Longest a `/v1/changes` long-poll is held.
+pub const MAX_CHANGES_WAIT: Duration = Duration::from_secs(60);
 
 pub(super) fn routes(state: AppState) -> Router {
-    Router::new().with_state(state)
+    Router::new()
+        .route("/v1/config", get(list_namespaces).post(apply_batch))
+        .route("/v1/config/{ns}", get(get_namespace))
+        .route("/v1/config/{ns}/{type}", get(get_type))
+        .route(
+            "/v1/config/{ns}/{type}/{key}",
+            get(get_entry).put(put_entry).delete(delete_entry),
+        )
+        .route("/v1/changes", get(changes))
+        .with_state(state)
+}
+
+/// Path parameters decoded with the JSON error shape on failure.
+struct ApiPath<T>(T);
+
+impl<S, T> FromRequestParts<S> for ApiPath<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let axum::extract::Path(value) =
+            axum::extract::Path::<T>::from_request_parts(parts, state).await?;
+        Ok(ApiPath(value))
+    }
+}
+
+/// Query parameters decoded with the JSON error shape on failure.
+struct ApiQuery<T>(T);
+
+impl<S, T> FromRequestParts<S> for ApiQuery<T>
+where
+    T: serde::de::DeserializeOwned + Send,
+    S: Send + Sync,
+{
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
+        let Query(value) = Query::<T>::from_request_parts(parts, state).await?;
+        Ok(ApiQuery(value))
+    }
+}
+
+fn with_revision(revision: Revision, body: impl Serialize) -> Response {
+    let mut response = axum::Json(body).into_response();
+    response
+        .headers_mut()
+        .insert(REVISION_HEADER, HeaderValue::from(revision));
+    response
+}
+
+/// Reserved namespaces are readable and writable only with the admin token.
+fn guard_namespace(state: &AppState, headers: &HeaderMap, namespace: &str) -> Result<(), ApiError> {
+    if is_reserved(namespace) {
+        state.require_admin(headers)?;
+    }
+    Ok(())
+}
+
+#[derive(Serialize)]
+struct Namespaces {
+    revision: Revision,
+    namespaces: Vec<String>,
+}
+
+async fn list_namespaces(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Response, ApiError> {
+    let revision = state.store.revision().await?;
+    let mut namespaces = state.store.namespaces().await?;
+    // Without the admin token the reserved namespaces are not even named.
+    if state.require_admin(&headers).is_err() {
+        namespaces.retain(|ns| !is_reserved(ns));
+    }
+    Ok(with_revision(
+        revision,
+        Namespaces {
+            revision,
+            namespaces,
+        },
+    ))
+}
+
+#[derive(Serialize)]
+struct NamespaceBody {
+    namespace: String,
+    revision: Revision,
+    types: BTreeMap<String, BTreeMap<String, Entry>>,
+}
+
+async fn get_namespace(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath(ns): ApiPath<String>,
+) -> Result<Response, ApiError> {
+    guard_namespace(&state, &headers, &ns)?;
+    let tree = state.store.namespace(&ns).await?;
+    Ok(with_revision(
+        tree.revision,
+        NamespaceBody {
+            namespace: ns,
+            revision: tree.revision,
+            types: tree.types,
+        },
+    ))
+}
+
+#[derive(Serialize)]
+struct TypeBody {
+    namespace: String,
+    #[serde(rename = "type")]
+    kind: String,
+    revision: Revision,
+    entries: BTreeMap<String, Entry>,
+}
+
+async fn get_type(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath((ns, kind)): ApiPath<(String, String)>,
+) -> Result<Response, ApiError> {
+    guard_namespace(&state, &headers, &ns)?;
+    let listing = state.store.list(&ns, &kind).await?;
+    Ok(with_revision(
+        listing.revision,
+        TypeBody {
+            namespace: ns,
+            kind,
+            revision: listing.revision,
+            entries: listing.entries,
+        },
+    ))
+}
+
+/// One entry with its address, as `GET` answers it.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct EntryBody {
+    /// Where it lives.
+    #[serde(flatten)]
+    pub key: Key,
+    /// The value and its revisions.
+    #[serde(flatten)]
+    pub entry: Entry,
+    /// The store revision at the time of the read.
+    pub revision: Revision,
+}
+
+async fn get_entry(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath((ns, kind, key)): ApiPath<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    guard_namespace(&state, &headers, &ns)?;
+    let key = Key::new(ns, kind, key);
+    let revision = state.store.revision().await?;
+    let entry = state
+        .store
+        .get(&key)
+        .await?
+        .ok_or_else(|| ApiError::not_found(format!("no value at {key}")))?;
+    let etag = HeaderValue::from_str(&format!("\"{}\"", entry.mod_revision))
+        .expect("digits are a valid header");
+    let revision = revision.max(entry.mod_revision);
+    let mut response = with_revision(
+        revision,
+        EntryBody {
+            key,
+            entry,
+            revision,
+        },
+    );
+    response.headers_mut().insert(header::ETAG, etag);
+    Ok(response)
+}
+
+/// The answer to every write.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Written {
+    /// The revision the write committed at.
+    pub revision: Revision,
+}
+
+/// Reads `If-Match: "<rev>"` / `If-None-Match: *` into a precondition.
+fn precondition(headers: &HeaderMap) -> Result<Option<Precondition>, ApiError> {
+    if let Some(value) = headers.get(header::IF_NONE_MATCH) {
+        return match value.to_str().map(str::trim) {
+            Ok("*") => Ok(Some(Precondition::Absent)),
+            _ => Err(ApiError::bad_request(
+                "If-None-Match supports only '*' (the key must be absent)",
+            )),
+        };
+    }
+    let Some(value) = headers.get(header::IF_MATCH) else {
+        return Ok(None);
+    };
+    let text = value
+        .to_str()
+        .map_err(|_| ApiError::bad_request("If-Match is not valid text"))?
+        .trim()
+        .trim_matches('"');
+    let revision = text.parse::<Revision>().map_err(|_| {
+        ApiError::bad_request(format!("If-Match {text:?} is not a revision number"))
+    })?;
+    Ok(Some(Precondition::ModRevision(revision)))
+}
+
+async fn put_entry(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath((ns, kind, key)): ApiPath<(String, String, String)>,
+    ApiJson(value): ApiJson<Value>,
+) -> Result<Response, ApiError> {
+    state.require_admin(&headers)?;
+    let key = Key::new(ns, kind, key);
+    let mut batch = Batch::new();
+    if let Some(expect) = precondition(&headers)? {
+        batch = batch.check(key.clone(), expect);
+    }
+    let revision = state.store.apply(batch.put(key, value)).await?;
+    Ok(with_revision(revision, Written { revision }))
+}
+
+async fn delete_entry(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiPath((ns, kind, key)): ApiPath<(String, String, String)>,
+) -> Result<Response, ApiError> {
+    state.require_admin(&headers)?;
+    let key = Key::new(ns, kind, key);
+    // Delete only what exists: the precondition makes "absent" a clean 404 without a race.
+    let expect = match precondition(&headers)? {
+        Some(expect) => expect,
+        None => match state.store.get(&key).await? {
+            Some(entry) => Precondition::ModRevision(entry.mod_revision),
+            None => return Err(ApiError::not_found(format!("no value at {key}"))),
+        },
+    };
+    let revision = state
+        .store
+        .apply(Batch::new().check(key.clone(), expect).delete(key))
+        .await?;
+    Ok(with_revision(revision, Written { revision }))
+}
+
+async fn apply_batch(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiJson(batch): ApiJson<Batch>,
+) -> Result<Response, ApiError> {
+    state.require_admin(&headers)?;
+    let revision = state.store.apply(batch).await?;
+    Ok(with_revision(revision, Written { revision }))
+}
+
+/// Query of `GET /v1/changes`.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ChangesQuery {
+    /// Events after this revision.
+    #[serde(default)]
+    from: Revision,
+    /// Seconds to hold the request when nothing is new (0 answers at once).
+    #[serde(default)]
+    timeout: u64,
+    /// Full events including reserved namespaces (admin only).
+    #[serde(default)]
+    internal: bool,
+}
+
+/// One public change notification: which namespaces changed, by type.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+pub struct PublicEvent {
+    /// The batch's revision.
+    pub revision: Revision,
+    /// type → namespaces changed in it (reserved namespaces never appear).
+    pub changes: BTreeMap<String, Vec<String>>,
+}
+
+impl PublicEvent {
+    fn from_event(event: &ChangeEvent) -> Self {
+        let mut changes: BTreeMap<String, Vec<String>> = BTreeMap::new();
+        for change in &event.changes {
+            let namespaces = changes.entry(change.key.kind.clone()).or_default();
+            if !namespaces.contains(&change.key.namespace) {
+                namespaces.push(change.key.namespace.clone());
+            }
+        }
+        Self {
+            revision: event.revision,
+            changes,
+        }
+    }
+}
+
+/// The answer of `GET /v1/changes`: the events, and the revision to ask from next.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct ChangesBody<E> {
+    /// Ask `from` this revision next time.
+    pub revision: Revision,
+    /// Events after the requested revision, oldest first.
+    pub events: Vec<E>,
+}
+
+/// Most events returned by one long-poll answer.
+const MAX_EVENTS: usize = 1000;
+
+async fn changes(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiQuery(query): ApiQuery<ChangesQuery>,
+) -> Result<Response, ApiError> {
+    if query.internal {
+        state.require_admin(&headers)?;
+    }
+    let filter = if query.internal {
+        WatchFilter::All
+    } else {
+        WatchFilter::Public
+    };
+    let current = state.store.revision().await?;
+    let mut watch = state.store.watch(query.from, filter).await?;
+    let wait = Duration::from_secs(query.timeout).min(MAX_CHANGES_WAIT);
+    let mut events: Vec<ChangeEvent> = Vec::new();
+    let deadline = tokio::time::Instant::now() + wait;
+    // Take what is already there without waiting, then hold only if nothing was found.
+    loop {
+        let until = if events.is_empty() {
+            deadline
+        } else {
+            tokio::time::Instant::now()
+        };
+        match tokio::time::timeout_at(until, watch.next()).await {
+            Ok(Some(Ok(event))) => {
+                events.push(event);
+                if events.len() >= MAX_EVENTS {
+                    break;
+                }
+            }
+            Ok(Some(Err(err))) => return Err(err.into()),
+            Ok(None) | Err(_) => break,
+        }
+        if events.last().is_some_and(|e| e.revision >= current) {
+            // Caught up with everything committed before the request: answer now.
+            break;
+        }
+    }
+    let revision = events
+        .last()
+        .map_or(current.max(query.from), |e| e.revision);
+    if query.internal {
+        return Ok(with_revision(revision, ChangesBody { revision, events }));
+    }
+    let events = events.iter().map(PublicEvent::from_event).collect();
+    Ok(with_revision(revision, ChangesBody { revision, events }))
 }

@@ -1,14 +1,235 @@
-//! `bootsync config get|put|delete|list|watch` (filled in by the foundation work).
+//! `bootsync config get|put|delete|list|watch`: the config store from a shell.
 
-use clap::Subcommand;
+use std::io::Read;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, Subcommand};
+use serde_json::Value;
+
+use super::{EXIT_OK, EXIT_USAGE};
+use crate::client::ApiClient;
+use crate::server::Token;
+use crate::server::config_api::PublicEvent;
+use crate::store::{Batch, ChangeEvent, Key, Precondition};
+
+/// Where the server is and how to authenticate.
+#[derive(Debug, Clone, Args)]
+pub struct Remote {
+    /// Base URL of the bootsync server.
+    #[arg(long, default_value = "http://127.0.0.1:4400", env = "BOOTSYNC_SERVER")]
+    pub server: String,
+    /// File holding the admin token.
+    #[arg(long, env = "BOOTSYNC_ADMIN_TOKEN_FILE")]
+    pub admin_token_file: Option<PathBuf>,
+}
+
+impl Remote {
+    /// A client of the server with the admin token, if one was given.
+    pub(crate) fn client(&self) -> anyhow::Result<ApiClient> {
+        let token = self
+            .admin_token_file
+            .as_deref()
+            .map(Token::from_file)
+            .transpose()?;
+        Ok(ApiClient::new(&self.server).with_admin_token(token))
+    }
+}
 
 /// Config store operations against a server.
 #[derive(Debug, Subcommand)]
 pub enum ConfigCommand {
-    /// Read one value.
-    Get,
+    /// Print one entry (value and revisions) as JSON.
+    Get {
+        #[command(flatten)]
+        remote: Remote,
+        /// Namespace.
+        namespace: String,
+        /// Type.
+        #[arg(value_name = "TYPE")]
+        kind: String,
+        /// Key.
+        key: String,
+    },
+    /// Store one JSON value (`-` reads it from stdin).
+    Put {
+        #[command(flatten)]
+        remote: Remote,
+        /// Namespace.
+        namespace: String,
+        /// Type.
+        #[arg(value_name = "TYPE")]
+        kind: String,
+        /// Key.
+        key: String,
+        /// The value as JSON, or `-` for stdin.
+        value: String,
+        /// Only if the key was last modified at this revision.
+        #[arg(long, conflicts_with = "if_absent")]
+        if_revision: Option<u64>,
+        /// Only if the key does not exist yet.
+        #[arg(long)]
+        if_absent: bool,
+    },
+    /// Delete one key.
+    Delete {
+        #[command(flatten)]
+        remote: Remote,
+        /// Namespace.
+        namespace: String,
+        /// Type.
+        #[arg(value_name = "TYPE")]
+        kind: String,
+        /// Key.
+        key: String,
+    },
+    /// List namespaces, a namespace's types and keys, or one type's entries.
+    List {
+        #[command(flatten)]
+        remote: Remote,
+        /// Namespace (all namespaces when absent).
+        namespace: Option<String>,
+        /// Type.
+        #[arg(value_name = "TYPE")]
+        kind: Option<String>,
+    },
+    /// Print changes as JSON lines until interrupted.
+    Watch {
+        #[command(flatten)]
+        remote: Remote,
+        /// Start after this revision (default: now).
+        #[arg(long)]
+        from: Option<u64>,
+        /// Full events including reserved namespaces (needs the admin token).
+        #[arg(long)]
+        internal: bool,
+    },
 }
 
-pub(super) async fn run(_command: ConfigCommand) -> anyhow::Result<u8> {
-    anyhow::bail!("not built yet")
+fn print(value: &impl serde::Serialize) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(value)?);
+    Ok(())
+}
+
+pub(super) async fn run(command: ConfigCommand) -> anyhow::Result<u8> {
+    match command {
+        ConfigCommand::Get {
+            remote,
+            namespace,
+            kind,
+            key,
+        } => {
+            let key = Key::new(namespace, kind, key);
+            match remote.client()?.get(&key).await? {
+                Some(body) => print(&body)?,
+                None => anyhow::bail!("no value at {key}"),
+            }
+        }
+        ConfigCommand::Put {
+            remote,
+            namespace,
+            kind,
+            key,
+            value,
+            if_revision,
+            if_absent,
+        } => {
+            let text = if value == "-" {
+                let mut text = String::new();
+                std::io::stdin()
+                    .read_to_string(&mut text)
+                    .context("reading the value from stdin")?;
+                text
+            } else {
+                value
+            };
+            let value: Value = match serde_json::from_str(&text) {
+                Ok(value) => value,
+                Err(err) => {
+                    eprintln!(
+                        "error: the value is not valid JSON: {err} (quote strings: '\"text\"')"
+                    );
+                    return Ok(EXIT_USAGE);
+                }
+            };
+            let key = Key::new(namespace, kind, key);
+            let mut batch = Batch::new();
+            if if_absent {
+                batch = batch.check(key.clone(), Precondition::Absent);
+            } else if let Some(revision) = if_revision {
+                batch = batch.check(key.clone(), Precondition::ModRevision(revision));
+            }
+            let revision = remote.client()?.apply(&batch.put(key, value)).await?;
+            print(&serde_json::json!({ "revision": revision }))?;
+        }
+        ConfigCommand::Delete {
+            remote,
+            namespace,
+            kind,
+            key,
+        } => {
+            let revision = remote
+                .client()?
+                .delete(&Key::new(namespace, kind, key))
+                .await?;
+            print(&serde_json::json!({ "revision": revision }))?;
+        }
+        ConfigCommand::List {
+            remote,
+            namespace,
+            kind,
+        } => {
+            let client = remote.client()?;
+            match (namespace, kind) {
+                (None, _) => print(&client.namespaces().await?.1)?,
+                (Some(ns), None) => print(&client.namespace(&ns).await?.values())?,
+                (Some(ns), Some(kind)) => {
+                    let listing = client.list(&ns, &kind).await?;
+                    let values: std::collections::BTreeMap<_, _> = listing
+                        .entries
+                        .into_iter()
+                        .map(|(k, e)| (k, e.value))
+                        .collect();
+                    print(&values)?;
+                }
+            }
+        }
+        ConfigCommand::Watch {
+            remote,
+            from,
+            internal,
+        } => watch(remote.client()?, from, internal).await?,
+    }
+    Ok(EXIT_OK)
+}
+
+async fn watch(client: ApiClient, from: Option<u64>, internal: bool) -> anyhow::Result<()> {
+    let mut from = match from {
+        Some(from) => from,
+        None => client.namespaces().await?.0,
+    };
+    let shutdown = crate::shutdown::on_signals();
+    let wait = Duration::from_secs(30);
+    loop {
+        let line = async {
+            if internal {
+                let body = client.changes::<ChangeEvent>(from, wait, true).await?;
+                for event in &body.events {
+                    println!("{}", serde_json::to_string(event)?);
+                }
+                Ok::<_, anyhow::Error>(body.revision)
+            } else {
+                let body = client.changes::<PublicEvent>(from, wait, false).await?;
+                for event in &body.events {
+                    println!("{}", serde_json::to_string(event)?);
+                }
+                Ok(body.revision)
+            }
+        };
+        tokio::select! {
+            () = shutdown.cancelled() => return Ok(()),
+            next = line => from = next?.max(from),
+        }
+    }
 }

@@ -1,0 +1,569 @@
+//! The foundation as a user meets it: the real `bootsync serve` on SQLite, the `/v1` API, the
+//! change stream, crash durability, bad input and tokens.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use support::Proc;
+
+async fn revision(url: &str) -> u64 {
+    let body: Value = reqwest::get(format!("{url}/v1/config"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    body["revision"].as_u64().unwrap()
+}
+
+#[tokio::test]
+async fn put_then_get_returns_the_value_with_its_revision() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite:{}/x.db", dir.path().display());
+    let server = Proc::spawn(&["serve", "--store", &db], dir.path());
+    let http = reqwest::Client::new();
+    let put: Value = http
+        .put(format!("{}/v1/config/prod/flows/main", server.url))
+        .json(&json!({"enabled": true}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let written = put["revision"]
+        .as_u64()
+        .expect("a write answers its revision");
+    let got = http
+        .get(format!("{}/v1/config/prod/flows/main", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(got.status(), 200);
+    assert_eq!(got.headers()["etag"], format!("\"{written}\"").as_str());
+    let body: Value = got.json().await.unwrap();
+    assert_eq!(body["value"], json!({"enabled": true}));
+    assert_eq!(body["mod_revision"], written);
+    assert_eq!(body["create_revision"], written);
+    let tree: Value = http
+        .get(format!("{}/v1/config/prod", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(tree["types"]["flows"]["main"]["value"]["enabled"], true);
+}
+
+#[tokio::test]
+async fn a_batch_with_a_failed_precondition_is_409_naming_the_key_and_stores_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite:{}/x.db", dir.path().display());
+    let server = Proc::spawn(&["serve", "--store", &db], dir.path());
+    let http = reqwest::Client::new();
+    http.put(format!("{}/v1/config/prod/cfg/taken", server.url))
+        .json(&1)
+        .send()
+        .await
+        .unwrap();
+    let before = revision(&server.url).await;
+    let batch = json!({
+        "checks": [{"namespace": "prod", "type": "cfg", "key": "taken", "expect": "absent"}],
+        "ops": [
+            {"op": "put", "namespace": "prod", "type": "cfg", "key": "new", "value": 2},
+            {"op": "put", "namespace": "other", "type": "cfg", "key": "x", "value": 3}
+        ]
+    });
+    let response = http
+        .post(format!("{}/v1/config", server.url))
+        .json(&batch)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(response.status(), StatusCode::CONFLICT);
+    let body: Value = response.json().await.unwrap();
+    assert_eq!(body["code"], "conflict");
+    assert!(
+        body["message"].as_str().unwrap().contains("prod/cfg/taken"),
+        "{body}"
+    );
+    assert_eq!(revision(&server.url).await, before, "nothing was committed");
+    let missing = http
+        .get(format!("{}/v1/config/prod/cfg/new", server.url))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(missing.status(), 404);
+}
+
+#[tokio::test]
+async fn reserved_namespaces_never_appear_on_the_public_change_stream() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Proc::spawn(&["serve", "--store", "memory:"], dir.path());
+    let http = reqwest::Client::new();
+    let from = revision(&server.url).await;
+    http.put(format!("{}/v1/config/__system__/init-state/x", server.url))
+        .json(&"v1")
+        .send()
+        .await
+        .unwrap();
+    let visible: Value = http
+        .put(format!("{}/v1/config/prod/flows/main", server.url))
+        .json(&1)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let changes: Value = http
+        .get(format!("{}/v1/changes?from={from}&timeout=5", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let events = changes["events"].as_array().unwrap();
+    assert_eq!(events.len(), 1, "only the public write: {changes}");
+    assert_eq!(events[0]["revision"], visible["revision"]);
+    assert_eq!(events[0]["changes"], json!({"flows": ["prod"]}));
+    assert!(!changes.to_string().contains("__system__"));
+    let internal: Value = http
+        .get(format!(
+            "{}/v1/changes?from={from}&internal=true",
+            server.url
+        ))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        internal.to_string().contains("__system__"),
+        "internal watchers see it: {internal}"
+    );
+}
+
+#[tokio::test]
+async fn a_long_poll_returns_as_soon_as_a_change_commits() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Proc::spawn(&["serve", "--store", "memory:"], dir.path());
+    let from = revision(&server.url).await;
+    let url = server.url.clone();
+    let poll = tokio::spawn(async move {
+        reqwest::get(format!("{url}/v1/changes?from={from}&timeout=60"))
+            .await
+            .unwrap()
+            .json::<Value>()
+            .await
+            .unwrap()
+    });
+    reqwest::Client::new()
+        .put(format!("{}/v1/config/prod/cfg/a", server.url))
+        .json(&1)
+        .send()
+        .await
+        .unwrap();
+    let body = tokio::time::timeout(Duration::from_secs(30), poll)
+        .await
+        .expect("the long-poll was not woken by the write")
+        .unwrap();
+    assert_eq!(body["events"].as_array().unwrap().len(), 1);
+}
+
+#[tokio::test]
+async fn kill_9_then_restart_keeps_every_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let db = format!("sqlite:{}/x.db", dir.path().display());
+    let mut server = Proc::spawn(&["serve", "--store", &db], dir.path());
+    let acked: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
+    let http = reqwest::Client::new();
+    let mut writers = Vec::new();
+    for w in 0..8 {
+        let (http, url, acked) = (http.clone(), server.url.clone(), acked.clone());
+        writers.push(tokio::spawn(async move {
+            for i in 0..10_000 {
+                let key = format!("w{w}-{i}");
+                let sent = http
+                    .put(format!("{url}/v1/config/prod/load/{key}"))
+                    .json(&i)
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status() == 200 => {
+                        let body: Value = r.json().await.unwrap();
+                        acked
+                            .lock()
+                            .unwrap()
+                            .insert(key, body["revision"].as_u64().unwrap());
+                    }
+                    _ => return, // the server died mid-request: not acknowledged
+                }
+            }
+        }));
+    }
+    support::wait_for(
+        Duration::from_secs(30),
+        "200 acknowledged writes before the crash",
+        || {
+            let n = acked.lock().unwrap().len();
+            async move { (n >= 200).then_some(()) }
+        },
+    )
+    .await;
+    server.kill9();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let server = Proc::spawn(&["serve", "--store", &db], dir.path());
+    let stored: Value = http
+        .get(format!("{}/v1/config/prod/load", server.url))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for (key, rev) in &acked {
+        assert_eq!(
+            stored["entries"][key]["mod_revision"].as_u64(),
+            Some(*rev),
+            "acknowledged write {key} at revision {rev} lost after kill -9"
+        );
+    }
+}
+
+struct Case {
+    what: &'static str,
+    method: &'static str,
+    path: &'static str,
+    content_type: Option<&'static str>,
+    body: Vec<u8>,
+    token: Option<&'static str>,
+    status: u16,
+}
+
+fn case(
+    what: &'static str,
+    method: &'static str,
+    path: &'static str,
+    body: &str,
+    status: u16,
+) -> Case {
+    Case {
+        what,
+        method,
+        path,
+        content_type: Some("application/json"),
+        body: body.as_bytes().to_vec(),
+        token: Some("admin-secret"),
+        status,
+    }
+}
+
+#[tokio::test]
+async fn bad_input_gets_the_json_error_shape_and_changes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("admin.token"), "admin-secret\n").unwrap();
+    let server = Proc::spawn(
+        &[
+            "serve",
+            "--store",
+            "memory:",
+            "--admin-token-file",
+            "admin.token",
+            "--body-limit",
+            "65536",
+            "--max-value-bytes",
+            "1024",
+        ],
+        dir.path(),
+    );
+    let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
+    let big_value = format!("\"{}\"", "v".repeat(2000));
+    let big_body = format!("\"{}\"", "b".repeat(100_000));
+    let mut cases = vec![
+        case(
+            "malformed JSON",
+            "PUT",
+            "/v1/config/prod/cfg/a",
+            "{not json",
+            400,
+        ),
+        case(
+            "deeply nested JSON",
+            "PUT",
+            "/v1/config/prod/cfg/a",
+            &deep,
+            400,
+        ),
+        case(
+            "namespace with a space",
+            "PUT",
+            "/v1/config/pr%20od/cfg/a",
+            "1",
+            400,
+        ),
+        case(
+            "type with a slash",
+            "PUT",
+            "/v1/config/prod/c%2Ff/a",
+            "1",
+            400,
+        ),
+        case(
+            "key with a control character",
+            "PUT",
+            "/v1/config/prod/cfg/a%07b",
+            "1",
+            400,
+        ),
+        case(
+            "namespace that is only dots",
+            "PUT",
+            "/v1/config/../cfg/a",
+            "1",
+            404,
+        ),
+        case(
+            "value over the size limit",
+            "PUT",
+            "/v1/config/prod/cfg/a",
+            &big_value,
+            413,
+        ),
+        case(
+            "body over the request limit",
+            "PUT",
+            "/v1/config/prod/cfg/a",
+            &big_body,
+            413,
+        ),
+        case(
+            "batch that is not a batch",
+            "POST",
+            "/v1/config",
+            "{\"ops\": 3}",
+            422,
+        ),
+        case("empty batch", "POST", "/v1/config", "{\"ops\": []}", 400),
+        case(
+            "batch with an unknown op",
+            "POST",
+            "/v1/config",
+            "{\"ops\": [{\"op\": \"zap\"}]}",
+            422,
+        ),
+        case("unknown route", "GET", "/v1/nothing-here", "", 404),
+        case("wrong method", "PATCH", "/v1/config/prod/cfg/a", "1", 405),
+        case("bad If-Match", "PUT", "/v1/config/prod/cfg/a", "1", 400),
+        case(
+            "changes with a bad query",
+            "GET",
+            "/v1/changes?from=abc",
+            "",
+            400,
+        ),
+        case(
+            "delete of an absent key",
+            "DELETE",
+            "/v1/config/prod/cfg/absent",
+            "",
+            404,
+        ),
+    ];
+    cases.push(Case {
+        content_type: Some("text/plain"),
+        ..case(
+            "wrong content type",
+            "PUT",
+            "/v1/config/prod/cfg/a",
+            "1",
+            415,
+        )
+    });
+    cases.push(Case {
+        token: None,
+        ..case(
+            "write without the admin token",
+            "PUT",
+            "/v1/config/prod/cfg/a",
+            "1",
+            401,
+        )
+    });
+    cases.push(Case {
+        token: Some("wrong"),
+        ..case(
+            "write with a wrong token",
+            "PUT",
+            "/v1/config/prod/cfg/a",
+            "1",
+            401,
+        )
+    });
+    cases.push(Case {
+        token: None,
+        ..case(
+            "reserved read without the token",
+            "GET",
+            "/v1/config/__system__",
+            "",
+            401,
+        )
+    });
+    cases.push(Case {
+        token: None,
+        ..case(
+            "internal changes without the token",
+            "GET",
+            "/v1/changes?internal=true",
+            "",
+            401,
+        )
+    });
+    let http = reqwest::Client::new();
+    let before = revision(&server.url).await;
+    for c in &cases {
+        let mut request = http
+            .request(
+                c.method.parse().unwrap(),
+                format!("{}{}", server.url, c.path),
+            )
+            .body(c.body.clone());
+        if let Some(ct) = c.content_type {
+            request = request.header("content-type", ct);
+        }
+        if let Some(token) = c.token {
+            request = request.bearer_auth(token);
+        }
+        if c.what == "bad If-Match" {
+            request = request.header("if-match", "\"not-a-number\"");
+        }
+        let response = request
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{}: {e}", c.what));
+        let status = response.status().as_u16();
+        let body: Value = response
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{}: error body is not JSON: {e}", c.what));
+        assert_eq!(status, c.status, "{}: {body}", c.what);
+        assert!(
+            body["code"].is_string() && body["message"].is_string(),
+            "{}: {body}",
+            c.what
+        );
+        let health = http
+            .get(format!("{}/healthz", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(
+            health.status(),
+            200,
+            "server stopped serving after {}",
+            c.what
+        );
+    }
+    assert_eq!(
+        revision(&server.url).await,
+        before,
+        "bad input changed the store"
+    );
+    let ok = http
+        .put(format!("{}/v1/config/__system__/cfg/a", server.url))
+        .bearer_auth("admin-secret")
+        .json(&1)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        ok.status(),
+        200,
+        "the admin token opens reserved namespaces"
+    );
+}
+
+#[tokio::test]
+async fn the_config_cli_puts_gets_lists_and_deletes() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Proc::spawn(&["serve", "--store", "memory:"], dir.path());
+    let s = server.url.as_str();
+    let (code, out, err) = support::run_cli(
+        &[
+            "config",
+            "put",
+            "--server",
+            s,
+            "prod",
+            "cfg",
+            "a",
+            "{\"x\":1}",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    let written: Value = serde_json::from_str(&out).unwrap();
+    let (code, out, _) = support::run_cli(
+        &["config", "get", "--server", s, "prod", "cfg", "a"],
+        dir.path(),
+    );
+    assert_eq!(code, 0);
+    let got: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(got["value"], json!({"x": 1}));
+    assert_eq!(got["mod_revision"], written["revision"]);
+    let (code, _, err) = support::run_cli(
+        &[
+            "config",
+            "put",
+            "--server",
+            s,
+            "--if-absent",
+            "prod",
+            "cfg",
+            "a",
+            "2",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 1, "a failed precondition is a runtime failure");
+    assert!(err.contains("prod/cfg/a"), "{err}");
+    let (code, _, err) = support::run_cli(
+        &[
+            "config", "put", "--server", s, "prod", "cfg", "b", "not json",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 2, "bad input is a usage error: {err}");
+    let (code, out, _) = support::run_cli(
+        &["config", "list", "--server", s, "prod", "cfg"],
+        dir.path(),
+    );
+    assert_eq!(code, 0);
+    assert_eq!(
+        serde_json::from_str::<Value>(&out).unwrap(),
+        json!({"a": {"x": 1}})
+    );
+    let (code, _, _) = support::run_cli(
+        &["config", "delete", "--server", s, "prod", "cfg", "a"],
+        dir.path(),
+    );
+    assert_eq!(code, 0);
+    let (code, _, err) = support::run_cli(
+        &["config", "get", "--server", s, "prod", "cfg", "a"],
+        dir.path(),
+    );
+    assert_eq!(code, 1);
+    assert!(err.contains("no value"), "{err}");
+}

@@ -11,6 +11,7 @@ pub mod bootstrap;
 pub mod cfgsync;
 pub mod cli;
 pub mod client;
+pub mod files;
 pub mod metrics;
 pub mod server;
 pub mod shutdown;

@@ -27,7 +27,9 @@ async fn remote_store() -> DynStore {
         memory_store().await,
         ServerOptions::default(),
         Arc::new(bootsync::metrics::Metrics::new()),
-    );
+    )
+    .await
+    .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     // The server lives as long as the test's runtime.

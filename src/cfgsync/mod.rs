@@ -1,8 +1,26 @@
 //! cfgsync: node registration and delivery of one payload of files per node.
 //!
 //! The wire contract is the seed's (`POST /register`, `POST /node`); bootsync's additions
-//! (long-poll, epochs, per-node secrets) are ignored by old peers.
+//! (long-poll, epochs, per-node secrets) are ignored by old peers. Serving state lives in the
+//! reserved `__cfgsync__` namespace of the store.
 
+pub mod bundle;
+
+pub mod http;
+pub mod materialize;
+pub mod policy;
 pub mod protocol;
+pub mod runtime;
+pub mod service;
+pub mod state;
 
+pub use crate::files::FileError;
+pub use bundle::{BundleNode, NodeArtifactsBundle};
+pub use materialize::{
+    CachedSnapshotMaterializer, DynCfgsyncError, NodeArtifacts, NodeArtifactsCatalog,
+    NodeArtifactsMaterializer, PerNode, RegistrationSnapshot, RegistrationSnapshotMaterializer,
+};
+pub use policy::{CompiledPolicy, Policy};
 pub use protocol::{ArtifactFile, NodeArtifactsPayload, NodeRegistration};
+pub use runtime::{build_cfgsync_router, serve_snapshot_cfgsync};
+pub use service::{Service, ServiceOptions};

@@ -7,7 +7,8 @@ use std::sync::Arc;
 use anyhow::Context;
 use clap::Args;
 
-use super::EXIT_OK;
+use super::{EXIT_OK, EXIT_USAGE};
+use crate::cfgsync;
 use crate::metrics::Metrics;
 use crate::server::{self, AppState, ServerOptions, Token};
 use crate::store::{self, Limits};
@@ -43,6 +44,14 @@ pub(crate) struct ServerArgs {
     #[arg(long, default_value_t = server::DEFAULT_BODY_LIMIT, env = "BOOTSYNC_BODY_LIMIT")]
     pub(crate) body_limit: usize,
 
+    /// Strict mode: each registration gets a secret its later `/node` calls must present.
+    #[arg(long, env = "BOOTSYNC_STRICT_NODES")]
+    pub(crate) strict_nodes: bool,
+
+    /// Longest a `/node?wait=` long-poll is held, in seconds.
+    #[arg(long, default_value_t = 60, env = "BOOTSYNC_NODE_WAIT_MAX")]
+    pub(crate) node_wait_max: u64,
+
     /// Largest stored value in bytes.
     #[arg(long, default_value_t = Limits::default().max_value_bytes, env = "BOOTSYNC_MAX_VALUE_BYTES")]
     pub(crate) max_value_bytes: usize,
@@ -72,6 +81,10 @@ impl ServerArgs {
             admin_token,
             join_token,
             body_limit: self.body_limit,
+            cfgsync: crate::cfgsync::ServiceOptions {
+                strict_nodes: self.strict_nodes,
+                node_wait_max: std::time::Duration::from_secs(self.node_wait_max),
+            },
         })
     }
 
@@ -83,13 +96,57 @@ impl ServerArgs {
         }
     }
 
-    /// Opens the store and builds the server state.
-    pub(crate) async fn state(&self) -> anyhow::Result<AppState> {
+    /// Opens the store, installs what `preload` carries, and builds the server state.
+    pub(crate) async fn state(&self, preload: &Preload) -> anyhow::Result<AppState> {
         let options = self.options()?;
         let store = store::open(&self.store, self.limits())
             .await
             .with_context(|| format!("opening store {}", self.store))?;
-        Ok(AppState::new(store, options, Arc::new(Metrics::new())))
+        if let Some(bundle) = &preload.bundle {
+            cfgsync::state::install_bundle(store.as_ref(), bundle)
+                .await
+                .context("installing the bundle")?;
+        }
+        if let Some(policy) = &preload.policy {
+            cfgsync::state::install_policy(store.as_ref(), policy.policy())
+                .await
+                .context("installing the policy")?;
+        }
+        Ok(AppState::new(store, options, Arc::new(Metrics::new())).await?)
+    }
+}
+
+/// Serving state installed into the store before the server answers.
+#[derive(Debug, Default)]
+pub(crate) struct Preload {
+    /// A static bundle (`serve --bundle`).
+    pub(crate) bundle: Option<cfgsync::NodeArtifactsBundle>,
+    /// A registration policy (`serve --policy`).
+    pub(crate) policy: Option<cfgsync::CompiledPolicy>,
+}
+
+impl Preload {
+    /// Loads and validates the files; every problem of each file is reported.
+    fn load(
+        bundle: Option<&std::path::Path>,
+        policy: Option<&std::path::Path>,
+    ) -> Result<Self, Vec<String>> {
+        let mut problems = Vec::new();
+        let bundle = bundle.and_then(|p| {
+            cfgsync::NodeArtifactsBundle::load(p)
+                .map_err(|e| problems.push(e.to_string()))
+                .ok()
+        });
+        let policy = policy.and_then(|p| {
+            cfgsync::Policy::load(p)
+                .map_err(|e| problems.push(e.to_string()))
+                .ok()
+        });
+        if problems.is_empty() {
+            Ok(Self { bundle, policy })
+        } else {
+            Err(problems)
+        }
     }
 }
 
@@ -98,6 +155,14 @@ impl ServerArgs {
 pub struct ServeArgs {
     #[command(flatten)]
     pub(crate) server: ServerArgs,
+
+    /// Load a static artifact bundle (YAML or JSON) into cfgsync at start.
+    #[arg(long, env = "BOOTSYNC_BUNDLE")]
+    pub(crate) bundle: Option<std::path::PathBuf>,
+
+    /// Load a registration policy (YAML or JSON) into cfgsync at start.
+    #[arg(long, env = "BOOTSYNC_POLICY")]
+    pub(crate) policy: Option<std::path::PathBuf>,
 }
 
 /// Prints the one stdout line scripts and tests wait for, `bootsync listening on http://ADDR`,
@@ -127,9 +192,10 @@ pub(crate) struct RunningServer {
 /// server.
 pub(crate) async fn start_server(
     args: &ServerArgs,
+    preload: &Preload,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<RunningServer> {
-    let state = args.state().await?;
+    let state = args.state(preload).await?;
     let store = state.store.clone();
     let app = server::router(state, []);
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -142,8 +208,17 @@ pub(crate) async fn start_server(
 }
 
 pub(super) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
+    let preload = match Preload::load(args.bundle.as_deref(), args.policy.as_deref()) {
+        Ok(preload) => preload,
+        Err(problems) => {
+            for problem in problems {
+                eprintln!("error: {problem}");
+            }
+            return Ok(EXIT_USAGE);
+        }
+    };
     let shutdown = crate::shutdown::on_signals();
-    let running = start_server(&args.server, shutdown).await?;
+    let running = start_server(&args.server, &preload, shutdown).await?;
     running.task.await??;
     running.store.close().await?;
     tracing::info!("stopped");

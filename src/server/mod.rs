@@ -21,8 +21,10 @@ use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
 
+use crate::cfgsync::http::NodeRoutes;
+use crate::cfgsync::{RegistrationSnapshotMaterializer, Service, ServiceOptions};
 use crate::metrics::Metrics;
-use crate::store::DynStore;
+use crate::store::{self, DynStore};
 pub use auth::Token;
 pub use error::{ApiError, ApiJson, ErrorBody};
 
@@ -40,6 +42,8 @@ pub struct ServerOptions {
     pub join_token: Option<Token>,
     /// Largest request body.
     pub body_limit: usize,
+    /// cfgsync knobs (strict mode, long-poll cap).
+    pub cfgsync: ServiceOptions,
 }
 
 impl Default for ServerOptions {
@@ -48,6 +52,7 @@ impl Default for ServerOptions {
             admin_token: None,
             join_token: None,
             body_limit: DEFAULT_BODY_LIMIT,
+            cfgsync: ServiceOptions::default(),
         }
     }
 }
@@ -61,22 +66,41 @@ pub struct AppState {
     pub options: Arc<ServerOptions>,
     /// The process's metrics.
     pub metrics: Arc<Metrics>,
+    /// The cfgsync serving engine.
+    pub cfgsync: Arc<Service>,
     http: Arc<HttpMetrics>,
     /// When the server state was built.
     pub started: Instant,
 }
 
 impl AppState {
-    /// State for a server on `store`, registering the HTTP metric families in `metrics`.
-    pub fn new(store: DynStore, options: ServerOptions, metrics: Arc<Metrics>) -> Self {
+    /// State for a server on `store`: starts cfgsync on the stored bundle and policy, and
+    /// registers the HTTP metric families in `metrics`.
+    pub async fn new(
+        store: DynStore,
+        options: ServerOptions,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, store::Error> {
+        Self::with_materializer(store, options, metrics, None).await
+    }
+
+    /// As [`AppState::new`], with a library materializer in place of a stored policy.
+    pub async fn with_materializer(
+        store: DynStore,
+        options: ServerOptions,
+        metrics: Arc<Metrics>,
+        materializer: Option<Arc<dyn RegistrationSnapshotMaterializer>>,
+    ) -> Result<Self, store::Error> {
+        let cfgsync = Service::start(store.clone(), options.cfgsync.clone(), materializer).await?;
         let http = Arc::new(HttpMetrics::register(&metrics));
-        Self {
+        Ok(Self {
             store,
             options: Arc::new(options),
             metrics,
+            cfgsync,
             http,
             started: Instant::now(),
-        }
+        })
     }
 
     /// Requires the admin token when one is configured.
@@ -141,11 +165,15 @@ async fn record_request(State(state): State<AppState>, request: Request, next: N
     response
 }
 
-/// The whole router; `extra` are the routers of other components (cfgsync, status), merged in.
+/// The whole router (config API, cfgsync, health, metrics); `extra` routers are merged in.
 pub fn router(state: AppState, extra: impl IntoIterator<Item = Router>) -> Router {
     let mut app = Router::new()
         .merge(health::routes(state.clone()))
-        .merge(config_api::routes(state.clone()));
+        .merge(config_api::routes(state.clone()))
+        .merge(crate::cfgsync::http::routes(NodeRoutes {
+            service: state.cfgsync.clone(),
+            join_token: state.options.join_token.clone(),
+        }));
     for part in extra {
         app = app.merge(part);
     }

@@ -1,0 +1,293 @@
+//! The node routes, `POST /register` and `POST /node`, wire-compatible with the seed.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::Router;
+use axum::extract::connect_info::ConnectInfo;
+use axum::extract::{FromRequestParts, Query, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest, Sha256};
+
+use super::NodeRegistration;
+use super::protocol::{INTERNAL, MISSING_CONFIG, NOT_READY};
+use super::service::{NodeAnswer, Service, admission};
+use super::state::{RegistrationRecord, now_ms, registration_key};
+use crate::server::auth::{self, Token, constant_time_eq};
+use crate::server::{ApiError, ApiJson};
+use crate::store::{Batch, Precondition, encoded_len};
+
+/// Header carrying a node's secret in strict mode.
+pub const NODE_SECRET_HEADER: &str = "x-bootsync-node-secret";
+/// Longest identifier, in bytes (a DNS name's length).
+pub const MAX_IDENTIFIER_LEN: usize = 253;
+/// Largest metadata, as compact JSON bytes.
+pub const MAX_METADATA_BYTES: usize = 64 * 1024;
+
+/// What the node routes need.
+#[derive(Clone)]
+pub struct NodeRoutes {
+    /// The serving engine.
+    pub service: Arc<Service>,
+    /// Guards both routes when set.
+    pub join_token: Option<Token>,
+}
+
+/// The `/register` and `/node` routes.
+pub fn routes(state: NodeRoutes) -> Router {
+    Router::new()
+        .route("/register", post(register))
+        .route("/node", post(node))
+        .with_state(state)
+}
+
+/// Checks an identifier: non-empty, bounded, no control characters or path separators.
+pub fn check_identifier(identifier: &str) -> Result<(), String> {
+    if identifier.is_empty() {
+        return Err("identifier must not be empty".into());
+    }
+    if identifier.len() > MAX_IDENTIFIER_LEN {
+        return Err(format!(
+            "identifier is {} bytes, over the limit of {MAX_IDENTIFIER_LEN}",
+            identifier.len()
+        ));
+    }
+    if identifier
+        .chars()
+        .any(|c| c.is_control() || c == '/' || c == '\\')
+    {
+        return Err(format!(
+            "identifier {identifier:?} contains a control character or a path separator"
+        ));
+    }
+    Ok(())
+}
+
+fn validate(registration: &NodeRegistration) -> Result<(), ApiError> {
+    check_identifier(&registration.identifier).map_err(ApiError::unprocessable)?;
+    let size = encoded_len(&registration.metadata);
+    if size > MAX_METADATA_BYTES {
+        return Err(ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "too_large",
+            format!("metadata is {size} bytes, over the limit of {MAX_METADATA_BYTES}"),
+        ));
+    }
+    Ok(())
+}
+
+/// The address the request came from, when the server records it.
+struct Peer(Option<SocketAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for Peer {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Peer(
+            parts
+                .extensions
+                .get::<ConnectInfo<SocketAddr>>()
+                .map(|c| c.0),
+        ))
+    }
+}
+
+/// The `202` body: an addition old clients ignore.
+#[derive(Debug, Serialize, Deserialize)]
+pub struct Registered {
+    /// The identifier registered.
+    pub identifier: String,
+    /// Strict mode only: the secret later calls must present (shown once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_secret: Option<String>,
+}
+
+fn sha256_hex(secret: &str) -> String {
+    Sha256::digest(secret.as_bytes())
+        .iter()
+        .map(|b| format!("{b:02x}"))
+        .collect()
+}
+
+fn new_secret() -> Result<String, ApiError> {
+    use std::io::Read;
+    let mut bytes = [0u8; 32];
+    std::fs::File::open("/dev/urandom")
+        .and_then(|mut f| f.read_exact(&mut bytes))
+        .map_err(|err| ApiError::internal("reading randomness for a node secret", &err))?;
+    Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
+}
+
+/// Strict mode: the request must carry the secret whose hash is stored.
+fn check_secret(record: &RegistrationRecord, headers: &HeaderMap) -> Result<(), ApiError> {
+    let Some(expected) = &record.secret_sha256 else {
+        return Ok(());
+    };
+    let presented = headers
+        .get(NODE_SECRET_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .ok_or_else(|| {
+            ApiError::unauthorized(format!(
+                "this node must send its secret in {NODE_SECRET_HEADER}"
+            ))
+        })?;
+    if constant_time_eq(sha256_hex(presented).as_bytes(), expected.as_bytes()) {
+        Ok(())
+    } else {
+        Err(ApiError::forbidden(
+            "the node secret does not match this identifier",
+        ))
+    }
+}
+
+fn refused(status: u16, code: &'static str, message: String) -> ApiError {
+    ApiError::new(
+        StatusCode::from_u16(status).expect("valid status"),
+        code,
+        message,
+    )
+}
+
+/// Attempts to record a registration before giving up on concurrent writers of the same node.
+const REGISTER_ATTEMPTS: usize = 4;
+
+async fn register(
+    State(routes): State<NodeRoutes>,
+    Peer(peer): Peer,
+    headers: HeaderMap,
+    ApiJson(registration): ApiJson<NodeRegistration>,
+) -> Result<Response, ApiError> {
+    auth::require(routes.join_token.as_ref(), &headers, "join")?;
+    validate(&registration)?;
+    let service = &routes.service;
+    let key = registration_key(&registration.identifier);
+    for _ in 0..REGISTER_ATTEMPTS {
+        let existing = service.store.get(&key).await?;
+        let existing_record = existing
+            .as_ref()
+            .and_then(|e| serde_json::from_value::<RegistrationRecord>(e.value.clone()).ok());
+        admission(&service.current(), &registration, existing_record.as_ref())
+            .map_err(|(status, code, message)| refused(status, code, message))?;
+        let mut node_secret = None;
+        let secret_sha256 = match &existing_record {
+            Some(record) if record.secret_sha256.is_some() => {
+                check_secret(record, &headers)?;
+                record.secret_sha256.clone()
+            }
+            _ if service.options.strict_nodes => {
+                let secret = new_secret()?;
+                let hash = sha256_hex(&secret);
+                node_secret = Some(secret);
+                Some(hash)
+            }
+            _ => None,
+        };
+        let now = now_ms();
+        let record = RegistrationRecord {
+            identifier: registration.identifier.clone(),
+            ip: registration.ip,
+            metadata: registration.metadata.clone(),
+            first_seen_ms: existing_record.as_ref().map_or(now, |r| r.first_seen_ms),
+            last_seen_ms: now,
+            peer: peer.map(|p| p.to_string()),
+            secret_sha256,
+        };
+        let expect = match &existing {
+            Some(entry) => Precondition::ModRevision(entry.mod_revision),
+            None => Precondition::Absent,
+        };
+        let value = serde_json::to_value(&record).expect("records always serialise");
+        let batch = Batch::new()
+            .check(key.clone(), expect)
+            .put(key.clone(), value);
+        match service.store.apply(batch).await {
+            Ok(revision) => {
+                tracing::debug!(identifier = %registration.identifier, revision, "registered");
+                let body = Registered {
+                    identifier: registration.identifier,
+                    node_secret,
+                };
+                return Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response());
+            }
+            // Another request for the same node won the race: decide again on fresh state.
+            Err(crate::store::Error::Conflict { .. }) => continue,
+            Err(err) => return Err(err.into()),
+        }
+    }
+    Err(ApiError::conflict(
+        "the registration kept racing with concurrent registrations of the same identifier; retry",
+    ))
+}
+
+/// Query of `POST /node`: unknown parameters are ignored, as the seed's server does.
+#[derive(Debug, Default, Deserialize)]
+struct NodeQuery {
+    /// Seconds to hold the request until the payload is ready (an addition).
+    wait: Option<u64>,
+}
+
+async fn node(
+    State(routes): State<NodeRoutes>,
+    headers: HeaderMap,
+    query: Result<Query<NodeQuery>, axum::extract::rejection::QueryRejection>,
+    ApiJson(registration): ApiJson<NodeRegistration>,
+) -> Result<Response, ApiError> {
+    auth::require(routes.join_token.as_ref(), &headers, "join")?;
+    validate(&registration)?;
+    let Query(query) = query?;
+    let service = &routes.service;
+    let id = &registration.identifier;
+    if service.options.strict_nodes {
+        let record = match service.current().registration(id).cloned() {
+            Some(record) => Some(record),
+            // The view may lag a registration made a moment ago; the store does not.
+            None => match service.store.get(&registration_key(id)).await? {
+                Some(entry) => serde_json::from_value(entry.value).ok(),
+                None => None,
+            },
+        };
+        if let Some(record) = record {
+            check_secret(&record, &headers)?;
+        }
+    }
+    let wait = Duration::from_secs(query.wait.unwrap_or(0)).min(service.options.node_wait_max);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut changes = service.subscribe();
+    loop {
+        let answer = changes.borrow_and_update().answer(id);
+        match answer {
+            NodeAnswer::Ready(body) => {
+                return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
+            }
+            NodeAnswer::Missing => {
+                return Err(ApiError::new(
+                    StatusCode::NOT_FOUND,
+                    MISSING_CONFIG,
+                    format!("there is no config for {id:?}"),
+                ));
+            }
+            NodeAnswer::Failed => {
+                return Err(ApiError::new(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    INTERNAL,
+                    "the server could not build this node's config; see the server log",
+                ));
+            }
+            NodeAnswer::NotReady(why) => {
+                let waited = tokio::time::timeout_at(deadline, changes.changed()).await;
+                if !matches!(waited, Ok(Ok(()))) {
+                    return Err(ApiError::new(
+                        StatusCode::TOO_EARLY,
+                        NOT_READY,
+                        format!("not ready: {why}"),
+                    ));
+                }
+            }
+        }
+    }
+}

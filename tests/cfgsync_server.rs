@@ -1,0 +1,517 @@
+//! cfgsync as seed-protocol nodes meet it: plain JSON over HTTP against the real binary, in
+//! both serving models, plus crash durability, tokens, strict mode and bad input.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use reqwest::StatusCode;
+use serde_json::{Value, json};
+use support::Proc;
+
+const POLICY_3: &str = r#"
+expect_nodes: 3
+freeze_on_ready: true
+files:
+  - path: /config.yaml
+    template: |
+      id: {{ node.identifier }}
+      index: {{ index }}
+      peers: [{% for p in peers %}"{{ p.ip }}"{% if not loop.last %}, {% endif %}{% endfor %}]
+shared_files:
+  - path: deployment-settings.yaml
+    template: "nodes: {{ nodes | length }}"
+"#;
+
+const BUNDLE: &str = r#"
+nodes:
+  - identifier: node-1
+    files:
+      - path: /config.yaml
+        content: "id: 1"
+shared_files:
+  - path: deployment-settings.yaml
+    content: "shared: true"
+"#;
+
+fn reg(id: &str, ip: &str) -> Value {
+    json!({"identifier": id, "ip": ip, "metadata": {"port": 3000}})
+}
+
+async fn post(url: &str, path: &str, body: &Value) -> (StatusCode, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{url}{path}"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status();
+    let text = response.text().await.unwrap();
+    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+}
+
+#[tokio::test]
+async fn a_seed_node_gets_202_425_404_and_200_in_the_registration_model() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), POLICY_3).unwrap();
+    let server = Proc::spawn(
+        &["serve", "--store", "memory:", "--policy", "policy.yaml"],
+        dir.path(),
+    );
+    let u = server.url.as_str();
+    let (status, body) = post(u, "/node", &reg("node-a", "10.0.0.1")).await;
+    assert_eq!(status, 425, "not registered: {body}");
+    assert_eq!(body["code"], "not_ready");
+    let (status, _) = post(u, "/register", &reg("node-a", "10.0.0.1")).await;
+    assert_eq!(status, 202);
+    let (status, body) = post(u, "/node", &reg("node-a", "10.0.0.1")).await;
+    assert_eq!(
+        (status.as_u16(), body["code"].as_str()),
+        (425, Some("not_ready")),
+        "registered, not ready"
+    );
+    post(u, "/register", &reg("node-b", "10.0.0.2")).await;
+    let (status, _) = post(
+        u,
+        "/register",
+        &json!({"identifier": "node-c", "ip": "fd00::3"}),
+    )
+    .await;
+    assert_eq!(status, 202, "IPv6 is accepted");
+    let payload = support::wait_for(
+        Duration::from_secs(20),
+        "node-a's payload once 3 registered",
+        || async {
+            let (status, body) = post(u, "/node", &reg("node-a", "10.0.0.1")).await;
+            (status == 200).then_some(body)
+        },
+    )
+    .await;
+    assert_eq!(payload["schema_version"], 1);
+    let files = payload["files"].as_array().unwrap();
+    assert_eq!(files[0]["path"], "/config.yaml");
+    let config = files[0]["content"].as_str().unwrap();
+    assert!(
+        config.contains("id: node-a") && config.contains("index: 0"),
+        "{config}"
+    );
+    assert!(
+        config.contains(r#"peers: ["10.0.0.2", "fd00::3"]"#),
+        "{config}"
+    );
+    assert_eq!(
+        files[1],
+        json!({"path": "deployment-settings.yaml", "content": "nodes: 3"})
+    );
+    assert!(
+        payload["epoch"].as_u64().is_some(),
+        "the additive epoch is present"
+    );
+    let (status, body) = post(u, "/register", &reg("node-late", "10.0.0.9")).await;
+    assert_eq!(status, 409, "membership is frozen once ready: {body}");
+    assert_eq!(body["code"], "frozen");
+}
+
+#[tokio::test]
+async fn a_seed_node_gets_its_bundle_without_registering_and_unknown_nodes_get_404() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("bundle.yaml"), BUNDLE).unwrap();
+    let server = Proc::spawn(
+        &["serve", "--store", "memory:", "--bundle", "bundle.yaml"],
+        dir.path(),
+    );
+    let u = server.url.as_str();
+    let (status, body) = post(u, "/node", &reg("node-1", "10.0.0.1")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["files"],
+        json!([{"path": "/config.yaml", "content": "id: 1"}, {"path": "deployment-settings.yaml", "content": "shared: true"}])
+    );
+    let (status, _) = post(u, "/register", &reg("node-1", "10.0.0.1")).await;
+    assert_eq!(status, 202);
+    let (status, body) = post(u, "/register", &reg("stranger", "10.0.0.2")).await;
+    assert_eq!(
+        (status.as_u16(), body["code"].as_str()),
+        (404, Some("missing_config"))
+    );
+    let (status, body) = post(u, "/node", &reg("stranger", "10.0.0.2")).await;
+    assert_eq!(
+        (status.as_u16(), body["code"].as_str()),
+        (404, Some("missing_config"))
+    );
+}
+
+#[tokio::test]
+async fn fifty_nodes_started_together_each_get_all_fifty_peers() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("policy.yaml"),
+        "expect_nodes: 50\nfiles:\n  - path: peers.txt\n    template: \"{% for p in nodes %}{{ p.identifier }}\\n{% endfor %}\"\n",
+    )
+    .unwrap();
+    let db = format!("sqlite:{}/x.db", dir.path().display());
+    let server = Proc::spawn(
+        &["serve", "--store", &db, "--policy", "policy.yaml"],
+        dir.path(),
+    );
+    let mut nodes = Vec::new();
+    for i in 0..50 {
+        let url = server.url.clone();
+        nodes.push(tokio::spawn(async move {
+            let me = reg(&format!("node-{i:02}"), &format!("10.1.0.{}", i + 1));
+            let (status, _) = post(&url, "/register", &me).await;
+            assert_eq!(status, 202);
+            // Long-poll as a bootsync client does; an old client would poll instead.
+            let (status, body) = post(&url, "/node?wait=30", &me).await;
+            assert_eq!(status, 200, "{body}");
+            body
+        }));
+    }
+    for node in nodes {
+        let body = node.await.unwrap();
+        let listed: BTreeSet<&str> = body["files"][0]["content"]
+            .as_str()
+            .unwrap()
+            .lines()
+            .collect();
+        assert_eq!(listed.len(), 50, "every node lists all 50 peers");
+    }
+}
+
+#[tokio::test]
+async fn kill_9_during_a_registration_storm_loses_no_acknowledged_registration() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("policy.yaml"),
+        "expect_nodes: 100000\nfiles:\n  - path: a\n    template: x\n",
+    )
+    .unwrap();
+    let db = format!("sqlite:{}/x.db", dir.path().display());
+    let mut server = Proc::spawn(
+        &["serve", "--store", &db, "--policy", "policy.yaml"],
+        dir.path(),
+    );
+    let acked: Arc<Mutex<Vec<String>>> = Arc::default();
+    let mut tasks = Vec::new();
+    for w in 0..16 {
+        let (url, acked) = (server.url.clone(), acked.clone());
+        tasks.push(tokio::spawn(async move {
+            let http = reqwest::Client::new();
+            for i in 0..5000 {
+                let id = format!("n{w}-{i}");
+                let sent = http
+                    .post(format!("{url}/register"))
+                    .json(&reg(&id, "10.0.0.1"))
+                    .send()
+                    .await;
+                match sent {
+                    Ok(r) if r.status() == 202 => acked.lock().unwrap().push(id),
+                    _ => return,
+                }
+            }
+        }));
+    }
+    support::wait_for(
+        Duration::from_secs(30),
+        "300 acknowledged registrations",
+        || {
+            let n = acked.lock().unwrap().len();
+            async move { (n >= 300).then_some(()) }
+        },
+    )
+    .await;
+    server.kill9();
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let acked = acked.lock().unwrap().clone();
+    let server = Proc::spawn(&["serve", "--store", &db], dir.path());
+    let stored: Value = reqwest::get(format!("{}/v1/config/__cfgsync__/registration", server.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    for id in &acked {
+        assert!(
+            stored["entries"].get(id).is_some(),
+            "registration {id} was answered 202 but is gone"
+        );
+    }
+}
+
+#[tokio::test]
+async fn the_join_token_guards_both_routes_and_strict_mode_keeps_nodes_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("join.token"), "join-secret").unwrap();
+    std::fs::write(
+        dir.path().join("policy.yaml"),
+        POLICY_3.replace("expect_nodes: 3", "expect_nodes: 2"),
+    )
+    .unwrap();
+    let server = Proc::spawn(
+        &[
+            "serve",
+            "--store",
+            "memory:",
+            "--policy",
+            "policy.yaml",
+            "--join-token-file",
+            "join.token",
+            "--strict-nodes",
+        ],
+        dir.path(),
+    );
+    let http = reqwest::Client::new();
+    let (status, _) = post(&server.url, "/register", &reg("a", "10.0.0.1")).await;
+    assert_eq!(status, 401, "no join token");
+    let register = |id: &'static str| {
+        let http = http.clone();
+        let url = server.url.clone();
+        async move {
+            let response = http
+                .post(format!("{url}/register"))
+                .bearer_auth("join-secret")
+                .json(&reg(id, "10.0.0.1"))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(response.status(), 202);
+            let body: Value = response.json().await.unwrap();
+            body["node_secret"]
+                .as_str()
+                .expect("strict mode returns a secret")
+                .to_string()
+        }
+    };
+    let secret_a = register("a").await;
+    let secret_b = register("b").await;
+    let fetch = |id: &'static str, secret: Option<String>| {
+        let http = http.clone();
+        let url = server.url.clone();
+        async move {
+            let mut request = http
+                .post(format!("{url}/node?wait=10"))
+                .bearer_auth("join-secret")
+                .json(&reg(id, "10.0.0.1"));
+            if let Some(secret) = secret {
+                request = request.header("x-bootsync-node-secret", secret);
+            }
+            request.send().await.unwrap().status()
+        }
+    };
+    assert_eq!(fetch("a", Some(secret_a.clone())).await, 200);
+    assert_eq!(
+        fetch("b", Some(secret_a.clone())).await,
+        403,
+        "node a's secret cannot fetch b's files"
+    );
+    assert_eq!(fetch("b", None).await, 401);
+    assert_eq!(fetch("b", Some(secret_b)).await, 200);
+    let stored = std::fs::read_to_string(dir.path().join("join.token")).unwrap();
+    assert!(
+        !server.stderr().contains(&stored),
+        "the join token was logged"
+    );
+    assert!(
+        !server.stderr().contains(&secret_a),
+        "a node secret was logged"
+    );
+}
+
+#[tokio::test]
+async fn bad_node_requests_get_clear_errors_and_change_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), POLICY_3).unwrap();
+    let server = Proc::spawn(
+        &[
+            "serve",
+            "--store",
+            "memory:",
+            "--policy",
+            "policy.yaml",
+            "--body-limit",
+            "200000",
+        ],
+        dir.path(),
+    );
+    let revision = || async {
+        let body: Value = reqwest::get(format!("{}/v1/config", server.url))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        body["revision"].as_u64().unwrap()
+    };
+    let before = revision().await;
+    let http = reqwest::Client::new();
+    // Deep nesting where it can hide: inside the opaque metadata.
+    let deep = format!(
+        "{{\"identifier\": \"n\", \"ip\": \"10.0.0.1\", \"metadata\": {}{}}}",
+        "[".repeat(3000),
+        "]".repeat(3000)
+    );
+    let huge_meta = json!({"identifier": "n", "ip": "10.0.0.1", "metadata": "m".repeat(70_000)});
+    let cases: Vec<(&str, &str, Option<&str>, String, u16)> = vec![
+        (
+            "malformed JSON",
+            "/register",
+            Some("application/json"),
+            "{nope".into(),
+            400,
+        ),
+        (
+            "deeply nested JSON",
+            "/register",
+            Some("application/json"),
+            deep,
+            400,
+        ),
+        (
+            "wrong content type",
+            "/register",
+            Some("text/plain"),
+            reg("n", "10.0.0.1").to_string(),
+            415,
+        ),
+        (
+            "missing content type",
+            "/node",
+            None,
+            reg("n", "10.0.0.1").to_string(),
+            415,
+        ),
+        (
+            "body over the limit",
+            "/register",
+            Some("application/json"),
+            format!("\"{}\"", "x".repeat(300_000)),
+            413,
+        ),
+        (
+            "empty identifier",
+            "/register",
+            Some("application/json"),
+            reg("", "10.0.0.1").to_string(),
+            422,
+        ),
+        (
+            "identifier too long",
+            "/register",
+            Some("application/json"),
+            reg(&"x".repeat(300), "10.0.0.1").to_string(),
+            422,
+        ),
+        (
+            "identifier with a control character",
+            "/register",
+            Some("application/json"),
+            reg("a\u{1}b", "10.0.0.1").to_string(),
+            422,
+        ),
+        (
+            "identifier with a path separator",
+            "/node",
+            Some("application/json"),
+            reg("../etc", "10.0.0.1").to_string(),
+            422,
+        ),
+        (
+            "invalid IP",
+            "/register",
+            Some("application/json"),
+            reg("n", "10.0.0.999").to_string(),
+            422,
+        ),
+        (
+            "missing IP",
+            "/register",
+            Some("application/json"),
+            json!({"identifier": "n"}).to_string(),
+            422,
+        ),
+        (
+            "oversized metadata",
+            "/register",
+            Some("application/json"),
+            huge_meta.to_string(),
+            413,
+        ),
+        (
+            "bad wait",
+            "/node?wait=soon",
+            Some("application/json"),
+            reg("n", "10.0.0.1").to_string(),
+            400,
+        ),
+    ];
+    for (what, path, content_type, body, want) in cases {
+        let mut request = http.post(format!("{}{path}", server.url)).body(body);
+        if let Some(ct) = content_type {
+            request = request.header("content-type", ct);
+        }
+        let response = request.send().await.unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response
+            .json()
+            .await
+            .unwrap_or_else(|e| panic!("{what}: not JSON: {e}"));
+        assert_eq!(status, want, "{what}: {body}");
+        assert!(
+            body["code"].is_string() && body["message"].is_string(),
+            "{what}: {body}"
+        );
+    }
+    for (method, path) in [("GET", "/register"), ("PUT", "/node"), ("POST", "/nodes")] {
+        let response = http
+            .request(method.parse().unwrap(), format!("{}{path}", server.url))
+            .send()
+            .await
+            .unwrap();
+        assert!(
+            matches!(response.status().as_u16(), 404 | 405),
+            "{method} {path}"
+        );
+        assert!(response.json::<Value>().await.unwrap()["code"].is_string());
+    }
+    assert_eq!(revision().await, before, "bad input changed the store");
+    let (status, _) = post(&server.url, "/register", &reg("fine", "10.0.0.1")).await;
+    assert_eq!(status, 202, "the server still serves");
+}
+
+#[test]
+fn a_bad_policy_or_bundle_exits_2_listing_every_problem() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("policy.yaml"),
+        "expect_nodes: 0\nfiles:\n  - path: ../x\n    template: \"{% if %}\"\n",
+    )
+    .unwrap();
+    std::fs::write(
+        dir.path().join("bundle.yaml"),
+        "nodes:\n  - identifier: a\n    files:\n      - {path: x, content: ''}\n      - {path: x, content: ''}\n",
+    )
+    .unwrap();
+    let (code, _, stderr) = support::run_cli(
+        &[
+            "serve",
+            "--store",
+            "memory:",
+            "--policy",
+            "policy.yaml",
+            "--bundle",
+            "bundle.yaml",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 2, "{stderr}");
+    for expected in ["at least 1", "'..'", "template error", "duplicate path"] {
+        assert!(
+            stderr.contains(expected),
+            "missing {expected:?} in:\n{stderr}"
+        );
+    }
+}

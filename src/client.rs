@@ -228,6 +228,12 @@ impl ApiClient {
         Ok(written.revision)
     }
 
+    /// `GET /v1/status`.
+    pub async fn status<T: DeserializeOwned>(&self) -> Result<T, Error> {
+        self.send("/v1/status", self.request(Method::GET, "/v1/status"))
+            .await
+    }
+
     /// One long-poll of `/v1/changes`: events after `from`, held up to `wait`.
     pub async fn changes<E: DeserializeOwned>(
         &self,

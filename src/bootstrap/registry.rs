@@ -55,3 +55,82 @@ where
     let typed: P = serde_json::from_value(params)?;
     Ok(Box::new(build(typed)))
 }
+
+/// Every registered class, sorted by name.
+#[derive(Debug)]
+pub struct Registry {
+    classes: std::collections::BTreeMap<&'static str, &'static Registration>,
+}
+
+impl Registry {
+    /// Collects every linked registration; two with one class name is an error naming both.
+    pub fn collect() -> Result<Self, String> {
+        Self::from_records(inventory::iter::<Registration>())
+    }
+
+    fn from_records(
+        records: impl IntoIterator<Item = &'static Registration>,
+    ) -> Result<Self, String> {
+        let mut classes = std::collections::BTreeMap::new();
+        for record in records {
+            if let Some(previous) = classes.insert(record.class, record) {
+                return Err(format!(
+                    "initialiser class {:?} is registered twice ({:?} and {:?})",
+                    record.class, previous.summary, record.summary
+                ));
+            }
+        }
+        Ok(Self { classes })
+    }
+
+    /// The registration for a class.
+    pub fn get(&self, class: &str) -> Option<&'static Registration> {
+        self.classes.get(class).copied()
+    }
+
+    /// Every class name, sorted.
+    pub fn names(&self) -> Vec<&'static str> {
+        self.classes.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The core classes that ship in `initialisers/`.
+    const CORE: [&str; 6] = [
+        "cfgsync-bundle",
+        "cfgsync-policy",
+        "exec",
+        "namespace-init",
+        "template-seed",
+        "wait-for",
+    ];
+
+    #[test]
+    fn every_core_initialiser_is_linked_and_registered() {
+        let registry = Registry::collect().unwrap();
+        for class in CORE {
+            assert!(
+                registry.get(class).is_some(),
+                "{class} missing from {:?}",
+                registry.names()
+            );
+        }
+    }
+
+    #[test]
+    fn a_duplicate_class_is_an_error_naming_it() {
+        fn nothing(_: Value) -> Result<Box<dyn Initialiser>, ParamsError> {
+            unreachable!()
+        }
+        static A: Registration = Registration::new("dup", "first", nothing);
+        static B: Registration = Registration::new("dup", "second", nothing);
+        let err = Registry::from_records([&A, &B]).unwrap_err();
+        assert!(
+            err.contains("dup") && err.contains("first") && err.contains("second"),
+            "{err}"
+        );
+    }
+}

@@ -188,7 +188,7 @@ mod tests {
             registrations: &RegistrationSnapshot,
         ) -> Result<Option<NodeArtifactsCatalog>, DynCfgsyncError> {
             self.0.fetch_add(1, Ordering::SeqCst);
-            Ok((registrations.len() >= 2).then(|| NodeArtifactsCatalog::default()))
+            Ok((registrations.len() >= 2).then(NodeArtifactsCatalog::default))
         }
     }
 

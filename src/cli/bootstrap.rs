@@ -1,35 +1,382 @@
-//! `bootsync run|bootstrap|check|plan|status` (filled in by the reconciler work).
+//! `bootsync run|bootstrap|check|plan|status`: the reconciler's commands.
 
-use clap::Args;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use clap::{Args, ValueEnum};
+use tokio_util::task::TaskTracker;
+
+use super::config::Remote;
+use super::serve::{Preload, ServerArgs, start_server};
+use super::{EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE};
+use crate::bootstrap::status::{INIT_STATE, INIT_STATUS, Status};
+use crate::bootstrap::{Engine, EngineOptions, HttpGate, Registry, Spec, duration};
+use crate::client::{ApiClient, RemoteStore};
+use crate::server::Token;
+use crate::server::status::StatusBody;
+use crate::store::{DynStore, SYSTEM_NAMESPACE};
+
+/// Flags of the reconciler shared by `run` and `bootstrap`.
+#[derive(Debug, Clone, Args)]
+pub(crate) struct ReconcilerArgs {
+    /// The spec file (YAML or JSON).
+    #[arg(long, env = "BOOTSYNC_SPEC")]
+    pub(crate) spec: PathBuf,
+    /// This reconciler's name in the lease and status records (default: host-pid).
+    #[arg(long, env = "BOOTSYNC_HOLDER_ID")]
+    pub(crate) holder_id: Option<String>,
+    /// How long the reconciler lease lasts without renewal.
+    #[arg(long, default_value = "15s", value_parser = duration::parse, env = "BOOTSYNC_LEASE_TTL")]
+    pub(crate) lease_ttl: Duration,
+}
 
 /// Flags of `bootsync run`.
 #[derive(Debug, Args)]
-pub struct RunArgs {}
+pub struct RunArgs {
+    #[command(flatten)]
+    reconciler: ReconcilerArgs,
+    #[command(flatten)]
+    server: ServerArgs,
+}
+
 /// Flags of `bootsync bootstrap`.
 #[derive(Debug, Args)]
-pub struct BootstrapArgs {}
+pub struct BootstrapArgs {
+    #[command(flatten)]
+    reconciler: ReconcilerArgs,
+    #[command(flatten)]
+    remote: Remote,
+}
+
 /// Flags of `bootsync check`.
 #[derive(Debug, Args)]
-pub struct CheckArgs {}
+pub struct CheckArgs {
+    /// The spec file to validate.
+    #[arg(long, env = "BOOTSYNC_SPEC")]
+    spec: PathBuf,
+}
+
 /// Flags of `bootsync plan`.
 #[derive(Debug, Args)]
-pub struct PlanArgs {}
+pub struct PlanArgs {
+    /// The spec file.
+    #[arg(long, env = "BOOTSYNC_SPEC")]
+    spec: PathBuf,
+    #[command(flatten)]
+    remote: Remote,
+}
+
+/// Output format of `status`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Output {
+    /// A table for people.
+    Text,
+    /// The `/v1/status` JSON.
+    Json,
+}
+
 /// Flags of `bootsync status`.
 #[derive(Debug, Args)]
-pub struct StatusArgs {}
+pub struct StatusArgs {
+    #[command(flatten)]
+    remote: Remote,
+    /// Block until every initialiser is at its flag.
+    #[arg(long)]
+    wait: bool,
+    /// Give up waiting after this long (exit 3).
+    #[arg(long, default_value = "10m", value_parser = duration::parse)]
+    timeout: Duration,
+    /// Output format.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+    /// Print nothing while waiting.
+    #[arg(long)]
+    quiet: bool,
+}
 
-pub(super) async fn run(_args: RunArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("not built yet")
+fn load_spec(path: &Path) -> Result<Spec, String> {
+    let registry = Registry::collect()?;
+    Spec::load(path, &registry).map_err(|e| e.to_string())
 }
-pub(super) async fn bootstrap(_args: BootstrapArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("not built yet")
+
+fn holder(args: &ReconcilerArgs) -> String {
+    args.holder_id.clone().unwrap_or_else(|| {
+        let host = std::fs::read_to_string("/etc/hostname")
+            .ok()
+            .map(|h| h.trim().to_string())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| "bootsync".into());
+        format!("{host}-{}", std::process::id())
+    })
 }
-pub(super) async fn check(_args: CheckArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("not built yet")
+
+/// An HTTP client for initialisers that carries the admin token.
+fn http_client(token: Option<&Token>) -> anyhow::Result<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    if let Some(token) = token {
+        let mut value =
+            reqwest::header::HeaderValue::from_str(&format!("Bearer {}", token.expose()))
+                .context("the admin token is not a valid header value")?;
+        value.set_sensitive(true);
+        headers.insert(reqwest::header::AUTHORIZATION, value);
+    }
+    Ok(reqwest::Client::builder()
+        .default_headers(headers)
+        .connect_timeout(Duration::from_secs(5))
+        .build()?)
 }
-pub(super) async fn plan(_args: PlanArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("not built yet")
+
+/// Runs the reconciler until shutdown, re-reading the spec on SIGHUP.
+async fn reconcile(
+    args: &ReconcilerArgs,
+    spec: Spec,
+    server_url: &str,
+    token: Option<Token>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
+    let http = http_client(token.as_ref())?;
+    let store: DynStore = Arc::new(RemoteStore::new(
+        ApiClient::new(server_url).with_admin_token(token),
+    ));
+    let gate = Arc::new(HttpGate {
+        url: server_url.to_string(),
+        http: http.clone(),
+    });
+    let options = EngineOptions {
+        holder: holder(args),
+        lease_ttl: args.lease_ttl,
+        server_url: server_url.to_string(),
+        http,
+    };
+    tracing::info!(holder = %options.holder, initialisers = spec.entries.len(), "reconciler starting");
+    let engine = Engine::new(spec, store, gate, options, None);
+    let (hup_tx, hup_rx) = tokio::sync::mpsc::channel(1);
+    let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        .context("installing the SIGHUP handler")?;
+    let hup_shutdown = shutdown.clone();
+    tokio::spawn(async move {
+        loop {
+            tokio::select! {
+                Some(()) = hangups.recv() => { let _ = hup_tx.try_send(()); }
+                () = hup_shutdown.cancelled() => return,
+            }
+        }
+    });
+    let path = args.spec.clone();
+    engine.run(shutdown, hup_rx, move || load_spec(&path)).await;
+    Ok(())
 }
-pub(super) async fn status(_args: StatusArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("not built yet")
+
+pub(super) async fn run(args: RunArgs) -> anyhow::Result<u8> {
+    let spec = match load_spec(&args.reconciler.spec) {
+        Ok(spec) => spec,
+        Err(report) => {
+            eprintln!("error: {report}");
+            return Ok(EXIT_USAGE);
+        }
+    };
+    let shutdown = crate::shutdown::on_signals();
+    let tracker = TaskTracker::new();
+    let running = start_server(&args.server, &Preload::default(), shutdown.clone()).await?;
+    let token = args.server.options()?.admin_token;
+    // The reconciler reaches the server through its real listener, so the gate is honest.
+    let reconciler = {
+        let (reconciler_args, url, shutdown) = (
+            args.reconciler.clone(),
+            running.url.clone(),
+            shutdown.clone(),
+        );
+        tracker.spawn(async move { reconcile(&reconciler_args, spec, &url, token, shutdown).await })
+    };
+    tracker.close();
+    let served = running.task.await;
+    shutdown.cancel();
+    reconciler.await??;
+    tracker.wait().await;
+    served??;
+    running.store.close().await?;
+    tracing::info!("stopped");
+    Ok(EXIT_OK)
+}
+
+pub(super) async fn bootstrap(args: BootstrapArgs) -> anyhow::Result<u8> {
+    let spec = match load_spec(&args.reconciler.spec) {
+        Ok(spec) => spec,
+        Err(report) => {
+            eprintln!("error: {report}");
+            return Ok(EXIT_USAGE);
+        }
+    };
+    let token = args
+        .remote
+        .admin_token_file
+        .as_deref()
+        .map(Token::from_file)
+        .transpose()?;
+    let shutdown = crate::shutdown::on_signals();
+    reconcile(&args.reconciler, spec, &args.remote.server, token, shutdown).await?;
+    Ok(EXIT_OK)
+}
+
+pub(super) async fn check(args: CheckArgs) -> anyhow::Result<u8> {
+    match load_spec(&args.spec) {
+        Ok(spec) => {
+            println!(
+                "{}: ok, {} initialiser(s)",
+                args.spec.display(),
+                spec.entries.len()
+            );
+            for (i, e) in spec.entries.iter().enumerate() {
+                let gate = if e.initialiser.wait_for_services() {
+                    ""
+                } else {
+                    " (pre-gate)"
+                };
+                println!("  [{i}] {} ({}) flag {}{gate}", e.name, e.class, e.flag);
+            }
+            Ok(EXIT_OK)
+        }
+        Err(report) => {
+            println!("{report}");
+            Ok(EXIT_USAGE)
+        }
+    }
+}
+
+pub(super) async fn plan(args: PlanArgs) -> anyhow::Result<u8> {
+    let spec = match load_spec(&args.spec) {
+        Ok(spec) => spec,
+        Err(report) => {
+            eprintln!("error: {report}");
+            return Ok(EXIT_USAGE);
+        }
+    };
+    let client = args.remote.client()?;
+    let stored = client.list(SYSTEM_NAMESPACE, INIT_STATE).await?;
+    let statuses = client.list(SYSTEM_NAMESPACE, INIT_STATUS).await?;
+    for e in &spec.entries {
+        if !e.initialiser.wait_for_services() {
+            println!("{}: pre-gate, runs before the gate on every start", e.name);
+            continue;
+        }
+        let current = stored
+            .entries
+            .get(&e.name)
+            .and_then(|s| s.value.as_str().map(str::to_string));
+        match current.as_deref() {
+            Some(flag) if flag == e.flag => {
+                let last: Option<Status> = statuses
+                    .entries
+                    .get(&e.name)
+                    .and_then(|s| serde_json::from_value(s.value.clone()).ok());
+                let changed = last
+                    .and_then(|s| s.succeeded_params_hash)
+                    .is_some_and(|h| h != e.params_hash);
+                if changed {
+                    println!(
+                        "{}: up to date at {flag} — warning: params changed but the flag did not (bump it to re-run)",
+                        e.name
+                    );
+                } else {
+                    println!("{}: up to date at {flag}", e.name);
+                }
+            }
+            Some(old) => println!("{}: will run, {old} → {}", e.name, e.flag),
+            None => println!("{}: will run, (none) → {} (first run)", e.name, e.flag),
+        }
+    }
+    Ok(EXIT_OK)
+}
+
+fn print_table(body: &StatusBody) {
+    println!(
+        "{:<20} {:<16} {:<10} {:<10} {:<18} {:>8}  LAST ERROR",
+        "NAME", "CLASS", "WANTED", "STORED", "STATE", "ATTEMPTS"
+    );
+    for i in &body.initialisers {
+        let state = i
+            .last_run
+            .as_ref()
+            .map_or("-".to_string(), |r| format!("{:?}", r.state).to_lowercase());
+        let attempts = i.last_run.as_ref().map_or(0, |r| r.attempts);
+        let error = i
+            .last_run
+            .as_ref()
+            .and_then(|r| r.last_error.clone())
+            .unwrap_or_default();
+        println!(
+            "{:<20} {:<16} {:<10} {:<10} {:<18} {:>8}  {}",
+            i.name,
+            i.class,
+            i.wanted_flag.as_deref().unwrap_or("-"),
+            i.stored_flag.as_deref().unwrap_or("-"),
+            state,
+            attempts,
+            error.lines().next().unwrap_or("")
+        );
+        if i.params_changed_without_flag_bump {
+            println!("  warning: {} params changed but its flag did not", i.name);
+        }
+    }
+    println!(
+        "cfgsync: {} registration(s), ready: {}; store {} at revision {}; converged: {}",
+        body.cfgsync["registrations"],
+        body.cfgsync["ready"],
+        body.backend,
+        body.revision,
+        body.converged
+    );
+}
+
+pub(super) async fn status(args: StatusArgs) -> anyhow::Result<u8> {
+    let client = args.remote.client()?;
+    let deadline = tokio::time::Instant::now() + args.timeout;
+    loop {
+        let body = client.status::<StatusBody>().await;
+        match (&body, args.wait) {
+            (Ok(body), _) if !args.wait || body.converged => {
+                match args.output {
+                    Output::Json => println!("{}", serde_json::to_string_pretty(body)?),
+                    Output::Text => print_table(body),
+                }
+                return Ok(EXIT_OK);
+            }
+            (Err(err), false) => anyhow::bail!("{err}"),
+            _ => {}
+        }
+        if !args.quiet {
+            let waiting = match &body {
+                Ok(body) => body
+                    .initialisers
+                    .iter()
+                    .filter(|i| !i.converged)
+                    .map(|i| {
+                        format!(
+                            "{} ({} → {})",
+                            i.name,
+                            i.stored_flag.as_deref().unwrap_or("none"),
+                            i.wanted_flag.as_deref().unwrap_or("-")
+                        )
+                    })
+                    .collect::<Vec<_>>()
+                    .join(", "),
+                Err(err) => format!("the server ({err})"),
+            };
+            eprintln!(
+                "waiting for: {}",
+                if waiting.is_empty() {
+                    "a reconciler to report".into()
+                } else {
+                    waiting
+                }
+            );
+        }
+        if tokio::time::Instant::now() >= deadline {
+            eprintln!("gave up after {:?}", args.timeout);
+            return Ok(EXIT_GAVE_UP);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
 }

@@ -4,6 +4,7 @@ pub mod auth;
 pub mod config_api;
 pub mod error;
 mod health;
+pub mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -170,6 +171,7 @@ pub fn router(state: AppState, extra: impl IntoIterator<Item = Router>) -> Route
     let mut app = Router::new()
         .merge(health::routes(state.clone()))
         .merge(config_api::routes(state.clone()))
+        .merge(status::routes(state.clone()))
         .merge(crate::cfgsync::http::routes(NodeRoutes {
             service: state.cfgsync.clone(),
             join_token: state.options.join_token.clone(),

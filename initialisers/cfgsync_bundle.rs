@@ -1,0 +1,86 @@
+//! `cfgsync-bundle`: loads a static artifact bundle into cfgsync's serving state, replacing the
+//! previous one as a whole.
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+use crate::bootstrap::registry::{ParamsError, from_params};
+use crate::bootstrap::{InitContext, InitError, Initialiser, Registration};
+use crate::cfgsync::{NodeArtifactsBundle, state};
+
+/// Params of `cfgsync-bundle`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    /// The bundle file (YAML or JSON), relative to the spec file.
+    bundle_file: String,
+}
+
+struct CfgsyncBundle(Params);
+
+#[async_trait]
+impl Initialiser for CfgsyncBundle {
+    async fn run(
+        &self,
+        ctx: &InitContext,
+        _old: Option<&str>,
+        _new: &str,
+    ) -> Result<(), InitError> {
+        let bundle = NodeArtifactsBundle::load(&ctx.resolve(&self.0.bundle_file))?;
+        let revision = state::install_bundle(ctx.store.as_ref(), &bundle).await?;
+        tracing::info!(
+            nodes = bundle.nodes.len(),
+            revision,
+            "installed the cfgsync bundle"
+        );
+        Ok(())
+    }
+}
+
+fn construct(params: serde_json::Value) -> Result<Box<dyn Initialiser>, ParamsError> {
+    from_params(params, CfgsyncBundle)
+}
+
+inventory::submit! {
+    Registration::new("cfgsync-bundle", "loads a static artifact bundle into cfgsync", construct)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{CFGSYNC_NAMESPACE, Key};
+
+    #[tokio::test]
+    async fn installs_a_valid_bundle_and_refuses_an_invalid_one() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctx, store) = super::super::testing::context(dir.path());
+        std::fs::write(
+            dir.path().join("b.yaml"),
+            "nodes:\n  - identifier: n1\n    files: [{path: a, content: x}]\n",
+        )
+        .unwrap();
+        CfgsyncBundle(Params {
+            bundle_file: "b.yaml".into(),
+        })
+        .run(&ctx, None, "v1")
+        .await
+        .unwrap();
+        let stored = store
+            .get(&Key::new(CFGSYNC_NAMESPACE, state::BUNDLE, state::CURRENT))
+            .await
+            .unwrap();
+        assert_eq!(stored.unwrap().value["nodes"][0]["identifier"], "n1");
+        std::fs::write(
+            dir.path().join("bad.yaml"),
+            "nodes:\n  - identifier: n1\n    files: [{path: ../a, content: x}]\n",
+        )
+        .unwrap();
+        let err = CfgsyncBundle(Params {
+            bundle_file: "bad.yaml".into(),
+        })
+        .run(&ctx, Some("v1"), "v2")
+        .await
+        .unwrap_err();
+        assert!(err.to_string().contains(".."), "{err}");
+    }
+}

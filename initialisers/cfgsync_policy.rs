@@ -1,0 +1,68 @@
+//! `cfgsync-policy`: installs the registration policy of the declarative materializer.
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+use crate::bootstrap::registry::{ParamsError, from_params};
+use crate::bootstrap::{InitContext, InitError, Initialiser, Registration};
+use crate::cfgsync::{Policy, state};
+
+/// Params of `cfgsync-policy`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    /// The policy file (YAML or JSON), relative to the spec file.
+    policy_file: String,
+}
+
+struct CfgsyncPolicy(Params);
+
+#[async_trait]
+impl Initialiser for CfgsyncPolicy {
+    async fn run(
+        &self,
+        ctx: &InitContext,
+        _old: Option<&str>,
+        _new: &str,
+    ) -> Result<(), InitError> {
+        let compiled = Policy::load(&ctx.resolve(&self.0.policy_file))?;
+        let revision = state::install_policy(ctx.store.as_ref(), compiled.policy()).await?;
+        tracing::info!(revision, "installed the cfgsync policy");
+        Ok(())
+    }
+}
+
+fn construct(params: serde_json::Value) -> Result<Box<dyn Initialiser>, ParamsError> {
+    from_params(params, CfgsyncPolicy)
+}
+
+inventory::submit! {
+    Registration::new("cfgsync-policy", "installs a registration policy for cfgsync", construct)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_template_error_fails_the_run_naming_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctx, store) = super::super::testing::context(dir.path());
+        std::fs::write(
+            dir.path().join("p.yaml"),
+            "expect_nodes: 2\nfiles:\n  - path: a\n    template: \"{% for %}\"\n",
+        )
+        .unwrap();
+        let err = CfgsyncPolicy(Params {
+            policy_file: "p.yaml".into(),
+        })
+        .run(&ctx, None, "v1")
+        .await
+        .unwrap_err();
+        assert!(
+            err.to_string().contains("p.yaml") && err.to_string().contains("template error"),
+            "{err}"
+        );
+        assert_eq!(store.revision().await.unwrap(), 0);
+    }
+}

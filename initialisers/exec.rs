@@ -1,0 +1,176 @@
+//! `exec`: runs a command once per flag with `BOOTSYNC_OLD_FLAG` and `BOOTSYNC_NEW_FLAG` set;
+//! a non-zero exit fails with the tail of its stderr.
+
+use std::collections::BTreeMap;
+use std::process::Stdio;
+
+use async_trait::async_trait;
+use serde::Deserialize;
+
+use crate::bootstrap::registry::ParamsError;
+use crate::bootstrap::{InitContext, InitError, Initialiser, Registration};
+
+/// How much of stderr a failure carries.
+const STDERR_TAIL: usize = 2048;
+
+/// Params of `exec`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Params {
+    /// The program and its arguments (no shell: use `["sh", "-c", "..."]` for one).
+    command: Vec<String>,
+    /// Extra environment variables.
+    #[serde(default)]
+    env: BTreeMap<String, String>,
+    /// Working directory, relative to the spec file (default: the spec file's directory).
+    #[serde(default)]
+    cwd: Option<String>,
+}
+
+struct Exec(Params);
+
+fn tail(bytes: &[u8]) -> String {
+    let start = bytes.len().saturating_sub(STDERR_TAIL);
+    String::from_utf8_lossy(&bytes[start..]).trim().to_string()
+}
+
+#[async_trait]
+impl Initialiser for Exec {
+    async fn run(
+        &self,
+        ctx: &InitContext,
+        old_flag: Option<&str>,
+        new_flag: &str,
+    ) -> Result<(), InitError> {
+        let (program, args) = self
+            .0
+            .command
+            .split_first()
+            .expect("checked non-empty at load");
+        let cwd = self
+            .0
+            .cwd
+            .as_ref()
+            .map_or_else(|| ctx.spec_dir.clone(), |c| ctx.resolve(c));
+        let child = tokio::process::Command::new(program)
+            .args(args)
+            .envs(&self.0.env)
+            .env("BOOTSYNC_OLD_FLAG", old_flag.unwrap_or(""))
+            .env("BOOTSYNC_NEW_FLAG", new_flag)
+            .env("BOOTSYNC_INSTANCE", &ctx.name)
+            .current_dir(&cwd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            // A timeout or shutdown drops the future: the command must not outlive it.
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|e| format!("cannot start {program:?} in {}: {e}", cwd.display()))?;
+        let output = tokio::select! {
+            output = child.wait_with_output() => output?,
+            () = ctx.cancel.cancelled() => return Err("cancelled; the command was killed".into()),
+        };
+        if output.status.success() {
+            return Ok(());
+        }
+        let stderr = tail(&output.stderr);
+        Err(format!(
+            "{program:?} exited with {}{}",
+            output.status,
+            if stderr.is_empty() {
+                String::new()
+            } else {
+                format!("; stderr: {stderr}")
+            }
+        )
+        .into())
+    }
+}
+
+fn construct(params: serde_json::Value) -> Result<Box<dyn Initialiser>, ParamsError> {
+    let params: Params = serde_json::from_value(params)?;
+    if params.command.is_empty() || params.command[0].is_empty() {
+        return Err(ParamsError(serde::de::Error::custom(
+            "command must name a program",
+        )));
+    }
+    Ok(Box::new(Exec(params)))
+}
+
+inventory::submit! {
+    Registration::new("exec", "runs a command once per flag", construct)
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn exec(script: &str) -> Box<dyn Initialiser> {
+        construct(json!({"command": ["sh", "-c", script], "env": {"EXTRA": "x"}})).unwrap()
+    }
+
+    #[tokio::test]
+    async fn passes_the_old_and_new_flags_and_runs_in_the_spec_dir() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctx, _) = super::super::testing::context(dir.path());
+        exec("echo \"[$BOOTSYNC_OLD_FLAG]>$BOOTSYNC_NEW_FLAG $EXTRA\" > out")
+            .run(&ctx, None, "v1")
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out")).unwrap(),
+            "[]>v1 x\n"
+        );
+        exec("echo \"$BOOTSYNC_OLD_FLAG>$BOOTSYNC_NEW_FLAG\" > out")
+            .run(&ctx, Some("v1"), "v2")
+            .await
+            .unwrap();
+        assert_eq!(
+            std::fs::read_to_string(dir.path().join("out")).unwrap(),
+            "v1>v2\n"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failure_carries_the_exit_status_and_stderr_tail() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctx, _) = super::super::testing::context(dir.path());
+        let err = exec("echo migration broke >&2; exit 3")
+            .run(&ctx, None, "v1")
+            .await
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("3") && err.contains("migration broke"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn cancellation_kills_the_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let (ctx, _) = super::super::testing::context(dir.path());
+        let cancel = ctx.cancel.clone();
+        let run = tokio::spawn(async move {
+            exec("sleep 30; touch late")
+                .run(&ctx, None, "v1")
+                .await
+                .map_err(|e| e.to_string())
+        });
+        cancel.cancel();
+        let result = tokio::time::timeout(std::time::Duration::from_secs(10), run)
+            .await
+            .expect("cancellation did not stop the run")
+            .unwrap();
+        assert!(result.unwrap_err().contains("cancelled"));
+        assert!(!dir.path().join("late").exists());
+    }
+
+    #[test]
+    fn an_empty_command_is_refused_at_load() {
+        assert!(construct(json!({"command": []})).is_err());
+        assert!(construct(json!({"command": ["true"], "shell": true})).is_err());
+    }
+}

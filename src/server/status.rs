@@ -1,0 +1,138 @@
+//! `GET /v1/status`: every initialiser's wanted and stored flag, state and last error, plus
+//! cfgsync readiness — read from `__system__`, so the server needs no spec.
+
+use std::collections::BTreeMap;
+
+use axum::Json;
+use axum::Router;
+use axum::extract::State;
+use axum::http::HeaderMap;
+use axum::routing::get;
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+
+use super::{ApiError, AppState};
+use crate::bootstrap::status::{INIT_SPEC, INIT_STATE, INIT_STATUS, SPEC_KEY, Status, WantedSpec};
+use crate::store::{Revision, SYSTEM_NAMESPACE};
+
+/// One initialiser as `/v1/status` reports it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct InitialiserStatus {
+    /// Instance name.
+    pub name: String,
+    /// Class.
+    pub class: String,
+    /// The flag the spec wants (absent when the running spec no longer names it).
+    pub wanted_flag: Option<String>,
+    /// The flag stored after the last success.
+    pub stored_flag: Option<String>,
+    /// Whether it is at its wanted flag.
+    pub converged: bool,
+    /// The last run's record.
+    pub last_run: Option<Status>,
+    /// The params changed since the last success but the flag did not (probably forgotten).
+    pub params_changed_without_flag_bump: bool,
+    /// Runs before the gate (no stored flag).
+    pub pre_gate: bool,
+}
+
+/// The body of `GET /v1/status`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct StatusBody {
+    /// Store revision read.
+    pub revision: Revision,
+    /// Store backend.
+    pub backend: String,
+    /// Whether every post-gate initialiser is at its flag (false until a reconciler wrote a spec).
+    pub converged: bool,
+    /// In spec order, then any stored but no longer wanted.
+    pub initialisers: Vec<InitialiserStatus>,
+    /// cfgsync: registrations and readiness.
+    pub cfgsync: Value,
+}
+
+pub(super) fn routes(state: AppState) -> Router {
+    Router::new()
+        .route("/v1/status", get(status))
+        .with_state(state)
+}
+
+async fn status(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+) -> Result<Json<StatusBody>, ApiError> {
+    state.require_admin(&headers)?;
+    let tree = state.store.namespace(SYSTEM_NAMESPACE).await?;
+    let empty = BTreeMap::new();
+    let stored = tree.types.get(INIT_STATE).unwrap_or(&empty);
+    let records = tree.types.get(INIT_STATUS).unwrap_or(&empty);
+    let wanted: Option<WantedSpec> = tree
+        .types
+        .get(INIT_SPEC)
+        .and_then(|t| t.get(SPEC_KEY))
+        .and_then(|e| serde_json::from_value(e.value.clone()).ok());
+    let record = |name: &str| -> Option<Status> {
+        records
+            .get(name)
+            .and_then(|e| serde_json::from_value(e.value.clone()).ok())
+    };
+    let stored_flag = |name: &str| {
+        stored
+            .get(name)
+            .and_then(|e| e.value.as_str().map(str::to_string))
+    };
+    let mut initialisers = Vec::new();
+    if let Some(spec) = &wanted {
+        for w in &spec.initialisers {
+            let last_run = record(&w.name);
+            let stored_flag = stored_flag(&w.name);
+            let params_changed = stored_flag.as_deref() == Some(w.flag.as_str())
+                && last_run
+                    .as_ref()
+                    .and_then(|r| r.succeeded_params_hash.as_deref())
+                    .is_some_and(|h| h != w.params_hash);
+            initialisers.push(InitialiserStatus {
+                name: w.name.clone(),
+                class: w.class.clone(),
+                converged: w.pre_gate || stored_flag.as_deref() == Some(w.flag.as_str()),
+                wanted_flag: Some(w.flag.clone()),
+                stored_flag,
+                last_run,
+                params_changed_without_flag_bump: params_changed,
+                pre_gate: w.pre_gate,
+            });
+        }
+    }
+    for name in stored.keys() {
+        if initialisers.iter().any(|i| &i.name == name) {
+            continue;
+        }
+        let last_run = record(name);
+        initialisers.push(InitialiserStatus {
+            name: name.clone(),
+            class: last_run
+                .as_ref()
+                .map(|r| r.class.clone())
+                .unwrap_or_default(),
+            wanted_flag: None,
+            stored_flag: stored_flag(name),
+            converged: true,
+            last_run,
+            params_changed_without_flag_bump: false,
+            pre_gate: false,
+        });
+    }
+    let serving = state.cfgsync.current();
+    let converged = wanted.is_some() && initialisers.iter().all(|i| i.converged);
+    Ok(Json(StatusBody {
+        revision: tree.revision,
+        backend: state.store.backend().to_string(),
+        converged,
+        initialisers,
+        cfgsync: serde_json::json!({
+            "registrations": serving.registrations(),
+            "ready": serving.is_ready(),
+            "policy": serving.policy().is_some(),
+        }),
+    }))
+}

@@ -3,6 +3,7 @@
 //!
 //! `cargo bench --bench store` prints criterion's figures and writes the concurrent-writer
 //! summary to `target/bench/store.json`.
+#![allow(missing_docs)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

@@ -304,9 +304,42 @@ fn parse_entry(
     })
 }
 
-/// A stable FNV-1a hash of the params' canonical JSON (maps are sorted by serde_json).
+/// Writes JSON with object keys sorted at every level, so equal params hash equally whatever
+/// order they were written in (serde_json may preserve insertion order).
+fn canonical(value: &Value, out: &mut String) {
+    match value {
+        Value::Object(map) => {
+            let mut keys: Vec<&String> = map.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, key) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&Value::String(key.clone()).to_string());
+                out.push(':');
+                canonical(&map[key], out);
+            }
+            out.push('}');
+        }
+        Value::Array(items) => {
+            out.push('[');
+            for (i, item) in items.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical(item, out);
+            }
+            out.push(']');
+        }
+        scalar => out.push_str(&scalar.to_string()),
+    }
+}
+
+/// A stable FNV-1a hash of the params' canonical JSON.
 pub fn params_hash(params: &Value) -> String {
-    let text = params.to_string();
+    let mut text = String::new();
+    canonical(params, &mut text);
     let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
     for byte in text.bytes() {
         hash ^= u64::from(byte);
@@ -385,5 +418,9 @@ mod tests {
             params_hash(&json!({"b": 2, "a": 1}))
         );
         assert_ne!(params_hash(&json!({"a": 1})), params_hash(&json!({"a": 2})));
+        assert_eq!(
+            params_hash(&json!({"outer": {"y": [1, {"q": 1, "p": 2}], "x": null}})),
+            params_hash(&json!({"outer": {"x": null, "y": [1, {"p": 2, "q": 1}]}}))
+        );
     }
 }

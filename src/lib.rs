@@ -7,6 +7,7 @@
 //! [`cli`] (the `bootsync` command, also the entry point for third-party binaries that link
 //! their own initialisers).
 
+pub mod backoff;
 pub mod bootstrap;
 pub mod cfgsync;
 pub mod cli;

@@ -18,12 +18,12 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::InitContext;
-use super::backoff::Backoff;
 use super::lease::{self, Acquired};
 use super::spec::{Entry, Spec};
 use super::status::{
     self, INIT_SPEC, INIT_STATE, INIT_STATUS, SPEC_KEY, State, Status, Wanted, WantedSpec,
 };
+use crate::backoff::Backoff;
 use crate::cfgsync::state::now_ms;
 use crate::metrics::Metrics;
 use crate::server::error::error_chain;

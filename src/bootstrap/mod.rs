@@ -1,7 +1,6 @@
 //! The bootstrap reconciler: runs an ordered list of initialisers, each again only when its
 //! operator-chosen flag changes, with state in the reserved `__system__` namespace.
 
-pub mod backoff;
 pub mod duration;
 pub mod engine;
 pub mod initialiser;

@@ -5,9 +5,12 @@
 //! reserved `__cfgsync__` namespace of the store.
 
 pub mod bundle;
+pub mod client;
 
 pub mod http;
 pub mod materialize;
+pub mod node;
+pub mod output;
 pub mod policy;
 pub mod protocol;
 pub mod runtime;
@@ -16,10 +19,15 @@ pub mod state;
 
 pub use crate::files::FileError;
 pub use bundle::{BundleNode, NodeArtifactsBundle};
+pub use client::{CfgsyncClient, ClientError, FetchOutcome};
 pub use materialize::{
     CachedSnapshotMaterializer, DynCfgsyncError, NodeArtifacts, NodeArtifactsCatalog,
     NodeArtifactsMaterializer, PerNode, RegistrationSnapshot, RegistrationSnapshotMaterializer,
 };
+pub use node::{
+    fetch_and_write_artifacts, register_and_fetch_artifacts, run_cfgsync_client_from_env,
+};
+pub use output::{ArtifactOutputMap, OutputError};
 pub use policy::{CompiledPolicy, Policy};
 pub use protocol::{ArtifactFile, NodeArtifactsPayload, NodeRegistration};
 pub use runtime::{build_cfgsync_router, serve_snapshot_cfgsync};

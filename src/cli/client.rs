@@ -1,11 +1,147 @@
-//! `bootsync client` (filled in by the cfgsync work).
+//! `bootsync client`: the node side — register, wait, fetch, write files safely, exit.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::Args;
 
-/// Flags of `bootsync client`.
-#[derive(Debug, Args)]
-pub struct ClientArgs {}
+use super::bootstrap::Output;
+use super::{EXIT_FAILURE, EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE};
+use crate::bootstrap::duration;
+use crate::cfgsync::client::{CfgsyncClient, ClientError};
+use crate::cfgsync::node::{NodeError, seed_routes};
+use crate::cfgsync::{ArtifactOutputMap, NodeRegistration};
+use crate::server::Token;
 
-pub(super) async fn run(_args: ClientArgs) -> anyhow::Result<u8> {
-    anyhow::bail!("not built yet")
+/// Flags of `bootsync client` (the seed's `CFG_*` variables work too).
+#[derive(Debug, Args)]
+pub struct ClientArgs {
+    /// The cfgsync server (`http://host:port`; a bare `host:port` means http).
+    #[arg(long, env = "CFG_SERVER_ADDR")]
+    server: String,
+    /// This node's identifier.
+    #[arg(long, env = "CFG_HOST_IDENTIFIER")]
+    identifier: String,
+    /// This node's IP address (IPv4 or IPv6).
+    #[arg(long, env = "CFG_HOST_IP")]
+    ip: IpAddr,
+    /// Registration metadata as JSON.
+    #[arg(long, env = "CFG_REGISTRATION_METADATA_JSON")]
+    metadata: Option<String>,
+    /// Where `/config.yaml` goes.
+    #[arg(long, env = "CFG_FILE_PATH")]
+    file_path: Option<String>,
+    /// Where `deployment-settings.yaml` goes.
+    #[arg(long, env = "CFG_DEPLOYMENT_PATH")]
+    deployment_path: Option<String>,
+    /// Route a payload path to a local file (repeatable): `--route /config.yaml=/etc/node.yaml`.
+    #[arg(long = "route", value_name = "SRC=DST")]
+    routes: Vec<String>,
+    /// Where unrouted relative payload paths go.
+    #[arg(long, default_value = ".", env = "BOOTSYNC_OUTPUT_DIR")]
+    output_dir: PathBuf,
+    /// Give up after this long (exit 3).
+    #[arg(long, default_value = "10m", value_parser = duration::parse, env = "BOOTSYNC_CLIENT_TIMEOUT")]
+    timeout: Duration,
+    /// File holding the join token.
+    #[arg(long, env = "BOOTSYNC_JOIN_TOKEN_FILE")]
+    join_token_file: Option<PathBuf>,
+    /// Keep waiting when the server has no config for this node yet (404).
+    #[arg(long)]
+    retry_missing: bool,
+    /// No progress lines on stderr.
+    #[arg(long)]
+    quiet: bool,
+    /// Output format of the final report on stdout.
+    #[arg(long, value_enum, default_value_t = Output::Text)]
+    output: Output,
+}
+
+pub(super) async fn run(args: ClientArgs) -> anyhow::Result<u8> {
+    let mut registration = NodeRegistration::new(args.identifier.clone(), args.ip);
+    if let Some(json) = &args.metadata {
+        match serde_json::from_str(json) {
+            Ok(metadata) => registration.metadata = metadata,
+            Err(err) => {
+                eprintln!("error: --metadata is not valid JSON: {err}");
+                return Ok(EXIT_USAGE);
+            }
+        }
+    }
+    let mut outputs = seed_routes(
+        ArtifactOutputMap::new().with_root(&args.output_dir),
+        args.file_path.clone(),
+        args.deployment_path.clone(),
+    );
+    for route in &args.routes {
+        let Some((src, dst)) = route.split_once('=') else {
+            eprintln!("error: --route {route:?} must look like SRC=DST");
+            return Ok(EXIT_USAGE);
+        };
+        outputs = outputs.route(src, dst);
+    }
+    let token = args
+        .join_token_file
+        .as_deref()
+        .map(Token::from_file)
+        .transpose()?;
+    let server = if args.server.contains("://") {
+        args.server.clone()
+    } else {
+        format!("http://{}", args.server)
+    };
+    let client = CfgsyncClient::new(&server).with_join_token(token);
+    let quiet = args.quiet;
+    let progress = move |p: &crate::cfgsync::client::Progress| {
+        if !quiet {
+            eprintln!(
+                "waiting for {} ({:.0?} so far): {}",
+                p.server, p.waited, p.last
+            );
+        }
+    };
+    if !quiet {
+        eprintln!(
+            "registering {} ({}) with {server}",
+            args.identifier, args.ip
+        );
+    }
+    let result = async {
+        let payload = client
+            .register_and_wait(&registration, args.timeout, args.retry_missing, &progress)
+            .await?;
+        let files = outputs.write_all(&payload.files)?;
+        Ok::<_, NodeError>((payload, files))
+    }
+    .await;
+    match result {
+        Ok((payload, files)) => {
+            match args.output {
+                Output::Json => println!(
+                    "{}",
+                    serde_json::json!({
+                        "identifier": args.identifier,
+                        "epoch": payload.epoch,
+                        "files": files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
+                    })
+                ),
+                Output::Text if !quiet => {
+                    for file in &files {
+                        println!("wrote {}", file.display());
+                    }
+                }
+                Output::Text => {}
+            }
+            Ok(EXIT_OK)
+        }
+        Err(NodeError::Client(err @ ClientError::GaveUp { .. })) => {
+            eprintln!("error: {err}");
+            Ok(EXIT_GAVE_UP)
+        }
+        Err(err) => {
+            eprintln!("error: {err}");
+            Ok(EXIT_FAILURE)
+        }
+    }
 }

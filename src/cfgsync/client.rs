@@ -1,0 +1,311 @@
+//! `CfgsyncClient`: registers a node and fetches its payload, waiting as long as allowed —
+//! long-polling bootsync servers and backing off with jitter against servers that answer at once.
+
+use std::sync::Mutex;
+use std::time::Duration;
+
+use reqwest::StatusCode;
+
+use super::http::{NODE_SECRET_HEADER, Registered};
+use super::{NodeArtifactsPayload, NodeRegistration};
+use crate::backoff::Backoff;
+use crate::server::{ErrorBody, Token};
+
+/// Everything that can go wrong talking to a cfgsync server.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server could not be reached.
+    #[error("cannot reach {url}")]
+    Unreachable {
+        /// The URL asked.
+        url: String,
+        /// The transport error.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The server refused the request.
+    #[error("{url} answered {status}: {message}")]
+    Refused {
+        /// The URL asked.
+        url: String,
+        /// The status.
+        status: StatusCode,
+        /// The error code (`missing_config`, `unauthorized`, ...), or `unknown`.
+        code: String,
+        /// The server's message.
+        message: String,
+    },
+    /// The payload did not decode.
+    #[error("the payload from {url} is not valid")]
+    BadPayload {
+        /// The URL asked.
+        url: String,
+        /// Why.
+        #[source]
+        source: reqwest::Error,
+    },
+    /// The config was not ready within the allowed time.
+    #[error("gave up after {waited:?}: {last}")]
+    GaveUp {
+        /// How long it waited.
+        waited: Duration,
+        /// The last thing the server said.
+        last: String,
+    },
+}
+
+/// One answer of `POST /node`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum FetchOutcome {
+    /// The payload.
+    Ready(NodeArtifactsPayload),
+    /// 425: not ready yet (the server's message).
+    NotReady(String),
+}
+
+/// What the client reports while it waits.
+#[derive(Debug, Clone)]
+pub struct Progress {
+    /// The server.
+    pub server: String,
+    /// How long it has waited.
+    pub waited: Duration,
+    /// The last thing the server said.
+    pub last: String,
+}
+
+/// A client of one cfgsync server.
+#[derive(Debug)]
+pub struct CfgsyncClient {
+    base: String,
+    http: reqwest::Client,
+    join_token: Option<Token>,
+    node_secret: Mutex<Option<String>>,
+    long_poll: Duration,
+}
+
+impl CfgsyncClient {
+    /// A client of the server at `base` (e.g. `http://127.0.0.1:4400`).
+    pub fn new(base: impl Into<String>) -> Self {
+        Self {
+            base: base.into().trim_end_matches('/').to_string(),
+            http: reqwest::Client::builder()
+                .connect_timeout(Duration::from_secs(5))
+                .build()
+                .expect("a plain HTTP client always builds"),
+            join_token: None,
+            node_secret: Mutex::new(None),
+            long_poll: Duration::from_secs(30),
+        }
+    }
+
+    /// Sends the join token on both routes.
+    pub fn with_join_token(mut self, token: Option<Token>) -> Self {
+        self.join_token = token;
+        self
+    }
+
+    /// How long one long-poll asks the server to hold `/node`.
+    pub fn with_long_poll(mut self, wait: Duration) -> Self {
+        self.long_poll = wait;
+        self
+    }
+
+    /// The server's base URL.
+    pub fn server(&self) -> &str {
+        &self.base
+    }
+
+    fn post(
+        &self,
+        path: &str,
+        registration: &NodeRegistration,
+        timeout: Duration,
+    ) -> reqwest::RequestBuilder {
+        let mut request = self
+            .http
+            .post(format!("{}{path}", self.base))
+            .timeout(timeout)
+            .json(registration);
+        if let Some(token) = &self.join_token {
+            request = request.bearer_auth(token.expose());
+        }
+        if let Some(secret) = self
+            .node_secret
+            .lock()
+            .expect("secret lock poisoned")
+            .as_deref()
+        {
+            request = request.header(NODE_SECRET_HEADER, secret);
+        }
+        request
+    }
+
+    async fn refused(url: String, response: reqwest::Response) -> ClientError {
+        let status = response.status();
+        let text = response.text().await.unwrap_or_default();
+        let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
+            Ok(body) => (body.code, body.message),
+            Err(_) => (
+                "unknown".into(),
+                if text.is_empty() {
+                    status.to_string()
+                } else {
+                    text
+                },
+            ),
+        };
+        ClientError::Refused {
+            url,
+            status,
+            code,
+            message,
+        }
+    }
+
+    /// `POST /register`; keeps the node secret a strict-mode server returns.
+    pub async fn register_node(&self, registration: &NodeRegistration) -> Result<(), ClientError> {
+        let url = format!("{}/register", self.base);
+        let response = self
+            .post("/register", registration, Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        if !response.status().is_success() {
+            return Err(Self::refused(url, response).await);
+        }
+        // Seed servers answer with an empty body; ours may carry a node secret.
+        let text = response.text().await.unwrap_or_default();
+        if let Ok(Registered {
+            node_secret: Some(secret),
+            ..
+        }) = serde_json::from_str::<Registered>(&text)
+        {
+            *self.node_secret.lock().expect("secret lock poisoned") = Some(secret);
+        }
+        Ok(())
+    }
+
+    /// One `POST /node`, held by the server up to `wait` (servers that do not long-poll answer at once).
+    pub async fn fetch_node_config_wait(
+        &self,
+        registration: &NodeRegistration,
+        wait: Duration,
+    ) -> Result<FetchOutcome, ClientError> {
+        let path = if wait.is_zero() {
+            "/node".to_string()
+        } else {
+            format!("/node?wait={}", wait.as_secs())
+        };
+        let url = format!("{}{path}", self.base);
+        let response = self
+            .post(&path, registration, wait + Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: url.clone(),
+                source,
+            })?;
+        match response.status() {
+            StatusCode::OK => response
+                .json::<NodeArtifactsPayload>()
+                .await
+                .map(FetchOutcome::Ready)
+                .map_err(|source| ClientError::BadPayload { url, source }),
+            StatusCode::TOO_EARLY => {
+                let text = response.text().await.unwrap_or_default();
+                let message = serde_json::from_str::<ErrorBody>(&text).map_or(text, |b| b.message);
+                Ok(FetchOutcome::NotReady(message))
+            }
+            _ => Err(Self::refused(url, response).await),
+        }
+    }
+
+    /// One `POST /node` without waiting, as the seed's client does.
+    pub async fn fetch_node_config(
+        &self,
+        registration: &NodeRegistration,
+    ) -> Result<FetchOutcome, ClientError> {
+        self.fetch_node_config_wait(registration, Duration::ZERO)
+            .await
+    }
+
+    /// Registers, then fetches until ready or `timeout`, calling `progress` now and then.
+    /// Connection errors (a server not up yet, a restart) are retried with backoff and lead to
+    /// registering again; `missing_config` is final unless `retry_missing`.
+    pub async fn register_and_wait(
+        &self,
+        registration: &NodeRegistration,
+        timeout: Duration,
+        retry_missing: bool,
+        progress: &(dyn Fn(&Progress) + Send + Sync),
+    ) -> Result<NodeArtifactsPayload, ClientError> {
+        let started = tokio::time::Instant::now();
+        let deadline = started + timeout;
+        let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
+        let mut registered = false;
+        let mut last = "not asked yet".to_string();
+        let mut reported = started;
+        loop {
+            let now = tokio::time::Instant::now();
+            if now >= deadline {
+                return Err(ClientError::GaveUp {
+                    waited: started.elapsed(),
+                    last,
+                });
+            }
+            if now.duration_since(reported) >= Duration::from_secs(10) {
+                progress(&Progress {
+                    server: self.base.clone(),
+                    waited: started.elapsed(),
+                    last: last.clone(),
+                });
+                reported = now;
+            }
+            let remaining = deadline - now;
+            let attempt = async {
+                if !registered {
+                    self.register_node(registration).await?;
+                }
+                self.fetch_node_config_wait(registration, self.long_poll.min(remaining))
+                    .await
+            };
+            let asked = tokio::time::Instant::now();
+            match attempt.await {
+                Ok(FetchOutcome::Ready(payload)) => return Ok(payload),
+                Ok(FetchOutcome::NotReady(message)) => {
+                    registered = true;
+                    last = format!("not ready: {message}");
+                    // A server that held the request long-polls: ask again at once. One that
+                    // answered immediately is polled with backoff.
+                    if asked.elapsed() < Duration::from_secs(1) {
+                        self.pause(&mut backoff, deadline).await;
+                    } else {
+                        backoff.reset();
+                    }
+                }
+                Err(ClientError::Refused { code, message, .. })
+                    if code == "missing_config" && retry_missing =>
+                {
+                    registered = true;
+                    last = format!("no config yet: {message}");
+                    self.pause(&mut backoff, deadline).await;
+                }
+                Err(err @ ClientError::Unreachable { .. }) => {
+                    registered = false;
+                    last = err.to_string();
+                    self.pause(&mut backoff, deadline).await;
+                }
+                Err(err) => return Err(err),
+            }
+        }
+    }
+
+    async fn pause(&self, backoff: &mut Backoff, deadline: tokio::time::Instant) {
+        let until = (tokio::time::Instant::now() + backoff.fail()).min(deadline);
+        tokio::time::sleep_until(until).await;
+    }
+}

@@ -1,0 +1,315 @@
+//! `bootsync client` and the library client against an old seed-style server (no long-poll, no
+//! epoch, plain-text errors) and against bootsync itself.
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::Json;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use bootsync::cfgsync::{
+    ArtifactOutputMap, CfgsyncClient, NodeRegistration, fetch_and_write_artifacts,
+};
+use serde_json::{Value, json};
+
+/// A server that speaks only the seed's protocol: 202 with an empty body, 425 in plain text
+/// until `expected` nodes registered, then 200; it knows nothing of `?wait=` or epochs.
+#[derive(Clone)]
+struct SeedServer {
+    expected: usize,
+    registered: Arc<Mutex<BTreeSet<String>>>,
+    files: Value,
+}
+
+async fn seed_register(State(s): State<SeedServer>, Json(body): Json<Value>) -> StatusCode {
+    s.registered
+        .lock()
+        .unwrap()
+        .insert(body["identifier"].as_str().unwrap().to_string());
+    StatusCode::ACCEPTED
+}
+
+async fn seed_node(State(s): State<SeedServer>, Json(body): Json<Value>) -> Response {
+    let registered = s.registered.lock().unwrap();
+    if registered.len() < s.expected || !registered.contains(body["identifier"].as_str().unwrap()) {
+        return (StatusCode::TOO_EARLY, "config not ready").into_response();
+    }
+    Json(json!({"schema_version": 1, "files": s.files})).into_response()
+}
+
+async fn seed_server(expected: usize, files: Value) -> String {
+    let state = SeedServer {
+        expected,
+        registered: Arc::default(),
+        files,
+    };
+    let app = axum::Router::new()
+        .route("/register", post(seed_register))
+        .route("/node", post(seed_node))
+        .with_state(state);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    url
+}
+
+fn client_args<'a>(server: &'a str, id: &'a str, out: &'a str, timeout: &'a str) -> Vec<&'a str> {
+    vec![
+        "client",
+        "--server",
+        server,
+        "--identifier",
+        id,
+        "--ip",
+        "10.0.0.1",
+        "--output-dir",
+        out,
+        "--timeout",
+        timeout,
+        "--quiet",
+    ]
+}
+
+#[tokio::test]
+async fn the_library_client_gets_files_from_a_seed_server() {
+    let url = seed_server(1, json!([{"path": "/config.yaml", "content": "id: a"}, {"path": "deployment-settings.yaml", "content": "n: 1"}])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let outputs = ArtifactOutputMap::new()
+        .route("/config.yaml", dir.path().join("node.yaml"))
+        .with_root(dir.path().join("shared"));
+    let registration = NodeRegistration::new("a", "10.0.0.1".parse().unwrap());
+    let written = fetch_and_write_artifacts(&registration, &url, &outputs)
+        .await
+        .unwrap();
+    assert_eq!(written.payload.epoch, None, "an old server sends no epoch");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("node.yaml")).unwrap(),
+        "id: a"
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("shared/deployment-settings.yaml")).unwrap(),
+        "n: 1"
+    );
+}
+
+#[tokio::test]
+async fn the_binary_writes_routed_files_from_a_seed_server_and_exits_0() {
+    let url = seed_server(1, json!([{"path": "/config.yaml", "content": "id: a"}, {"path": "peers/list.txt", "content": "a"}])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    let (code, stdout, stderr) = tokio::task::spawn_blocking({
+        let (url, out, dir) = (
+            url.clone(),
+            out.display().to_string(),
+            dir.path().to_path_buf(),
+        );
+        move || {
+            let mut args = client_args(&url, "a", &out, "30s");
+            args.extend(["--route", "/config.yaml=node.yaml", "--output", "json"]);
+            support::run_cli(&args, &dir)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{stderr}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("node.yaml")).unwrap(),
+        "id: a"
+    );
+    assert_eq!(
+        std::fs::read_to_string(out.join("peers/list.txt")).unwrap(),
+        "a"
+    );
+    let report: Value = serde_json::from_str(stdout.trim()).unwrap();
+    assert_eq!(report["files"].as_array().unwrap().len(), 2);
+}
+
+#[tokio::test]
+async fn the_binary_gives_up_with_exit_3_against_a_server_that_is_never_ready() {
+    let url = seed_server(99, json!([])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        move || {
+            let mut args = client_args(&url, "a", ".", "2s");
+            args.retain(|a| *a != "--quiet");
+            support::run_cli(&args, &dir)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stderr.contains("gave up"), "{stderr}");
+    assert!(
+        stderr.contains("not ready"),
+        "says what it waited for: {stderr}"
+    );
+}
+
+#[tokio::test]
+async fn a_hostile_payload_is_refused_and_nothing_is_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    std::os::unix::fs::symlink(outside.path(), out.join("link")).unwrap();
+    for hostile in [
+        "../escape.txt",
+        "/etc/bootsync-test-passwd",
+        "link/escaped.txt",
+    ] {
+        let url = seed_server(
+            1,
+            json!([{"path": "fine.txt", "content": "ok"}, {"path": hostile, "content": "evil"}]),
+        )
+        .await;
+        let (code, _, stderr) = tokio::task::spawn_blocking({
+            let (dir, out) = (dir.path().to_path_buf(), out.display().to_string());
+            move || support::run_cli(&client_args(&url, "a", &out, "30s"), &dir)
+        })
+        .await
+        .unwrap();
+        assert_eq!(code, 1, "{hostile}: {stderr}");
+        assert!(
+            stderr.contains("refusing payload path"),
+            "{hostile}: {stderr}"
+        );
+        assert!(
+            !out.join("fine.txt").exists(),
+            "{hostile}: part of the payload was written"
+        );
+        assert!(!dir.path().join("escape.txt").exists());
+        assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_clients_started_30_seconds_apart_both_succeed() {
+    let url = seed_server(2, json!([{"path": "a.txt", "content": "ready"}])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let first = tokio::task::spawn_blocking({
+        let (url, dir) = (url.clone(), dir.path().to_path_buf());
+        move || support::run_cli(&client_args(&url, "first", "first", "120s"), &dir)
+    });
+    // The point of this test is a real gap: an old server cannot long-poll, so the first
+    // client must keep polling with backoff for half a minute without giving up.
+    tokio::time::sleep(Duration::from_secs(30)).await;
+    assert!(
+        !first.is_finished(),
+        "the first client finished before the set was complete"
+    );
+    let second = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        move || support::run_cli(&client_args(&url, "second", "second", "60s"), &dir)
+    })
+    .await
+    .unwrap();
+    assert_eq!(second.0, 0, "{}", second.2);
+    let first = tokio::time::timeout(Duration::from_secs(60), first)
+        .await
+        .expect("the first client never noticed readiness")
+        .unwrap();
+    assert_eq!(first.0, 0, "{}", first.2);
+    assert!(dir.path().join("first/a.txt").exists() && dir.path().join("second/a.txt").exists());
+}
+
+#[tokio::test]
+async fn fifty_client_processes_get_all_fifty_peers_from_a_policy_server() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("policy.yaml"),
+        "expect_nodes: 50\nfiles:\n  - path: peers.txt\n    template: \"{% for p in nodes %}{{ p.identifier }}\\n{% endfor %}\"\n",
+    )
+    .unwrap();
+    let server = support::Proc::spawn(
+        &["serve", "--store", "memory:", "--policy", "policy.yaml"],
+        dir.path(),
+    );
+    let mut children = Vec::new();
+    for i in 0..50 {
+        let out = dir.path().join(format!("node-{i}"));
+        let child = std::process::Command::new(support::bin())
+            .args([
+                "client",
+                "--server",
+                &server.url,
+                "--identifier",
+                &format!("node-{i:02}"),
+                "--ip",
+                &format!("10.2.0.{}", i + 1),
+            ])
+            .args([
+                "--output-dir",
+                &out.display().to_string(),
+                "--timeout",
+                "60s",
+                "--quiet",
+            ])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        children.push((out, child));
+    }
+    for (out, child) in children {
+        let output = tokio::task::spawn_blocking(move || child.wait_with_output().unwrap())
+            .await
+            .unwrap();
+        assert!(
+            output.status.success(),
+            "{}",
+            String::from_utf8_lossy(&output.stderr)
+        );
+        let peers = std::fs::read_to_string(out.join("peers.txt")).unwrap();
+        assert_eq!(peers.lines().count(), 50);
+    }
+}
+
+#[tokio::test]
+async fn the_library_client_long_polls_a_bootsync_server_and_sees_the_epoch() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("policy.yaml"),
+        "expect_nodes: 2\nfiles:\n  - path: a.txt\n    template: \"{{ index }}\"\n",
+    )
+    .unwrap();
+    let server = support::Proc::spawn(
+        &["serve", "--store", "memory:", "--policy", "policy.yaml"],
+        dir.path(),
+    );
+    let client = Arc::new(CfgsyncClient::new(&server.url).with_long_poll(Duration::from_secs(20)));
+    let waiting = tokio::spawn({
+        let client = client.clone();
+        async move {
+            let me = NodeRegistration::new("a", "10.0.0.1".parse().unwrap());
+            client
+                .register_and_wait(&me, Duration::from_secs(60), false, &|_| {})
+                .await
+                .unwrap()
+        }
+    });
+    let other = CfgsyncClient::new(&server.url);
+    let b = NodeRegistration::new("b", "10.0.0.2".parse().unwrap());
+    support::wait_for(Duration::from_secs(10), "node a registered", || async {
+        let body: Value = reqwest::get(format!("{}/v1/status", server.url))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (body["cfgsync"]["registrations"] == 1).then_some(())
+    })
+    .await;
+    other.register_node(&b).await.unwrap();
+    let payload = tokio::time::timeout(Duration::from_secs(15), waiting)
+        .await
+        .expect("the long-poll did not return after readiness")
+        .unwrap();
+    assert!(payload.epoch.is_some());
+    assert_eq!(payload.files[0].content, "0");
+}

@@ -842,19 +842,17 @@ mod tests {
         }
     }
 
+    type OldFlags = Arc<Mutex<Vec<Option<String>>>>;
+
     struct Harness {
         engine: Engine,
         store: DynStore,
         gate: Arc<Gated>,
         runs: HashMap<String, Arc<AtomicUsize>>,
-        old_flags: HashMap<String, Arc<Mutex<Vec<Option<String>>>>>,
+        old_flags: HashMap<String, OldFlags>,
     }
 
-    fn entry(
-        name: &str,
-        flag: &str,
-        behaviour: Behaviour,
-    ) -> (Entry, Arc<AtomicUsize>, Arc<Mutex<Vec<Option<String>>>>) {
+    fn entry(name: &str, flag: &str, behaviour: Behaviour) -> (Entry, Arc<AtomicUsize>, OldFlags) {
         let runs = Arc::new(AtomicUsize::new(0));
         let old_flags = Arc::new(Mutex::new(Vec::new()));
         let probe = Probe {

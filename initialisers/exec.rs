@@ -52,7 +52,9 @@ impl Initialiser for Exec {
             .cwd
             .as_ref()
             .map_or_else(|| ctx.spec_dir.clone(), |c| ctx.resolve(c));
-        let child = tokio::process::Command::new(program)
+        let mut command = tokio::process::Command::new(program);
+        die_with_parent(&mut command);
+        let child = command
             .args(args)
             .envs(&self.0.env)
             .env("BOOTSYNC_OLD_FLAG", old_flag.unwrap_or(""))
@@ -86,6 +88,26 @@ impl Initialiser for Exec {
         .into())
     }
 }
+
+/// Makes the command die when the reconciler dies, even by SIGKILL: an orphaned step would
+/// otherwise finish unobserved while a restarted or standby reconciler runs it again.
+#[cfg(target_os = "linux")]
+fn die_with_parent(command: &mut tokio::process::Command) {
+    // SAFETY: the closure runs in the forked child before exec and only calls prctl, which is
+    // async-signal-safe; it touches no memory shared with the parent.
+    unsafe {
+        command.pre_exec(|| {
+            if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL) == 0 {
+                Ok(())
+            } else {
+                Err(std::io::Error::last_os_error())
+            }
+        });
+    }
+}
+
+#[cfg(not(target_os = "linux"))]
+fn die_with_parent(_command: &mut tokio::process::Command) {}
 
 fn construct(params: serde_json::Value) -> Result<Box<dyn Initialiser>, ParamsError> {
     let params: Params = serde_json::from_value(params)?;

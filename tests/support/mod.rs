@@ -164,3 +164,25 @@ pub fn run_cli(args: &[&str], dir: &Path) -> (i32, String, String) {
         String::from_utf8_lossy(&out.stderr).into_owned(),
     )
 }
+
+impl Proc {
+    /// Starts a process that announces no listener (e.g. `bootsync bootstrap`); killed on drop.
+    pub fn spawn_bootstrap(args: &[&str], dir: &Path) -> Proc {
+        let stderr_path = dir.join(format!("stderr-{}.log", unique()));
+        let stderr = std::fs::File::create(&stderr_path).expect("create stderr log");
+        let child = Command::new(bin())
+            .args(args)
+            .current_dir(dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(stderr)
+            .env("RUST_LOG", "info")
+            .spawn()
+            .expect("spawn bootsync");
+        Proc {
+            child,
+            url: String::new(),
+            stderr_path,
+        }
+    }
+}

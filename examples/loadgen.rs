@@ -1,0 +1,520 @@
+//! Whole-system figures for `shared/design/quality.md`: B1 (`/node` throughput and latency at
+//! 1k/10k/100k registrations), B2 (long-poll convergence), B3 over HTTP (durable registrations
+//! per second), B5 (a steady wake with 500 initialisers), and B4/B7 (idle cost and start-up of
+//! the release binary).
+//!
+//! ```sh
+//! cargo build --release
+//! cargo run --release --example loadgen -- all          # or: b1 b2 b3 b5 idle
+//! BOOTSYNC_IDLE_SECS=600 cargo run --release --example loadgen -- idle   # the full B4 window
+//! ```
+//! Each part prints its figures; the summary goes to `target/bench/loadgen.json`.
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bootsync::bootstrap::{Engine, EngineOptions, HttpGate, Outcome, Registry, Spec};
+use bootsync::cfgsync::{Policy, state};
+use bootsync::client::{ApiClient, RemoteStore};
+use bootsync::metrics::Metrics;
+use bootsync::server::{self, AppState, ServerOptions};
+use bootsync::store::memory::MemoryStore;
+use bootsync::store::sqlite::{SqliteOptions, SqliteStore};
+use bootsync::store::{
+    Batch, CFGSYNC_NAMESPACE, DynStore, Key, Limits, Listing, NamespaceTree, Revision, Store,
+    Watch, WatchFilter,
+};
+use serde_json::{Value, json};
+
+const CONCURRENCY: usize = 64;
+const WINDOW: Duration = Duration::from_secs(5);
+
+async fn start_server(store: DynStore) -> String {
+    let state = AppState::new(store, ServerOptions::default(), Arc::new(Metrics::new()))
+        .await
+        .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(server::serve(
+        listener,
+        server::router(state, []),
+        Default::default(),
+    ));
+    url
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return 0.0;
+    }
+    sorted[((sorted.len() as f64 - 1.0) * p).round() as usize]
+}
+
+fn registration(i: usize) -> Value {
+    json!({"identifier": format!("node-{i:06}"), "ip": format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255), "metadata": {"port": 3000}})
+}
+
+/// Registers `n` nodes straight into the store, in batches, as if they had called /register.
+async fn seed_registrations(store: &DynStore, n: usize) {
+    for chunk in (0..n).collect::<Vec<_>>().chunks(1000) {
+        let mut batch = Batch::new();
+        for &i in chunk {
+            let reg = registration(i);
+            let record = json!({"identifier": reg["identifier"], "ip": reg["ip"], "metadata": reg["metadata"], "first_seen_ms": 0, "last_seen_ms": 0});
+            batch = batch.put(
+                Key::new(
+                    CFGSYNC_NAMESPACE,
+                    state::REGISTRATION,
+                    reg["identifier"].as_str().unwrap(),
+                ),
+                record,
+            );
+        }
+        store.apply(batch).await.unwrap();
+    }
+}
+
+/// B1: `/node` throughput and latency with `n` registered nodes.
+async fn b1(n: usize, peer_list: bool) -> Value {
+    let store: DynStore = Arc::new(MemoryStore::new(Limits {
+        max_value_bytes: 64 << 20,
+        ..Limits::default()
+    }));
+    let shared = if peer_list {
+        "{% for p in nodes %}{{ p.ip }}\n{% endfor %}"
+    } else {
+        "nodes: {{ nodes | length }}"
+    };
+    let policy: Policy = serde_json::from_value(json!({
+        "expect_nodes": n,
+        "files": [{"path": "/config.yaml", "template": "id: {{ node.identifier }}\nindex: {{ index }}\npeers: {{ peers | length }}\n"}],
+        "shared_files": [{"path": "peers.txt", "template": shared}],
+    }))
+    .unwrap();
+    seed_registrations(&store, n).await;
+    let started = Instant::now();
+    state::install_policy(store.as_ref(), &policy)
+        .await
+        .unwrap();
+    let url = start_server(store).await;
+    let http = reqwest::Client::new();
+    // Ready once the materialisation finished.
+    loop {
+        let r = http
+            .post(format!("{url}/node"))
+            .json(&registration(0))
+            .send()
+            .await
+            .unwrap();
+        if r.status() == 200 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let materialise = started.elapsed();
+    let deadline = Instant::now() + WINDOW;
+    let mut tasks = Vec::new();
+    for c in 0..CONCURRENCY {
+        let (http, url) = (http.clone(), url.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            let mut i = c;
+            while Instant::now() < deadline {
+                let t = Instant::now();
+                let r = http
+                    .post(format!("{url}/node"))
+                    .json(&registration(i % n))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                let _ = r.bytes().await.unwrap();
+                latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+                i += CONCURRENCY;
+            }
+            latencies
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let throughput = all.len() as f64 / WINDOW.as_secs_f64();
+    let (p50, p99) = (percentile(&all, 0.5), percentile(&all, 0.99));
+    println!(
+        "B1 n={n:>6} peer_list={peer_list:<5}: {throughput:>8.0} req/s  p50 {p50:.2} ms  p99 {p99:.2} ms  (materialised in {:.2?})",
+        materialise
+    );
+    json!({"n": n, "peer_list": peer_list, "requests_per_sec": throughput, "p50_ms": p50, "p99_ms": p99, "materialise_ms": materialise.as_millis()})
+}
+
+/// B2: n nodes register and long-poll together; latency from the last 202 to each payload.
+async fn b2(n: usize) -> Value {
+    let store: DynStore = Arc::new(MemoryStore::new(Limits::default()));
+    let policy: Policy = serde_json::from_value(json!({
+        "expect_nodes": n,
+        "files": [{"path": "/config.yaml", "template": "id: {{ node.identifier }}\npeers: [{% for p in peers %}{{ p.ip }},{% endfor %}]\n"}],
+    }))
+    .unwrap();
+    state::install_policy(store.as_ref(), &policy)
+        .await
+        .unwrap();
+    let url = start_server(store).await;
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(n)
+        .build()
+        .unwrap();
+    let last_registered = Arc::new(std::sync::Mutex::new(Instant::now()));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (http, url, last) = (http.clone(), url.clone(), last_registered.clone());
+        tasks.push(tokio::spawn(async move {
+            let me = registration(i);
+            let r = http
+                .post(format!("{url}/register"))
+                .json(&me)
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+            {
+                let mut last = last.lock().unwrap();
+                *last = (*last).max(Instant::now());
+            }
+            loop {
+                let r = http
+                    .post(format!("{url}/node?wait=30"))
+                    .json(&me)
+                    .send()
+                    .await
+                    .unwrap();
+                if r.status() == 200 {
+                    let _ = r.bytes().await.unwrap();
+                    return Instant::now();
+                }
+            }
+        }));
+    }
+    let mut done = Vec::new();
+    for t in tasks {
+        done.push(t.await.unwrap());
+    }
+    let last = *last_registered.lock().unwrap();
+    let mut latencies: Vec<f64> = done
+        .iter()
+        .map(|d| d.saturating_duration_since(last).as_secs_f64() * 1000.0)
+        .collect();
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (p50, p99, max) = (
+        percentile(&latencies, 0.5),
+        percentile(&latencies, 0.99),
+        *latencies.last().unwrap(),
+    );
+    println!(
+        "B2 n={n}: from the last registration to every payload: p50 {p50:.1} ms  p99 {p99:.1} ms  max {max:.1} ms"
+    );
+    json!({"n": n, "p50_ms": p50, "p99_ms": p99, "max_ms": max})
+}
+
+/// B3 over HTTP: durable registrations per second with 64 registrants on SQLite.
+async fn b3() -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let store: DynStore =
+        Arc::new(SqliteStore::open(dir.path().join("b3.db"), SqliteOptions::default()).unwrap());
+    let policy: Policy = serde_json::from_value(
+        json!({"expect_nodes": 10_000_000, "files": [{"path": "a", "template": "x"}]}),
+    )
+    .unwrap();
+    state::install_policy(store.as_ref(), &policy)
+        .await
+        .unwrap();
+    let url = start_server(store).await;
+    let http = reqwest::Client::new();
+    let deadline = Instant::now() + WINDOW;
+    let counter = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for c in 0..CONCURRENCY {
+        let (http, url, counter) = (http.clone(), url.clone(), counter.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = c;
+            while Instant::now() < deadline {
+                let r = http
+                    .post(format!("{url}/register"))
+                    .json(&registration(i))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+                counter.fetch_add(1, Ordering::Relaxed);
+                i += CONCURRENCY;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let per_sec = counter.load(Ordering::Relaxed) as f64 / WINDOW.as_secs_f64();
+    println!(
+        "B3 (HTTP /register, SQLite, {CONCURRENCY} registrants): {per_sec:.0} durable registrations/s"
+    );
+    json!({"registrants": CONCURRENCY, "registrations_per_sec": per_sec})
+}
+
+/// Counts `list` round trips, to show a steady wake reads the flags once.
+struct Counting {
+    inner: DynStore,
+    lists: AtomicUsize,
+    calls: AtomicUsize,
+}
+
+#[async_trait]
+impl Store for Counting {
+    fn backend(&self) -> &'static str {
+        self.inner.backend()
+    }
+    async fn revision(&self) -> Result<Revision, bootsync::store::Error> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.revision().await
+    }
+    async fn get(
+        &self,
+        key: &Key,
+    ) -> Result<Option<bootsync::store::Entry>, bootsync::store::Error> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.get(key).await
+    }
+    async fn list(&self, ns: &str, kind: &str) -> Result<Listing, bootsync::store::Error> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.lists.fetch_add(1, Ordering::Relaxed);
+        self.inner.list(ns, kind).await
+    }
+    async fn namespace(&self, ns: &str) -> Result<NamespaceTree, bootsync::store::Error> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.namespace(ns).await
+    }
+    async fn namespaces(&self) -> Result<Vec<String>, bootsync::store::Error> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.namespaces().await
+    }
+    async fn apply(&self, batch: Batch) -> Result<Revision, bootsync::store::Error> {
+        self.calls.fetch_add(1, Ordering::Relaxed);
+        self.inner.apply(batch).await
+    }
+    async fn watch(
+        &self,
+        from: Revision,
+        filter: WatchFilter,
+    ) -> Result<Watch, bootsync::store::Error> {
+        self.inner.watch(from, filter).await
+    }
+}
+
+/// B5: a steady-state wake with 500 initialisers at their flag, through the real HTTP API.
+async fn b5() -> Value {
+    let backing: DynStore = Arc::new(MemoryStore::new(Limits::default()));
+    let url = start_server(backing.clone()).await;
+    let n = 500;
+    let entries: Vec<Value> = (0..n)
+        .map(|i| json!({"class": "exec", "name": format!("step-{i}"), "flag": "v1", "params": {"command": ["true"]}}))
+        .collect();
+    let spec = Spec::from_value(
+        &json!({"initialisers": entries}),
+        ".".into(),
+        &Registry::collect().unwrap(),
+    )
+    .unwrap();
+    let mut batch = Batch::new();
+    for i in 0..n {
+        batch = batch.put(
+            Key::new("__system__", "init-state", format!("step-{i}")),
+            json!("v1"),
+        );
+    }
+    backing.apply(batch).await.unwrap();
+    let counting = Arc::new(Counting {
+        inner: Arc::new(RemoteStore::new(ApiClient::new(&url))),
+        lists: AtomicUsize::new(0),
+        calls: AtomicUsize::new(0),
+    });
+    let http = reqwest::Client::new();
+    let gate = Arc::new(HttpGate {
+        url: url.clone(),
+        http: http.clone(),
+    });
+    let options = EngineOptions {
+        holder: "bench".into(),
+        lease_ttl: Duration::from_secs(15),
+        server_url: url,
+        http,
+    };
+    let mut engine = Engine::new(spec, counting.clone(), gate, options, None);
+    assert_eq!(
+        engine.wake().await,
+        Outcome::Converged,
+        "first wake writes the spec record"
+    );
+    let mut times = Vec::new();
+    let rounds = 200;
+    let (calls_before, lists_before) = (
+        counting.calls.load(Ordering::Relaxed),
+        counting.lists.load(Ordering::Relaxed),
+    );
+    for _ in 0..rounds {
+        let t = Instant::now();
+        assert_eq!(engine.wake().await, Outcome::Converged);
+        times.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    let calls = (counting.calls.load(Ordering::Relaxed) - calls_before) as f64 / rounds as f64;
+    let lists = (counting.lists.load(Ordering::Relaxed) - lists_before) as f64 / rounds as f64;
+    times.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (p50, p99) = (percentile(&times, 0.5), percentile(&times, 0.99));
+    println!(
+        "B5 steady wake, {n} initialisers at their flag: p50 {p50:.2} ms  p99 {p99:.2} ms; store round trips per wake: {calls} ({lists} flag read)"
+    );
+    json!({"initialisers": n, "p50_ms": p50, "p99_ms": p99, "store_calls_per_wake": calls, "flag_reads_per_wake": lists})
+}
+
+fn proc_stat(pid: u32) -> (u64, f64) {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let rss_kb = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .unwrap()
+        .1
+        .split_whitespace()
+        .collect();
+    let ticks: f64 = fields[11].parse::<f64>().unwrap() + fields[12].parse::<f64>().unwrap();
+    // USER_HZ is 100 on Linux.
+    (rss_kb, ticks / 100.0)
+}
+
+/// B7 and B4: start-up to /healthz of the release binary, then its idle RSS and CPU.
+async fn idle() -> Value {
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let binary = root.join("target/release/bootsync");
+    assert!(binary.exists(), "build it first: cargo build --release");
+    let window = Duration::from_secs(
+        std::env::var("BOOTSYNC_IDLE_SECS")
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .unwrap_or(60),
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    let http = reqwest::Client::new();
+    let started = Instant::now();
+    let mut child = std::process::Command::new(&binary)
+        .args([
+            "run",
+            "--spec",
+            &root.join("examples/quickstart.yaml").display().to_string(),
+        ])
+        .args([
+            "--store",
+            &format!("sqlite:{}/store.db", dir.path().display()),
+            "--listen",
+            &format!("127.0.0.1:{port}"),
+        ])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    loop {
+        if let Ok(r) = http.get(format!("{url}/healthz")).send().await
+            && r.status() == 200
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(1)).await;
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "no /healthz after 30 s"
+        );
+    }
+    let startup = started.elapsed();
+    loop {
+        let status: Value = http
+            .get(format!("{url}/v1/status"))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if status["converged"] == true {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Let start-up settle, then measure only the idle window.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (_, cpu_before) = proc_stat(child.id());
+    let mut peak_rss = 0;
+    let idle_started = Instant::now();
+    while idle_started.elapsed() < window {
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        peak_rss = peak_rss.max(proc_stat(child.id()).0);
+    }
+    let (rss, cpu_after) = proc_stat(child.id());
+    let _ = child.kill();
+    let _ = child.wait();
+    let cpu = cpu_after - cpu_before;
+    println!(
+        "B7 start-up to /healthz: {:.1} ms;  B4 idle over {window:?}: RSS {:.1} MB (peak {:.1} MB), CPU {cpu:.2} s",
+        startup.as_secs_f64() * 1000.0,
+        rss as f64 / 1024.0,
+        peak_rss as f64 / 1024.0
+    );
+    json!({"startup_ms": startup.as_secs_f64() * 1000.0, "idle_secs": window.as_secs(), "rss_mb": rss as f64 / 1024.0, "peak_rss_mb": peak_rss as f64 / 1024.0, "cpu_secs": cpu})
+}
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 2)]
+async fn main() {
+    let which: Vec<String> = std::env::args().skip(1).collect();
+    let want = |name: &str| which.is_empty() || which.iter().any(|w| w == name || w == "all");
+    let mut summary = BTreeMap::new();
+    if want("b1") {
+        let mut runs = Vec::new();
+        for peer_list in [false, true] {
+            for n in [1_000, 10_000, 100_000] {
+                runs.push(b1(n, peer_list).await);
+            }
+        }
+        summary.insert("b1", Value::Array(runs));
+    }
+    if want("b2") {
+        summary.insert("b2", b2(1_000).await);
+    }
+    if want("b3") {
+        summary.insert("b3_http", b3().await);
+    }
+    if want("b5") {
+        summary.insert("b5", b5().await);
+    }
+    if want("idle") {
+        summary.insert("b4_b7", idle().await);
+    }
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    std::fs::write(
+        out.join("loadgen.json"),
+        serde_json::to_string_pretty(&summary).unwrap(),
+    )
+    .unwrap();
+    println!("summary written to {}", out.join("loadgen.json").display());
+}

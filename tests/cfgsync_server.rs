@@ -515,3 +515,52 @@ fn a_bad_policy_or_bundle_exits_2_listing_every_problem() {
         );
     }
 }
+
+#[tokio::test]
+async fn two_servers_on_one_store_share_registrations_and_payloads() {
+    use bootsync::server::{self, AppState, ServerOptions};
+    use std::sync::Arc;
+    let store: bootsync::store::DynStore = Arc::new(bootsync::store::memory::MemoryStore::new(
+        bootsync::store::Limits::default(),
+    ));
+    let policy: bootsync::cfgsync::Policy = serde_saphyr::from_str(POLICY_3).unwrap();
+    bootsync::cfgsync::state::install_policy(store.as_ref(), &policy)
+        .await
+        .unwrap();
+    let mut urls = Vec::new();
+    for _ in 0..2 {
+        let state = AppState::new(
+            store.clone(),
+            ServerOptions::default(),
+            Arc::new(bootsync::metrics::Metrics::new()),
+        )
+        .await
+        .unwrap();
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        urls.push(format!("http://{}", listener.local_addr().unwrap()));
+        tokio::spawn(server::serve(
+            listener,
+            server::router(state, []),
+            Default::default(),
+        ));
+    }
+    for (i, id) in ["n1", "n2", "n3"].iter().enumerate() {
+        let (status, _) = post(
+            &urls[i % 2],
+            "/register",
+            &reg(id, &format!("10.0.0.{}", i + 1)),
+        )
+        .await;
+        assert_eq!(status, 202);
+    }
+    let mut payloads = Vec::new();
+    for url in &urls {
+        let (status, body) = post(url, "/node?wait=10", &reg("n1", "10.0.0.1")).await;
+        assert_eq!(status, 200, "{body}");
+        payloads.push(body);
+    }
+    assert_eq!(
+        payloads[0], payloads[1],
+        "both servers serve the same payload for the same node"
+    );
+}

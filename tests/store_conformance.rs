@@ -133,3 +133,21 @@ async fn a_bad_sqlite_location_is_a_clear_error() {
     .expect_err("a path under a regular file cannot be opened");
     assert!(err.to_string().contains("plain-file"), "{err}");
 }
+
+#[tokio::test]
+async fn a_second_opener_of_one_sqlite_file_is_refused_while_the_first_holds_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("store.db");
+    let first = SqliteStore::open(&path, SqliteOptions::default()).unwrap();
+    let err = SqliteStore::open(&path, SqliteOptions::default()).expect_err("one process per file");
+    assert!(
+        err.to_string().contains("in use by another process"),
+        "{err}"
+    );
+    first.close().await.unwrap();
+    drop(first);
+    assert!(
+        SqliteStore::open(&path, SqliteOptions::default()).is_ok(),
+        "the lock goes with the store"
+    );
+}

@@ -134,6 +134,7 @@ async fn reconcile(
     spec: Spec,
     server_url: &str,
     token: Option<Token>,
+    metrics: Option<Arc<crate::metrics::Metrics>>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     let http = http_client(token.as_ref())?;
@@ -151,7 +152,7 @@ async fn reconcile(
         http,
     };
     tracing::info!(holder = %options.holder, initialisers = spec.entries.len(), "reconciler starting");
-    let engine = Engine::new(spec, store, gate, options, None);
+    let engine = Engine::new(spec, store, gate, options, metrics.as_deref());
     let (hup_tx, hup_rx) = tokio::sync::mpsc::channel(1);
     let mut hangups = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
         .context("installing the SIGHUP handler")?;
@@ -188,7 +189,10 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<u8> {
             running.url.clone(),
             shutdown.clone(),
         );
-        tracker.spawn(async move { reconcile(&reconciler_args, spec, &url, token, shutdown).await })
+        let metrics = Some(running.metrics.clone());
+        tracker.spawn(async move {
+            reconcile(&reconciler_args, spec, &url, token, metrics, shutdown).await
+        })
     };
     tracker.close();
     let served = running.task.await;
@@ -216,7 +220,15 @@ pub(super) async fn bootstrap(args: BootstrapArgs) -> anyhow::Result<u8> {
         .map(Token::from_file)
         .transpose()?;
     let shutdown = crate::shutdown::on_signals();
-    reconcile(&args.reconciler, spec, &args.remote.server, token, shutdown).await?;
+    reconcile(
+        &args.reconciler,
+        spec,
+        &args.remote.server,
+        token,
+        None,
+        shutdown,
+    )
+    .await?;
     Ok(EXIT_OK)
 }
 

@@ -183,6 +183,8 @@ pub(crate) struct RunningServer {
     pub(crate) url: String,
     /// The store it serves.
     pub(crate) store: crate::store::DynStore,
+    /// Its metrics registry (the reconciler in `run` adds its families here).
+    pub(crate) metrics: Arc<Metrics>,
     /// Finishes when the server has drained after `shutdown`.
     pub(crate) task: tokio::task::JoinHandle<std::io::Result<()>>,
 }
@@ -197,6 +199,7 @@ pub(crate) async fn start_server(
 ) -> anyhow::Result<RunningServer> {
     let state = args.state(preload).await?;
     let store = state.store.clone();
+    let metrics = state.metrics.clone();
     let app = server::router(state, []);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
@@ -204,7 +207,12 @@ pub(crate) async fn start_server(
     announce(&listener, store.backend())?;
     let url = format!("http://{}", listener.local_addr()?);
     let task = tokio::spawn(server::serve(listener, app, shutdown));
-    Ok(RunningServer { url, store, task })
+    Ok(RunningServer {
+        url,
+        store,
+        metrics,
+        task,
+    })
 }
 
 pub(super) async fn run(args: ServeArgs) -> anyhow::Result<u8> {

@@ -56,6 +56,9 @@ enum Command {
 /// A store in one SQLite file.
 pub struct SqliteStore {
     path: PathBuf,
+    /// Held for the store's lifetime: one process per file, because revisions are assigned in
+    /// this process's writer thread.
+    _lock: std::fs::File,
     writer: Mutex<Option<mpsc::Sender<Command>>>,
     thread: Mutex<Option<JoinHandle<()>>>,
     reader: Arc<Mutex<Connection>>,
@@ -96,6 +99,7 @@ impl SqliteStore {
                 ))
             })?;
         }
+        let lock = lock_file(&path)?;
         let writer = open_connection(
             &path,
             OpenFlags::SQLITE_OPEN_READ_WRITE
@@ -153,6 +157,7 @@ impl SqliteStore {
             .map_err(|err| Error::backend("starting the writer thread", err))?;
         Ok(Self {
             path,
+            _lock: lock,
             writer: Mutex::new(Some(tx)),
             thread: Mutex::new(Some(thread)),
             reader: Arc::new(Mutex::new(reader)),
@@ -185,6 +190,35 @@ impl SqliteStore {
             .clone()
             .ok_or_else(|| Error::Unavailable("the sqlite store is closed".into()))
     }
+}
+
+/// Takes an exclusive lock on `<path>.lock`; a second process gets a clear error instead of
+/// assigning revisions of its own to the same file.
+fn lock_file(path: &Path) -> Result<std::fs::File, Error> {
+    use std::os::fd::AsRawFd;
+    let lock_path = PathBuf::from(format!("{}.lock", path.display()));
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|err| {
+            Error::Unavailable(format!(
+                "cannot open lock file {}: {err}",
+                lock_path.display()
+            ))
+        })?;
+    // SAFETY: flock on a descriptor this function owns; no memory is shared.
+    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
+    if !locked {
+        return Err(Error::Unavailable(format!(
+            "sqlite store {} is in use by another process (lock {} is held); \
+             use one server per file, or etcd to share a store",
+            path.display(),
+            lock_path.display()
+        )));
+    }
+    Ok(file)
 }
 
 fn meta(conn: &Connection, name: &str) -> Result<u64, Error> {

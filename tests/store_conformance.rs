@@ -1,6 +1,7 @@
 //! The store conformance suite on every backend, plus SQLite's durability across reopen.
 
 mod common;
+mod support;
 
 use std::sync::Arc;
 
@@ -41,7 +42,58 @@ async fn remote_store() -> DynStore {
     Arc::new(RemoteStore::new(ApiClient::new(url)).with_poll(std::time::Duration::from_secs(5)))
 }
 
+/// A store on its own single-member etcd, which lives exactly as long as the store.
+struct EtcdBacked {
+    store: bootsync::store::etcd::EtcdStore,
+    _cluster: support::etcd::EtcdCluster,
+}
+
+#[async_trait::async_trait]
+impl Store for EtcdBacked {
+    fn backend(&self) -> &'static str {
+        self.store.backend()
+    }
+    async fn revision(&self) -> Result<u64, Error> {
+        self.store.revision().await
+    }
+    async fn get(&self, key: &Key) -> Result<Option<bootsync::store::Entry>, Error> {
+        self.store.get(key).await
+    }
+    async fn list(&self, ns: &str, kind: &str) -> Result<bootsync::store::Listing, Error> {
+        self.store.list(ns, kind).await
+    }
+    async fn namespace(&self, ns: &str) -> Result<bootsync::store::NamespaceTree, Error> {
+        self.store.namespace(ns).await
+    }
+    async fn namespaces(&self) -> Result<Vec<String>, Error> {
+        self.store.namespaces().await
+    }
+    async fn apply(&self, batch: bootsync::store::Batch) -> Result<u64, Error> {
+        self.store.apply(batch).await
+    }
+    async fn watch(&self, from: u64, filter: WatchFilter) -> Result<bootsync::store::Watch, Error> {
+        self.store.watch(from, filter).await
+    }
+}
+
+async fn etcd_store() -> Option<DynStore> {
+    let cluster = tokio::task::spawn_blocking(|| support::etcd::EtcdCluster::start(1))
+        .await
+        .unwrap()?;
+    let store = bootsync::store::etcd::EtcdStore::open(
+        &cluster.store_url("conformance"),
+        Limits::default(),
+    )
+    .await
+    .unwrap();
+    Some(Arc::new(EtcdBacked {
+        store,
+        _cluster: cluster,
+    }))
+}
+
 conformance!(memory, memory_store());
+conformance!(optional etcd, etcd_store());
 conformance!(remote, remote_store());
 conformance!(sqlite, sqlite_store());
 

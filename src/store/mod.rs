@@ -4,6 +4,7 @@
 //! revisions, a resumable change stream, reserved namespaces) are the same on all of them and
 //! are pinned down by the conformance suite in `tests/store_conformance.rs`.
 
+pub mod etcd;
 mod hub;
 pub mod memory;
 mod names;
@@ -489,7 +490,7 @@ impl<S: Store + ?Sized> StoreExt for S {}
 /// A shared handle to any backend.
 pub type DynStore = Arc<dyn Store>;
 
-/// Opens a store from a URL: `memory:`, `sqlite:PATH`.
+/// Opens a store from a URL: `memory:`, `sqlite:PATH`, `etcd:http://h1:2379,http://h2:2379`.
 pub async fn open(url: &str, limits: Limits) -> Result<DynStore, Error> {
     let (scheme, rest) = url.split_once(':').ok_or_else(|| Error::BadUrl {
         url: url.to_string(),
@@ -515,6 +516,7 @@ pub async fn open(url: &str, limits: Limits) -> Result<DynStore, Error> {
                     .map_err(|err| Error::backend("opening the sqlite store", err))??;
             Ok(Arc::new(store))
         }
+        "etcd" => Ok(Arc::new(etcd::EtcdStore::open(url, limits).await?)),
         other => Err(Error::BadUrl {
             url: url.to_string(),
             reason: format!("unknown backend {other:?}; known: memory, sqlite, etcd"),

@@ -186,3 +186,4 @@ impl Proc {
         }
     }
 }
+pub mod etcd;

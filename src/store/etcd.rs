@@ -1,0 +1,549 @@
+//! The distributed backend on etcd v3: batches as transactions, the change stream from native
+//! watch, etcd's global revision as the store's revision.
+//!
+//! Entries live at `<prefix>e/<namespace>/<type>/<key>`; namespace and type ids cannot contain
+//! `/`, so the first two separators split them unambiguously and keys may contain `/`.
+
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
+use std::time::Duration;
+
+use async_trait::async_trait;
+use etcd_client::{
+    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, Txn, TxnOp, WatchOptions,
+};
+use futures_util::stream;
+use serde_json::Value;
+
+use super::memory::check_precondition;
+use super::{
+    Batch, Change, ChangeEvent, Entry, Error, Key, Limits, Listing, NamespaceTree, Op,
+    Precondition, Revision, Store, Watch, WatchFilter, validate_namespace, validate_type,
+};
+
+/// Key prefix when the URL names none.
+pub const DEFAULT_PREFIX: &str = "/bootsync/";
+/// Entries read per range request (keeps each answer under gRPC's message limit).
+const PAGE: i64 = 1000;
+/// Attempts of one operation across members before reporting the store unavailable.
+const ATTEMPTS: usize = 3;
+
+/// A store on an etcd cluster.
+#[derive(Clone)]
+pub struct EtcdStore {
+    client: Client,
+    prefix: String,
+    limits: Limits,
+}
+
+impl std::fmt::Debug for EtcdStore {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("EtcdStore")
+            .field("prefix", &self.prefix)
+            .finish_non_exhaustive()
+    }
+}
+
+/// Whether an etcd error means "try again, perhaps on another member". gRPC status codes are
+/// fixed by the gRPC spec: 1 cancelled, 2 unknown, 4 deadline exceeded, 14 unavailable.
+fn transient(err: &etcd_client::Error) -> bool {
+    match err {
+        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
+        etcd_client::Error::GRpcStatus(status) => matches!(status.code() as i32, 1 | 2 | 4 | 14),
+        _ => false,
+    }
+}
+
+fn map_err(context: &'static str, err: etcd_client::Error) -> Error {
+    if transient(&err) {
+        return Error::Unavailable(format!("etcd did not answer while {context}: {err}"));
+    }
+    if let etcd_client::Error::GRpcStatus(status) = &err
+        && status
+            .message()
+            .contains("too many operations in txn request")
+    {
+        return Error::Invalid {
+            what: "batch".into(),
+            reason:
+                "etcd refused the batch as too large; raise etcd's --max-txn-ops to at least 1024"
+                    .into(),
+        };
+    }
+    Error::backend(context, err)
+}
+
+impl EtcdStore {
+    /// Connects to `endpoints` (e.g. `http://127.0.0.1:2379`), keeping every key under `prefix`.
+    pub async fn connect(
+        endpoints: &[String],
+        prefix: &str,
+        limits: Limits,
+    ) -> Result<Self, Error> {
+        let options = ConnectOptions::new()
+            .with_connect_timeout(Duration::from_secs(3))
+            .with_timeout(Duration::from_secs(5));
+        let client = Client::connect(endpoints, Some(options))
+            .await
+            .map_err(|e| {
+                Error::Unavailable(format!(
+                    "cannot connect to etcd at {}: {e}",
+                    endpoints.join(",")
+                ))
+            })?;
+        let mut prefix = prefix.to_string();
+        if !prefix.ends_with('/') {
+            prefix.push('/');
+        }
+        Ok(Self {
+            client,
+            prefix,
+            limits,
+        })
+    }
+
+    /// Parses `etcd:http://h1:2379,http://h2:2379[?prefix=/p/]` and connects.
+    pub async fn open(url: &str, limits: Limits) -> Result<Self, Error> {
+        let bad = |reason: &str| Error::BadUrl {
+            url: url.to_string(),
+            reason: reason.to_string(),
+        };
+        let rest = url
+            .strip_prefix("etcd:")
+            .ok_or_else(|| bad("expected etcd:ENDPOINTS"))?;
+        let (endpoints, query) = rest.split_once('?').unwrap_or((rest, ""));
+        let endpoints: Vec<String> = endpoints
+            .split(',')
+            .map(str::trim)
+            .filter(|e| !e.is_empty())
+            .map(str::to_string)
+            .collect();
+        if endpoints.is_empty() {
+            return Err(bad("no endpoints, e.g. etcd:http://127.0.0.1:2379"));
+        }
+        let mut prefix = DEFAULT_PREFIX.to_string();
+        for pair in query.split('&').filter(|p| !p.is_empty()) {
+            match pair.split_once('=') {
+                Some(("prefix", value)) if value.starts_with('/') => prefix = value.to_string(),
+                _ => {
+                    return Err(bad(&format!(
+                        "unknown or invalid option {pair:?} (known: prefix=/path/)"
+                    )));
+                }
+            }
+        }
+        Self::connect(&endpoints, &prefix, limits).await
+    }
+
+    fn entries_root(&self) -> String {
+        format!("{}e/", self.prefix)
+    }
+
+    fn entry_key(&self, key: &Key) -> String {
+        format!(
+            "{}e/{}/{}/{}",
+            self.prefix, key.namespace, key.kind, key.key
+        )
+    }
+
+    fn parse_key(&self, raw: &[u8]) -> Option<Key> {
+        let text = std::str::from_utf8(raw).ok()?;
+        let rest = text.strip_prefix(&self.entries_root())?;
+        let mut parts = rest.splitn(3, '/');
+        Some(Key::new(parts.next()?, parts.next()?, parts.next()?))
+    }
+
+    fn entry(kv: &KeyValue) -> Result<Entry, Error> {
+        Ok(Entry {
+            value: serde_json::from_slice(kv.value())
+                .map_err(|e| Error::backend("decoding a stored value", e))?,
+            create_revision: kv.create_revision() as Revision,
+            mod_revision: kv.mod_revision() as Revision,
+        })
+    }
+
+    /// Runs an idempotent call, retrying transient failures (another member may answer).
+    async fn retry<T, F, Fut>(&self, context: &'static str, mut call: F) -> Result<T, Error>
+    where
+        F: FnMut(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+    {
+        let mut last = None;
+        for attempt in 0..ATTEMPTS {
+            match call(self.client.clone()).await {
+                Ok(value) => return Ok(value),
+                Err(err) if transient(&err) => {
+                    last = Some(err);
+                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                }
+                Err(err) => return Err(map_err(context, err)),
+            }
+        }
+        Err(map_err(context, last.expect("at least one attempt failed")))
+    }
+
+    /// Every key under `prefix` at one revision, page by page; returns the revision too.
+    async fn range(&self, prefix: String) -> Result<(Revision, Vec<KeyValue>), Error> {
+        let end = prefix_end(prefix.as_bytes());
+        let mut out = Vec::new();
+        let mut from = prefix.into_bytes();
+        let mut at: Option<i64> = None;
+        loop {
+            let (start, end, pinned) = (from.clone(), end.clone(), at);
+            let response = self
+                .retry("reading a range", move |mut client| {
+                    let (start, end) = (start.clone(), end.clone());
+                    async move {
+                        let mut options = GetOptions::new().with_range(end).with_limit(PAGE);
+                        if let Some(revision) = pinned {
+                            options = options.with_revision(revision);
+                        }
+                        client.get(start, Some(options)).await
+                    }
+                })
+                .await?;
+            let revision = response.header().map_or(0, |h| h.revision());
+            let pinned = *at.get_or_insert(revision);
+            out.extend(response.kvs().iter().cloned());
+            if !response.more() {
+                return Ok((pinned as Revision, out));
+            }
+            let Some(last) = response.kvs().last() else {
+                return Ok((pinned as Revision, out));
+            };
+            from = last.key().to_vec();
+            from.push(0);
+        }
+    }
+}
+
+/// The first key after every key starting with `prefix`.
+fn prefix_end(prefix: &[u8]) -> Vec<u8> {
+    let mut end = prefix.to_vec();
+    while let Some(last) = end.pop() {
+        if last < 0xff {
+            end.push(last + 1);
+            return end;
+        }
+    }
+    vec![0]
+}
+
+/// A batch may name a key twice; etcd refuses that in one transaction, so keep each key's
+/// last operation, in the order of those last operations.
+fn last_op_per_key(ops: Vec<Op>) -> Vec<Op> {
+    let mut seen = BTreeSet::new();
+    let mut kept: Vec<Op> = ops
+        .into_iter()
+        .rev()
+        .filter(|op| seen.insert(op.key().clone()))
+        .collect();
+    kept.reverse();
+    kept
+}
+
+#[async_trait]
+impl Store for EtcdStore {
+    fn backend(&self) -> &'static str {
+        "etcd"
+    }
+
+    async fn revision(&self) -> Result<Revision, Error> {
+        let root = self.entries_root();
+        let response = self
+            .retry("reading the revision", move |mut client| {
+                let root = root.clone();
+                async move {
+                    client
+                        .get(
+                            root,
+                            Some(GetOptions::new().with_prefix().with_count_only()),
+                        )
+                        .await
+                }
+            })
+            .await?;
+        Ok(response.header().map_or(0, |h| h.revision()) as Revision)
+    }
+
+    async fn get(&self, key: &Key) -> Result<Option<Entry>, Error> {
+        key.validate()?;
+        let raw = self.entry_key(key);
+        let response = self
+            .retry("reading a key", move |mut client| {
+                let raw = raw.clone();
+                async move { client.get(raw, None).await }
+            })
+            .await?;
+        response.kvs().first().map(Self::entry).transpose()
+    }
+
+    async fn list(&self, namespace: &str, kind: &str) -> Result<Listing, Error> {
+        validate_namespace(namespace)?;
+        validate_type(kind)?;
+        let (revision, kvs) = self
+            .range(format!("{}e/{namespace}/{kind}/", self.prefix))
+            .await?;
+        let mut entries = BTreeMap::new();
+        for kv in &kvs {
+            if let Some(key) = self.parse_key(kv.key()) {
+                entries.insert(key.key, Self::entry(kv)?);
+            }
+        }
+        Ok(Listing { revision, entries })
+    }
+
+    async fn namespace(&self, namespace: &str) -> Result<NamespaceTree, Error> {
+        validate_namespace(namespace)?;
+        let (revision, kvs) = self.range(format!("{}e/{namespace}/", self.prefix)).await?;
+        let mut types: BTreeMap<String, BTreeMap<String, Entry>> = BTreeMap::new();
+        for kv in &kvs {
+            if let Some(key) = self.parse_key(kv.key()) {
+                types
+                    .entry(key.kind)
+                    .or_default()
+                    .insert(key.key, Self::entry(kv)?);
+            }
+        }
+        Ok(NamespaceTree { revision, types })
+    }
+
+    async fn namespaces(&self) -> Result<Vec<String>, Error> {
+        let (_, kvs) = self.range(self.entries_root()).await?;
+        let names: BTreeSet<String> = kvs
+            .iter()
+            .filter_map(|kv| self.parse_key(kv.key()))
+            .map(|k| k.namespace)
+            .collect();
+        Ok(names.into_iter().collect())
+    }
+
+    async fn apply(&self, batch: Batch) -> Result<Revision, Error> {
+        batch.validate(&self.limits)?;
+        let compares: Vec<Compare> = batch
+            .checks
+            .iter()
+            .map(|check| {
+                let raw = self.entry_key(&check.key);
+                match check.expect {
+                    Precondition::Absent => Compare::create_revision(raw, CompareOp::Equal, 0),
+                    Precondition::ModRevision(r) => {
+                        Compare::mod_revision(raw, CompareOp::Equal, r as i64)
+                    }
+                }
+            })
+            .collect();
+        let mut ops = Vec::new();
+        for op in last_op_per_key(batch.ops) {
+            match op {
+                Op::Put { key, value } => {
+                    let bytes = serde_json::to_vec(&value)
+                        .map_err(|e| Error::backend("encoding a value", e))?;
+                    ops.push(TxnOp::put(self.entry_key(&key), bytes, None));
+                }
+                Op::Delete { key } => ops.push(TxnOp::delete(self.entry_key(&key), None)),
+            }
+        }
+        let txn = Txn::new().when(compares).and_then(ops);
+        // A retried transaction that had in fact committed fails its preconditions the second
+        // time and is reported as a conflict: never a silent double write of guarded keys.
+        let response = self
+            .retry("committing a batch", move |mut client| {
+                let txn = txn.clone();
+                async move { client.txn(txn).await }
+            })
+            .await?;
+        if response.succeeded() {
+            return Ok(response.header().map_or(0, |h| h.revision()) as Revision);
+        }
+        for check in &batch.checks {
+            let current = self.get(&check.key).await?.map(|e| e.mod_revision);
+            check_precondition(&check.key, check.expect, current)?;
+        }
+        let first = batch
+            .checks
+            .first()
+            .map(|c| c.key.clone())
+            .expect("a failed txn had compares");
+        Err(Error::Conflict {
+            key: first,
+            reason: "changed concurrently while the batch was checked".into(),
+        })
+    }
+
+    async fn watch(&self, from: Revision, filter: WatchFilter) -> Result<Watch, Error> {
+        let state = WatchState {
+            store: self.clone(),
+            filter,
+            last: from,
+            stream: None,
+            pending: VecDeque::new(),
+            failures: 0,
+            done: false,
+        };
+        let mut state = state;
+        // Open the stream now so a compacted start or an unreachable cluster fails the call.
+        state.open().await?;
+        Ok(Watch::new(stream::unfold(state, WatchState::step)))
+    }
+}
+
+struct WatchState {
+    store: EtcdStore,
+    filter: WatchFilter,
+    /// The newest revision delivered (or skipped by the filter).
+    last: Revision,
+    stream: Option<etcd_client::WatchStream>,
+    pending: VecDeque<ChangeEvent>,
+    failures: u32,
+    done: bool,
+}
+
+impl WatchState {
+    async fn open(&mut self) -> Result<(), Error> {
+        let options = WatchOptions::new()
+            .with_prefix()
+            .with_start_revision(self.last as i64 + 1);
+        let mut client = self.store.client.clone();
+        let mut stream = client
+            .watch(self.store.entries_root(), Some(options))
+            .await
+            .map_err(|e| map_err("opening a watch", e))?;
+        // The first answer confirms the watch, or reports that the history is compacted.
+        match stream.message().await {
+            Ok(Some(response)) if response.compact_revision() > 0 => {
+                return Err(Error::Compacted {
+                    requested: self.last,
+                    compacted: response.compact_revision() as Revision,
+                });
+            }
+            Ok(Some(response)) => self.absorb(&response)?,
+            Ok(None) => return Err(Error::Unavailable("etcd closed the watch at once".into())),
+            Err(err) => return Err(map_err("opening a watch", err)),
+        }
+        self.stream = Some(stream);
+        Ok(())
+    }
+
+    /// Groups a response's events by revision (one per committed transaction).
+    fn absorb(&mut self, response: &etcd_client::WatchResponse) -> Result<(), Error> {
+        for event in response.events() {
+            let Some(kv) = event.kv() else { continue };
+            let Some(key) = self.store.parse_key(kv.key()) else {
+                continue;
+            };
+            let revision = kv.mod_revision() as Revision;
+            let value: Option<Value> = match event.event_type() {
+                etcd_client::EventType::Put => Some(
+                    serde_json::from_slice(kv.value())
+                        .map_err(|e| Error::backend("decoding a watched value", e))?,
+                ),
+                etcd_client::EventType::Delete => None,
+            };
+            let change = Change { key, value };
+            match self.pending.back_mut() {
+                Some(last) if last.revision == revision => last.changes.push(change),
+                _ => self.pending.push_back(ChangeEvent {
+                    revision,
+                    changes: vec![change],
+                }),
+            }
+        }
+        Ok(())
+    }
+
+    async fn step(mut self) -> Option<(Result<ChangeEvent, Error>, Self)> {
+        if self.done {
+            return None;
+        }
+        loop {
+            while let Some(event) = self.pending.pop_front() {
+                if event.revision <= self.last {
+                    continue;
+                }
+                self.last = event.revision;
+                if let Some(event) = self.filter.apply(&event) {
+                    return Some((Ok(event), self));
+                }
+            }
+            let message = match self.stream.as_mut() {
+                Some(stream) => stream.message().await,
+                None => Ok(None),
+            };
+            match message {
+                Ok(Some(response)) if response.compact_revision() > 0 => {
+                    self.done = true;
+                    let compacted = response.compact_revision() as Revision;
+                    return Some((
+                        Err(Error::Compacted {
+                            requested: self.last,
+                            compacted,
+                        }),
+                        self,
+                    ));
+                }
+                Ok(Some(response)) => {
+                    self.failures = 0;
+                    if let Err(err) = self.absorb(&response) {
+                        self.done = true;
+                        return Some((Err(err), self));
+                    }
+                }
+                // A broken or closed stream resumes from the last revision seen.
+                Ok(None) | Err(_) => {
+                    self.stream = None;
+                    self.failures += 1;
+                    if self.failures > 20 {
+                        self.done = true;
+                        return Some((
+                            Err(Error::Unavailable("the etcd watch keeps failing".into())),
+                            self,
+                        ));
+                    }
+                    tokio::time::sleep(Duration::from_millis(
+                        100 * u64::from(self.failures.min(10)),
+                    ))
+                    .await;
+                    match self.open().await {
+                        Ok(()) => {}
+                        Err(err @ Error::Compacted { .. }) => {
+                            self.done = true;
+                            return Some((Err(err), self));
+                        }
+                        Err(_) => continue,
+                    }
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefix_end_is_the_next_key_after_the_prefix() {
+        assert_eq!(prefix_end(b"/a/"), b"/a0".to_vec());
+        assert_eq!(prefix_end(&[b'a', 0xff]), b"b".to_vec());
+    }
+
+    #[test]
+    fn a_key_named_twice_keeps_its_last_operation() {
+        let k = |s: &str| Key::new("n", "t", s);
+        let ops = vec![
+            Op::Put {
+                key: k("a"),
+                value: Value::from(1),
+            },
+            Op::Put {
+                key: k("b"),
+                value: Value::from(2),
+            },
+            Op::Delete { key: k("a") },
+        ];
+        let kept = last_op_per_key(ops);
+        assert_eq!(kept.len(), 2);
+        assert_eq!(kept[0].key(), &k("b"));
+        assert!(matches!(&kept[1], Op::Delete { key } if key == &k("a")));
+    }
+}

@@ -24,8 +24,9 @@ use super::{
 pub const DEFAULT_PREFIX: &str = "/bootsync/";
 /// Entries read per range request (keeps each answer under gRPC's message limit).
 const PAGE: i64 = 1000;
-/// Attempts of one operation across members before reporting the store unavailable.
-const ATTEMPTS: usize = 3;
+/// Attempts of one operation across members before reporting the store unavailable; with the
+/// doubling pause (50 ms → 1.6 s) this rides out a leader election.
+const ATTEMPTS: usize = 6;
 
 /// A store on an etcd cluster.
 #[derive(Clone)]

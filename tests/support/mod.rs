@@ -187,3 +187,10 @@ impl Proc {
     }
 }
 pub mod etcd;
+
+impl Proc {
+    /// Whether the process is still running.
+    pub fn child_alive(&mut self) -> bool {
+        matches!(self.child.try_wait(), Ok(None))
+    }
+}

@@ -1,0 +1,236 @@
+//! bootsync on a real 3-member etcd cluster: member loss, quorum loss and recovery, several
+//! servers sharing one cluster, and the reconciler riding out an outage.
+
+mod support;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use bootsync::store::etcd::EtcdStore;
+use bootsync::store::{Key, Limits, Store, StoreExt};
+use serde_json::{Value, json};
+use support::Proc;
+use support::etcd::EtcdCluster;
+
+async fn cluster(size: usize) -> Option<EtcdCluster> {
+    tokio::task::spawn_blocking(move || EtcdCluster::start(size))
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn one_member_down_fails_nothing_two_down_fails_fast_and_recovery_needs_no_reopen() {
+    let Some(mut cluster) = cluster(3).await else {
+        return;
+    };
+    let store = EtcdStore::open(&cluster.store_url("faults"), Limits::default())
+        .await
+        .unwrap();
+    let mut acked: BTreeMap<String, u64> = BTreeMap::new();
+    for i in 0..10 {
+        let key = format!("before-{i}");
+        acked.insert(
+            key.clone(),
+            store
+                .put(Key::new("prod", "cfg", key), json!(i))
+                .await
+                .unwrap(),
+        );
+    }
+    cluster.stop_member(0);
+    for i in 0..20 {
+        let key = format!("one-down-{i}");
+        let rev = tokio::time::timeout(
+            Duration::from_secs(20),
+            store.put(Key::new("prod", "cfg", key.clone()), json!(i)),
+        )
+        .await
+        .expect("a write hung with one member down")
+        .unwrap_or_else(|e| panic!("a write failed with one member down: {e}"));
+        acked.insert(key, rev);
+        store
+            .get(&Key::new("prod", "cfg", "before-0"))
+            .await
+            .expect("a read failed with one member down");
+    }
+    cluster.stop_member(1);
+    let lost = tokio::time::timeout(
+        Duration::from_secs(60),
+        store.put(Key::new("prod", "cfg", "no-quorum"), json!(1)),
+    )
+    .await
+    .expect("without quorum a write must fail, not hang");
+    assert!(lost.is_err(), "a write cannot succeed without quorum");
+    cluster.restart_member(0);
+    cluster.restart_member(1);
+    support::wait_for(
+        Duration::from_secs(60),
+        "writes succeed again after restarting the members",
+        || {
+            let store = store.clone();
+            async move {
+                store
+                    .put(Key::new("prod", "cfg", "after"), json!(true))
+                    .await
+                    .ok()
+            }
+        },
+    )
+    .await;
+    let listing = store.list("prod", "cfg").await.unwrap();
+    for (key, rev) in &acked {
+        assert_eq!(
+            listing.entries.get(key).map(|e| e.mod_revision),
+            Some(*rev),
+            "acknowledged {key} lost"
+        );
+    }
+}
+
+const POLICY: &str = "expect_nodes: 3\nfiles:\n  - path: peers.txt\n    template: \"{% for p in nodes %}{{ p.identifier }}={{ p.ip }}\\n{% endfor %}\"\n";
+
+async fn post(url: &str, path: &str, body: &Value) -> (u16, Value) {
+    let response = reqwest::Client::new()
+        .post(format!("{url}{path}"))
+        .json(body)
+        .send()
+        .await
+        .unwrap();
+    let status = response.status().as_u16();
+    (status, response.json().await.unwrap_or(Value::Null))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_servers_on_one_etcd_register_through_either_and_serve_identical_payloads() {
+    let Some(cluster) = cluster(3).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), POLICY).unwrap();
+    let url = cluster.store_url("shared");
+    let a = Proc::spawn(
+        &["serve", "--store", &url, "--policy", "policy.yaml"],
+        dir.path(),
+    );
+    let b = Proc::spawn(&["serve", "--store", &url], dir.path());
+    for (i, server) in [&a, &b, &a].iter().enumerate() {
+        let me = json!({"identifier": format!("n{i}"), "ip": format!("10.0.0.{}", i + 1)});
+        assert_eq!(post(&server.url, "/register", &me).await.0, 202);
+    }
+    let mut payloads = Vec::new();
+    for server in [&a, &b] {
+        for i in 0..3 {
+            let me = json!({"identifier": format!("n{i}"), "ip": format!("10.0.0.{}", i + 1)});
+            let (status, body) = post(&server.url, "/node?wait=20", &me).await;
+            assert_eq!(status, 200, "{body}");
+            payloads.push((i, body));
+        }
+    }
+    for i in 0..3 {
+        let from: Vec<&Value> = payloads
+            .iter()
+            .filter(|(n, _)| *n == i)
+            .map(|(_, p)| p)
+            .collect();
+        assert_eq!(
+            from[0], from[1],
+            "n{i} gets the same payload from either server"
+        );
+        assert_eq!(
+            from[0]["files"][0]["content"]
+                .as_str()
+                .unwrap()
+                .lines()
+                .count(),
+            3
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_reconciler_backs_off_without_quorum_and_converges_once_it_returns() {
+    let Some(mut cluster) = cluster(3).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spec = |flag: &str| {
+        format!(
+            "cadence: {{ gate_backoff: 1s, retry: 1s, steady: 300s }}\ninitialisers:\n  - {{ class: exec, name: step, flag: {flag}, params: {{ command: [sh, -c, 'echo $BOOTSYNC_NEW_FLAG >> step.log'] }} }}\n"
+        )
+    };
+    std::fs::write(dir.path().join("spec.yaml"), spec("v1")).unwrap();
+    let server = Proc::spawn(
+        &["serve", "--store", &cluster.store_url("reconciler")],
+        dir.path(),
+    );
+    let mut reconciler = Proc::spawn_bootstrap(
+        &["bootstrap", "--spec", "spec.yaml", "--server", &server.url],
+        dir.path(),
+    );
+    let flag = |url: String| async move {
+        let body: Value = reqwest::get(format!("{url}/v1/config/__system__/init-state"))
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        body["entries"]["step"]["value"]
+            .as_str()
+            .map(str::to_string)
+    };
+    support::wait_for(Duration::from_secs(60), "v1 stored", || {
+        let url = server.url.clone();
+        async move { (flag(url).await.as_deref() == Some("v1")).then_some(()) }
+    })
+    .await;
+
+    cluster.stop_member(0);
+    cluster.stop_member(1);
+    support::wait_for(
+        Duration::from_secs(60),
+        "/readyz 503 without quorum",
+        || {
+            let url = server.url.clone();
+            async move {
+                let status = reqwest::get(format!("{url}/readyz")).await.ok()?.status();
+                (status == 503).then_some(())
+            }
+        },
+    )
+    .await;
+    std::fs::write(dir.path().join("spec.yaml"), spec("v2")).unwrap();
+    reconciler.signal("HUP");
+    support::wait_for(
+        Duration::from_secs(90),
+        "the gate reported closed",
+        || async {
+            reconciler
+                .stderr()
+                .contains("service gate closed")
+                .then_some(())
+        },
+    )
+    .await;
+
+    cluster.restart_member(0);
+    cluster.restart_member(1);
+    support::wait_for(
+        Duration::from_secs(120),
+        "v2 stored after quorum returned",
+        || {
+            let url = server.url.clone();
+            async move { (flag(url).await.as_deref() == Some("v2")).then_some(()) }
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(dir.path().join("step.log")).unwrap();
+    assert_eq!(
+        log.lines().collect::<Vec<_>>(),
+        ["v1", "v2"],
+        "each flag ran exactly once"
+    );
+    assert!(
+        reconciler.child_alive(),
+        "the reconciler converged without a restart"
+    );
+}

@@ -8,7 +8,8 @@
 //! cargo run --release --example loadgen -- all          # or: b1 b2 b3 b5 idle
 //! BOOTSYNC_IDLE_SECS=600 cargo run --release --example loadgen -- idle   # the full B4 window
 //! ```
-//! Each part prints its figures; the summary goes to `target/bench/loadgen.json`.
+//! Each part prints its figures; the summary goes to `target/bench/loadgen.json`. B6 runs B1
+//! and B3 on another store: `BOOTSYNC_LOADGEN_STORE=etcd:http://127.0.0.1:2379,... loadgen b1 b3`.
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

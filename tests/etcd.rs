@@ -1,6 +1,8 @@
 //! bootsync on a real 3-member etcd cluster: member loss, quorum loss and recovery, several
 //! servers sharing one cluster, and the reconciler riding out an outage.
 
+#![cfg(feature = "etcd")]
+
 mod support;
 
 use std::collections::BTreeMap;

@@ -43,11 +43,13 @@ async fn remote_store() -> DynStore {
 }
 
 /// A store on its own single-member etcd, which lives exactly as long as the store.
+#[cfg(feature = "etcd")]
 struct EtcdBacked {
     store: bootsync::store::etcd::EtcdStore,
     _cluster: support::etcd::EtcdCluster,
 }
 
+#[cfg(feature = "etcd")]
 #[async_trait::async_trait]
 impl Store for EtcdBacked {
     fn backend(&self) -> &'static str {
@@ -76,6 +78,7 @@ impl Store for EtcdBacked {
     }
 }
 
+#[cfg(feature = "etcd")]
 async fn etcd_store() -> Option<DynStore> {
     let cluster = tokio::task::spawn_blocking(|| support::etcd::EtcdCluster::start(1))
         .await
@@ -93,6 +96,7 @@ async fn etcd_store() -> Option<DynStore> {
 }
 
 conformance!(memory, memory_store());
+#[cfg(feature = "etcd")]
 conformance!(optional etcd, etcd_store());
 conformance!(remote, remote_store());
 conformance!(sqlite, sqlite_store());

@@ -4,6 +4,7 @@
 //! revisions, a resumable change stream, reserved namespaces) are the same on all of them and
 //! are pinned down by the conformance suite in `tests/store_conformance.rs`.
 
+#[cfg(feature = "etcd")]
 pub mod etcd;
 mod hub;
 pub mod memory;
@@ -516,7 +517,13 @@ pub async fn open(url: &str, limits: Limits) -> Result<DynStore, Error> {
                     .map_err(|err| Error::backend("opening the sqlite store", err))??;
             Ok(Arc::new(store))
         }
+        #[cfg(feature = "etcd")]
         "etcd" => Ok(Arc::new(etcd::EtcdStore::open(url, limits).await?)),
+        #[cfg(not(feature = "etcd"))]
+        "etcd" => Err(Error::BadUrl {
+            url: url.to_string(),
+            reason: "this bootsync was built without etcd support (cargo feature `etcd`)".into(),
+        }),
         other => Err(Error::BadUrl {
             url: url.to_string(),
             reason: format!("unknown backend {other:?}; known: memory, sqlite, etcd"),

@@ -53,7 +53,8 @@ fn etcd_on_path() -> bool {
 }
 
 impl EtcdCluster {
-    /// Starts `size` members; `None` (after a SKIP line) when etcd is not installed.
+    /// Starts `size` members; `None` (after a SKIP line) when etcd is not installed. A start
+    /// that fails (a port taken in the meantime) is retried with fresh ports.
     pub fn start(size: usize) -> Option<Self> {
         if !etcd_on_path() {
             if std::env::var("BOOTSYNC_REQUIRE_ETCD").as_deref() == Ok("1") {
@@ -62,6 +63,17 @@ impl EtcdCluster {
             eprintln!("SKIP: etcd not found on PATH (install etcd-server); etcd tests skipped");
             return None;
         }
+        let mut last = String::new();
+        for _ in 0..3 {
+            match Self::try_start(size) {
+                Ok(cluster) => return Some(cluster),
+                Err(why) => last = why,
+            }
+        }
+        panic!("{last}");
+    }
+
+    fn try_start(size: usize) -> Result<Self, String> {
         let dir = tempfile::tempdir().unwrap();
         let ports: Vec<(u16, u16)> = (0..size).map(|_| (free_port(), free_port())).collect();
         let initial: Vec<String> = ports
@@ -103,9 +115,9 @@ impl EtcdCluster {
             cluster.spawn(i);
         }
         for i in 0..size {
-            cluster.wait_healthy(i);
+            cluster.wait_healthy(i)?;
         }
-        Some(cluster)
+        Ok(cluster)
     }
 
     fn spawn(&mut self, i: usize) {
@@ -132,20 +144,20 @@ impl EtcdCluster {
         member.child = Some(command.spawn().expect("start etcd"));
     }
 
-    fn wait_healthy(&self, i: usize) {
+    fn wait_healthy(&self, i: usize) -> Result<(), String> {
         let url = format!("{}/health", self.members[i].client_url);
         let deadline = Instant::now() + Duration::from_secs(30);
         while Instant::now() < deadline {
             if http_get(&url).is_some_and(|body| body.contains("\"health\":\"true\"")) {
-                return;
+                return Ok(());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
         let log = std::fs::read_to_string(&self.members[i].log).unwrap_or_default();
-        panic!(
+        Err(format!(
             "etcd member m{i} not healthy within 30 s; log tail:\n{}",
             &log[log.len().saturating_sub(2000)..]
-        );
+        ))
     }
 
     /// The client URLs, comma-separated, as `--store etcd:` wants them.

@@ -236,3 +236,93 @@ async fn the_reconciler_backs_off_without_quorum_and_converges_once_it_returns()
         "the reconciler converged without a restart"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_across_two_servers_on_etcd_run_each_flag_once_and_hand_over() {
+    let Some(cluster) = cluster(3).await else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let spec = |flag: &str| {
+        format!(
+            "cadence: {{ gate_backoff: 1s, retry: 1s, steady: 300s }}\ninitialisers:\n  - {{ class: exec, name: counted, flag: {flag}, params: {{ command: [sh, -c, 'echo start $BOOTSYNC_NEW_FLAG >> count.log; if [ $BOOTSYNC_NEW_FLAG = v2 ]; then sleep 4; fi; echo done $BOOTSYNC_NEW_FLAG >> count.log'] }} }}\n"
+        )
+    };
+    std::fs::write(dir.path().join("spec.yaml"), spec("v1")).unwrap();
+    let url = cluster.store_url("replicas");
+    let servers = [
+        Proc::spawn(&["serve", "--store", &url], dir.path()),
+        Proc::spawn(&["serve", "--store", &url], dir.path()),
+    ];
+    let mut replicas: Vec<Proc> = (0..3)
+        .map(|i| {
+            let holder = format!("replica-{i}");
+            let server = servers[i % 2].url.clone();
+            Proc::spawn_bootstrap(
+                &[
+                    "bootstrap",
+                    "--spec",
+                    "spec.yaml",
+                    "--server",
+                    &server,
+                    "--holder-id",
+                    &holder,
+                    "--lease-ttl",
+                    "2s",
+                ],
+                dir.path(),
+            )
+        })
+        .collect();
+    let log = || std::fs::read_to_string(dir.path().join("count.log")).unwrap_or_default();
+    let stored = |flag: &'static str| {
+        let url = servers[0].url.clone();
+        async move {
+            let body: Value = reqwest::get(format!("{url}/v1/config/__system__/init-state"))
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (body["entries"]["counted"]["value"] == flag).then_some(())
+        }
+    };
+    support::wait_for(Duration::from_secs(60), "v1 stored", || stored("v1")).await;
+    std::fs::write(dir.path().join("spec.yaml"), spec("v2")).unwrap();
+    for r in &replicas {
+        r.signal("HUP");
+    }
+    support::wait_for(Duration::from_secs(30), "a replica started v2", || async {
+        log().contains("start v2").then_some(())
+    })
+    .await;
+    let lease: Value = reqwest::get(format!(
+        "{}/v1/config/__system__/lease/reconciler",
+        servers[1].url
+    ))
+    .await
+    .unwrap()
+    .json()
+    .await
+    .unwrap();
+    let holder = lease["value"]["holder"]
+        .as_str()
+        .expect("the lease is held while v2 runs")
+        .to_string();
+    replicas[holder
+        .trim_start_matches("replica-")
+        .parse::<usize>()
+        .unwrap()]
+    .kill9();
+    support::wait_for(Duration::from_secs(60), "v2 stored by a standby", || {
+        stored("v2")
+    })
+    .await;
+    let log = log();
+    assert_eq!(log.matches("done v1").count(), 1, "{log}");
+    assert_eq!(
+        log.matches("done v2").count(),
+        1,
+        "v2 completed exactly once across the handover: {log}"
+    );
+}

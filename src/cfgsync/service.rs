@@ -17,7 +17,7 @@ use tokio::sync::watch;
 
 use super::bundle::NodeArtifactsBundle;
 use super::materialize::{
-    NodeArtifactsCatalog, RegistrationSnapshot, RegistrationSnapshotMaterializer,
+    NodeArtifacts, NodeArtifactsCatalog, RegistrationSnapshot, RegistrationSnapshotMaterializer,
 };
 use super::policy::{CompiledPolicy, OnNewIp, Policy};
 use super::state::{BUNDLE, CURRENT, POLICY, REGISTRATION, RegistrationRecord};
@@ -369,20 +369,17 @@ fn prepare_bundle(value: &Value, epoch: Revision) -> Option<Arc<HashMap<String, 
             return None;
         }
     };
-    let shared = join_files(&bundle.shared_files);
-    let payloads = bundle
+    // A bundle is a catalog that was computed ahead of time.
+    let nodes = bundle
         .nodes
-        .iter()
-        .map(|node| {
-            let prepared = Prepared {
-                files: join_files(&node.files),
-                shared: shared.clone(),
-                epoch,
-            };
-            (node.identifier.clone(), prepared)
+        .into_iter()
+        .map(|node| NodeArtifacts {
+            identifier: node.identifier,
+            files: node.files,
         })
         .collect();
-    Some(Arc::new(payloads))
+    let catalog = NodeArtifactsCatalog::new(nodes).with_shared_files(bundle.shared_files);
+    Some(Arc::new(prepare_catalog(&catalog, epoch)))
 }
 
 fn compile_policy(value: &Value) -> Option<CompiledPolicy> {

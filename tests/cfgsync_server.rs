@@ -564,3 +564,69 @@ async fn two_servers_on_one_store_share_registrations_and_payloads() {
         "both servers serve the same payload for the same node"
     );
 }
+
+/// A user's own materializer, one node at a time, as the seed's adapters are written.
+struct NeedsTwo;
+
+impl bootsync::cfgsync::NodeArtifactsMaterializer for NeedsTwo {
+    fn materialize_node(
+        &self,
+        node: &bootsync::cfgsync::NodeRegistration,
+        all: &bootsync::cfgsync::RegistrationSnapshot,
+    ) -> Result<Option<bootsync::cfgsync::NodeArtifacts>, bootsync::cfgsync::DynCfgsyncError> {
+        if all.len() < 2 {
+            return Ok(None);
+        }
+        let port = node.metadata["port"]
+            .as_u64()
+            .ok_or("metadata.port is missing")?;
+        Ok(Some(bootsync::cfgsync::NodeArtifacts {
+            identifier: node.identifier.clone(),
+            files: vec![bootsync::cfgsync::ArtifactFile::new(
+                "/config.yaml",
+                format!("port: {port}"),
+            )],
+        }))
+    }
+}
+
+#[tokio::test]
+async fn a_library_materializer_serves_through_build_cfgsync_router() {
+    use std::sync::Arc;
+    let store: bootsync::store::DynStore = Arc::new(bootsync::store::memory::MemoryStore::new(
+        bootsync::store::Limits::default(),
+    ));
+    let materializer =
+        bootsync::cfgsync::CachedSnapshotMaterializer::new(bootsync::cfgsync::PerNode(NeedsTwo));
+    let router = bootsync::cfgsync::build_cfgsync_router(
+        store,
+        Default::default(),
+        None,
+        Some(Arc::new(materializer)),
+    )
+    .await
+    .unwrap();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        axum::serve(
+            listener,
+            router.into_make_service_with_connect_info::<std::net::SocketAddr>(),
+        )
+        .await
+        .unwrap()
+    });
+    assert_eq!(post(&url, "/register", &reg("a", "10.0.0.1")).await.0, 202);
+    let (status, body) = post(&url, "/node", &reg("a", "10.0.0.1")).await;
+    assert_eq!(
+        (status.as_u16(), body["code"].as_str()),
+        (425, Some("not_ready"))
+    );
+    assert_eq!(post(&url, "/register", &reg("b", "10.0.0.2")).await.0, 202);
+    let (status, body) = post(&url, "/node?wait=10", &reg("b", "10.0.0.2")).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["files"][0],
+        json!({"path": "/config.yaml", "content": "port: 3000"})
+    );
+}

@@ -250,19 +250,10 @@ impl Engine {
             return self.gate_closed(why);
         }
         // The gate's store round trip is also the one read of every stored flag.
-        let listing = match self.store.list(SYSTEM_NAMESPACE, INIT_STATE).await {
-            Ok(listing) => listing,
+        let mut stored = match self.read_stored().await {
+            Ok(stored) => stored,
             Err(err) => return self.gate_closed(format!("the store did not answer: {err}")),
         };
-        let mut stored: HashMap<String, (String, Revision)> = listing
-            .entries
-            .into_iter()
-            .filter_map(|(name, e)| {
-                e.value
-                    .as_str()
-                    .map(|flag| (name, (flag.to_string(), e.mod_revision)))
-            })
-            .collect();
         if !self.spec_written {
             self.write_wanted().await;
         }
@@ -312,6 +303,17 @@ impl Engine {
         self.remember(held);
         *self.fence.lock().await = Some(held);
         let renewer = self.spawn_renewer();
+        // The flags above were read before the lease was ours: a holder that released it in
+        // between may have stored some of them. Read them again under the lease, or a step
+        // that just finished elsewhere would run a second time.
+        match self.read_stored().await {
+            Ok(fresh) => stored = fresh,
+            Err(err) => {
+                renewer.abort();
+                self.give_up_lease().await;
+                return self.gate_closed(format!("the store did not answer: {err}"));
+            }
+        }
 
         let eligible: HashSet<String> = due.iter().map(|e| e.name.clone()).collect();
         // Passes: a dependant placed before its prerequisite converges in this same wake.
@@ -340,14 +342,34 @@ impl Engine {
         }
 
         renewer.abort();
+        self.give_up_lease().await;
+        self.pending(&post, &stored)
+    }
+
+    /// Every stored flag with its revision, in one round trip.
+    async fn read_stored(
+        &self,
+    ) -> Result<HashMap<String, (String, Revision)>, crate::store::Error> {
+        let listing = self.store.list(SYSTEM_NAMESPACE, INIT_STATE).await?;
+        Ok(listing
+            .entries
+            .into_iter()
+            .filter_map(|(name, e)| {
+                e.value
+                    .as_str()
+                    .map(|flag| (name, (flag.to_string(), e.mod_revision)))
+            })
+            .collect())
+    }
+
+    /// Releases the lease if this wake still holds it, so a standby need not wait for it to lapse.
+    async fn give_up_lease(&self) {
         let mut fence = self.fence.lock().await;
         if let Some(revision) = fence.take()
             && let Err(err) = lease::release(self.store.as_ref(), revision).await
         {
             tracing::warn!(error = %err, "cannot release the lease; it will lapse");
         }
-        drop(fence);
-        self.pending(&post, &stored)
     }
 
     fn gate_closed(&mut self, why: String) -> Outcome {
@@ -773,7 +795,7 @@ mod tests {
     use crate::bootstrap::spec::{Cadence, Entry, params_hash};
     use crate::bootstrap::{InitError, Initialiser};
     use crate::store::memory::MemoryStore;
-    use crate::store::{Key, Limits, StoreExt};
+    use crate::store::{Key, Limits, Store, StoreExt};
 
     struct Gated(AtomicBool);
 
@@ -1106,6 +1128,72 @@ mod tests {
             next_sleep(&Outcome::Standby, &h.engine.spec().cadence),
             Duration::from_secs(15)
         );
+    }
+
+    /// A store on which another replica finishes `a` at v1 and releases the lease in the gap
+    /// between this replica's read of the flags and its taking of the lease.
+    struct FinishedElsewhere {
+        inner: MemoryStore,
+        done: AtomicBool,
+    }
+
+    #[async_trait]
+    impl Store for FinishedElsewhere {
+        fn backend(&self) -> &'static str {
+            "memory"
+        }
+        async fn revision(&self) -> Result<Revision, crate::store::Error> {
+            self.inner.revision().await
+        }
+        async fn get(&self, key: &Key) -> Result<Option<crate::store::Entry>, crate::store::Error> {
+            if *key == lease::lease_key() && !self.done.swap(true, Ordering::SeqCst) {
+                let flag = status::key(INIT_STATE, "a");
+                self.inner.put(flag, json!("v1")).await?;
+            }
+            self.inner.get(key).await
+        }
+        async fn list(
+            &self,
+            namespace: &str,
+            kind: &str,
+        ) -> Result<crate::store::Listing, crate::store::Error> {
+            self.inner.list(namespace, kind).await
+        }
+        async fn namespace(
+            &self,
+            namespace: &str,
+        ) -> Result<crate::store::NamespaceTree, crate::store::Error> {
+            self.inner.namespace(namespace).await
+        }
+        async fn namespaces(&self) -> Result<Vec<String>, crate::store::Error> {
+            self.inner.namespaces().await
+        }
+        async fn apply(&self, batch: Batch) -> Result<Revision, crate::store::Error> {
+            self.inner.apply(batch).await
+        }
+        async fn watch(
+            &self,
+            from: Revision,
+            filter: crate::store::WatchFilter,
+        ) -> Result<crate::store::Watch, crate::store::Error> {
+            self.inner.watch(from, filter).await
+        }
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_step_finished_by_another_replica_before_the_lease_was_taken_does_not_run_again() {
+        let store: DynStore = Arc::new(FinishedElsewhere {
+            inner: MemoryStore::new(Limits::default()),
+            done: AtomicBool::new(false),
+        });
+        let mut h = harness_on(store, vec![("a", "v1", Behaviour::Ok)]);
+        assert_eq!(h.engine.wake().await, Outcome::Converged);
+        assert_eq!(
+            h.runs("a"),
+            0,
+            "the flag read under the lease says v1 is done"
+        );
+        assert_eq!(h.flag("a").await.as_deref(), Some("v1"));
     }
 
     #[tokio::test(start_paused = true)]

@@ -15,7 +15,7 @@ pub const INIT_SPEC: &str = "init-spec";
 pub const SPEC_KEY: &str = "current";
 
 /// Where an initialiser stands.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum State {
     /// Running now.
@@ -31,7 +31,7 @@ pub enum State {
 }
 
 /// The `init-status` record of one instance.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Status {
     /// Where it stands.
     pub state: State,

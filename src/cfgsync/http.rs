@@ -6,13 +6,14 @@ use std::time::Duration;
 
 use axum::Router;
 use axum::extract::connect_info::ConnectInfo;
-use axum::extract::{FromRequestParts, Query, State};
+use axum::extract::{FromRef, FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::NodeRegistration;
 use super::protocol::{INTERNAL, MISSING_CONFIG, NOT_READY};
@@ -40,10 +41,19 @@ pub struct NodeRoutes {
 
 /// The `/register` and `/node` routes.
 pub fn routes(state: NodeRoutes) -> Router {
-    Router::new()
-        .route("/register", post(register))
-        .route("/node", post(node))
-        .with_state(state)
+    let (router, _) = api::<NodeRoutes>().split_for_parts();
+    router.with_state(state)
+}
+
+/// The node routes with their OpenAPI description, in any router whose state holds them.
+pub fn api<S>() -> OpenApiRouter<S>
+where
+    S: Clone + Send + Sync + 'static,
+    NodeRoutes: FromRef<S>,
+{
+    OpenApiRouter::new()
+        .routes(routes!(register))
+        .routes(routes!(node))
 }
 
 /// Checks an identifier: non-empty, bounded, no control characters or path separators.
@@ -98,7 +108,7 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
 }
 
 /// The `202` body: an addition old clients ignore.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Registered {
     /// The identifier registered.
     pub identifier: String,
@@ -156,6 +166,21 @@ fn refused(status: u16, code: &'static str, message: String) -> ApiError {
 /// Attempts to record a registration before giving up on concurrent writers of the same node.
 const REGISTER_ATTEMPTS: usize = 4;
 
+/// Records a node (durably, before answering) with the address it was seen from.
+#[utoipa::path(post, path = "/register", tag = "cfgsync",
+    request_body(content = NodeRegistration, content_type = "application/json"),
+    params(("x-bootsync-node-secret" = Option<String>, Header, description = "Strict mode: the secret given at first registration")),
+    security((), ("join" = [])),
+    responses(
+        (status = 202, description = "Registered", body = Registered),
+        (status = 400, description = "Malformed JSON or IP", body = crate::server::ErrorBody),
+        (status = 401, description = "Missing or wrong join token or node secret", body = crate::server::ErrorBody),
+        (status = 403, description = "Strict mode: the node secret belongs to another identifier", body = crate::server::ErrorBody),
+        (status = 409, description = "Refused by the policy (frozen, full, or a new IP with `on_new_ip: reject`)", body = crate::server::ErrorBody),
+        (status = 413, description = "Body or metadata too large", body = crate::server::ErrorBody),
+        (status = 415, description = "Not `application/json`", body = crate::server::ErrorBody),
+        (status = 422, description = "Invalid identifier or a missing field", body = crate::server::ErrorBody),
+    ))]
 async fn register(
     State(routes): State<NodeRoutes>,
     Peer(peer): Peer,
@@ -225,12 +250,27 @@ async fn register(
 }
 
 /// Query of `POST /node`: unknown parameters are ignored, as the seed's server does.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
 struct NodeQuery {
     /// Seconds to hold the request until the payload is ready (an addition).
     wait: Option<u64>,
 }
 
+/// This node's files once its config is ready; `?wait=` holds the request until then.
+#[utoipa::path(post, path = "/node", tag = "cfgsync",
+    request_body(content = NodeRegistration, content_type = "application/json"),
+    params(NodeQuery,
+        ("x-bootsync-node-secret" = Option<String>, Header, description = "Strict mode: the secret given at registration")),
+    security((), ("join" = [])),
+    responses(
+        (status = 200, description = "The payload", body = super::NodeArtifactsPayload),
+        (status = 400, description = "Malformed JSON, IP or query", body = crate::server::ErrorBody),
+        (status = 401, description = "Missing or wrong join token or node secret", body = crate::server::ErrorBody),
+        (status = 404, description = "`missing_config`: nothing will be served to this identifier", body = crate::server::ErrorBody),
+        (status = 425, description = "`not_ready`: registered, config not ready yet; retry", body = crate::server::ErrorBody),
+        (status = 500, description = "`internal`: materialisation failed", body = crate::server::ErrorBody),
+    ))]
 async fn node(
     State(routes): State<NodeRoutes>,
     headers: HeaderMap,

@@ -18,14 +18,16 @@ pub const INTERNAL: &str = "internal";
 /// A node's registration, the body of both `POST /register` and `POST /node`.
 ///
 /// Unknown fields are ignored, as the seed's server does.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeRegistration {
     /// Stable node identifier.
     pub identifier: String,
     /// The node's address (IPv4 as in the seed; IPv6 is an addition).
+    #[schema(value_type = String, example = "10.0.0.7")]
     pub ip: IpAddr,
     /// Opaque application metadata; `null` or absent means none.
     #[serde(default, skip_serializing_if = "Value::is_null")]
+    #[schema(value_type = Object)]
     pub metadata: Value,
 }
 
@@ -57,7 +59,7 @@ impl NodeRegistration {
 }
 
 /// One delivered file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ArtifactFile {
     /// Where the node should put it (routed by the client's output map).
     pub path: String,
@@ -76,7 +78,7 @@ impl ArtifactFile {
 }
 
 /// The `200` body of `POST /node`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct NodeArtifactsPayload {
     /// Always [`SCHEMA_VERSION`].
     pub schema_version: u32,

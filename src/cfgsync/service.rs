@@ -122,6 +122,16 @@ impl Serving {
         self.registrations.len()
     }
 
+    /// Every registration, in no particular order.
+    pub fn registration_records(&self) -> impl Iterator<Item = &RegistrationRecord> {
+        self.registrations.values()
+    }
+
+    /// Whether a bundle is installed.
+    pub fn has_bundle(&self) -> bool {
+        self.bundle.is_some()
+    }
+
     /// A stored registration.
     pub fn registration(&self, identifier: &str) -> Option<&RegistrationRecord> {
         self.registrations.get(identifier)

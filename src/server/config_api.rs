@@ -3,14 +3,14 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use axum::Router;
 use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::{ApiError, ApiJson, AppState};
 use crate::store::{
@@ -22,17 +22,13 @@ pub const REVISION_HEADER: &str = "x-bootsync-revision";
 /// Longest a `/v1/changes` long-poll is held.
 pub const MAX_CHANGES_WAIT: Duration = Duration::from_secs(60);
 
-pub(super) fn routes(state: AppState) -> Router {
-    Router::new()
-        .route("/v1/config", get(list_namespaces).post(apply_batch))
-        .route("/v1/config/{ns}", get(get_namespace))
-        .route("/v1/config/{ns}/{type}", get(get_type))
-        .route(
-            "/v1/config/{ns}/{type}/{key}",
-            get(get_entry).put(put_entry).delete(delete_entry),
-        )
-        .route("/v1/changes", get(changes))
-        .with_state(state)
+pub(super) fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new()
+        .routes(routes!(list_namespaces, apply_batch))
+        .routes(routes!(get_namespace))
+        .routes(routes!(get_type))
+        .routes(routes!(get_entry, put_entry, delete_entry))
+        .routes(routes!(changes))
 }
 
 /// Path parameters decoded with the JSON error shape on failure.
@@ -84,12 +80,16 @@ fn guard_namespace(state: &AppState, headers: &HeaderMap, namespace: &str) -> Re
     Ok(())
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct Namespaces {
     revision: Revision,
     namespaces: Vec<String>,
 }
 
+/// Every namespace (reserved ones only with the admin token).
+#[utoipa::path(get, path = "/v1/config", tag = "config",
+    security((), ("admin" = [])),
+    responses((status = 200, description = "Namespaces", body = Namespaces, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer")))))]
 async fn list_namespaces(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -109,13 +109,22 @@ async fn list_namespaces(
     ))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct NamespaceBody {
     namespace: String,
     revision: Revision,
     types: BTreeMap<String, BTreeMap<String, Entry>>,
 }
 
+/// A whole namespace as `{type: {key: entry}}`.
+#[utoipa::path(get, path = "/v1/config/{ns}", tag = "config",
+    params(("ns" = String, Path, description = "Namespace (reserved ones, starting with `_`, need the admin token)")),
+    security((), ("admin" = [])),
+    responses(
+        (status = 200, description = "The namespace", body = NamespaceBody, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
+        (status = 400, description = "Invalid name", body = super::ErrorBody),
+        (status = 401, description = "Reserved namespace without the admin token", body = super::ErrorBody),
+    ))]
 async fn get_namespace(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -133,7 +142,7 @@ async fn get_namespace(
     ))
 }
 
-#[derive(Serialize)]
+#[derive(Serialize, utoipa::ToSchema)]
 struct TypeBody {
     namespace: String,
     #[serde(rename = "type")]
@@ -142,6 +151,15 @@ struct TypeBody {
     entries: BTreeMap<String, Entry>,
 }
 
+/// Every entry of one type.
+#[utoipa::path(get, path = "/v1/config/{ns}/{type}", tag = "config",
+    params(("ns" = String, Path, description = "Namespace (reserved ones, starting with `_`, need the admin token)"), ("type" = String, Path, description = "Type within the namespace")),
+    security((), ("admin" = [])),
+    responses(
+        (status = 200, description = "The entries", body = TypeBody, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
+        (status = 400, description = "Invalid name", body = super::ErrorBody),
+        (status = 401, description = "Reserved namespace without the admin token", body = super::ErrorBody),
+    ))]
 async fn get_type(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -161,7 +179,7 @@ async fn get_type(
 }
 
 /// One entry with its address, as `GET` answers it.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EntryBody {
     /// Where it lives.
     #[serde(flatten)]
@@ -173,6 +191,18 @@ pub struct EntryBody {
     pub revision: Revision,
 }
 
+/// One entry with its revisions; `ETag` is its mod revision.
+#[utoipa::path(get, path = "/v1/config/{ns}/{type}/{key}", tag = "config",
+    params(("ns" = String, Path, description = "Namespace (reserved ones, starting with `_`, need the admin token)"), ("type" = String, Path, description = "Type within the namespace"), ("key" = String, Path, description = "Key within the type")),
+    security((), ("admin" = [])),
+    responses(
+        (status = 200, description = "The entry", body = EntryBody,
+            headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"),
+                    ("etag" = String, description = "The entry's mod revision, quoted"))),
+        (status = 400, description = "Invalid name", body = super::ErrorBody),
+        (status = 401, description = "Reserved namespace without the admin token", body = super::ErrorBody),
+        (status = 404, description = "No value at this key", body = super::ErrorBody),
+    ))]
 async fn get_entry(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -202,7 +232,7 @@ async fn get_entry(
 }
 
 /// The answer to every write.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Written {
     /// The revision the write committed at.
     pub revision: Revision,
@@ -232,6 +262,21 @@ fn precondition(headers: &HeaderMap) -> Result<Option<Precondition>, ApiError> {
     Ok(Some(Precondition::ModRevision(revision)))
 }
 
+/// Creates or replaces a value; `If-Match: "<rev>"` or `If-None-Match: *` make it conditional.
+#[utoipa::path(put, path = "/v1/config/{ns}/{type}/{key}", tag = "config",
+    params(("ns" = String, Path, description = "Namespace (reserved ones, starting with `_`, need the admin token)"), ("type" = String, Path, description = "Type within the namespace"), ("key" = String, Path, description = "Key within the type"),
+        ("if-match" = Option<String>, Header, description = "Write only if the entry is at this mod revision"),
+        ("if-none-match" = Option<String>, Header, description = "`*`: write only if the key is absent")),
+    request_body(content = Object, description = "Any JSON value", content_type = "application/json"),
+    security(("admin" = [])),
+    responses(
+        (status = 200, description = "Committed", body = Written, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
+        (status = 400, description = "Malformed JSON, invalid name or header", body = super::ErrorBody),
+        (status = 401, description = "Missing or wrong admin token", body = super::ErrorBody),
+        (status = 409, description = "The precondition failed; nothing was written", body = super::ErrorBody),
+        (status = 413, description = "Body or value too large", body = super::ErrorBody),
+        (status = 415, description = "Not `application/json`", body = super::ErrorBody),
+    ))]
 async fn put_entry(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -248,6 +293,17 @@ async fn put_entry(
     Ok(with_revision(revision, Written { revision }))
 }
 
+/// Removes a value; 404 when it is absent.
+#[utoipa::path(delete, path = "/v1/config/{ns}/{type}/{key}", tag = "config",
+    params(("ns" = String, Path, description = "Namespace (reserved ones, starting with `_`, need the admin token)"), ("type" = String, Path, description = "Type within the namespace"), ("key" = String, Path, description = "Key within the type"),
+        ("if-match" = Option<String>, Header, description = "Delete only if the entry is at this mod revision")),
+    security(("admin" = [])),
+    responses(
+        (status = 200, description = "Committed", body = Written, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
+        (status = 401, description = "Missing or wrong admin token", body = super::ErrorBody),
+        (status = 404, description = "No value at this key", body = super::ErrorBody),
+        (status = 409, description = "The precondition failed", body = super::ErrorBody),
+    ))]
 async fn delete_entry(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -270,6 +326,17 @@ async fn delete_entry(
     Ok(with_revision(revision, Written { revision }))
 }
 
+/// An atomic batch: every check must hold, then every op commits under one revision.
+#[utoipa::path(post, path = "/v1/config", tag = "config",
+    request_body(content = crate::store::Batch, content_type = "application/json"),
+    security(("admin" = [])),
+    responses(
+        (status = 200, description = "Committed", body = Written, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
+        (status = 400, description = "Malformed batch or invalid name", body = super::ErrorBody),
+        (status = 401, description = "Missing or wrong admin token", body = super::ErrorBody),
+        (status = 409, description = "A check failed (the message names the key); nothing was written", body = super::ErrorBody),
+        (status = 413, description = "Body or value too large", body = super::ErrorBody),
+    ))]
 async fn apply_batch(
     State(state): State<AppState>,
     headers: HeaderMap,
@@ -281,8 +348,9 @@ async fn apply_batch(
 }
 
 /// Query of `GET /v1/changes`.
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
 struct ChangesQuery {
     /// Events after this revision.
     #[serde(default)]
@@ -296,7 +364,7 @@ struct ChangesQuery {
 }
 
 /// One public change notification: which namespaces changed, by type.
-#[derive(Debug, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct PublicEvent {
     /// The batch's revision.
     pub revision: Revision,
@@ -321,7 +389,7 @@ impl PublicEvent {
 }
 
 /// The answer of `GET /v1/changes`: the events, and the revision to ask from next.
-#[derive(Debug, Serialize, Deserialize)]
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChangesBody<E> {
     /// Ask `from` this revision next time.
     pub revision: Revision,
@@ -332,6 +400,17 @@ pub struct ChangesBody<E> {
 /// Most events returned by one long-poll answer.
 const MAX_EVENTS: usize = 1000;
 
+/// Long-poll of the change stream: events after `from`, held up to `timeout` seconds.
+#[utoipa::path(get, path = "/v1/changes", tag = "config",
+    params(ChangesQuery),
+    security((), ("admin" = [])),
+    responses(
+        (status = 200, description = "Public events: which namespaces changed, by type (full events with `internal=true`)",
+            body = ChangesBody<PublicEvent>, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
+        (status = 400, description = "Malformed query", body = super::ErrorBody),
+        (status = 401, description = "`internal=true` without the admin token", body = super::ErrorBody),
+        (status = 410, description = "`from` is older than the compacted history; list and restart from the current revision", body = super::ErrorBody),
+    ))]
 async fn changes(
     State(state): State<AppState>,
     headers: HeaderMap,

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use crate::store;
 
 /// The body of every error response.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ErrorBody {
     /// A stable machine-readable code (`bad_request`, `not_found`, `conflict`, `not_ready`, ...).
     pub code: String,

@@ -4,6 +4,8 @@ pub mod auth;
 pub mod config_api;
 pub mod error;
 mod health;
+pub mod openapi;
+mod page;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -54,6 +56,15 @@ impl Default for ServerOptions {
             join_token: None,
             body_limit: DEFAULT_BODY_LIMIT,
             cfgsync: ServiceOptions::default(),
+        }
+    }
+}
+
+impl axum::extract::FromRef<AppState> for NodeRoutes {
+    fn from_ref(state: &AppState) -> Self {
+        NodeRoutes {
+            service: state.cfgsync.clone(),
+            join_token: state.options.join_token.clone(),
         }
     }
 }
@@ -168,14 +179,8 @@ async fn record_request(State(state): State<AppState>, request: Request, next: N
 
 /// The whole router (config API, cfgsync, health, metrics); `extra` routers are merged in.
 pub fn router(state: AppState, extra: impl IntoIterator<Item = Router>) -> Router {
-    let mut app = Router::new()
-        .merge(health::routes(state.clone()))
-        .merge(config_api::routes(state.clone()))
-        .merge(status::routes(state.clone()))
-        .merge(crate::cfgsync::http::routes(NodeRoutes {
-            service: state.cfgsync.clone(),
-            join_token: state.options.join_token.clone(),
-        }));
+    let (documented, _) = openapi::api().split_for_parts();
+    let mut app = documented.with_state(state.clone());
     for part in extra {
         app = app.merge(part);
     }

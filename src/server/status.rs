@@ -4,19 +4,19 @@
 use std::collections::BTreeMap;
 
 use axum::Json;
-use axum::Router;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use axum::routing::get;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
 
 use super::{ApiError, AppState};
 use crate::bootstrap::status::{INIT_SPEC, INIT_STATE, INIT_STATUS, SPEC_KEY, Status, WantedSpec};
 use crate::store::{Revision, SYSTEM_NAMESPACE};
 
 /// One initialiser as `/v1/status` reports it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct InitialiserStatus {
     /// Instance name.
     pub name: String,
@@ -37,7 +37,7 @@ pub struct InitialiserStatus {
 }
 
 /// The body of `GET /v1/status`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct StatusBody {
     /// Store revision read.
     pub revision: Revision,
@@ -48,20 +48,31 @@ pub struct StatusBody {
     /// In spec order, then any stored but no longer wanted.
     pub initialisers: Vec<InitialiserStatus>,
     /// cfgsync: registrations and readiness.
+    #[schema(value_type = Object)]
     pub cfgsync: Value,
 }
 
-pub(super) fn routes(state: AppState) -> Router {
-    Router::new()
-        .route("/v1/status", get(status))
-        .with_state(state)
+pub(super) fn api() -> OpenApiRouter<AppState> {
+    OpenApiRouter::new().routes(routes!(status))
 }
 
+/// Every initialiser's wanted and stored flag, state and last run; cfgsync readiness.
+#[utoipa::path(get, path = "/v1/status", tag = "status",
+    security((), ("admin" = [])),
+    responses(
+        (status = 200, description = "The reconciler's state", body = StatusBody),
+        (status = 401, description = "Missing or wrong admin token (when one is configured)", body = super::ErrorBody),
+    ))]
 async fn status(
     State(state): State<AppState>,
     headers: HeaderMap,
 ) -> Result<Json<StatusBody>, ApiError> {
     state.require_admin(&headers)?;
+    Ok(Json(collect(&state).await?))
+}
+
+/// Reads the status from `__system__` and the cfgsync view (one store round trip).
+pub(super) async fn collect(state: &AppState) -> Result<StatusBody, ApiError> {
     let tree = state.store.namespace(SYSTEM_NAMESPACE).await?;
     let empty = BTreeMap::new();
     let stored = tree.types.get(INIT_STATE).unwrap_or(&empty);
@@ -124,7 +135,7 @@ async fn status(
     }
     let serving = state.cfgsync.current();
     let converged = wanted.is_some() && initialisers.iter().all(|i| i.converged);
-    Ok(Json(StatusBody {
+    Ok(StatusBody {
         revision: tree.revision,
         backend: state.store.backend().to_string(),
         converged,
@@ -134,5 +145,5 @@ async fn status(
             "ready": serving.is_ready(),
             "policy": serving.policy().is_some(),
         }),
-    }))
+    })
 }

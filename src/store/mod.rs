@@ -37,7 +37,9 @@ pub const TEMPLATE_NAMESPACE: &str = "__template__";
 pub const CFGSYNC_NAMESPACE: &str = "__cfgsync__";
 
 /// The address of one entry.
-#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize, utoipa::ToSchema,
+)]
 pub struct Key {
     /// Namespace id; reserved when it starts with `_`.
     pub namespace: String,
@@ -77,7 +79,7 @@ impl fmt::Display for Key {
 }
 
 /// A stored value with its revisions.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Entry {
     /// The JSON value.
     pub value: Value,
@@ -88,7 +90,7 @@ pub struct Entry {
 }
 
 /// One write in a batch.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(tag = "op", rename_all = "lowercase", deny_unknown_fields)]
 pub enum Op {
     /// Create or replace a value.
@@ -117,7 +119,7 @@ impl Op {
 }
 
 /// What a key must look like for a batch to commit.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Precondition {
     /// The key does not exist.
@@ -127,7 +129,7 @@ pub enum Precondition {
 }
 
 /// A precondition on one key.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Check {
     /// The key checked.
@@ -138,7 +140,7 @@ pub struct Check {
 }
 
 /// An atomic group of writes, committed under one revision or not at all.
-#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Batch {
     /// Preconditions, all of which must hold.
@@ -264,7 +266,7 @@ impl NamespaceTree {
 }
 
 /// One changed key within a committed batch.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Change {
     /// The key written.
     #[serde(flatten)]
@@ -274,7 +276,7 @@ pub struct Change {
 }
 
 /// Everything one committed batch changed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ChangeEvent {
     /// The batch's revision.
     pub revision: Revision,

@@ -176,7 +176,7 @@ fn state_label(i: &InitialiserStatus) -> (&'static str, &'static str) {
 const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}\
 table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:.3em .6em;\
 text-align:left;vertical-align:top}th{background:#f3f3f3}.ok{color:#176117}.bad{color:#a31515;\
-font-weight:bold}.run{color:#8a5a00}pre{margin:0;white-space:pre-wrap;max-width:60em}\
+font-weight:bold}.run{color:#8a5a00}pre{margin:0;white-space:pre-wrap;max-width:60em}td:not(:last-child){white-space:nowrap}\
 .badge{padding:.1em .5em;border-radius:.3em;background:#eee}";
 
 /// The whole page.
@@ -184,6 +184,8 @@ fn render(status: &StatusBody, cfgsync: &Cfgsync, now: u64) -> String {
     let mut out = String::with_capacity(8 * 1024);
     let (word, class) = if status.converged {
         ("converged", "ok")
+    } else if status.initialisers.is_empty() {
+        ("no reconciler yet", "run")
     } else {
         ("converging", "run")
     };

@@ -9,8 +9,9 @@ use crate::bootstrap::{InitContext, InitError, Initialiser, Registration};
 use crate::cfgsync::{NodeArtifactsBundle, state};
 
 /// Params of `cfgsync-bundle`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "CfgsyncBundleParams")]
 struct Params {
     /// The bundle file (YAML or JSON), relative to the spec file.
     bundle_file: String,
@@ -43,6 +44,7 @@ fn construct(params: serde_json::Value) -> Result<Box<dyn Initialiser>, ParamsEr
 
 inventory::submit! {
     Registration::new("cfgsync-bundle", "loads a static artifact bundle into cfgsync", construct)
+        .with_params_schema(crate::bootstrap::schema::params_schema::<Params>)
 }
 
 #[cfg(test)]

@@ -8,8 +8,9 @@ use crate::bootstrap::{InitContext, InitError, Initialiser, Registration};
 use crate::cfgsync::{Policy, state};
 
 /// Params of `cfgsync-policy`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "CfgsyncPolicyParams")]
 struct Params {
     /// The policy file (YAML or JSON), relative to the spec file.
     policy_file: String,
@@ -38,6 +39,7 @@ fn construct(params: serde_json::Value) -> Result<Box<dyn Initialiser>, ParamsEr
 
 inventory::submit! {
     Registration::new("cfgsync-policy", "installs a registration policy for cfgsync", construct)
+        .with_params_schema(crate::bootstrap::schema::params_schema::<Params>)
 }
 
 #[cfg(test)]

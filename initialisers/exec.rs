@@ -14,8 +14,9 @@ use crate::bootstrap::{InitContext, InitError, Initialiser, Registration};
 const STDERR_TAIL: usize = 2048;
 
 /// Params of `exec`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "ExecParams")]
 struct Params {
     /// The program and its arguments (no shell: use `["sh", "-c", "..."]` for one).
     command: Vec<String>,
@@ -121,6 +122,7 @@ fn construct(params: serde_json::Value) -> Result<Box<dyn Initialiser>, ParamsEr
 
 inventory::submit! {
     Registration::new("exec", "runs a command once per flag", construct)
+        .with_params_schema(crate::bootstrap::schema::params_schema::<Params>)
 }
 
 #[cfg(test)]

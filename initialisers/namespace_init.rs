@@ -9,8 +9,9 @@ use crate::bootstrap::{InitContext, InitError, Initialiser, Registration};
 use crate::store::{TEMPLATE_NAMESPACE, is_reserved, validate_namespace};
 
 /// Where the content comes from.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, schemars::JsonSchema)]
 #[serde(rename_all = "kebab-case")]
+#[schemars(rename = "NamespaceInitSource")]
 enum Source {
     /// The whole `__template__` namespace.
     Template,
@@ -19,8 +20,9 @@ enum Source {
 }
 
 /// Params of `namespace-init`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "NamespaceInitParams")]
 struct Params {
     /// The namespace to fill (not a reserved one).
     namespace: String,
@@ -107,6 +109,7 @@ fn construct(params: serde_json::Value) -> Result<Box<dyn Initialiser>, ParamsEr
 
 inventory::submit! {
     Registration::new("namespace-init", "fills a namespace from __template__ or a seed file", construct)
+        .with_params_schema(crate::bootstrap::schema::params_schema::<Params>)
 }
 
 #[cfg(test)]

@@ -9,8 +9,9 @@ use crate::bootstrap::{InitContext, InitError, Initialiser, Registration};
 use crate::store::TEMPLATE_NAMESPACE;
 
 /// Params of `template-seed`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "TemplateSeedParams")]
 struct Params {
     /// JSON or YAML file shaped `{type: {key: value}}`, relative to the spec file.
     seed_file: String,
@@ -44,6 +45,7 @@ fn construct(params: serde_json::Value) -> Result<Box<dyn Initialiser>, ParamsEr
 
 inventory::submit! {
     Registration::new("template-seed", "fills __template__ from a seed file", construct)
+        .with_params_schema(crate::bootstrap::schema::params_schema::<Params>)
 }
 
 #[cfg(test)]

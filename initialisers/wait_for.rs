@@ -10,8 +10,9 @@ use crate::bootstrap::registry::{ParamsError, from_params};
 use crate::bootstrap::{InitContext, InitError, Initialiser, Registration, duration};
 
 /// Params of `wait-for`.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(rename = "WaitForParams")]
 struct Params {
     /// `host:port` endpoints that must accept a TCP connection.
     #[serde(default)]
@@ -24,6 +25,7 @@ struct Params {
         default = "default_timeout",
         deserialize_with = "duration::deserialize"
     )]
+    #[schemars(schema_with = "crate::bootstrap::schema::duration")]
     timeout: Duration,
 }
 
@@ -98,6 +100,7 @@ fn construct(params: serde_json::Value) -> Result<Box<dyn Initialiser>, ParamsEr
 
 inventory::submit! {
     Registration::new("wait-for", "waits until TCP and HTTP endpoints answer (pre-gate)", construct)
+        .with_params_schema(crate::bootstrap::schema::params_schema::<Params>)
 }
 
 #[cfg(test)]

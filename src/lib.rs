@@ -25,3 +25,6 @@ pub mod telemetry;
 mod initialisers;
 
 pub use inventory;
+/// Re-exported so third-party initialisers can describe their params with the same version
+/// (`#[derive(JsonSchema)] #[schemars(crate = "bootsync::schemars")]`).
+pub use schemars;

@@ -6,6 +6,7 @@ pub mod engine;
 pub mod initialiser;
 pub mod lease;
 pub mod registry;
+pub mod schema;
 pub mod spec;
 pub mod status;
 

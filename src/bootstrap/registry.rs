@@ -13,6 +13,10 @@ pub struct ParamsError(#[from] pub serde_json::Error);
 /// Builds an initialiser from its spec params.
 pub type Constructor = fn(Value) -> Result<Box<dyn Initialiser>, ParamsError>;
 
+/// Describes an initialiser's params for the spec's JSON Schema (see
+/// [`super::schema::params_schema`]).
+pub type ParamsSchema = fn(&mut schemars::SchemaGenerator) -> schemars::Schema;
+
 /// One initialiser class, submitted with `inventory::submit!`.
 #[derive(Debug)]
 pub struct Registration {
@@ -22,6 +26,8 @@ pub struct Registration {
     pub summary: &'static str,
     /// The constructor from params.
     pub construct: Constructor,
+    /// The params' JSON Schema, when the class provides one (any params are accepted otherwise).
+    pub params_schema: Option<ParamsSchema>,
 }
 
 impl Registration {
@@ -31,7 +37,14 @@ impl Registration {
             class,
             summary,
             construct,
+            params_schema: None,
         }
+    }
+
+    /// Adds the params' schema: `.with_params_schema(schema::params_schema::<Params>)`.
+    pub const fn with_params_schema(mut self, schema: ParamsSchema) -> Self {
+        self.params_schema = Some(schema);
+        self
     }
 }
 

@@ -9,7 +9,7 @@ use super::ArtifactFile;
 use crate::files::{FileError, check_payload_path, parse_file};
 
 /// One node's files in a bundle.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct BundleNode {
     /// The node identifier the files are for.
     pub identifier: String,
@@ -19,7 +19,7 @@ pub struct BundleNode {
 }
 
 /// A precomputed bundle, the seed's format (`nodes`, and `shared_files` of later versions).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 pub struct NodeArtifactsBundle {
     /// Per-node file sets.
     #[serde(default)]

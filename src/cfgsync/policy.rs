@@ -17,7 +17,7 @@ use super::{ArtifactFile, NodeRegistration};
 use crate::files::{FileError, check_payload_path, parse_file};
 
 /// One templated file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct TemplateFile {
     /// Payload path of the rendered file.
@@ -27,7 +27,9 @@ pub struct TemplateFile {
 }
 
 /// What a re-registration with a different IP does.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum OnNewIp {
     /// Record the new IP (and re-render everyone's files unless frozen).
@@ -38,7 +40,7 @@ pub enum OnNewIp {
 }
 
 /// A registration policy, as in `bootsync serve --policy FILE`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     /// Ready once this many identifiers registered.

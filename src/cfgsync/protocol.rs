@@ -59,7 +59,9 @@ impl NodeRegistration {
 }
 
 /// One delivered file.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema,
+)]
 pub struct ArtifactFile {
     /// Where the node should put it (routed by the client's output map).
     pub path: String,

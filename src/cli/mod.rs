@@ -4,6 +4,7 @@
 mod bootstrap;
 mod client;
 mod config;
+mod schema;
 mod serve;
 
 use std::process::ExitCode;
@@ -54,6 +55,8 @@ pub enum Command {
     /// Operate the config store from a shell.
     #[command(subcommand)]
     Config(config::ConfigCommand),
+    /// Print the JSON Schema of the spec, bundle or policy file (for editors and CI).
+    Schema(schema::SchemaArgs),
 }
 
 /// Parses the process arguments, runs the command and returns its exit status.
@@ -90,5 +93,6 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Status(args) => bootstrap::status(args).await,
         Command::Client(args) => client::run(args).await,
         Command::Config(command) => config::run(command).await,
+        Command::Schema(args) => schema::run(args),
     }
 }

@@ -8,9 +8,10 @@ use bootsync::inventory;
 use bootsync::store::{Batch, Key, Precondition};
 use serde::Deserialize;
 
-/// Params of `acme.create-admin`.
-#[derive(Debug, Clone, Deserialize)]
+/// Params of `acme.create-admin`. The schema derive puts them in `acme-bootsync schema spec`.
+#[derive(Debug, Clone, Deserialize, bootsync::schemars::JsonSchema)]
 #[serde(deny_unknown_fields)]
+#[schemars(crate = "bootsync::schemars", rename = "AcmeCreateAdminParams")]
 pub struct Params {
     /// Namespace to create the admin record in.
     pub namespace: String,
@@ -51,6 +52,7 @@ fn construct(params: serde_json::Value) -> Result<Box<dyn Initialiser>, ParamsEr
 
 inventory::submit! {
     Registration::new("acme.create-admin", "creates the first admin user", construct)
+        .with_params_schema(bootsync::bootstrap::schema::params_schema::<Params>)
 }
 
 /// Referencing this from `main` makes the linker keep this crate's object code, and with it

@@ -60,3 +60,27 @@ fn strict_params_apply_to_third_party_initialisers_too() {
         "the core classes are there too"
     );
 }
+
+#[test]
+fn the_linked_binary_describes_the_third_party_params_in_its_spec_schema() {
+    let acme = PathBuf::from(env!("CARGO_BIN_EXE_acme-bootsync"));
+    let out = Command::new(&acme)
+        .args(["schema", "spec"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let schema: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let class = schema["properties"]["initialisers"]["items"]["oneOf"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|c| c["title"] == "acme.create-admin")
+        .expect("the third-party class is listed")
+        .clone();
+    assert_eq!(
+        class["properties"]["params"]["$ref"],
+        "#/$defs/AcmeCreateAdminParams"
+    );
+    let params = &schema["$defs"]["AcmeCreateAdminParams"];
+    assert_eq!(params["required"], serde_json::json!(["namespace", "user"]));
+}

@@ -135,6 +135,7 @@ async fn the_binary_gives_up_with_exit_3_against_a_server_that_is_never_ready() 
     let dir = tempfile::tempdir().unwrap();
     let (code, _, stderr) = tokio::task::spawn_blocking({
         let dir = dir.path().to_path_buf();
+        let url = url.clone();
         move || {
             let mut args = client_args(&url, "a", ".", "2s");
             args.retain(|a| *a != "--quiet");
@@ -149,6 +150,42 @@ async fn the_binary_gives_up_with_exit_3_against_a_server_that_is_never_ready() 
         stderr.contains("not ready"),
         "says what it waited for: {stderr}"
     );
+
+    // The same wait as JSON lines, and with --quiet only the final problem.
+    let run = |extra: &'static [&'static str]| {
+        let url = url.clone();
+        let dir = dir.path().to_path_buf();
+        tokio::task::spawn_blocking(move || {
+            let mut args = client_args(&url, "a", ".", "2s");
+            args.retain(|a| *a != "--quiet");
+            args.extend(extra);
+            support::run_cli(&args, &dir)
+        })
+    };
+    let (code, stdout, stderr) = run(&["--output", "json"]).await.unwrap();
+    assert_eq!(code, 3, "{stderr}");
+    assert!(stdout.is_empty(), "no result on stdout: {stdout}");
+    let events: Vec<Value> = stderr
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    let kinds: Vec<&str> = events
+        .iter()
+        .map(|e| e["event"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds.first(), Some(&"registering"), "{stderr}");
+    assert!(kinds.contains(&"waiting"), "{stderr}");
+    assert_eq!(kinds.last(), Some(&"gave_up"), "{stderr}");
+    let waiting = events.iter().find(|e| e["event"] == "waiting").unwrap();
+    assert!(
+        waiting["last"].as_str().unwrap().contains("not ready"),
+        "{waiting}"
+    );
+
+    let (code, _, stderr) = run(&["--output", "json", "--quiet"]).await.unwrap();
+    assert_eq!(code, 3);
+    assert_eq!(stderr.lines().count(), 1, "{stderr}");
+    assert!(stderr.contains("\"gave_up\""), "{stderr}");
 }
 
 #[tokio::test]

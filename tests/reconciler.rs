@@ -217,6 +217,65 @@ async fn a_failing_and_a_hanging_step_do_not_stop_the_others_and_show_in_status(
     );
     assert_eq!(code, 3, "status --wait gives up while not converged: {err}");
     assert!(err.contains("broken"), "it says what it waits for: {err}");
+    assert!(
+        err.contains("migration exploded"),
+        "and the error it is stuck on: {err}"
+    );
+
+    // Machine-readable: progress and giving up as JSON lines on stderr, the status on stdout.
+    let wait_json = |extra: &[&str]| {
+        let mut args = vec![
+            "status",
+            "--server",
+            &server.url,
+            "--wait",
+            "--timeout",
+            "2s",
+            "--output",
+            "json",
+        ];
+        args.extend_from_slice(extra);
+        support::run_cli(&args, dir.path())
+    };
+    let (code, out, err) = wait_json(&[]);
+    assert_eq!(code, 3, "{err}");
+    let status: Value = serde_json::from_str(&out).expect("the last status as JSON on stdout");
+    assert_eq!(status["converged"], false);
+    let events: Vec<Value> = err
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("{l:?}: {e}")))
+        .collect();
+    let waiting = events
+        .iter()
+        .find(|e| e["event"] == "waiting")
+        .expect("a waiting event");
+    let broken = waiting["waiting_for"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["name"] == "broken")
+        .expect("broken is waited for");
+    assert!(
+        broken["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("migration exploded")
+    );
+    assert_eq!(events.last().unwrap()["event"], "gave_up");
+    // Unchanged progress is not repeated every poll: consecutive lines differ.
+    let messages: Vec<&Value> = events
+        .iter()
+        .filter(|e| e["event"] == "waiting")
+        .map(|e| &e["message"])
+        .collect();
+    assert!(messages.windows(2).all(|w| w[0] != w[1]), "{err}");
+
+    // Quiet: only the final problem is said.
+    let (code, _, err) = wait_json(&["--quiet"]);
+    assert_eq!(code, 3);
+    let lines: Vec<&str> = err.lines().collect();
+    assert_eq!(lines.len(), 1, "{err}");
+    assert!(lines[0].contains("\"gave_up\""), "{err}");
 }
 
 #[tokio::test]

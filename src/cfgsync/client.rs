@@ -247,23 +247,32 @@ impl CfgsyncClient {
         let deadline = started + timeout;
         let mut backoff = Backoff::new(Duration::from_millis(250), Duration::from_secs(5));
         let mut registered = false;
-        let mut last = "not asked yet".to_string();
+        let mut last = String::new();
         let mut reported = started;
+        let mut reported_last = String::new();
         loop {
             let now = tokio::time::Instant::now();
             if now >= deadline {
+                if last.is_empty() {
+                    last = "the server never answered".into();
+                }
                 return Err(ClientError::GaveUp {
                     waited: started.elapsed(),
                     last,
                 });
             }
-            if now.duration_since(reported) >= Duration::from_secs(10) {
+            // Say what changed at once, and remind every 10 s while nothing does.
+            let changed = last != reported_last;
+            if !last.is_empty()
+                && (changed || now.duration_since(reported) >= Duration::from_secs(10))
+            {
                 progress(&Progress {
                     server: self.base.clone(),
                     waited: started.elapsed(),
                     last: last.clone(),
                 });
                 reported = now;
+                reported_last.clone_from(&last);
             }
             let remaining = deadline - now;
             let attempt = async {

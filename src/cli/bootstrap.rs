@@ -5,10 +5,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
-use clap::{Args, ValueEnum};
+use clap::Args;
+use serde_json::json;
 use tokio_util::task::TaskTracker;
 
 use super::config::Remote;
+use super::report::{Output, Reporter};
 use super::serve::{Preload, ServerArgs, start_server};
 use super::{EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE};
 use crate::bootstrap::status::{INIT_STATE, INIT_STATUS, Status};
@@ -68,15 +70,6 @@ pub struct PlanArgs {
     remote: Remote,
 }
 
-/// Output format of `status`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub(crate) enum Output {
-    /// A table for people.
-    Text,
-    /// The `/v1/status` JSON.
-    Json,
-}
-
 /// Flags of `bootsync status`.
 #[derive(Debug, Args)]
 pub struct StatusArgs {
@@ -88,10 +81,10 @@ pub struct StatusArgs {
     /// Give up waiting after this long (exit 3).
     #[arg(long, default_value = "10m", value_parser = duration::parse)]
     timeout: Duration,
-    /// Output format.
+    /// Output format: a table, or the `/v1/status` JSON (progress as JSON lines on stderr).
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
-    /// Print nothing while waiting.
+    /// Print nothing while waiting (giving up is still reported).
     #[arg(long)]
     quiet: bool,
 }
@@ -344,51 +337,89 @@ fn print_table(body: &StatusBody) {
 
 pub(super) async fn status(args: StatusArgs) -> anyhow::Result<u8> {
     let client = args.remote.client()?;
-    let deadline = tokio::time::Instant::now() + args.timeout;
+    let report = Reporter::new(args.output, args.quiet);
+    let started = tokio::time::Instant::now();
+    let deadline = started + args.timeout;
     loop {
         let body = client.status::<StatusBody>().await;
         match (&body, args.wait) {
             (Ok(body), _) if !args.wait || body.converged => {
-                match args.output {
-                    Output::Json => println!("{}", serde_json::to_string_pretty(body)?),
-                    Output::Text => print_table(body),
-                }
+                print_status(body, args.output)?;
                 return Ok(EXIT_OK);
             }
             (Err(err), false) => anyhow::bail!("{err}"),
             _ => {}
         }
-        if !args.quiet {
-            let waiting = match &body {
-                Ok(body) => body
-                    .initialisers
+        let (text, waiting_for) = match &body {
+            Ok(body) if body.initialisers.is_empty() => {
+                ("waiting for: a reconciler to report".to_string(), json!([]))
+            }
+            Ok(body) => {
+                let behind: Vec<_> = body.initialisers.iter().filter(|i| !i.converged).collect();
+                let names = behind
                     .iter()
-                    .filter(|i| !i.converged)
                     .map(|i| {
+                        let error = i
+                            .last_run
+                            .as_ref()
+                            .and_then(|r| r.last_error.as_deref())
+                            .map(|e| format!(", last error: {}", first_line(e)))
+                            .unwrap_or_default();
                         format!(
-                            "{} ({} → {})",
+                            "{} ({} → {}{error})",
                             i.name,
                             i.stored_flag.as_deref().unwrap_or("none"),
                             i.wanted_flag.as_deref().unwrap_or("-")
                         )
                     })
                     .collect::<Vec<_>>()
-                    .join(", "),
-                Err(err) => format!("the server ({err})"),
-            };
-            eprintln!(
-                "waiting for: {}",
-                if waiting.is_empty() {
-                    "a reconciler to report".into()
-                } else {
-                    waiting
-                }
-            );
-        }
+                    .join("; ");
+                let list = behind
+                    .iter()
+                    .map(|i| {
+                        json!({
+                            "name": i.name,
+                            "stored_flag": i.stored_flag,
+                            "wanted_flag": i.wanted_flag,
+                            "state": i.last_run.as_ref().map(|r| r.state),
+                            "last_error": i.last_run.as_ref().and_then(|r| r.last_error.clone()),
+                        })
+                    })
+                    .collect::<Vec<_>>();
+                (format!("waiting for: {names}"), json!(list))
+            }
+            Err(err) => (format!("waiting for: the server ({err})"), json!([])),
+        };
+        report.progress(
+            "waiting",
+            &text,
+            json!({"waiting_for": waiting_for, "waited_ms": started.elapsed().as_millis() as u64}),
+        );
         if tokio::time::Instant::now() >= deadline {
-            eprintln!("gave up after {:?}", args.timeout);
+            report.problem(
+                "gave_up",
+                &format!("gave up after {:?}; {text}", args.timeout),
+                json!({"waiting_for": waiting_for}),
+            );
+            if let Ok(body) = &body
+                && args.output == Output::Json
+            {
+                print_status(body, args.output)?;
+            }
             return Ok(EXIT_GAVE_UP);
         }
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
+}
+
+fn print_status(body: &StatusBody, output: Output) -> anyhow::Result<()> {
+    match output {
+        Output::Json => println!("{}", serde_json::to_string_pretty(body)?),
+        Output::Text => print_table(body),
+    }
+    Ok(())
+}
+
+fn first_line(text: &str) -> &str {
+    text.lines().next().unwrap_or_default()
 }

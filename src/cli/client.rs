@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::bootstrap::Output;
+use super::report::{Output, Reporter};
 use super::{EXIT_FAILURE, EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE};
 use crate::bootstrap::duration;
 use crate::cfgsync::client::{CfgsyncClient, ClientError};
@@ -92,21 +92,31 @@ pub(super) async fn run(args: ClientArgs) -> anyhow::Result<u8> {
         format!("http://{}", args.server)
     };
     let client = CfgsyncClient::new(&server).with_join_token(token);
-    let quiet = args.quiet;
-    let progress = move |p: &crate::cfgsync::client::Progress| {
-        if !quiet {
-            eprintln!(
-                "waiting for {} ({:.0?} so far): {}",
-                p.server, p.waited, p.last
-            );
-        }
+    let report = Reporter::new(args.output, args.quiet);
+    let progress = |p: &crate::cfgsync::client::Progress| {
+        report.progress(
+            "waiting",
+            &format!(
+                "waiting for {} ({} s so far): {}",
+                p.server,
+                p.waited.as_secs(),
+                p.last
+            ),
+            serde_json::json!({
+                "server": p.server,
+                "waited_ms": p.waited.as_millis() as u64,
+                "last": p.last,
+            }),
+        );
     };
-    if !quiet {
-        eprintln!(
+    report.progress(
+        "registering",
+        &format!(
             "registering {} ({}) with {server}",
             args.identifier, args.ip
-        );
-    }
+        ),
+        serde_json::json!({"identifier": args.identifier, "ip": args.ip, "server": server}),
+    );
     let result = async {
         let payload = client
             .register_and_wait(&registration, args.timeout, args.retry_missing, &progress)
@@ -126,7 +136,7 @@ pub(super) async fn run(args: ClientArgs) -> anyhow::Result<u8> {
                         "files": files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>(),
                     })
                 ),
-                Output::Text if !quiet => {
+                Output::Text if !args.quiet => {
                     for file in &files {
                         println!("wrote {}", file.display());
                     }
@@ -136,11 +146,19 @@ pub(super) async fn run(args: ClientArgs) -> anyhow::Result<u8> {
             Ok(EXIT_OK)
         }
         Err(NodeError::Client(err @ ClientError::GaveUp { .. })) => {
-            eprintln!("error: {err}");
+            report.problem(
+                "gave_up",
+                &format!("error: {err}"),
+                serde_json::json!({"identifier": args.identifier}),
+            );
             Ok(EXIT_GAVE_UP)
         }
         Err(err) => {
-            eprintln!("error: {err}");
+            report.problem(
+                "error",
+                &format!("error: {err}"),
+                serde_json::json!({"identifier": args.identifier}),
+            );
             Ok(EXIT_FAILURE)
         }
     }

@@ -4,6 +4,7 @@
 mod bootstrap;
 mod client;
 mod config;
+mod report;
 mod schema;
 mod serve;
 

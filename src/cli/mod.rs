@@ -3,6 +3,7 @@
 
 mod bootstrap;
 mod client;
+mod completions;
 mod config;
 mod report;
 mod schema;
@@ -58,6 +59,8 @@ pub enum Command {
     Config(config::ConfigCommand),
     /// Print the JSON Schema of the spec, bundle or policy file (for editors and CI).
     Schema(schema::SchemaArgs),
+    /// Print a shell completion script (`source <(bootsync completions bash)`).
+    Completions(completions::CompletionsArgs),
 }
 
 /// Parses the process arguments, runs the command and returns its exit status.
@@ -95,5 +98,6 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Client(args) => client::run(args).await,
         Command::Config(command) => config::run(command).await,
         Command::Schema(args) => schema::run(args),
+        Command::Completions(args) => Ok(completions::run(args)),
     }
 }

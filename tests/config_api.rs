@@ -381,6 +381,43 @@ async fn bad_input_gets_the_json_error_shape_and_changes_nothing() {
             404,
         ),
     ];
+    cases.extend([
+        case("type read with a bad name", "GET", "/v1/config/prod/c%00f", "", 400),
+        case("namespace read with a bad name", "GET", "/v1/config/pr%20od", "", 400),
+        case("entry read with a bad key", "GET", "/v1/config/prod/cfg/a%07", "", 400),
+        case("changes with a bad timeout", "GET", "/v1/changes?timeout=soon", "", 400),
+        case("changes with an unknown parameter", "GET", "/v1/changes?since=1", "", 400),
+        case(
+            "batch checking an invalid name",
+            "POST",
+            "/v1/config",
+            "{\"checks\": [{\"namespace\": \"a b\", \"type\": \"t\", \"key\": \"k\", \"expect\": \"absent\"}], \"ops\": [{\"op\": \"put\", \"namespace\": \"prod\", \"type\": \"t\", \"key\": \"k\", \"value\": 1}]}",
+            400,
+        ),
+        case(
+            "batch writing an oversized value",
+            "POST",
+            "/v1/config",
+            &format!("{{\"ops\": [{{\"op\": \"put\", \"namespace\": \"prod\", \"type\": \"t\", \"key\": \"k\", \"value\": {big_value}}}]}}"),
+            413,
+        ),
+        case("batch that is JSON but not an object", "POST", "/v1/config", "[1, 2]", 422),
+    ]);
+    for (what, method, path) in [
+        ("batch without the admin token", "POST", "/v1/config"),
+        (
+            "delete without the admin token",
+            "DELETE",
+            "/v1/config/prod/cfg/a",
+        ),
+        ("status without the admin token", "GET", "/v1/status"),
+        ("status page without the admin token", "GET", "/"),
+    ] {
+        cases.push(Case {
+            token: None,
+            ..case(what, method, path, "{\"ops\": []}", 401)
+        });
+    }
     cases.push(Case {
         content_type: Some("text/plain"),
         ..case(

@@ -444,3 +444,75 @@ async fn plan_shows_what_would_run_and_why() {
     assert!(out.contains("b: will run, v1 → v2"), "{out}");
     assert!(out.contains("c: will run, (none) → v1"), "{out}");
 }
+
+#[tokio::test]
+async fn the_admin_token_never_reaches_the_logs_even_at_trace_level() {
+    let dir = tempfile::tempdir().unwrap();
+    let token = "adm1n-t0ken-that-must-not-leak";
+    std::fs::write(dir.path().join("admin.token"), format!("{token}\n")).unwrap();
+    write_spec(
+        dir.path(),
+        &format!("initialisers:\n{}", record("step", "v1")),
+    );
+    let db = format!("sqlite:{}/x.db", dir.path().display());
+    for format in ["text", "json"] {
+        let server = Proc::spawn_env(
+            &[
+                "run",
+                "--spec",
+                "spec.yaml",
+                "--store",
+                &db,
+                "--admin-token-file",
+                "admin.token",
+                "--log-format",
+                format,
+            ],
+            dir.path(),
+            &[("RUST_LOG", "trace")],
+        );
+        // The reconciler's own requests carry the token; so do these, right and wrong.
+        let http = reqwest::Client::new();
+        support::wait_for(Duration::from_secs(60), "step stored", || async {
+            let body: Value = http
+                .get(format!(
+                    "{}/v1/config/__system__/init-state/step",
+                    server.url
+                ))
+                .bearer_auth(token)
+                .send()
+                .await
+                .ok()?
+                .json()
+                .await
+                .ok()?;
+            (body["value"] == "v1").then_some(())
+        })
+        .await;
+        let wrong = http
+            .put(format!("{}/v1/config/prod/cfg/a", server.url))
+            .bearer_auth(format!("{token}-but-wrong"))
+            .json(&1)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(wrong.status(), 401);
+        let (code, _, _) = support::run_cli(
+            &[
+                "status",
+                "--server",
+                &server.url,
+                "--admin-token-file",
+                "admin.token",
+            ],
+            dir.path(),
+        );
+        assert_eq!(code, 0);
+        let log = server.stderr();
+        assert!(log.len() > 1000, "trace logging produced output: {log}");
+        assert!(
+            !log.contains("t0ken-that-must-not-leak"),
+            "the admin token appears in the {format} log"
+        );
+    }
+}

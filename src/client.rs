@@ -77,15 +77,25 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 impl ApiClient {
     /// A client of the server at `base` (e.g. `http://127.0.0.1:4400`).
     pub fn new(base: impl Into<String>) -> Self {
-        let http = reqwest::Client::builder()
-            .connect_timeout(Duration::from_secs(5))
-            .build()
-            .expect("a plain HTTP client always builds");
+        let http = crate::tls::http_client(&[], reqwest::Client::builder())
+            .expect("a client without extra roots always builds");
         Self {
             base: base.into().trim_end_matches('/').to_string(),
             http,
             admin_token: None,
         }
+    }
+
+    /// Uses this HTTP client (its TLS settings and pool) for every request.
+    pub fn with_http_client(mut self, http: reqwest::Client) -> Self {
+        self.http = http;
+        self
+    }
+
+    /// Trusts these CA certificates beside the system's (for a server with a private CA).
+    pub fn with_ca_certs(mut self, certs: &[reqwest::Certificate]) -> Result<Self, reqwest::Error> {
+        self.http = crate::tls::http_client(certs, reqwest::Client::builder())?;
+        Ok(self)
     }
 
     /// Sends the admin token with every request.

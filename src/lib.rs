@@ -18,6 +18,7 @@ pub mod server;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;
+pub mod tls;
 
 // The core initialisers live in the top-level `initialisers/` folder (the design card's layout)
 // but compile into this crate, so every binary that links bootsync links them too.

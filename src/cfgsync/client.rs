@@ -89,14 +89,18 @@ impl CfgsyncClient {
     pub fn new(base: impl Into<String>) -> Self {
         Self {
             base: base.into().trim_end_matches('/').to_string(),
-            http: reqwest::Client::builder()
-                .connect_timeout(Duration::from_secs(5))
-                .build()
-                .expect("a plain HTTP client always builds"),
+            http: crate::tls::http_client(&[], reqwest::Client::builder())
+                .expect("a client without extra roots always builds"),
             join_token: None,
             node_secret: Mutex::new(None),
             long_poll: Duration::from_secs(30),
         }
+    }
+
+    /// Trusts these CA certificates beside the system's (for a server with a private CA).
+    pub fn with_ca_certs(mut self, certs: &[reqwest::Certificate]) -> Result<Self, reqwest::Error> {
+        self.http = crate::tls::http_client(certs, reqwest::Client::builder())?;
+        Ok(self)
     }
 
     /// Sends the join token on both routes.
@@ -305,7 +309,7 @@ impl CfgsyncClient {
                 }
                 Err(err @ ClientError::Unreachable { .. }) => {
                     registered = false;
-                    last = err.to_string();
+                    last = crate::server::error::error_chain(&err);
                     self.pause(&mut backoff, deadline).await;
                 }
                 Err(err) => return Err(err),

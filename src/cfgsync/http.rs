@@ -78,7 +78,8 @@ pub fn check_identifier(identifier: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn validate(registration: &NodeRegistration) -> Result<(), ApiError> {
+/// Checks a decoded registration as both node routes do: identifier and metadata limits.
+pub fn validate_registration(registration: &NodeRegistration) -> Result<(), ApiError> {
     check_identifier(&registration.identifier).map_err(ApiError::unprocessable)?;
     let size = encoded_len(&registration.metadata);
     if size > MAX_METADATA_BYTES {
@@ -188,7 +189,7 @@ async fn register(
     ApiJson(registration): ApiJson<NodeRegistration>,
 ) -> Result<Response, ApiError> {
     auth::require(routes.join_token.as_ref(), &headers, "join")?;
-    validate(&registration)?;
+    validate_registration(&registration)?;
     let service = &routes.service;
     let key = registration_key(&registration.identifier);
     for _ in 0..REGISTER_ATTEMPTS {
@@ -278,7 +279,7 @@ async fn node(
     ApiJson(registration): ApiJson<NodeRegistration>,
 ) -> Result<Response, ApiError> {
     auth::require(routes.join_token.as_ref(), &headers, "join")?;
-    validate(&registration)?;
+    validate_registration(&registration)?;
     let Query(query) = query?;
     let service = &routes.service;
     let id = &registration.identifier;

@@ -41,6 +41,34 @@ pub struct RunArgs {
     reconciler: ReconcilerArgs,
     #[command(flatten)]
     server: ServerArgs,
+    /// With --tls-cert from a private CA: the CA's PEM, for the reconciler's own connections
+    /// (a self-signed certificate is trusted without it).
+    #[arg(long, env = "BOOTSYNC_CA_CERT")]
+    ca_cert: Option<PathBuf>,
+}
+
+/// How the reconciler's HTTP clients verify the server.
+#[derive(Debug, Clone, Default)]
+struct ClientTls {
+    /// CA certificates trusted beside the system's.
+    roots: Vec<reqwest::Certificate>,
+    /// Skip the host name check: only for `run`, whose reconciler dials its own loopback
+    /// listener, where the certificate names the public host rather than 127.0.0.1.
+    own_listener: bool,
+}
+
+impl ClientTls {
+    fn client(&self, builder: reqwest::ClientBuilder) -> anyhow::Result<reqwest::Client> {
+        if self.own_listener {
+            // Only the server's own chain (and --ca-cert) is trusted here, never the system's.
+            return Ok(builder
+                .connect_timeout(Duration::from_secs(5))
+                .tls_certs_only(self.roots.iter().cloned())
+                .tls_danger_accept_invalid_hostnames(true)
+                .build()?);
+        }
+        Ok(crate::tls::http_client(&self.roots, builder)?)
+    }
 }
 
 /// Flags of `bootsync bootstrap`.
@@ -106,7 +134,7 @@ fn holder(args: &ReconcilerArgs) -> String {
 }
 
 /// An HTTP client for initialisers that carries the admin token.
-fn http_client(token: Option<&Token>) -> anyhow::Result<reqwest::Client> {
+fn http_client(token: Option<&Token>, tls: &ClientTls) -> anyhow::Result<reqwest::Client> {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(token) = token {
         let mut value =
@@ -115,10 +143,7 @@ fn http_client(token: Option<&Token>) -> anyhow::Result<reqwest::Client> {
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    Ok(reqwest::Client::builder()
-        .default_headers(headers)
-        .connect_timeout(Duration::from_secs(5))
-        .build()?)
+    tls.client(reqwest::Client::builder().default_headers(headers))
 }
 
 /// Runs the reconciler until shutdown, re-reading the spec on SIGHUP.
@@ -127,12 +152,15 @@ async fn reconcile(
     spec: Spec,
     server_url: &str,
     token: Option<Token>,
+    tls: &ClientTls,
     metrics: Option<Arc<crate::metrics::Metrics>>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    let http = http_client(token.as_ref())?;
+    let http = http_client(token.as_ref(), tls)?;
     let store: DynStore = Arc::new(RemoteStore::new(
-        ApiClient::new(server_url).with_admin_token(token),
+        ApiClient::new(server_url)
+            .with_http_client(tls.client(reqwest::Client::builder())?)
+            .with_admin_token(token),
     ));
     let gate = Arc::new(HttpGate {
         url: server_url.to_string(),
@@ -175,6 +203,17 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<u8> {
     let tracker = TaskTracker::new();
     let running = start_server(&args.server, &Preload::default(), shutdown.clone()).await?;
     let token = args.server.options()?.admin_token;
+    let mut tls = ClientTls::default();
+    if let Some(cert) = &args.server.tls_cert {
+        // Trust the server's own chain (enough for a self-signed certificate) and --ca-cert.
+        for der in crate::tls::load_certificates("certificate", cert)? {
+            tls.roots.push(reqwest::Certificate::from_der(&der)?);
+        }
+        if let Some(ca) = &args.ca_cert {
+            tls.roots.extend(crate::tls::load_ca(ca)?);
+        }
+        tls.own_listener = true;
+    }
     // The reconciler reaches the server through its real listener, so the gate is honest.
     let reconciler = {
         let (reconciler_args, url, shutdown) = (
@@ -184,13 +223,28 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<u8> {
         );
         let metrics = Some(running.metrics.clone());
         tracker.spawn(async move {
-            reconcile(&reconciler_args, spec, &url, token, metrics, shutdown).await
+            reconcile(&reconciler_args, spec, &url, token, &tls, metrics, shutdown).await
         })
     };
     tracker.close();
-    let served = running.task.await;
-    shutdown.cancel();
-    reconciler.await??;
+    let mut served = running.task;
+    let mut reconciler = reconciler;
+    // A reconciler that cannot start (say, a TLS client it cannot build) ends the process
+    // instead of leaving a server that never converges.
+    let (served, ended) = tokio::select! {
+        served = &mut served => {
+            shutdown.cancel();
+            (served, reconciler.await)
+        }
+        ended = &mut reconciler => {
+            if let Ok(Err(err)) = &ended {
+                tracing::error!(error = %format!("{err:#}"), "the reconciler stopped; shutting down");
+            }
+            shutdown.cancel();
+            (served.await, ended)
+        }
+    };
+    ended??;
     tracker.wait().await;
     served??;
     running.store.close().await?;
@@ -212,12 +266,17 @@ pub(super) async fn bootstrap(args: BootstrapArgs) -> anyhow::Result<u8> {
         .as_deref()
         .map(Token::from_file)
         .transpose()?;
+    let tls = ClientTls {
+        roots: args.remote.ca_certs()?,
+        own_listener: false,
+    };
     let shutdown = crate::shutdown::on_signals();
     reconcile(
         &args.reconciler,
         spec,
         &args.remote.server,
         token,
+        &tls,
         None,
         shutdown,
     )

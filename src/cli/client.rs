@@ -47,6 +47,9 @@ pub struct ClientArgs {
     /// File holding the join token.
     #[arg(long, env = "BOOTSYNC_JOIN_TOKEN_FILE")]
     join_token_file: Option<PathBuf>,
+    /// PEM file of a CA to trust for an `https://` server, beside the system's roots.
+    #[arg(long, env = "BOOTSYNC_CA_CERT")]
+    ca_cert: Option<PathBuf>,
     /// Keep waiting when the server has no config for this node yet (404).
     #[arg(long)]
     retry_missing: bool,
@@ -91,7 +94,13 @@ pub(super) async fn run(args: ClientArgs) -> anyhow::Result<u8> {
     } else {
         format!("http://{}", args.server)
     };
-    let client = CfgsyncClient::new(&server).with_join_token(token);
+    let roots = match &args.ca_cert {
+        Some(path) => crate::tls::load_ca(path)?,
+        None => Vec::new(),
+    };
+    let client = CfgsyncClient::new(&server)
+        .with_ca_certs(&roots)?
+        .with_join_token(token);
     let report = Reporter::new(args.output, args.quiet);
     let progress = |p: &crate::cfgsync::client::Progress| {
         report.progress(

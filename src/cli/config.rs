@@ -23,6 +23,9 @@ pub struct Remote {
     /// File holding the admin token.
     #[arg(long, env = "BOOTSYNC_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
+    /// PEM file of a CA to trust for an `https://` server, beside the system's roots.
+    #[arg(long, env = "BOOTSYNC_CA_CERT")]
+    pub ca_cert: Option<PathBuf>,
 }
 
 impl Remote {
@@ -33,7 +36,17 @@ impl Remote {
             .as_deref()
             .map(Token::from_file)
             .transpose()?;
-        Ok(ApiClient::new(&self.server).with_admin_token(token))
+        Ok(ApiClient::new(&self.server)
+            .with_ca_certs(&self.ca_certs()?)?
+            .with_admin_token(token))
+    }
+
+    /// The extra CA certificates to trust (none without `--ca-cert`).
+    pub(crate) fn ca_certs(&self) -> anyhow::Result<Vec<reqwest::Certificate>> {
+        Ok(match &self.ca_cert {
+            Some(path) => crate::tls::load_ca(path)?,
+            None => Vec::new(),
+        })
     }
 }
 

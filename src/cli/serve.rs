@@ -52,6 +52,14 @@ pub(crate) struct ServerArgs {
     #[arg(long, default_value_t = 60, env = "BOOTSYNC_NODE_WAIT_MAX")]
     pub(crate) node_wait_max: u64,
 
+    /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
+    #[arg(long, requires = "tls_key", env = "BOOTSYNC_TLS_CERT")]
+    pub(crate) tls_cert: Option<PathBuf>,
+
+    /// The PEM private key of --tls-cert.
+    #[arg(long, requires = "tls_cert", env = "BOOTSYNC_TLS_KEY")]
+    pub(crate) tls_key: Option<PathBuf>,
+
     /// Largest stored value in bytes.
     #[arg(long, default_value_t = Limits::default().max_value_bytes, env = "BOOTSYNC_MAX_VALUE_BYTES")]
     pub(crate) max_value_bytes: usize,
@@ -165,16 +173,21 @@ pub struct ServeArgs {
     pub(crate) policy: Option<std::path::PathBuf>,
 }
 
-/// Prints the one stdout line scripts and tests wait for, `bootsync listening on http://ADDR`,
-/// once the listener is bound (so `--listen 127.0.0.1:0` is usable).
-pub(crate) fn announce(listener: &tokio::net::TcpListener, backend: &str) -> anyhow::Result<()> {
+/// Prints the one stdout line scripts and tests wait for, `bootsync listening on URL`, once
+/// the listener is bound (so `--listen 127.0.0.1:0` is usable); returns the URL.
+pub(crate) fn announce(
+    listener: &tokio::net::TcpListener,
+    backend: &str,
+    tls: bool,
+) -> anyhow::Result<String> {
     use std::io::Write;
     let addr = listener.local_addr()?;
-    tracing::info!(listen = %addr, store = backend, "serving");
+    let url = format!("{}://{addr}", if tls { "https" } else { "http" });
+    tracing::info!(listen = %addr, store = backend, tls, "serving");
     let mut stdout = std::io::stdout().lock();
-    writeln!(stdout, "bootsync listening on http://{addr}")?;
+    writeln!(stdout, "bootsync listening on {url}")?;
     stdout.flush()?;
-    Ok(())
+    Ok(url)
 }
 
 /// A server started in this process.
@@ -197,6 +210,11 @@ pub(crate) async fn start_server(
     preload: &Preload,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<RunningServer> {
+    // Certificate problems are found before anything is opened or bound.
+    let tls = match (&args.tls_cert, &args.tls_key) {
+        (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
+        _ => None,
+    };
     let state = args.state(preload).await?;
     let store = state.store.clone();
     let metrics = state.metrics.clone();
@@ -204,9 +222,15 @@ pub(crate) async fn start_server(
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    announce(&listener, store.backend())?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let task = tokio::spawn(server::serve(listener, app, shutdown));
+    let url = announce(&listener, store.backend(), tls.is_some())?;
+    let task = match tls {
+        Some(config) => tokio::spawn(server::serve(
+            crate::tls::TlsListener::new(listener, config)?,
+            app,
+            shutdown,
+        )),
+        None => tokio::spawn(server::serve(listener, app, shutdown)),
+    };
     Ok(RunningServer {
         url,
         store,

@@ -20,7 +20,6 @@ use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
-use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
 
@@ -197,14 +196,16 @@ pub fn router(state: AppState, extra: impl IntoIterator<Item = Router>) -> Route
 pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 
 /// Serves `app` on `listener` until `shutdown` is cancelled, then drains in-flight requests.
-pub async fn serve(
-    listener: TcpListener,
-    app: Router,
-    shutdown: CancellationToken,
-) -> std::io::Result<()> {
+pub async fn serve<L>(listener: L, app: Router, shutdown: CancellationToken) -> std::io::Result<()>
+where
+    L: axum::serve::Listener<Addr = SocketAddr>,
+{
+    use axum::serve::ListenerExt;
     let service = app.into_make_service_with_connect_info::<SocketAddr>();
-    let graceful =
-        axum::serve(listener, service).with_graceful_shutdown(shutdown.clone().cancelled_owned());
+    // Tapping the listener (with nothing to do) is what lets any listener whose address is a
+    // SocketAddr, TLS included, hand handlers their peer's address.
+    let graceful = axum::serve(listener.tap_io(|_| ()), service)
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
     let mut graceful = std::pin::pin!(graceful.into_future());
     tokio::select! {
         result = &mut graceful => result,

@@ -1,0 +1,218 @@
+//! TLS on rustls: the server's certificate and key (`--tls-cert`/`--tls-key`), a listener that
+//! handshakes off the accept path, and HTTP clients that trust an extra CA (`--ca-cert`).
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_rustls::TlsAcceptor;
+use tokio_rustls::rustls::pki_types::pem::PemObject;
+use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use tokio_rustls::rustls::{self, ServerConfig};
+use tokio_rustls::server::TlsStream;
+
+/// Longest a client may take to finish its TLS handshake.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Most handshakes in flight at once; more connections wait in the kernel's backlog.
+const MAX_HANDSHAKES: usize = 512;
+
+/// Why TLS could not be set up; every variant names the file.
+#[derive(Debug, thiserror::Error)]
+pub enum TlsError {
+    /// The file could not be read.
+    #[error("cannot read {what} {path}: {source}")]
+    Read {
+        /// Which file (certificate, key, CA certificate).
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// The file holds no usable PEM item of the expected kind.
+    #[error("{path} holds no {what} in PEM form")]
+    Empty {
+        /// What was expected.
+        what: &'static str,
+        /// The file.
+        path: PathBuf,
+    },
+    /// The file's PEM could not be decoded.
+    #[error("{path} is not valid PEM: {reason}")]
+    Pem {
+        /// The file.
+        path: PathBuf,
+        /// The decoder's complaint.
+        reason: String,
+    },
+    /// rustls refused the certificate and key (e.g. a key that does not match).
+    #[error("the certificate {cert} and key {key} do not make a TLS configuration: {source}")]
+    Config {
+        /// The certificate file.
+        cert: PathBuf,
+        /// The key file.
+        key: PathBuf,
+        /// The cause.
+        source: rustls::Error,
+    },
+}
+
+fn read(what: &'static str, path: &Path) -> Result<Vec<u8>, TlsError> {
+    std::fs::read(path).map_err(|source| TlsError::Read {
+        what,
+        path: path.to_path_buf(),
+        source,
+    })
+}
+
+/// Every certificate in a PEM file.
+pub fn load_certificates(
+    what: &'static str,
+    path: &Path,
+) -> Result<Vec<CertificateDer<'static>>, TlsError> {
+    let bytes = read(what, path)?;
+    let certs = CertificateDer::pem_slice_iter(&bytes)
+        .collect::<Result<Vec<_>, _>>()
+        .map_err(|e| TlsError::Pem {
+            path: path.to_path_buf(),
+            reason: e.to_string(),
+        })?;
+    if certs.is_empty() {
+        return Err(TlsError::Empty {
+            what,
+            path: path.to_path_buf(),
+        });
+    }
+    Ok(certs)
+}
+
+/// The server side: a certificate chain and its private key, both PEM.
+pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsError> {
+    let chain = load_certificates("certificate", cert)?;
+    let key_bytes = read("private key", key)?;
+    let private = PrivateKeyDer::from_pem_slice(&key_bytes).map_err(|e| match e {
+        rustls::pki_types::pem::Error::NoItemsFound => TlsError::Empty {
+            what: "private key",
+            path: key.to_path_buf(),
+        },
+        other => TlsError::Pem {
+            path: key.to_path_buf(),
+            reason: other.to_string(),
+        },
+    })?;
+    let mut config = ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::aws_lc_rs::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .and_then(|b| b.with_no_client_auth().with_single_cert(chain, private))
+    .map_err(|source| TlsError::Config {
+        cert: cert.to_path_buf(),
+        key: key.to_path_buf(),
+        source,
+    })?;
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+    Ok(Arc::new(config))
+}
+
+/// The CA certificates of a PEM file, for [`http_client`].
+pub fn load_ca(path: &Path) -> Result<Vec<reqwest::Certificate>, TlsError> {
+    load_certificates("CA certificate", path)?
+        .iter()
+        .map(|der| {
+            reqwest::Certificate::from_der(der).map_err(|e| TlsError::Pem {
+                path: path.to_path_buf(),
+                reason: e.to_string(),
+            })
+        })
+        .collect()
+}
+
+/// The HTTP client every bootsync client builds on: bounded connects, and `extra_roots`
+/// trusted beside the system's roots.
+pub fn http_client(
+    extra_roots: &[reqwest::Certificate],
+    builder: reqwest::ClientBuilder,
+) -> Result<reqwest::Client, reqwest::Error> {
+    builder
+        .connect_timeout(Duration::from_secs(5))
+        .tls_certs_merge(extra_roots.iter().cloned())
+        .build()
+}
+
+/// A listener that accepts TCP and hands out TLS streams. Handshakes run in their own tasks
+/// with a deadline, so a client that stalls mid-handshake holds up no one.
+pub struct TlsListener {
+    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
+    local: SocketAddr,
+    acceptor: tokio::task::JoinHandle<()>,
+}
+
+impl TlsListener {
+    /// Wraps a bound listener.
+    pub fn new(listener: TcpListener, config: Arc<ServerConfig>) -> std::io::Result<Self> {
+        let local = listener.local_addr()?;
+        let (tx, ready) = mpsc::channel(64);
+        let acceptor = TlsAcceptor::from(config);
+        let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
+        let task = tokio::spawn(async move {
+            loop {
+                let Ok(permit) = permits.clone().acquire_owned().await else {
+                    return;
+                };
+                let (tcp, peer) = match listener.accept().await {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Out of descriptors and the like: back off instead of spinning.
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let (acceptor, tx) = (acceptor.clone(), tx.clone());
+                tokio::spawn(async move {
+                    let _permit = permit;
+                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
+                        Ok(Ok(stream)) => {
+                            let _ = tx.send((stream, peer)).await;
+                        }
+                        Ok(Err(err)) => {
+                            tracing::debug!(%peer, error = %err, "TLS handshake failed")
+                        }
+                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            ready,
+            local,
+            acceptor: task,
+        })
+    }
+}
+
+impl Drop for TlsListener {
+    fn drop(&mut self) {
+        self.acceptor.abort();
+    }
+}
+
+impl axum::serve::Listener for TlsListener {
+    type Io = TlsStream<TcpStream>;
+    type Addr = SocketAddr;
+
+    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
+        match self.ready.recv().await {
+            Some(accepted) => accepted,
+            // The accept task only ends when dropped with us; wait for shutdown meanwhile.
+            None => std::future::pending().await,
+        }
+    }
+
+    fn local_addr(&self) -> std::io::Result<Self::Addr> {
+        Ok(self.local)
+    }
+}

@@ -1,0 +1,285 @@
+//! TLS end to end: a CA and a server certificate made in the test, the real server on HTTPS,
+//! and every kind of client trusting it through `--ca-cert` — or refusing it without.
+
+mod support;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use serde_json::Value;
+use support::Proc;
+
+struct Pki {
+    ca: PathBuf,
+    cert: PathBuf,
+    key: PathBuf,
+}
+
+/// A private CA and a certificate it issued for `localhost` and `127.0.0.1`.
+fn pki(dir: &Path) -> Pki {
+    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
+    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    ca.distinguished_name
+        .push(DnType::CommonName, "bootsync test CA");
+    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
+    let leaf =
+        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    let leaf_key = KeyPair::generate().unwrap();
+    let cert = leaf.signed_by(&leaf_key, &ca).unwrap();
+    let paths = Pki {
+        ca: dir.join("ca.pem"),
+        cert: dir.join("server.pem"),
+        key: dir.join("server.key"),
+    };
+    std::fs::write(&paths.ca, ca.pem()).unwrap();
+    std::fs::write(&paths.cert, cert.pem()).unwrap();
+    std::fs::write(&paths.key, leaf_key.serialize_pem()).unwrap();
+    paths
+}
+
+fn tls_args(pki: &Pki) -> [&str; 4] {
+    [
+        "--tls-cert",
+        pki.cert.to_str().unwrap(),
+        "--tls-key",
+        pki.key.to_str().unwrap(),
+    ]
+}
+
+const BUNDLE: &str =
+    "nodes:\n  - identifier: node-a\n    files: [{ path: /config.yaml, content: \"id: a\\n\" }]\n";
+
+#[tokio::test]
+async fn the_cli_and_the_node_client_work_over_https_with_the_ca_and_fail_without_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    std::fs::write(dir.path().join("bundle.yaml"), BUNDLE).unwrap();
+    let mut args = vec!["serve", "--store", "memory:", "--bundle", "bundle.yaml"];
+    args.extend(tls_args(&pki));
+    let server = Proc::spawn(&args, dir.path());
+    assert!(
+        server.url.starts_with("https://127.0.0.1:"),
+        "{}",
+        server.url
+    );
+    let ca = pki.ca.to_str().unwrap();
+
+    let (code, out, err) = support::run_cli(
+        &[
+            "config",
+            "put",
+            "--server",
+            &server.url,
+            "--ca-cert",
+            ca,
+            "prod",
+            "cfg",
+            "a",
+            "{\"x\": 1}",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let (code, out, err) = support::run_cli(
+        &[
+            "config",
+            "get",
+            "--server",
+            &server.url,
+            "--ca-cert",
+            ca,
+            "prod",
+            "cfg",
+            "a",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    let entry: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(entry["value"]["x"], 1);
+
+    let (code, _, err) = support::run_cli(
+        &[
+            "client",
+            "--server",
+            &server.url,
+            "--ca-cert",
+            ca,
+            "--identifier",
+            "node-a",
+            "--ip",
+            "10.0.0.1",
+            "--route",
+            "/config.yaml=node.yaml",
+            "--output-dir",
+            ".",
+            "--timeout",
+            "20s",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("node.yaml")).unwrap(),
+        "id: a\n"
+    );
+
+    // Without the CA the certificate is refused, clearly and within the timeout.
+    let (code, _, err) = support::run_cli(
+        &["config", "get", "--server", &server.url, "prod", "cfg", "a"],
+        dir.path(),
+    );
+    assert_ne!(code, 0);
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+    let (code, _, err) = support::run_cli(
+        &[
+            "client",
+            "--server",
+            &server.url,
+            "--identifier",
+            "node-a",
+            "--ip",
+            "10.0.0.1",
+            "--output-dir",
+            ".",
+            "--timeout",
+            "2s",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 3, "{err}");
+    assert!(err.to_lowercase().contains("certificate"), "{err}");
+
+    // Plain HTTP to the TLS port gets no answer from the API.
+    let plain = server.url.replacen("https://", "http://", 1);
+    let answer = reqwest::Client::new()
+        .get(format!("{plain}/healthz"))
+        .timeout(Duration::from_secs(5))
+        .send()
+        .await;
+    assert!(
+        answer.as_ref().map_or(true, |r| !r.status().is_success()),
+        "plain HTTP was served: {answer:?}"
+    );
+    // And the server still serves HTTPS after that.
+    let (code, _, err) = support::run_cli(
+        &[
+            "config",
+            "get",
+            "--server",
+            &server.url,
+            "--ca-cert",
+            ca,
+            "prod",
+            "cfg",
+            "a",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{err}");
+}
+
+#[tokio::test]
+async fn run_over_https_converges_through_its_own_listener() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    std::fs::write(
+        dir.path().join("spec.yaml"),
+        "cadence: { gate_backoff: 1s, retry: 1s }\ninitialisers:\n  - { class: exec, name: hello, flag: v1, params: { command: [\"true\"] } }\n",
+    )
+    .unwrap();
+    let db = format!("sqlite:{}/x.db", dir.path().display());
+    let mut args = vec!["run", "--spec", "spec.yaml", "--store", &db, "--ca-cert"];
+    args.push(pki.ca.to_str().unwrap());
+    args.extend(tls_args(&pki));
+    let server = Proc::spawn(&args, dir.path());
+    eprintln!("server log: {}", dir.path().display());
+    let ca = reqwest::Certificate::from_pem(&std::fs::read(&pki.ca).unwrap()).unwrap();
+    let http = reqwest::Client::builder()
+        .tls_certs_merge([ca])
+        .build()
+        .unwrap();
+    support::wait_for(Duration::from_secs(30), "hello stored at v1", || async {
+        let body: Value = http
+            .get(format!(
+                "{}/v1/config/__system__/init-state/hello",
+                server.url
+            ))
+            .send()
+            .await
+            .ok()?
+            .json()
+            .await
+            .ok()?;
+        (body["value"] == "v1").then_some(())
+    })
+    .await;
+    drop(server);
+}
+
+#[test]
+fn tls_flag_mistakes_are_clear_and_name_what_is_wrong() {
+    let dir = tempfile::tempdir().unwrap();
+    let pki = pki(dir.path());
+    let cert = pki.cert.to_str().unwrap();
+    let (code, _, err) = support::run_cli(
+        &[
+            "serve",
+            "--store",
+            "memory:",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert,
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("--tls-key"), "{err}");
+
+    std::fs::write(
+        dir.path().join("junk.pem"),
+        "-----BEGIN CERTIFICATE-----\nnot base64!\n-----END CERTIFICATE-----\n",
+    )
+    .unwrap();
+    let (code, _, err) = support::run_cli(
+        &[
+            "serve",
+            "--store",
+            "memory:",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            "junk.pem",
+            "--tls-key",
+            pki.key.to_str().unwrap(),
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("junk.pem"), "{err}");
+
+    // A key that is not the certificate's.
+    std::fs::write(
+        dir.path().join("other.key"),
+        KeyPair::generate().unwrap().serialize_pem(),
+    )
+    .unwrap();
+    let (code, _, err) = support::run_cli(
+        &[
+            "serve",
+            "--store",
+            "memory:",
+            "--listen",
+            "127.0.0.1:0",
+            "--tls-cert",
+            cert,
+            "--tls-key",
+            "other.key",
+        ],
+        dir.path(),
+    );
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("other.key"), "{err}");
+}

@@ -101,3 +101,19 @@ impl NodeArtifactsPayload {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metadata_numbers_survive_a_store_round_trip_exactly() {
+        // Found by the node_body fuzzer: without exact float parsing, a long decimal read,
+        // written and read again came back as a different number.
+        let body = br#"{"identifier":"node-1","ip":"fe80::1","metadata":{"n":[11111111111111111,111111111111111111111111111111111111111111111,2]}}"#;
+        let first: NodeRegistration = serde_json::from_slice(body).unwrap();
+        let stored = serde_json::to_vec(&first).unwrap();
+        let second: NodeRegistration = serde_json::from_slice(&stored).unwrap();
+        assert_eq!(first, second);
+    }
+}

@@ -7,9 +7,10 @@ use axum::http::{HeaderMap, header};
 
 use super::error::ApiError;
 
-/// A secret token. Its `Debug` output is redacted so it cannot leak into logs.
+/// A secret token. Its `Debug` output is redacted so it cannot leak into logs; cloning it (once
+/// per node request, with the routes' state) shares the secret instead of copying it.
 #[derive(Clone, PartialEq, Eq)]
-pub struct Token(String);
+pub struct Token(std::sync::Arc<str>);
 
 impl fmt::Debug for Token {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -41,7 +42,7 @@ impl Token {
     /// A token from a string (surrounding whitespace removed).
     pub fn new(secret: impl AsRef<str>) -> Option<Self> {
         let trimmed = secret.as_ref().trim();
-        (!trimmed.is_empty()).then(|| Token(trimmed.to_string()))
+        (!trimmed.is_empty()).then(|| Token(trimmed.into()))
     }
 
     /// Reads a token from a file; trailing newlines are ignored.

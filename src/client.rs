@@ -79,17 +79,17 @@ impl ApiClient {
     pub fn new(base: impl Into<String>) -> Self {
         let http = crate::tls::http_client(&[], reqwest::Client::builder())
             .expect("a client without extra roots always builds");
+        Self::with_http_client(base, http)
+    }
+
+    /// A client of the server at `base` over an existing HTTP client (its TLS settings and
+    /// pool), so one process can share one: each rustls client loads the system's roots.
+    pub fn with_http_client(base: impl Into<String>, http: reqwest::Client) -> Self {
         Self {
             base: base.into().trim_end_matches('/').to_string(),
             http,
             admin_token: None,
         }
-    }
-
-    /// Uses this HTTP client (its TLS settings and pool) for every request.
-    pub fn with_http_client(mut self, http: reqwest::Client) -> Self {
-        self.http = http;
-        self
     }
 
     /// Trusts these CA certificates beside the system's (for a server with a private CA).

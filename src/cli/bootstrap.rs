@@ -156,11 +156,11 @@ async fn reconcile(
     metrics: Option<Arc<crate::metrics::Metrics>>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
+    // One HTTP client for the store, the gate and the initialisers: the token is a default
+    // header, and the store client's own bearer header for the same token takes its place.
     let http = http_client(token.as_ref(), tls)?;
     let store: DynStore = Arc::new(RemoteStore::new(
-        ApiClient::new(server_url)
-            .with_http_client(tls.client(reqwest::Client::builder())?)
-            .with_admin_token(token),
+        ApiClient::with_http_client(server_url, http.clone()).with_admin_token(token),
     ));
     let gate = Arc::new(HttpGate {
         url: server_url.to_string(),

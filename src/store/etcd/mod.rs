@@ -3,21 +3,36 @@
 //!
 //! Entries live at `<prefix>e/<namespace>/<type>/<key>`; namespace and type ids cannot contain
 //! `/`, so the first two separators split them unambiguously and keys may contain `/`.
+//!
+//! The gRPC calls go through tonic, over stubs generated from `rpc.proto` beside this file and
+//! committed (`tests/etcd_stubs.rs` keeps them current), so the build needs no `protoc`.
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use async_trait::async_trait;
-use etcd_client::{
-    Client, Compare, CompareOp, ConnectOptions, GetOptions, KeyValue, Txn, TxnOp, WatchOptions,
-};
-use futures_util::stream;
+use futures_util::{StreamExt, stream};
 use serde_json::Value;
+use tonic::transport::{Channel, Endpoint};
 
 use super::memory::check_precondition;
 use super::{
     Batch, Change, ChangeEvent, Entry, Error, Key, Limits, Listing, NamespaceTree, Op,
     Precondition, Revision, Store, Watch, WatchFilter, validate_namespace, validate_type,
+};
+
+/// The generated etcd messages and clients.
+#[allow(missing_docs, unreachable_pub, clippy::all, clippy::pedantic)]
+mod pb {
+    include!("etcdserverpb.rs");
+}
+
+use pb::compare::{CompareResult, CompareTarget, TargetUnion};
+use pb::kv_client::KvClient;
+use pb::watch_client::WatchClient;
+use pb::{
+    Compare, DeleteRangeRequest, KeyValue, PutRequest, RangeRequest, RequestOp, TxnRequest,
+    WatchCreateRequest, WatchRequest, WatchResponse,
 };
 
 /// Key prefix when the URL names none.
@@ -27,11 +42,14 @@ const PAGE: i64 = 1000;
 /// Attempts of one operation across members before reporting the store unavailable; with the
 /// doubling pause (50 ms → 1.6 s) this rides out a leader election.
 const ATTEMPTS: usize = 6;
+/// Largest answer accepted from etcd (a page of 1 000 entries of up to 1 MiB stays far below).
+const MAX_MESSAGE: usize = 64 * 1024 * 1024;
 
 /// A store on an etcd cluster.
 #[derive(Clone)]
 pub struct EtcdStore {
-    client: Client,
+    /// Balanced over every endpoint: a dead member is skipped once its connection fails.
+    channel: Channel,
     prefix: String,
     limits: Limits,
 }
@@ -44,24 +62,26 @@ impl std::fmt::Debug for EtcdStore {
     }
 }
 
-/// Whether an etcd error means "try again, perhaps on another member". gRPC status codes are
-/// fixed by the gRPC spec: 1 cancelled, 2 unknown, 4 deadline exceeded, 14 unavailable.
-fn transient(err: &etcd_client::Error) -> bool {
-    match err {
-        etcd_client::Error::TransportError(_) | etcd_client::Error::IoError(_) => true,
-        etcd_client::Error::GRpcStatus(status) => matches!(status.code() as i32, 1 | 2 | 4 | 14),
-        _ => false,
-    }
+/// Whether an etcd error means "try again, perhaps on another member". A connection that
+/// fails reaches us as `Unavailable` or `Unknown`.
+fn transient(status: &tonic::Status) -> bool {
+    use tonic::Code;
+    matches!(
+        status.code(),
+        Code::Cancelled | Code::Unknown | Code::DeadlineExceeded | Code::Unavailable
+    )
 }
 
-fn map_err(context: &'static str, err: etcd_client::Error) -> Error {
-    if transient(&err) {
-        return Error::Unavailable(format!("etcd did not answer while {context}: {err}"));
+fn map_err(context: &'static str, status: tonic::Status) -> Error {
+    if transient(&status) {
+        return Error::Unavailable(format!(
+            "etcd did not answer while {context}: {}",
+            status.message()
+        ));
     }
-    if let etcd_client::Error::GRpcStatus(status) = &err
-        && status
-            .message()
-            .contains("too many operations in txn request")
+    if status
+        .message()
+        .contains("too many operations in txn request")
     {
         return Error::Invalid {
             what: "batch".into(),
@@ -70,7 +90,16 @@ fn map_err(context: &'static str, err: etcd_client::Error) -> Error {
                     .into(),
         };
     }
-    Error::backend(context, err)
+    Error::backend(context, status)
+}
+
+/// A range request over `[key, range_end)`.
+fn range_request(key: Vec<u8>, range_end: Vec<u8>) -> RangeRequest {
+    RangeRequest {
+        key,
+        range_end,
+        ..RangeRequest::default()
+    }
 }
 
 impl EtcdStore {
@@ -80,23 +109,42 @@ impl EtcdStore {
         prefix: &str,
         limits: Limits,
     ) -> Result<Self, Error> {
-        let options = ConnectOptions::new()
-            .with_connect_timeout(Duration::from_secs(3))
-            .with_timeout(Duration::from_secs(5));
-        let client = Client::connect(endpoints, Some(options))
-            .await
-            .map_err(|e| {
-                Error::Unavailable(format!(
-                    "cannot connect to etcd at {}: {e}",
-                    endpoints.join(",")
-                ))
-            })?;
+        let bad = |endpoint: &str, err: &dyn std::fmt::Display| Error::BadUrl {
+            url: endpoints.join(","),
+            reason: format!("endpoint {endpoint:?}: {err}"),
+        };
+        let mut list = Vec::with_capacity(endpoints.len());
+        for endpoint in endpoints {
+            let parsed = Endpoint::from_shared(endpoint.clone())
+                .map_err(|e| bad(endpoint, &e))?
+                .connect_timeout(Duration::from_secs(3))
+                .timeout(Duration::from_secs(5))
+                .tcp_nodelay(true);
+            list.push(parsed);
+        }
+        // The balanced channel connects lazily; one read proves the cluster answers, so a
+        // wrong address fails here rather than at the first request.
+        let channel = Channel::balance_list(list.into_iter());
+        let probe = KvClient::new(channel.clone())
+            .range(RangeRequest {
+                key: b"\0".to_vec(),
+                count_only: true,
+                ..RangeRequest::default()
+            })
+            .await;
+        if let Err(status) = probe {
+            return Err(Error::Unavailable(format!(
+                "cannot connect to etcd at {}: {}",
+                endpoints.join(","),
+                status.message()
+            )));
+        }
         let mut prefix = prefix.to_string();
         if !prefix.ends_with('/') {
             prefix.push('/');
         }
         Ok(Self {
-            client,
+            channel,
             prefix,
             limits,
         })
@@ -155,22 +203,39 @@ impl EtcdStore {
 
     fn entry(kv: &KeyValue) -> Result<Entry, Error> {
         Ok(Entry {
-            value: serde_json::from_slice(kv.value())
+            value: serde_json::from_slice(&kv.value)
                 .map_err(|e| Error::backend("decoding a stored value", e))?,
-            create_revision: kv.create_revision() as Revision,
-            mod_revision: kv.mod_revision() as Revision,
+            create_revision: kv.create_revision as Revision,
+            mod_revision: kv.mod_revision as Revision,
         })
+    }
+
+    fn kv(&self) -> KvClient<Channel> {
+        KvClient::new(self.channel.clone()).max_decoding_message_size(MAX_MESSAGE)
+    }
+
+    /// One range call, retried across members.
+    async fn range_once(
+        &self,
+        context: &'static str,
+        request: RangeRequest,
+    ) -> Result<pb::RangeResponse, Error> {
+        self.retry(context, move |mut kv| {
+            let request = request.clone();
+            async move { kv.range(request).await.map(tonic::Response::into_inner) }
+        })
+        .await
     }
 
     /// Runs an idempotent call, retrying transient failures (another member may answer).
     async fn retry<T, F, Fut>(&self, context: &'static str, mut call: F) -> Result<T, Error>
     where
-        F: FnMut(Client) -> Fut,
-        Fut: std::future::Future<Output = Result<T, etcd_client::Error>>,
+        F: FnMut(KvClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let mut last = None;
         for attempt in 0..ATTEMPTS {
-            match call(self.client.clone()).await {
+            match call(self.kv()).await {
                 Ok(value) => return Ok(value),
                 Err(err) if transient(&err) => {
                     last = Some(err);
@@ -189,29 +254,22 @@ impl EtcdStore {
         let mut from = prefix.into_bytes();
         let mut at: Option<i64> = None;
         loop {
-            let (start, end, pinned) = (from.clone(), end.clone(), at);
-            let response = self
-                .retry("reading a range", move |mut client| {
-                    let (start, end) = (start.clone(), end.clone());
-                    async move {
-                        let mut options = GetOptions::new().with_range(end).with_limit(PAGE);
-                        if let Some(revision) = pinned {
-                            options = options.with_revision(revision);
-                        }
-                        client.get(start, Some(options)).await
-                    }
-                })
-                .await?;
-            let revision = response.header().map_or(0, |h| h.revision());
+            let mut request = range_request(from.clone(), end.clone());
+            request.limit = PAGE;
+            request.revision = at.unwrap_or(0);
+            let response = self.range_once("reading a range", request).await?;
+            let revision = response.header.as_ref().map_or(0, |h| h.revision);
             let pinned = *at.get_or_insert(revision);
-            out.extend(response.kvs().iter().cloned());
-            if !response.more() {
+            let more = response.more;
+            let last_key = response.kvs.last().map(|kv| kv.key.clone());
+            out.extend(response.kvs);
+            if !more {
                 return Ok((pinned as Revision, out));
             }
-            let Some(last) = response.kvs().last() else {
+            let Some(last) = last_key else {
                 return Ok((pinned as Revision, out));
             };
-            from = last.key().to_vec();
+            from = last;
             from.push(0);
         }
     }
@@ -249,33 +307,20 @@ impl Store for EtcdStore {
     }
 
     async fn revision(&self) -> Result<Revision, Error> {
-        let root = self.entries_root();
-        let response = self
-            .retry("reading the revision", move |mut client| {
-                let root = root.clone();
-                async move {
-                    client
-                        .get(
-                            root,
-                            Some(GetOptions::new().with_prefix().with_count_only()),
-                        )
-                        .await
-                }
-            })
-            .await?;
-        Ok(response.header().map_or(0, |h| h.revision()) as Revision)
+        let root = self.entries_root().into_bytes();
+        let mut request = range_request(root.clone(), prefix_end(&root));
+        request.count_only = true;
+        let response = self.range_once("reading the revision", request).await?;
+        Ok(response.header.map_or(0, |h| h.revision) as Revision)
     }
 
     async fn get(&self, key: &Key) -> Result<Option<Entry>, Error> {
         key.validate()?;
-        let raw = self.entry_key(key);
+        let raw = self.entry_key(key).into_bytes();
         let response = self
-            .retry("reading a key", move |mut client| {
-                let raw = raw.clone();
-                async move { client.get(raw, None).await }
-            })
+            .range_once("reading a key", range_request(raw, Vec::new()))
             .await?;
-        response.kvs().first().map(Self::entry).transpose()
+        response.kvs.first().map(Self::entry).transpose()
     }
 
     async fn list(&self, namespace: &str, kind: &str) -> Result<Listing, Error> {
@@ -286,7 +331,7 @@ impl Store for EtcdStore {
             .await?;
         let mut entries = BTreeMap::new();
         for kv in &kvs {
-            if let Some(key) = self.parse_key(kv.key()) {
+            if let Some(key) = self.parse_key(&kv.key) {
                 entries.insert(key.key, Self::entry(kv)?);
             }
         }
@@ -298,7 +343,7 @@ impl Store for EtcdStore {
         let (revision, kvs) = self.range(format!("{}e/{namespace}/", self.prefix)).await?;
         let mut types: BTreeMap<String, BTreeMap<String, Entry>> = BTreeMap::new();
         for kv in &kvs {
-            if let Some(key) = self.parse_key(kv.key()) {
+            if let Some(key) = self.parse_key(&kv.key) {
                 types
                     .entry(key.kind)
                     .or_default()
@@ -312,7 +357,7 @@ impl Store for EtcdStore {
         let (_, kvs) = self.range(self.entries_root()).await?;
         let names: BTreeSet<String> = kvs
             .iter()
-            .filter_map(|kv| self.parse_key(kv.key()))
+            .filter_map(|kv| self.parse_key(&kv.key))
             .map(|k| k.namespace)
             .collect();
         Ok(names.into_iter().collect())
@@ -320,41 +365,63 @@ impl Store for EtcdStore {
 
     async fn apply(&self, batch: Batch) -> Result<Revision, Error> {
         batch.validate(&self.limits)?;
-        let compares: Vec<Compare> = batch
+        let compare: Vec<Compare> = batch
             .checks
             .iter()
             .map(|check| {
-                let raw = self.entry_key(&check.key);
-                match check.expect {
-                    Precondition::Absent => Compare::create_revision(raw, CompareOp::Equal, 0),
+                let key = self.entry_key(&check.key).into_bytes();
+                let (target, union) = match check.expect {
+                    Precondition::Absent => (CompareTarget::Create, TargetUnion::CreateRevision(0)),
                     Precondition::ModRevision(r) => {
-                        Compare::mod_revision(raw, CompareOp::Equal, r as i64)
+                        (CompareTarget::Mod, TargetUnion::ModRevision(r as i64))
                     }
+                };
+                Compare {
+                    result: CompareResult::Equal as i32,
+                    target: target as i32,
+                    key,
+                    target_union: Some(union),
                 }
             })
             .collect();
-        let mut ops = Vec::new();
+        let mut success = Vec::new();
         for op in last_op_per_key(batch.ops) {
-            match op {
+            let request = match op {
                 Op::Put { key, value } => {
-                    let bytes = serde_json::to_vec(&value)
+                    let value = serde_json::to_vec(&value)
                         .map_err(|e| Error::backend("encoding a value", e))?;
-                    ops.push(TxnOp::put(self.entry_key(&key), bytes, None));
+                    pb::request_op::Request::RequestPut(PutRequest {
+                        key: self.entry_key(&key).into_bytes(),
+                        value,
+                        lease: 0,
+                    })
                 }
-                Op::Delete { key } => ops.push(TxnOp::delete(self.entry_key(&key), None)),
-            }
+                Op::Delete { key } => {
+                    pb::request_op::Request::RequestDeleteRange(DeleteRangeRequest {
+                        key: self.entry_key(&key).into_bytes(),
+                        range_end: Vec::new(),
+                    })
+                }
+            };
+            success.push(RequestOp {
+                request: Some(request),
+            });
         }
-        let txn = Txn::new().when(compares).and_then(ops);
+        let txn = TxnRequest {
+            compare,
+            success,
+            failure: Vec::new(),
+        };
         // A retried transaction that had in fact committed fails its preconditions the second
         // time and is reported as a conflict: never a silent double write of guarded keys.
         let response = self
-            .retry("committing a batch", move |mut client| {
+            .retry("committing a batch", move |mut kv| {
                 let txn = txn.clone();
-                async move { client.txn(txn).await }
+                async move { kv.txn(txn).await.map(tonic::Response::into_inner) }
             })
             .await?;
-        if response.succeeded() {
-            return Ok(response.header().map_or(0, |h| h.revision()) as Revision);
+        if response.succeeded {
+            return Ok(response.header.map_or(0, |h| h.revision) as Revision);
         }
         for check in &batch.checks {
             let current = self.get(&check.key).await?.map(|e| e.mod_revision);
@@ -393,7 +460,7 @@ struct WatchState {
     filter: WatchFilter,
     /// The newest revision delivered (or skipped by the filter).
     last: Revision,
-    stream: Option<etcd_client::WatchStream>,
+    stream: Option<tonic::Streaming<WatchResponse>>,
     pending: VecDeque<ChangeEvent>,
     failures: u32,
     done: bool,
@@ -401,20 +468,32 @@ struct WatchState {
 
 impl WatchState {
     async fn open(&mut self) -> Result<(), Error> {
-        let options = WatchOptions::new()
-            .with_prefix()
-            .with_start_revision(self.last as i64 + 1);
-        let mut client = self.store.client.clone();
-        let mut stream = client
-            .watch(self.store.entries_root(), Some(options))
+        let root = self.store.entries_root().into_bytes();
+        let create = WatchRequest {
+            request_union: Some(pb::watch_request::RequestUnion::CreateRequest(
+                WatchCreateRequest {
+                    range_end: prefix_end(&root),
+                    key: root,
+                    start_revision: self.last as i64 + 1,
+                    ..WatchCreateRequest::default()
+                },
+            )),
+        };
+        // The request stream stays open (pending) for as long as the watch is wanted; dropping
+        // the response stream cancels it.
+        let requests = stream::iter([create]).chain(stream::pending());
+        let mut stream = WatchClient::new(self.store.channel.clone())
+            .max_decoding_message_size(MAX_MESSAGE)
+            .watch(requests)
             .await
-            .map_err(|e| map_err("opening a watch", e))?;
+            .map_err(|e| map_err("opening a watch", e))?
+            .into_inner();
         // The first answer confirms the watch, or reports that the history is compacted.
         match stream.message().await {
-            Ok(Some(response)) if response.compact_revision() > 0 => {
+            Ok(Some(response)) if response.compact_revision > 0 => {
                 return Err(Error::Compacted {
                     requested: self.last,
-                    compacted: response.compact_revision() as Revision,
+                    compacted: response.compact_revision as Revision,
                 });
             }
             Ok(Some(response)) => self.absorb(&response)?,
@@ -426,19 +505,19 @@ impl WatchState {
     }
 
     /// Groups a response's events by revision (one per committed transaction).
-    fn absorb(&mut self, response: &etcd_client::WatchResponse) -> Result<(), Error> {
-        for event in response.events() {
-            let Some(kv) = event.kv() else { continue };
-            let Some(key) = self.store.parse_key(kv.key()) else {
+    fn absorb(&mut self, response: &WatchResponse) -> Result<(), Error> {
+        for event in &response.events {
+            let Some(kv) = &event.kv else { continue };
+            let Some(key) = self.store.parse_key(&kv.key) else {
                 continue;
             };
-            let revision = kv.mod_revision() as Revision;
-            let value: Option<Value> = match event.event_type() {
-                etcd_client::EventType::Put => Some(
-                    serde_json::from_slice(kv.value())
+            let revision = kv.mod_revision as Revision;
+            let value: Option<Value> = match event.r#type() {
+                pb::event::EventType::Put => Some(
+                    serde_json::from_slice(&kv.value)
                         .map_err(|e| Error::backend("decoding a watched value", e))?,
                 ),
-                etcd_client::EventType::Delete => None,
+                pb::event::EventType::Delete => None,
             };
             let change = Change { key, value };
             match self.pending.back_mut() {
@@ -471,9 +550,9 @@ impl WatchState {
                 None => Ok(None),
             };
             match message {
-                Ok(Some(response)) if response.compact_revision() > 0 => {
+                Ok(Some(response)) if response.compact_revision > 0 => {
                     self.done = true;
-                    let compacted = response.compact_revision() as Revision;
+                    let compacted = response.compact_revision as Revision;
                     return Some((
                         Err(Error::Compacted {
                             requested: self.last,

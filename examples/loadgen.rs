@@ -102,7 +102,7 @@ async fn b1(n: usize, peer_list: bool) -> Value {
         .await
         .unwrap();
     let url = start_server(store).await;
-    let http = reqwest::Client::new();
+    let http = bootsync::tls::plain_client();
     // Ready once the materialisation finished.
     loop {
         let r = http
@@ -166,6 +166,7 @@ async fn b2(n: usize) -> Value {
         .await
         .unwrap();
     let url = start_server(store).await;
+    bootsync::tls::install_crypto_provider();
     let http = reqwest::Client::builder()
         .pool_max_idle_per_host(n)
         .build()
@@ -235,7 +236,7 @@ async fn b3() -> Value {
         .await
         .unwrap();
     let url = start_server(store).await;
-    let http = reqwest::Client::new();
+    let http = bootsync::tls::plain_client();
     let deadline = Instant::now() + WINDOW;
     let counter = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -342,7 +343,7 @@ async fn b5() -> Value {
         lists: AtomicUsize::new(0),
         calls: AtomicUsize::new(0),
     });
-    let http = reqwest::Client::new();
+    let http = bootsync::tls::plain_client();
     let gate = Arc::new(HttpGate {
         url: url.clone(),
         http: http.clone(),
@@ -417,7 +418,7 @@ async fn idle() -> Value {
         l.local_addr().unwrap().port()
     };
     let url = format!("http://127.0.0.1:{port}");
-    let http = reqwest::Client::new();
+    let http = bootsync::tls::plain_client();
     let started = Instant::now();
     let mut child = std::process::Command::new(&binary)
         .args([

@@ -111,7 +111,7 @@ pub(crate) mod testing {
             span: tracing::Span::none(),
             store: store.clone(),
             server_url: "http://127.0.0.1:9".into(),
-            http: reqwest::Client::new(),
+            http: crate::tls::plain_client(),
             cancel: Default::default(),
             spec_dir: dir.to_path_buf(),
         };

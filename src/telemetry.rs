@@ -1,5 +1,7 @@
 //! Tracing set-up: text or JSON lines on stderr, filtered by `RUST_LOG` (default `info`).
 
+use std::io::IsTerminal;
+
 use clap::ValueEnum;
 use tracing_subscriber::EnvFilter;
 
@@ -13,11 +15,18 @@ pub enum LogFormat {
     Json,
 }
 
+/// Whether text lines get colours: only on a terminal, and never with `NO_COLOR` set. Escapes
+/// in a file, a pipe, journald or `kubectl logs` only make the lines harder to read.
+fn colours() -> bool {
+    std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty())
+}
+
 /// Installs the global subscriber; a second call is ignored (tests may call it repeatedly).
 pub fn init(format: LogFormat) {
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(colours())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Text => builder.try_init(),

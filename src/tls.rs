@@ -103,16 +103,15 @@ pub fn server_config(cert: &Path, key: &Path) -> Result<Arc<ServerConfig>, TlsEr
             reason: other.to_string(),
         },
     })?;
-    let mut config = ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::aws_lc_rs::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .and_then(|b| b.with_no_client_auth().with_single_cert(chain, private))
-    .map_err(|source| TlsError::Config {
-        cert: cert.to_path_buf(),
-        key: key.to_path_buf(),
-        source,
-    })?;
+    let mut config =
+        ServerConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+            .with_safe_default_protocol_versions()
+            .and_then(|b| b.with_no_client_auth().with_single_cert(chain, private))
+            .map_err(|source| TlsError::Config {
+                cert: cert.to_path_buf(),
+                key: key.to_path_buf(),
+                source,
+            })?;
     config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok(Arc::new(config))
 }
@@ -130,12 +129,31 @@ pub fn load_ca(path: &Path) -> Result<Vec<reqwest::Certificate>, TlsError> {
         .collect()
 }
 
+/// Makes rustls's `ring` provider the process default, once. reqwest is built without a
+/// provider of its own (one crypto back-end in the binary, and the faster one to build), so
+/// this must run before any `reqwest::Client` is built; every client constructor here calls
+/// it, and code that builds its own `reqwest::Client` calls it first.
+pub fn install_crypto_provider() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        // Another library may have installed one already; that one serves as well.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+    });
+}
+
+/// A plain HTTP client with the crypto provider installed (see [`install_crypto_provider`]).
+pub fn plain_client() -> reqwest::Client {
+    install_crypto_provider();
+    reqwest::Client::new()
+}
+
 /// The HTTP client every bootsync client builds on: bounded connects, and `extra_roots`
 /// trusted beside the system's roots.
 pub fn http_client(
     extra_roots: &[reqwest::Certificate],
     builder: reqwest::ClientBuilder,
 ) -> Result<reqwest::Client, reqwest::Error> {
+    install_crypto_provider();
     builder
         .connect_timeout(Duration::from_secs(5))
         .tls_certs_merge(extra_roots.iter().cloned())

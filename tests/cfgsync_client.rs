@@ -333,7 +333,7 @@ async fn the_library_client_long_polls_a_bootsync_server_and_sees_the_epoch() {
     let other = CfgsyncClient::new(&server.url);
     let b = NodeRegistration::new("b", "10.0.0.2".parse().unwrap());
     support::wait_for(Duration::from_secs(10), "node a registered", || async {
-        let body: Value = reqwest::get(format!("{}/v1/status", server.url))
+        let body: Value = support::get(format!("{}/v1/status", server.url))
             .await
             .ok()?
             .json()

@@ -41,7 +41,7 @@ fn reg(id: &str, ip: &str) -> Value {
 }
 
 async fn post(url: &str, path: &str, body: &Value) -> (StatusCode, Value) {
-    let response = reqwest::Client::new()
+    let response = bootsync::tls::plain_client()
         .post(format!("{url}{path}"))
         .json(body)
         .send()
@@ -198,7 +198,7 @@ async fn kill_9_during_a_registration_storm_loses_no_acknowledged_registration()
     for w in 0..16 {
         let (url, acked) = (server.url.clone(), acked.clone());
         tasks.push(tokio::spawn(async move {
-            let http = reqwest::Client::new();
+            let http = bootsync::tls::plain_client();
             for i in 0..5000 {
                 let id = format!("n{w}-{i}");
                 let sent = http
@@ -228,7 +228,7 @@ async fn kill_9_during_a_registration_storm_loses_no_acknowledged_registration()
     }
     let acked = acked.lock().unwrap().clone();
     let server = Proc::spawn(&["serve", "--store", &db], dir.path());
-    let stored: Value = reqwest::get(format!("{}/v1/config/__cfgsync__/registration", server.url))
+    let stored: Value = support::get(format!("{}/v1/config/__cfgsync__/registration", server.url))
         .await
         .unwrap()
         .json()
@@ -264,7 +264,7 @@ async fn the_join_token_guards_both_routes_and_strict_mode_keeps_nodes_apart() {
         ],
         dir.path(),
     );
-    let http = reqwest::Client::new();
+    let http = bootsync::tls::plain_client();
     let (status, _) = post(&server.url, "/register", &reg("a", "10.0.0.1")).await;
     assert_eq!(status, 401, "no join token");
     let register = |id: &'static str| {
@@ -338,7 +338,7 @@ async fn bad_node_requests_get_clear_errors_and_change_nothing() {
         dir.path(),
     );
     let revision = || async {
-        let body: Value = reqwest::get(format!("{}/v1/config", server.url))
+        let body: Value = support::get(format!("{}/v1/config", server.url))
             .await
             .unwrap()
             .json()
@@ -347,7 +347,7 @@ async fn bad_node_requests_get_clear_errors_and_change_nothing() {
         body["revision"].as_u64().unwrap()
     };
     let before = revision().await;
-    let http = reqwest::Client::new();
+    let http = bootsync::tls::plain_client();
     // Deep nesting where it can hide: inside the opaque metadata.
     let deep = format!(
         "{{\"identifier\": \"n\", \"ip\": \"10.0.0.1\", \"metadata\": {}{}}}",

@@ -12,7 +12,7 @@ use serde_json::{Value, json};
 use support::Proc;
 
 async fn revision(url: &str) -> u64 {
-    let body: Value = reqwest::get(format!("{url}/v1/config"))
+    let body: Value = support::get(format!("{url}/v1/config"))
         .await
         .unwrap()
         .json()
@@ -26,7 +26,7 @@ async fn put_then_get_returns_the_value_with_its_revision() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite:{}/x.db", dir.path().display());
     let server = Proc::spawn(&["serve", "--store", &db], dir.path());
-    let http = reqwest::Client::new();
+    let http = bootsync::tls::plain_client();
     let put: Value = http
         .put(format!("{}/v1/config/prod/flows/main", server.url))
         .json(&json!({"enabled": true}))
@@ -66,7 +66,7 @@ async fn a_batch_with_a_failed_precondition_is_409_naming_the_key_and_stores_not
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite:{}/x.db", dir.path().display());
     let server = Proc::spawn(&["serve", "--store", &db], dir.path());
-    let http = reqwest::Client::new();
+    let http = bootsync::tls::plain_client();
     http.put(format!("{}/v1/config/prod/cfg/taken", server.url))
         .json(&1)
         .send()
@@ -106,7 +106,7 @@ async fn a_batch_with_a_failed_precondition_is_409_naming_the_key_and_stores_not
 async fn reserved_namespaces_never_appear_on_the_public_change_stream() {
     let dir = tempfile::tempdir().unwrap();
     let server = Proc::spawn(&["serve", "--store", "memory:"], dir.path());
-    let http = reqwest::Client::new();
+    let http = bootsync::tls::plain_client();
     let from = revision(&server.url).await;
     http.put(format!("{}/v1/config/__system__/init-state/x", server.url))
         .json(&"v1")
@@ -159,14 +159,14 @@ async fn a_long_poll_returns_as_soon_as_a_change_commits() {
     let from = revision(&server.url).await;
     let url = server.url.clone();
     let poll = tokio::spawn(async move {
-        reqwest::get(format!("{url}/v1/changes?from={from}&timeout=60"))
+        support::get(format!("{url}/v1/changes?from={from}&timeout=60"))
             .await
             .unwrap()
             .json::<Value>()
             .await
             .unwrap()
     });
-    reqwest::Client::new()
+    bootsync::tls::plain_client()
         .put(format!("{}/v1/config/prod/cfg/a", server.url))
         .json(&1)
         .send()
@@ -185,7 +185,7 @@ async fn kill_9_then_restart_keeps_every_acknowledged_write() {
     let db = format!("sqlite:{}/x.db", dir.path().display());
     let mut server = Proc::spawn(&["serve", "--store", &db], dir.path());
     let acked: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
-    let http = reqwest::Client::new();
+    let http = bootsync::tls::plain_client();
     let mut writers = Vec::new();
     for w in 0..8 {
         let (http, url, acked) = (http.clone(), server.url.clone(), acked.clone());
@@ -468,7 +468,7 @@ async fn bad_input_gets_the_json_error_shape_and_changes_nothing() {
             401,
         )
     });
-    let http = reqwest::Client::new();
+    let http = bootsync::tls::plain_client();
     let before = revision(&server.url).await;
     for c in &cases {
         let mut request = http

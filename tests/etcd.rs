@@ -92,7 +92,7 @@ async fn one_member_down_fails_nothing_two_down_fails_fast_and_recovery_needs_no
 const POLICY: &str = "expect_nodes: 3\nfiles:\n  - path: peers.txt\n    template: \"{% for p in nodes %}{{ p.identifier }}={{ p.ip }}\\n{% endfor %}\"\n";
 
 async fn post(url: &str, path: &str, body: &Value) -> (u16, Value) {
-    let response = reqwest::Client::new()
+    let response = bootsync::tls::plain_client()
         .post(format!("{url}{path}"))
         .json(body)
         .send()
@@ -170,7 +170,7 @@ async fn the_reconciler_backs_off_without_quorum_and_converges_once_it_returns()
         dir.path(),
     );
     let flag = |url: String| async move {
-        let body: Value = reqwest::get(format!("{url}/v1/config/__system__/init-state"))
+        let body: Value = support::get(format!("{url}/v1/config/__system__/init-state"))
             .await
             .ok()?
             .json()
@@ -194,7 +194,7 @@ async fn the_reconciler_backs_off_without_quorum_and_converges_once_it_returns()
         || {
             let url = server.url.clone();
             async move {
-                let status = reqwest::get(format!("{url}/readyz")).await.ok()?.status();
+                let status = support::get(format!("{url}/readyz")).await.ok()?.status();
                 (status == 503).then_some(())
             }
         },
@@ -278,7 +278,7 @@ async fn replicas_across_two_servers_on_etcd_run_each_flag_once_and_hand_over() 
     let stored = |flag: &'static str| {
         let url = servers[0].url.clone();
         async move {
-            let body: Value = reqwest::get(format!("{url}/v1/config/__system__/init-state"))
+            let body: Value = support::get(format!("{url}/v1/config/__system__/init-state"))
                 .await
                 .ok()?
                 .json()
@@ -296,7 +296,7 @@ async fn replicas_across_two_servers_on_etcd_run_each_flag_once_and_hand_over() 
         log().contains("start v2").then_some(())
     })
     .await;
-    let lease: Value = reqwest::get(format!(
+    let lease: Value = support::get(format!(
         "{}/v1/config/__system__/lease/reconciler",
         servers[1].url
     ))

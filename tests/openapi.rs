@@ -9,7 +9,7 @@ use serde_json::Value;
 use support::Proc;
 
 async fn document(server: &Proc) -> Value {
-    let response = reqwest::get(format!("{}/v1/openapi.json", server.url))
+    let response = support::get(format!("{}/v1/openapi.json", server.url))
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
@@ -50,7 +50,7 @@ async fn the_document_is_valid_openapi_3_1_and_every_operation_reaches_a_handler
     assert_eq!(doc["info"]["version"], env!("CARGO_PKG_VERSION"));
 
     // Every described operation is answered by its handler, not by the router's fallbacks.
-    let http = reqwest::Client::new();
+    let http = bootsync::tls::plain_client();
     let ops = operations(&doc);
     assert!(ops.len() >= 14, "{ops:?}");
     for (method, path) in &ops {

@@ -12,7 +12,7 @@ use support::Proc;
 const FAST: &str = "cadence: { gate_backoff: 1s, retry: 1s, steady: 300s, max_backoff: 2s }\n";
 
 async fn get(url: &str, path: &str) -> Value {
-    reqwest::get(format!("{url}{path}"))
+    support::get(format!("{url}{path}"))
         .await
         .unwrap()
         .json()
@@ -138,7 +138,7 @@ async fn an_invalid_spec_on_sighup_keeps_the_old_one() {
         server.stderr().contains("unknown class \\\"nope\\\"")
             || server.stderr().contains("unknown class")
     );
-    let health = reqwest::get(format!("{}/healthz", server.url))
+    let health = support::get(format!("{}/healthz", server.url))
         .await
         .unwrap();
     assert_eq!(health.status(), 200);
@@ -472,7 +472,7 @@ async fn the_admin_token_never_reaches_the_logs_even_at_trace_level() {
             &[("RUST_LOG", "trace")],
         );
         // The reconciler's own requests carry the token; so do these, right and wrong.
-        let http = reqwest::Client::new();
+        let http = bootsync::tls::plain_client();
         support::wait_for(Duration::from_secs(60), "step stored", || async {
             let body: Value = http
                 .get(format!(

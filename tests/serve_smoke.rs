@@ -8,13 +8,13 @@ use std::time::Duration;
 async fn serve_starts_on_an_ephemeral_port_and_is_healthy() {
     let dir = tempfile::tempdir().unwrap();
     let proc = support::Proc::spawn(&["serve", "--store", "memory:"], dir.path());
-    let health = reqwest::get(format!("{}/healthz", proc.url)).await.unwrap();
+    let health = support::get(format!("{}/healthz", proc.url)).await.unwrap();
     assert_eq!(health.status(), 200);
-    let ready = reqwest::get(format!("{}/readyz", proc.url)).await.unwrap();
+    let ready = support::get(format!("{}/readyz", proc.url)).await.unwrap();
     assert_eq!(ready.status(), 200);
     let body: serde_json::Value = ready.json().await.unwrap();
     assert_eq!(body["backend"], "memory");
-    let missing = reqwest::get(format!("{}/no/such/route", proc.url))
+    let missing = support::get(format!("{}/no/such/route", proc.url))
         .await
         .unwrap();
     assert_eq!(missing.status(), 404);
@@ -39,4 +39,22 @@ fn a_non_loopback_listen_without_a_join_token_is_refused() {
     );
     assert_ne!(code, 0);
     assert!(stderr.contains("--join-token-file"), "stderr: {stderr}");
+}
+
+#[tokio::test]
+async fn log_lines_written_to_a_file_carry_no_colour_escapes() {
+    let dir = tempfile::tempdir().unwrap();
+    // Proc sends stderr to a file: exactly what journald, `kubectl logs` or CI capture.
+    let proc = support::Proc::spawn(&["serve", "--store", "memory:"], dir.path());
+    let health = support::get(format!("{}/healthz", proc.url)).await.unwrap();
+    assert_eq!(health.status(), 200);
+    let log = proc.stderr();
+    assert!(
+        log.contains("INFO"),
+        "expected text log lines on stderr, got:\n{log}"
+    );
+    assert!(
+        !log.contains('\u{1b}'),
+        "escape bytes in a non-terminal log:\n{log:?}"
+    );
 }

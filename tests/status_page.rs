@@ -90,7 +90,7 @@ fn headless(browser: &Path, profile: &Path, what: &str, url: &str) -> String {
 }
 
 async fn wait_until_failed(url: &str, token: &str) {
-    let http = reqwest::Client::new();
+    let http = bootsync::tls::plain_client();
     support::wait_for(
         Duration::from_secs(60),
         "migrate-db to have failed and seed-users to be stored",
@@ -139,7 +139,7 @@ async fn the_page_shows_a_failed_initialiser_in_a_real_browser() {
     wait_until_failed(&server.url, "page-t0ken").await;
 
     // The admin token guards the page; a browser gets a Basic challenge.
-    let anonymous = reqwest::get(format!("{}/", server.url)).await.unwrap();
+    let anonymous = support::get(format!("{}/", server.url)).await.unwrap();
     assert_eq!(anonymous.status(), 401);
     assert!(
         anonymous.headers()["www-authenticate"]

@@ -153,7 +153,7 @@ async fn the_cli_and_the_node_client_work_over_https_with_the_ca_and_fail_withou
 
     // Plain HTTP to the TLS port gets no answer from the API.
     let plain = server.url.replacen("https://", "http://", 1);
-    let answer = reqwest::Client::new()
+    let answer = bootsync::tls::plain_client()
         .get(format!("{plain}/healthz"))
         .timeout(Duration::from_secs(5))
         .send()
@@ -196,6 +196,7 @@ async fn run_over_https_converges_through_its_own_listener() {
     let server = Proc::spawn(&args, dir.path());
     eprintln!("server log: {}", dir.path().display());
     let ca = reqwest::Certificate::from_pem(&std::fs::read(&pki.ca).unwrap()).unwrap();
+    bootsync::tls::install_crypto_provider();
     let http = reqwest::Client::builder()
         .tls_certs_merge([ca])
         .build()

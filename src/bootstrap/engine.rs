@@ -919,7 +919,7 @@ mod tests {
             holder: "test".into(),
             lease_ttl: Duration::from_secs(15),
             server_url: "http://127.0.0.1:9".into(),
-            http: reqwest::Client::new(),
+            http: crate::tls::plain_client(),
         };
         Harness {
             engine: Engine::new(spec, store.clone(), gate.clone(), options, None),

@@ -60,6 +60,7 @@ struct ClientTls {
 impl ClientTls {
     fn client(&self, builder: reqwest::ClientBuilder) -> anyhow::Result<reqwest::Client> {
         if self.own_listener {
+            crate::tls::install_crypto_provider();
             // Only the server's own chain (and --ca-cert) is trusted here, never the system's.
             return Ok(builder
                 .connect_timeout(Duration::from_secs(5))

@@ -194,3 +194,8 @@ impl Proc {
         matches!(self.child.try_wait(), Ok(None))
     }
 }
+
+/// `GET url` with a plain client (rustls's provider installed first, as bootsync's own clients do).
+pub async fn get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Response> {
+    bootsync::tls::plain_client().get(url).send().await
+}

@@ -192,6 +192,15 @@ async fn register(
     validate_registration(&registration)?;
     let service = &routes.service;
     let key = registration_key(&registration.identifier);
+    // Admission decides on the loaded state, never on the empty view of a starting server.
+    let loaded = service
+        .caught_up(0, tokio::time::Instant::now() + LOAD_WAIT)
+        .await;
+    if !loaded.loaded {
+        return Err(ApiError::unavailable(
+            "the server is still loading its state; retry",
+        ));
+    }
     for _ in 0..REGISTER_ATTEMPTS {
         let existing = service.store.get(&key).await?;
         let existing_record = existing
@@ -283,10 +292,27 @@ async fn node(
     let Query(query) = query?;
     let service = &routes.service;
     let id = &registration.identifier;
+    let wait = Duration::from_secs(query.wait.unwrap_or(0)).min(service.options.node_wait_max);
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut serving = service
+        .caught_up(0, tokio::time::Instant::now() + LOAD_WAIT)
+        .await;
+    if serving.registration(id).is_none() {
+        // Read your writes: a node that got its 202 from this server (or another on the same
+        // store) may be ahead of the view; the store is not. Wait, bounded, for the view to
+        // reach its registration, so it is never told "not registered" by our own lag.
+        if let Some(entry) = service.store.get(&registration_key(id)).await? {
+            serving = service
+                .caught_up(
+                    entry.mod_revision,
+                    tokio::time::Instant::now() + READ_YOUR_WRITES_WAIT,
+                )
+                .await;
+        }
+    }
     if service.options.strict_nodes {
-        let record = match service.current().registration(id).cloned() {
+        let record = match serving.registration(id).cloned() {
             Some(record) => Some(record),
-            // The view may lag a registration made a moment ago; the store does not.
             None => match service.store.get(&registration_key(id)).await? {
                 Some(entry) => serde_json::from_value(entry.value).ok(),
                 None => None,
@@ -296,14 +322,32 @@ async fn node(
             check_secret(&record, &headers)?;
         }
     }
-    let wait = Duration::from_secs(query.wait.unwrap_or(0)).min(service.options.node_wait_max);
-    let deadline = tokio::time::Instant::now() + wait;
+    let gzip = accepts_gzip(&headers);
     let mut changes = service.subscribe();
     loop {
-        let answer = changes.borrow_and_update().answer(id);
+        let answer = service.answer(&serving, id).await;
         match answer {
             NodeAnswer::Ready(body) => {
-                return Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response());
+                let epoch = serving.epoch().unwrap_or(serving.revision);
+                if gzip && let Some(compressed) = service.gzip(id, &body, epoch).await {
+                    return Ok((
+                        [
+                            (header::CONTENT_TYPE, "application/json"),
+                            (header::CONTENT_ENCODING, "gzip"),
+                            (header::VARY, "accept-encoding"),
+                        ],
+                        compressed,
+                    )
+                        .into_response());
+                }
+                return Ok((
+                    [
+                        (header::CONTENT_TYPE, "application/json"),
+                        (header::VARY, "accept-encoding"),
+                    ],
+                    body.bytes.clone(),
+                )
+                    .into_response());
             }
             NodeAnswer::Missing => {
                 return Err(ApiError::new(
@@ -312,7 +356,7 @@ async fn node(
                     format!("there is no config for {id:?}"),
                 ));
             }
-            NodeAnswer::Failed => {
+            NodeAnswer::Failed(_) => {
                 return Err(ApiError::new(
                     StatusCode::INTERNAL_SERVER_ERROR,
                     INTERNAL,
@@ -320,15 +364,68 @@ async fn node(
                 ));
             }
             NodeAnswer::NotReady(why) => {
-                let waited = tokio::time::timeout_at(deadline, changes.changed()).await;
-                if !matches!(waited, Ok(Ok(()))) {
-                    return Err(ApiError::new(
-                        StatusCode::TOO_EARLY,
-                        NOT_READY,
-                        format!("not ready: {why}"),
-                    ));
+                // Only views newer than the one just answered from are worth another look.
+                changes.mark_unchanged();
+                let newer = changes.wait_for(|s| s.revision > serving.revision);
+                match tokio::time::timeout_at(deadline, newer).await {
+                    Ok(Ok(next)) => serving = next.clone(),
+                    _ => {
+                        return Err(ApiError::new(
+                            StatusCode::TOO_EARLY,
+                            NOT_READY,
+                            format!("not ready: {why}"),
+                        ));
+                    }
                 }
             }
         }
+    }
+}
+
+/// Longest a request waits for the server to load its state at start-up.
+const LOAD_WAIT: Duration = Duration::from_secs(10);
+/// Longest `/node` waits for the view to reach the node's own registration.
+const READ_YOUR_WRITES_WAIT: Duration = Duration::from_secs(5);
+
+/// Whether the client takes a gzip body (`Accept-Encoding: gzip`, not refused with `q=0`).
+fn accepts_gzip(headers: &HeaderMap) -> bool {
+    headers
+        .get_all(header::ACCEPT_ENCODING)
+        .iter()
+        .filter_map(|v| v.to_str().ok())
+        .flat_map(|v| v.split(','))
+        .any(|item| {
+            let mut parts = item.split(';').map(str::trim);
+            let coding = parts.next().unwrap_or("");
+            let refused = parts.any(|p| {
+                p.strip_prefix("q=")
+                    .and_then(|q| q.parse::<f32>().ok())
+                    .is_some_and(|q| q == 0.0)
+            });
+            (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !refused
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn accept_encoding_is_read_as_the_rfc_says() {
+        let with = |v: &str| {
+            let mut h = HeaderMap::new();
+            h.insert(header::ACCEPT_ENCODING, v.parse().unwrap());
+            accepts_gzip(&h)
+        };
+        assert!(with("gzip"));
+        assert!(with("br, GZIP;q=0.5"));
+        assert!(with("*"));
+        assert!(!with("gzip;q=0"));
+        assert!(!with("identity"));
+        assert!(!with("zstd, br"));
+        assert!(
+            !accepts_gzip(&HeaderMap::new()),
+            "old clients get plain JSON"
+        );
     }
 }

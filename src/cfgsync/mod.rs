@@ -6,6 +6,7 @@
 
 pub mod bundle;
 pub mod client;
+pub mod gzip;
 
 pub mod http;
 pub mod materialize;
@@ -13,6 +14,7 @@ pub mod node;
 pub mod output;
 pub mod policy;
 pub mod protocol;
+pub mod render;
 pub mod runtime;
 pub mod service;
 pub mod state;

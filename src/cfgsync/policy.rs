@@ -1,11 +1,11 @@
 //! The declarative materializer: wait for a set of nodes, then render each node's files from
 //! templates with the node, its index, every node and its peers in scope.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
 
-use minijinja::value::{Enumerator, Object, Value};
+use minijinja::value::{Enumerator, Object, ObjectRepr, Value};
 use minijinja::{Environment, context};
 use serde::{Deserialize, Serialize};
 
@@ -105,6 +105,7 @@ impl Policy {
             problems.push("the policy renders no files: add files or shared_files".to_string());
         }
         let mut env = Environment::new();
+        add_helpers(&mut env);
         let mut paths = BTreeSet::new();
         for (section, list) in [("files", &self.files), ("shared_files", &self.shared_files)] {
             for (i, file) in list.iter().enumerate() {
@@ -142,31 +143,227 @@ pub struct CompiledPolicy {
     env: Arc<Environment<'static>>,
 }
 
-/// `peers` in a template: every node but one, without copying the list per node.
+/// One node as templates see it: `identifier`, `ip` and `metadata`, looked up by field name
+/// without a map behind it.
 #[derive(Debug)]
-struct Peers {
-    nodes: Arc<Vec<Value>>,
-    skip: usize,
+struct NodeObject {
+    identifier: Value,
+    ip: Value,
+    metadata: Value,
 }
 
-impl Object for Peers {
+const NODE_FIELDS: [&str; 3] = ["identifier", "ip", "metadata"];
+
+impl Object for NodeObject {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Map
+    }
+
     fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
-        let i = key.as_usize()?;
-        let j = if i >= self.skip { i + 1 } else { i };
-        self.nodes.get(j).cloned()
+        self.get_value_by_str(key.as_str()?)
+    }
+
+    fn get_value_by_str(self: &Arc<Self>, key: &str) -> Option<Value> {
+        match key {
+            "identifier" => Some(self.identifier.clone()),
+            "ip" => Some(self.ip.clone()),
+            "metadata" => Some(self.metadata.clone()),
+            _ => None,
+        }
     }
 
     fn enumerate(self: &Arc<Self>) -> Enumerator {
-        Enumerator::Seq(self.nodes.len().saturating_sub(1))
+        Enumerator::Str(&NODE_FIELDS)
     }
 }
 
-fn node_value(node: &NodeRegistration) -> Value {
-    Value::from_serialize(serde_json::json!({
-        "identifier": node.identifier,
-        "ip": node.ip.to_string(),
-        "metadata": node.metadata,
-    }))
+/// `nodes` and `peers` in a template: the epoch's member list, or all of it but one node,
+/// without copying the list per node.
+#[derive(Debug)]
+struct NodeList {
+    nodes: Arc<Vec<Value>>,
+    skip: Option<usize>,
+}
+
+impl NodeList {
+    fn len(&self) -> usize {
+        self.nodes.len() - usize::from(self.skip.is_some())
+    }
+
+    fn position(&self, i: usize) -> usize {
+        match self.skip {
+            Some(skip) if i >= skip => i + 1,
+            _ => i,
+        }
+    }
+}
+
+impl Object for NodeList {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Seq
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let i = key.as_usize()?;
+        (i < self.len()).then(|| self.nodes[self.position(i)].clone())
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Seq(self.len())
+    }
+}
+
+/// `node_ips` and `peer_ips`: the members' IPs as strings. Printed as is (`{{ peer_ips }}`)
+/// or through `tojson`, the list is written in one pass as a JSON array, which is also YAML;
+/// `join` works as on any list.
+#[derive(Debug)]
+struct IpList {
+    ips: Arc<Vec<Arc<str>>>,
+    skip: Option<usize>,
+}
+
+impl IpList {
+    fn len(&self) -> usize {
+        self.ips.len() - usize::from(self.skip.is_some())
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.ips
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != self.skip)
+            .map(|(_, ip)| ip)
+    }
+
+    /// `["a", "b"]`: IP strings need no escaping.
+    fn write_json(&self, out: &mut String) {
+        out.reserve(self.len() * 18 + 2);
+        out.push('[');
+        for (i, ip) in self.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            out.push('"');
+            out.push_str(ip);
+            out.push('"');
+        }
+        out.push(']');
+    }
+}
+
+impl Object for IpList {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Seq
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let i = key.as_usize()?;
+        if i >= self.len() {
+            return None;
+        }
+        let j = match self.skip {
+            Some(skip) if i >= skip => i + 1,
+            _ => i,
+        };
+        Some(Value::from(self.ips[j].clone()))
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Seq(self.len())
+    }
+
+    fn render(self: &Arc<Self>, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut out = String::new();
+        self.write_json(&mut out);
+        f.write_str(&out)
+    }
+}
+
+/// The `tojson` filter: one pass for the IP lists, serde for anything else.
+fn tojson(value: Value) -> Result<Value, minijinja::Error> {
+    if let Some(list) = value.downcast_object_ref::<IpList>() {
+        let mut out = String::new();
+        list.write_json(&mut out);
+        return Ok(Value::from_safe_string(out));
+    }
+    serde_json::to_string(&value)
+        .map(Value::from_safe_string)
+        .map_err(|err| {
+            minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                format!("cannot write this value as JSON: {err}"),
+            )
+        })
+}
+
+/// The filters the policy's templates get beside minijinja's built-ins.
+fn add_helpers(env: &mut Environment<'static>) {
+    env.add_filter("tojson", tojson);
+}
+
+/// What every template of one epoch sees in common, built once per epoch: the members in
+/// identifier order, as template values and as IP strings, and each member's position.
+#[derive(Debug)]
+pub struct Scope {
+    nodes: Arc<Vec<Value>>,
+    ips: Arc<Vec<Arc<str>>>,
+    index: HashMap<Arc<str>, usize>,
+}
+
+impl Scope {
+    /// The scope of `members` (identifier, IP, metadata), which must be sorted by identifier.
+    pub fn new<'a>(
+        members: impl IntoIterator<Item = (&'a str, std::net::IpAddr, &'a serde_json::Value)>,
+    ) -> Self {
+        let mut nodes = Vec::new();
+        let mut ips = Vec::new();
+        let mut index = HashMap::new();
+        for (i, (identifier, ip, metadata)) in members.into_iter().enumerate() {
+            let identifier: Arc<str> = Arc::from(identifier);
+            let ip: Arc<str> = Arc::from(ip.to_string());
+            nodes.push(Value::from_object(NodeObject {
+                identifier: Value::from(identifier.clone()),
+                ip: Value::from(ip.clone()),
+                metadata: Value::from_serialize(metadata),
+            }));
+            ips.push(ip);
+            index.insert(identifier, i);
+        }
+        Self {
+            nodes: Arc::new(nodes),
+            ips: Arc::new(ips),
+            index,
+        }
+    }
+
+    /// How many members.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// A member's position in `nodes`.
+    pub fn index_of(&self, identifier: &str) -> Option<usize> {
+        self.index.get(identifier).copied()
+    }
+
+    fn nodes(&self, skip: Option<usize>) -> Value {
+        Value::from_object(NodeList {
+            nodes: self.nodes.clone(),
+            skip,
+        })
+    }
+
+    fn ips(&self, skip: Option<usize>) -> Value {
+        Value::from_object(IpList {
+            ips: self.ips.clone(),
+            skip,
+        })
+    }
 }
 
 impl CompiledPolicy {
@@ -175,27 +372,80 @@ impl CompiledPolicy {
         &self.policy
     }
 
+    /// Whether the registered identifiers make the deployment ready: a count, or a named set.
+    /// Nothing is rendered to decide it.
+    pub fn is_ready(&self, registered: usize, contains: impl Fn(&str) -> bool) -> bool {
+        match (&self.policy.expect_nodes, &self.policy.expect_identifiers) {
+            (Some(n), _) => registered >= *n,
+            (_, Some(ids)) => ids.iter().all(|id| contains(id)),
+            (None, None) => false,
+        }
+    }
+
+    /// Whether `identifier` is served once ready: every registered node, or only the named set.
+    pub fn serves(&self, identifier: &str) -> bool {
+        match &self.policy.expect_identifiers {
+            Some(ids) => ids.iter().any(|id| id == identifier),
+            None => true,
+        }
+    }
+
     /// The nodes that make up the deployment once ready, or `None` while not ready.
     pub fn members<'a>(
         &self,
         snapshot: &'a RegistrationSnapshot,
     ) -> Option<Vec<&'a NodeRegistration>> {
-        match (&self.policy.expect_nodes, &self.policy.expect_identifiers) {
-            (Some(n), _) => (snapshot.len() >= *n).then(|| snapshot.iter().collect()),
-            (_, Some(ids)) => {
-                let members: Vec<&NodeRegistration> = snapshot
-                    .iter()
-                    .filter(|n| ids.contains(&n.identifier))
-                    .collect();
-                (members.len() == ids.len()).then_some(members)
-            }
-            (None, None) => None,
-        }
+        let ready = self.is_ready(snapshot.len(), |id| {
+            snapshot.iter().any(|n| n.identifier == id)
+        });
+        ready.then(|| {
+            snapshot
+                .iter()
+                .filter(|n| self.serves(&n.identifier))
+                .collect()
+        })
     }
 
     fn render(&self, name: &str, ctx: Value) -> Result<String, DynCfgsyncError> {
         let template = self.env.get_template(name)?;
         Ok(template.render(ctx)?)
+    }
+
+    /// The shared files of an epoch (rendered once per epoch by the server).
+    pub fn render_shared(&self, scope: &Scope) -> Result<Vec<ArtifactFile>, DynCfgsyncError> {
+        let mut shared = Vec::with_capacity(self.policy.shared_files.len());
+        for (i, file) in self.policy.shared_files.iter().enumerate() {
+            let ctx = context! { nodes => scope.nodes(None), node_ips => scope.ips(None) };
+            let content = self
+                .render(&format!("shared_files/{i}"), ctx)
+                .map_err(|err| format!("rendering shared file {}: {err}", file.path))?;
+            shared.push(ArtifactFile::new(file.path.clone(), content));
+        }
+        Ok(shared)
+    }
+
+    /// The files of the member at `index` in `scope`.
+    pub fn render_node(
+        &self,
+        scope: &Scope,
+        index: usize,
+    ) -> Result<Vec<ArtifactFile>, DynCfgsyncError> {
+        let ctx = context! {
+            node => scope.nodes[index].clone(),
+            index => index,
+            nodes => scope.nodes(None),
+            peers => scope.nodes(Some(index)),
+            node_ips => scope.ips(None),
+            peer_ips => scope.ips(Some(index)),
+        };
+        let mut files = Vec::with_capacity(self.policy.files.len());
+        for (i, file) in self.policy.files.iter().enumerate() {
+            let content = self
+                .render(&format!("files/{i}"), ctx.clone())
+                .map_err(|err| format!("rendering {}: {err}", file.path))?;
+            files.push(ArtifactFile::new(file.path.clone(), content));
+        }
+        Ok(files)
     }
 }
 
@@ -207,37 +457,17 @@ impl RegistrationSnapshotMaterializer for CompiledPolicy {
         let Some(members) = self.members(registrations) else {
             return Ok(None);
         };
-        let values: Arc<Vec<Value>> = Arc::new(members.iter().map(|n| node_value(n)).collect());
-        let nodes = Value::from_dyn_object(Arc::new(NodesList(values.clone())));
-        let mut shared = Vec::with_capacity(self.policy.shared_files.len());
-        for (i, file) in self.policy.shared_files.iter().enumerate() {
-            let content = self.render(
-                &format!("shared_files/{i}"),
-                context! { nodes => nodes.clone() },
-            )?;
-            shared.push(ArtifactFile::new(file.path.clone(), content));
-        }
+        let scope = Scope::new(
+            members
+                .iter()
+                .map(|m| (m.identifier.as_str(), m.ip, &m.metadata)),
+        );
+        let shared = self.render_shared(&scope)?;
         let mut out = Vec::with_capacity(members.len());
         for (index, member) in members.iter().enumerate() {
-            let peers = Value::from_object(Peers {
-                nodes: values.clone(),
-                skip: index,
-            });
-            let ctx = context! {
-                node => values[index].clone(),
-                index => index,
-                nodes => nodes.clone(),
-                peers => peers,
-            };
-            let mut files = Vec::with_capacity(self.policy.files.len());
-            for (i, file) in self.policy.files.iter().enumerate() {
-                let content = self
-                    .render(&format!("files/{i}"), ctx.clone())
-                    .map_err(|err| {
-                        format!("rendering {} for {}: {err}", file.path, member.identifier)
-                    })?;
-                files.push(ArtifactFile::new(file.path.clone(), content));
-            }
+            let files = self
+                .render_node(&scope, index)
+                .map_err(|err| format!("{err} for {}", member.identifier))?;
             out.push(NodeArtifacts {
                 identifier: member.identifier.clone(),
                 files,
@@ -246,20 +476,6 @@ impl RegistrationSnapshotMaterializer for CompiledPolicy {
         Ok(Some(
             NodeArtifactsCatalog::new(out).with_shared_files(shared),
         ))
-    }
-}
-
-/// `nodes` in a template: the shared list, built once per materialisation.
-#[derive(Debug)]
-struct NodesList(Arc<Vec<Value>>);
-
-impl Object for NodesList {
-    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
-        self.0.get(key.as_usize()?).cloned()
-    }
-
-    fn enumerate(self: &Arc<Self>) -> Enumerator {
-        Enumerator::Seq(self.0.len())
     }
 }
 

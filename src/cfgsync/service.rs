@@ -1,25 +1,28 @@
-//! The serving engine: one watcher task keeps an in-memory view of `__cfgsync__`, materialises
-//! payloads once per change of the registered set, and publishes the result; requests only
-//! look it up.
+//! The serving engine: one watcher task keeps an in-memory view of `__cfgsync__` current, and
+//! `/node` renders what it answers on demand.
 //!
-//! Materialisation happens in exactly one place (the watcher), so it is single-flight by
-//! construction: a storm of requests never renders twice. Each node's files and the shared
-//! files are kept pre-serialised separately, so memory stays linear in the cluster size even
-//! when a shared file lists every peer.
+//! A change of the registered set costs the watcher a map update and a readiness check, never
+//! a render: readiness is a count or a named set. A node's files are rendered when that node
+//! asks at an epoch (the revision its set was last changed at), once however many ask at the
+//! same time, on a bounded pool off the async workers, and kept in a byte-bounded cache. What
+//! every node shares is rendered, serialised and compressed once per epoch.
 
-use std::collections::{HashMap, HashSet};
-use std::sync::Arc;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use bytes::Bytes;
 use futures_util::FutureExt;
 use serde_json::Value;
-use tokio::sync::watch;
+use tokio::sync::{OnceCell, watch};
 
 use super::bundle::NodeArtifactsBundle;
+use super::gzip::{self, Piece};
 use super::materialize::{
-    NodeArtifacts, NodeArtifactsCatalog, RegistrationSnapshot, RegistrationSnapshotMaterializer,
+    NodeArtifactsCatalog, RegistrationSnapshot, RegistrationSnapshotMaterializer,
 };
-use super::policy::{CompiledPolicy, OnNewIp, Policy};
+use super::policy::{CompiledPolicy, OnNewIp, Policy, Scope};
+use super::render::{DEFAULT_CACHE_BYTES, RenderCache, RenderPool, Weigh};
 use super::state::{BUNDLE, CURRENT, POLICY, REGISTRATION, RegistrationRecord};
 use super::{ArtifactFile, NodeRegistration};
 use crate::store::{CFGSYNC_NAMESPACE, ChangeEvent, DynStore, Revision, WatchFilter};
@@ -31,6 +34,10 @@ pub struct ServiceOptions {
     pub strict_nodes: bool,
     /// Longest a `/node?wait=` long-poll is held.
     pub node_wait_max: Duration,
+    /// Bytes of rendered payloads kept for repeated fetches of one epoch.
+    pub render_cache_bytes: usize,
+    /// Renders running at once (blocking threads).
+    pub render_threads: usize,
 }
 
 impl Default for ServiceOptions {
@@ -38,58 +45,229 @@ impl Default for ServiceOptions {
         Self {
             strict_nodes: false,
             node_wait_max: Duration::from_secs(60),
+            render_cache_bytes: DEFAULT_CACHE_BYTES,
+            render_threads: RenderPool::default_threads(),
         }
     }
 }
 
-/// A node's payload, pre-serialised: its own files as JSON objects joined by commas.
-#[derive(Debug, Clone)]
-struct Prepared {
-    files: Arc<str>,
-    shared: Arc<str>,
-    epoch: Revision,
+/// Registrations by identifier; sorted, so iterating gives the members in template order.
+type Registrations = BTreeMap<Arc<str>, Arc<RegistrationRecord>>;
+
+/// Files every node of an epoch (or of a bundle) gets: serialised once, compressed once.
+#[derive(Debug, Default)]
+struct Shared {
+    /// The files as JSON objects joined by commas.
+    json: String,
+    gzip: OnceLock<Piece>,
 }
 
-impl Prepared {
-    /// The `200` body: `{"schema_version":1,"files":[...],"epoch":N}`.
-    fn body(&self) -> String {
-        let mut out = String::with_capacity(self.files.len() + self.shared.len() + 64);
-        out.push_str("{\"schema_version\":1,\"files\":[");
-        out.push_str(&self.files);
-        if !self.files.is_empty() && !self.shared.is_empty() {
+impl Shared {
+    fn new(files: &[ArtifactFile]) -> Arc<Self> {
+        Arc::new(Self {
+            json: join_files(files),
+            gzip: OnceLock::new(),
+        })
+    }
+
+    fn piece(&self) -> &Piece {
+        self.gzip.get_or_init(|| Piece::new(self.json.as_bytes()))
+    }
+}
+
+fn join_files(files: &[ArtifactFile]) -> String {
+    let mut out = String::new();
+    for (i, file) in files.iter().enumerate() {
+        if i > 0 {
             out.push(',');
         }
-        out.push_str(&self.shared);
+        out.push_str(&serde_json::to_string(file).expect("files always serialise"));
+    }
+    out
+}
+
+/// One node's answer body, and where the shared files sit in it.
+#[derive(Debug)]
+pub struct Body {
+    /// `{"schema_version":1,"files":[...],"epoch":N}`.
+    pub bytes: Bytes,
+    /// Length of the part before the shared files.
+    head: usize,
+    shared: Arc<Shared>,
+}
+
+impl Body {
+    fn new(node_files: &str, shared: Arc<Shared>, epoch: Revision) -> Self {
+        let mut out = String::with_capacity(node_files.len() + shared.json.len() + 64);
+        out.push_str("{\"schema_version\":1,\"files\":[");
+        out.push_str(node_files);
+        if !node_files.is_empty() && !shared.json.is_empty() {
+            out.push(',');
+        }
+        let head = out.len();
+        out.push_str(&shared.json);
         out.push_str("],\"epoch\":");
-        out.push_str(&self.epoch.to_string());
+        out.push_str(&epoch.to_string());
         out.push('}');
-        out
+        Self {
+            bytes: Bytes::from(out),
+            head,
+            shared,
+        }
+    }
+
+    /// The body gzip-compressed, the shared files' piece compressed once for all nodes.
+    pub fn gzip(&self) -> Bytes {
+        let tail = self.head + self.shared.json.len();
+        gzip::around(
+            &self.bytes[..self.head],
+            self.shared.piece(),
+            &self.bytes[tail..],
+        )
     }
 }
 
-fn join_files(files: &[ArtifactFile]) -> Arc<str> {
-    let parts: Vec<String> = files
+/// A payload prepared ahead of time (bundles, library catalogs): the node's files serialised.
+#[derive(Debug)]
+struct Prepared {
+    files: String,
+    shared: Arc<Shared>,
+}
+
+fn prepare_catalog(catalog: &NodeArtifactsCatalog) -> HashMap<String, Prepared> {
+    let shared = Shared::new(&catalog.shared_files);
+    catalog
+        .nodes
         .iter()
-        .map(|f| serde_json::to_string(f).expect("files always serialise"))
-        .collect();
-    Arc::from(parts.join(","))
+        .map(|node| {
+            let prepared = Prepared {
+                files: join_files(&node.files),
+                shared: shared.clone(),
+            };
+            (node.identifier.clone(), prepared)
+        })
+        .collect()
+}
+
+/// Where the epoch's payloads come from.
+#[derive(Clone)]
+enum Source {
+    /// The stored declarative policy: rendered per node on demand.
+    Policy(CompiledPolicy),
+    /// A library materializer: the whole catalog, computed once per epoch on first fetch.
+    Custom(Arc<dyn RegistrationSnapshotMaterializer>),
+}
+
+type Catalog = Result<Option<Arc<HashMap<String, Prepared>>>, Arc<str>>;
+
+/// One state of the registered set that payloads are rendered for. Everything here is
+/// computed at most once, and only when a node asks.
+pub struct Epoch {
+    /// The store revision the set last changed at; payloads carry it as `epoch`.
+    pub revision: Revision,
+    source: Source,
+    registrations: Arc<Registrations>,
+    scope: OnceLock<Arc<Scope>>,
+    shared: OnceLock<Result<Arc<Shared>, Arc<str>>>,
+    catalog: OnceCell<Catalog>,
+}
+
+impl std::fmt::Debug for Epoch {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Epoch")
+            .field("revision", &self.revision)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Epoch {
+    /// The members in identifier order, with what templates see of them (built once).
+    fn scope(&self, policy: &CompiledPolicy) -> Arc<Scope> {
+        self.scope
+            .get_or_init(|| {
+                Arc::new(Scope::new(
+                    self.registrations
+                        .values()
+                        .filter(|r| policy.serves(&r.identifier))
+                        .map(|r| (r.identifier.as_str(), r.ip, &r.metadata)),
+                ))
+            })
+            .clone()
+    }
+
+    /// The shared files, rendered once per epoch.
+    fn shared(&self, policy: &CompiledPolicy, scope: &Scope) -> Result<Arc<Shared>, Arc<str>> {
+        self.shared
+            .get_or_init(|| {
+                policy
+                    .render_shared(scope)
+                    .map(|files| Shared::new(&files))
+                    .map_err(|err| Arc::from(err.to_string()))
+            })
+            .clone()
+    }
+
+    /// Renders one node's answer (on a pool thread).
+    fn render_node(&self, policy: &CompiledPolicy, identifier: &str) -> Rendered {
+        let scope = self.scope(policy);
+        let Some(index) = scope.index_of(identifier) else {
+            return Err(Arc::from(format!("{identifier:?} is not a member")));
+        };
+        let shared = self.shared(policy, &scope)?;
+        let files = policy
+            .render_node(&scope, index)
+            .map_err(|err| Arc::from(err.to_string()))?;
+        Ok(Arc::new(Body::new(
+            &join_files(&files),
+            shared,
+            self.revision,
+        )))
+    }
+
+    fn snapshot(&self) -> RegistrationSnapshot {
+        let nodes = self
+            .registrations
+            .values()
+            .map(|r| NodeRegistration {
+                identifier: r.identifier.clone(),
+                ip: r.ip,
+                metadata: r.metadata.clone(),
+            })
+            .collect();
+        RegistrationSnapshot::new(nodes, self.revision)
+    }
+}
+
+/// A rendered answer, or why it could not be rendered (kept so a failing node costs one
+/// render per epoch, not one per request).
+type Rendered = Result<Arc<Body>, Arc<str>>;
+
+impl Weigh for Arc<Body> {
+    fn weight(&self) -> usize {
+        self.bytes.len()
+    }
+}
+
+/// A cached gzip answer.
+#[derive(Debug, Clone)]
+struct Gzipped(Bytes);
+
+impl Weigh for Gzipped {
+    fn weight(&self) -> usize {
+        self.0.len()
+    }
 }
 
 /// The registration-backed catalog's state.
 #[derive(Debug, Clone, Default)]
-enum Catalog {
+enum Readiness {
     /// No policy or materializer is installed.
     #[default]
     Absent,
     /// Installed, but the registered set is not ready.
     NotReady,
-    /// Ready: the member set and their payloads.
-    Ready {
-        members: Arc<HashSet<String>>,
-        payloads: Arc<HashMap<String, Prepared>>,
-    },
-    /// Materialisation failed; the reason is logged and nodes get 500.
-    Failed,
+    /// Ready (a policy) or to be decided at the first fetch (a library materializer).
+    Epoch(Arc<Epoch>),
 }
 
 /// One consistent view of the serving state.
@@ -97,23 +275,26 @@ enum Catalog {
 pub struct Serving {
     /// The store revision this view reflects.
     pub revision: Revision,
-    registrations: Arc<HashMap<String, RegistrationRecord>>,
+    /// Whether the stored state has been read (false only while the server starts).
+    pub loaded: bool,
+    registrations: Arc<Registrations>,
     bundle: Option<Arc<HashMap<String, Prepared>>>,
+    bundle_epoch: Revision,
     policy: Option<CompiledPolicy>,
-    catalog: Catalog,
+    readiness: Readiness,
 }
 
 /// What `/node` answers for one identifier.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum NodeAnswer {
     /// 200 with this body.
-    Ready(String),
+    Ready(Arc<Body>),
     /// 425: not ready yet, with why.
     NotReady(&'static str),
     /// 404: no config for this identifier.
     Missing,
-    /// 500: materialisation failed (details in the server log).
-    Failed,
+    /// 500: this node's payload could not be built (the reason is logged).
+    Failed(Arc<str>),
 }
 
 impl Serving {
@@ -122,9 +303,9 @@ impl Serving {
         self.registrations.len()
     }
 
-    /// Every registration, in no particular order.
+    /// Every registration, in identifier order.
     pub fn registration_records(&self) -> impl Iterator<Item = &RegistrationRecord> {
-        self.registrations.values()
+        self.registrations.values().map(|r| r.as_ref())
     }
 
     /// Whether a bundle is installed.
@@ -134,12 +315,27 @@ impl Serving {
 
     /// A stored registration.
     pub fn registration(&self, identifier: &str) -> Option<&RegistrationRecord> {
-        self.registrations.get(identifier)
+        self.registrations.get(identifier).map(|r| r.as_ref())
     }
 
-    /// Whether registration-backed serving is ready.
+    /// Whether registration-backed serving is ready (for a library materializer: whether its
+    /// last computed catalog was).
     pub fn is_ready(&self) -> bool {
-        matches!(self.catalog, Catalog::Ready { .. })
+        match &self.readiness {
+            Readiness::Epoch(epoch) => match epoch.source {
+                Source::Policy(_) => true,
+                Source::Custom(_) => matches!(epoch.catalog.get(), Some(Ok(Some(_)))),
+            },
+            _ => false,
+        }
+    }
+
+    /// The epoch payloads are served at, once ready.
+    pub fn epoch(&self) -> Option<Revision> {
+        match &self.readiness {
+            Readiness::Epoch(epoch) => Some(epoch.revision),
+            _ => None,
+        }
     }
 
     /// The policy in force, if any.
@@ -149,7 +345,7 @@ impl Serving {
 
     /// Whether a registration source (policy or materializer) is installed.
     pub fn has_materializer(&self) -> bool {
-        !matches!(self.catalog, Catalog::Absent)
+        !matches!(self.readiness, Readiness::Absent)
     }
 
     /// Whether the bundle names `identifier`; `None` when no bundle is installed.
@@ -159,33 +355,14 @@ impl Serving {
 
     /// Whether membership is frozen and `identifier` is not a member.
     pub fn frozen_out(&self, identifier: &str) -> bool {
-        let freeze = self
-            .policy
-            .as_ref()
-            .is_some_and(|p| p.policy().freeze_on_ready);
-        match &self.catalog {
-            Catalog::Ready { members, .. } if freeze => !members.contains(identifier),
-            _ => false,
-        }
-    }
-
-    /// The answer to `/node` for `identifier`, by the rules of the serving models.
-    pub fn answer(&self, identifier: &str) -> NodeAnswer {
-        if let Some(prepared) = self.bundle.as_ref().and_then(|b| b.get(identifier)) {
-            return NodeAnswer::Ready(prepared.body());
-        }
-        match &self.catalog {
-            Catalog::Absent if self.bundle.is_some() => NodeAnswer::Missing,
-            Catalog::Absent => NodeAnswer::NotReady("no bundle or policy is installed yet"),
-            _ if !self.registrations.contains_key(identifier) => {
-                NodeAnswer::NotReady("this identifier has not registered")
+        let Some(policy) = &self.policy else {
+            return false;
+        };
+        match &self.readiness {
+            Readiness::Epoch(epoch) if policy.policy().freeze_on_ready => {
+                !(epoch.registrations.contains_key(identifier) && policy.serves(identifier))
             }
-            Catalog::NotReady => NodeAnswer::NotReady("waiting for the expected nodes to register"),
-            Catalog::Failed => NodeAnswer::Failed,
-            Catalog::Ready { payloads, .. } => match payloads.get(identifier) {
-                Some(prepared) => NodeAnswer::Ready(prepared.body()),
-                None => NodeAnswer::Missing,
-            },
+            _ => false,
         }
     }
 }
@@ -197,6 +374,9 @@ pub struct Service {
     /// Knobs.
     pub options: ServiceOptions,
     current: watch::Receiver<Arc<Serving>>,
+    pool: RenderPool,
+    rendered: RenderCache<(Arc<str>, Revision), Rendered>,
+    gzipped: RenderCache<(Arc<str>, Revision), Gzipped>,
 }
 
 impl std::fmt::Debug for Service {
@@ -207,25 +387,37 @@ impl std::fmt::Debug for Service {
     }
 }
 
+/// Bodies smaller than this go out uncompressed: gzip would not pay for itself.
+const GZIP_MIN_BYTES: usize = 1024;
+
 impl Service {
-    /// Loads the serving state and starts the watcher that keeps it current. `custom` replaces
-    /// the stored policy with a library materializer (as `serve_snapshot_cfgsync` does).
+    /// Starts the watcher that loads and keeps the serving state current, and returns at once:
+    /// nothing is read or rendered before the server can listen. Until the state is loaded,
+    /// `/node` answers 425 and `/register` waits for it. `custom` replaces the stored policy
+    /// with a library materializer (as `serve_snapshot_cfgsync` does).
     pub async fn start(
         store: DynStore,
         options: ServiceOptions,
         custom: Option<Arc<dyn RegistrationSnapshotMaterializer>>,
     ) -> Result<Arc<Self>, crate::store::Error> {
-        let mut view = View::new(custom);
-        let tree = store.namespace(CFGSYNC_NAMESPACE).await?;
-        view.load(&tree);
-        let first = Arc::new(view.rebuild().await);
-        let (tx, rx) = watch::channel(first);
-        tokio::spawn(watcher(store.clone(), view, tx));
-        Ok(Arc::new(Self {
-            store,
+        let (tx, rx) = watch::channel(Arc::new(Serving::default()));
+        let budget = options.render_cache_bytes;
+        let service = Arc::new(Self {
+            store: store.clone(),
+            pool: RenderPool::new(options.render_threads),
             options,
             current: rx,
-        }))
+            // Plain and gzip answers share the budget, half each.
+            rendered: RenderCache::new(budget / 2),
+            gzipped: RenderCache::new(budget / 2),
+        });
+        tokio::spawn(watcher(
+            store,
+            View::new(custom),
+            tx,
+            Arc::downgrade(&service),
+        ));
+        Ok(service)
     }
 
     /// The current view.
@@ -237,16 +429,169 @@ impl Service {
     pub fn subscribe(&self) -> watch::Receiver<Arc<Serving>> {
         self.current.clone()
     }
+
+    /// Waits until the view has read the stored state and reflects at least `revision`, or
+    /// until `deadline`; returns the view then.
+    pub async fn caught_up(
+        &self,
+        revision: Revision,
+        deadline: tokio::time::Instant,
+    ) -> Arc<Serving> {
+        let mut changes = self.subscribe();
+        let waited = tokio::time::timeout_at(
+            deadline,
+            changes.wait_for(|s| s.loaded && s.revision >= revision),
+        )
+        .await;
+        match waited {
+            Ok(Ok(serving)) => serving.clone(),
+            _ => self.current(),
+        }
+    }
+
+    /// Drops cached payloads of epochs older than `epoch`.
+    fn forget_before(&self, epoch: Revision) {
+        self.rendered.retain(|(_, e)| *e >= epoch);
+        self.gzipped.retain(|(_, e)| *e >= epoch);
+    }
+
+    /// Bytes of rendered payloads held.
+    pub fn cached_bytes(&self) -> usize {
+        self.rendered.used() + self.gzipped.used()
+    }
+
+    /// The answer to `/node` for `identifier` in `serving`, rendering it if this is the
+    /// first ask at its epoch.
+    pub async fn answer(&self, serving: &Serving, identifier: &str) -> NodeAnswer {
+        if !serving.loaded {
+            return NodeAnswer::NotReady("the server is still loading its state");
+        }
+        if let Some(prepared) = serving.bundle.as_ref().and_then(|b| b.get(identifier)) {
+            return NodeAnswer::Ready(Arc::new(Body::new(
+                &prepared.files,
+                prepared.shared.clone(),
+                serving.bundle_epoch,
+            )));
+        }
+        let epoch = match &serving.readiness {
+            Readiness::Absent if serving.bundle.is_some() => return NodeAnswer::Missing,
+            Readiness::Absent => {
+                return NodeAnswer::NotReady("no bundle or policy is installed yet");
+            }
+            _ if !serving.registrations.contains_key(identifier) => {
+                return NodeAnswer::NotReady("this identifier has not registered");
+            }
+            Readiness::NotReady => {
+                return NodeAnswer::NotReady("waiting for the expected nodes to register");
+            }
+            Readiness::Epoch(epoch) => epoch.clone(),
+        };
+        match &epoch.source {
+            Source::Policy(policy) => {
+                if !policy.serves(identifier) {
+                    return NodeAnswer::Missing;
+                }
+                let key: (Arc<str>, Revision) = (Arc::from(identifier), epoch.revision);
+                let rendered = self
+                    .rendered
+                    .get_or_render(key, || {
+                        let (pool, policy, epoch) =
+                            (self.pool.clone(), policy.clone(), epoch.clone());
+                        let id = identifier.to_string();
+                        async move {
+                            let started = std::time::Instant::now();
+                            let result = pool
+                                .run(move || epoch.render_node(&policy, &id))
+                                .await
+                                .unwrap_or_else(|err| Err(Arc::from(err)));
+                            tracing::debug!(
+                                identifier,
+                                elapsed_us = started.elapsed().as_micros() as u64,
+                                ok = result.is_ok(),
+                                "rendered a payload"
+                            );
+                            result
+                        }
+                    })
+                    .await;
+                match rendered {
+                    Ok(body) => NodeAnswer::Ready(body),
+                    Err(reason) => {
+                        tracing::error!(identifier, epoch = epoch.revision, %reason, "this node's payload could not be rendered");
+                        NodeAnswer::Failed(reason)
+                    }
+                }
+            }
+            Source::Custom(materializer) => {
+                let catalog = epoch
+                    .catalog
+                    .get_or_init(|| {
+                        let (pool, materializer, epoch2) =
+                            (self.pool.clone(), materializer.clone(), epoch.clone());
+                        async move {
+                            let snapshot = epoch2.snapshot();
+                            let result = pool
+                                .run(move || {
+                                    materializer
+                                        .materialize_snapshot(&snapshot)
+                                        .map(|c| c.map(|c| Arc::new(prepare_catalog(&c))))
+                                        .map_err(|err| Arc::from(err.to_string()))
+                                })
+                                .await;
+                            result.unwrap_or_else(|err| Err(Arc::from(err)))
+                        }
+                    })
+                    .await;
+                match catalog {
+                    Ok(None) => NodeAnswer::NotReady("waiting for the expected nodes to register"),
+                    Ok(Some(payloads)) => match payloads.get(identifier) {
+                        Some(prepared) => NodeAnswer::Ready(Arc::new(Body::new(
+                            &prepared.files,
+                            prepared.shared.clone(),
+                            epoch.revision,
+                        ))),
+                        None => NodeAnswer::Missing,
+                    },
+                    Err(reason) => {
+                        tracing::error!(epoch = epoch.revision, %reason, "materialisation failed");
+                        NodeAnswer::Failed(reason.clone())
+                    }
+                }
+            }
+        }
+    }
+
+    /// The gzip form of a body for `identifier`, compressed once per epoch and kept within
+    /// the budget; small bodies are not worth it (`None`).
+    pub async fn gzip(&self, identifier: &str, body: &Arc<Body>, epoch: Revision) -> Option<Bytes> {
+        if body.bytes.len() < GZIP_MIN_BYTES {
+            return None;
+        }
+        let key: (Arc<str>, Revision) = (Arc::from(identifier), epoch);
+        let pool = self.pool.clone();
+        let body = body.clone();
+        let gzipped = self
+            .gzipped
+            .get_or_render(key, || async move {
+                let fallback = body.clone();
+                match pool.run(move || body.gzip()).await {
+                    Ok(bytes) => Gzipped(bytes),
+                    Err(_) => Gzipped(fallback.gzip()),
+                }
+            })
+            .await;
+        Some(gzipped.0)
+    }
 }
 
 /// The watcher's working state: raw records, rebuilt into a [`Serving`] after changes.
 struct View {
     revision: Revision,
-    registrations: HashMap<String, RegistrationRecord>,
+    registrations: Arc<Registrations>,
     bundle: Option<(Value, Revision)>,
     policy: Option<(Value, Revision)>,
     custom: Option<Arc<dyn RegistrationSnapshotMaterializer>>,
-    /// Set when the registered set or the source changed since the last materialisation.
+    /// Set when the registered set or the source changed since the last rebuild.
     dirty_catalog: bool,
     dirty_bundle: bool,
     last: Serving,
@@ -256,7 +601,7 @@ impl View {
     fn new(custom: Option<Arc<dyn RegistrationSnapshotMaterializer>>) -> Self {
         Self {
             revision: 0,
-            registrations: HashMap::new(),
+            registrations: Arc::new(Registrations::new()),
             bundle: None,
             policy: None,
             custom,
@@ -268,12 +613,15 @@ impl View {
 
     fn load(&mut self, tree: &crate::store::NamespaceTree) {
         self.revision = tree.revision;
-        self.registrations.clear();
+        let mut registrations = Registrations::new();
         if let Some(records) = tree.types.get(REGISTRATION) {
             for (id, entry) in records {
-                self.put_registration(id, &entry.value);
+                if let Some(record) = decode_registration(id, &entry.value) {
+                    registrations.insert(Arc::from(id.as_str()), record);
+                }
             }
         }
+        self.registrations = Arc::new(registrations);
         self.bundle = tree
             .types
             .get(BUNDLE)
@@ -288,37 +636,25 @@ impl View {
         self.dirty_bundle = true;
     }
 
-    fn put_registration(&mut self, id: &str, value: &Value) {
-        match serde_json::from_value::<RegistrationRecord>(value.clone()) {
-            Ok(record) => {
-                self.registrations.insert(id.to_string(), record);
-            }
-            Err(err) => {
-                tracing::warn!(identifier = id, error = %err, "ignoring a malformed registration record")
-            }
-        }
-    }
-
     fn apply(&mut self, event: &ChangeEvent) {
         self.revision = event.revision;
         for change in &event.changes {
             let key = &change.key;
             match (key.kind.as_str(), &change.value) {
                 (REGISTRATION, Some(value)) => {
-                    let before = self
-                        .registrations
-                        .get(&key.key)
-                        .map(|r| (r.ip, r.metadata.clone()));
-                    self.put_registration(&key.key, value);
-                    let after = self
-                        .registrations
-                        .get(&key.key)
-                        .map(|r| (r.ip, r.metadata.clone()));
+                    let Some(record) = decode_registration(&key.key, value) else {
+                        continue;
+                    };
+                    // Copy-on-write: a clone only while a published view still shares the map.
+                    let map = Arc::make_mut(&mut self.registrations);
+                    let before = map.insert(Arc::from(key.key.as_str()), record.clone());
                     // A re-registration that changes nothing a template sees renders nothing.
-                    self.dirty_catalog |= before != after;
+                    self.dirty_catalog |= before
+                        .is_none_or(|old| old.ip != record.ip || old.metadata != record.metadata);
                 }
-                (REGISTRATION, None) => {
-                    self.dirty_catalog |= self.registrations.remove(&key.key).is_some();
+                (REGISTRATION, None) if self.registrations.contains_key(key.key.as_str()) => {
+                    Arc::make_mut(&mut self.registrations).remove(key.key.as_str());
+                    self.dirty_catalog = true;
                 }
                 (BUNDLE, value) if key.key == CURRENT => {
                     self.bundle = value.clone().map(|v| (v, event.revision));
@@ -333,36 +669,50 @@ impl View {
         }
     }
 
-    /// Rebuilds what changed (bundle payloads, policy, catalog) and returns the new view.
-    async fn rebuild(&mut self) -> Serving {
+    /// The new view: a map handle, a readiness check and perhaps a new epoch. Nothing is
+    /// rendered here.
+    fn rebuild(&mut self) -> Serving {
         let mut next = self.last.clone();
         next.revision = self.revision;
+        next.loaded = true;
+        next.registrations = self.registrations.clone();
         if self.dirty_bundle {
+            next.bundle_epoch = self.bundle.as_ref().map_or(0, |(_, epoch)| *epoch);
             next.bundle = self
                 .bundle
                 .as_ref()
-                .and_then(|(value, epoch)| prepare_bundle(value, *epoch));
+                .and_then(|(value, _)| prepare_bundle(value));
             self.dirty_bundle = false;
         }
         if self.dirty_catalog {
-            next.registrations = Arc::new(self.registrations.clone());
             next.policy = self
                 .policy
                 .as_ref()
                 .and_then(|(value, _)| compile_policy(value));
-            let materializer: Option<Arc<dyn RegistrationSnapshotMaterializer>> = match &self.custom
-            {
-                Some(custom) => Some(custom.clone()),
-                None => next
-                    .policy
-                    .clone()
-                    .map(|p| Arc::new(p) as Arc<dyn RegistrationSnapshotMaterializer>),
+            let source = match (&self.custom, &next.policy) {
+                (Some(custom), _) => Some(Source::Custom(custom.clone())),
+                (None, Some(policy)) => Some(Source::Policy(policy.clone())),
+                (None, None) => None,
             };
-            next.catalog = match materializer {
-                None => Catalog::Absent,
-                Some(materializer) => {
-                    materialize(materializer, &self.registrations, self.revision).await
+            let registrations = &self.registrations;
+            let ready = match &source {
+                None => None,
+                Some(Source::Custom(_)) => Some(!registrations.is_empty()),
+                Some(Source::Policy(policy)) => {
+                    Some(policy.is_ready(registrations.len(), |id| registrations.contains_key(id)))
                 }
+            };
+            next.readiness = match (source, ready) {
+                (Some(source), Some(true)) => Readiness::Epoch(Arc::new(Epoch {
+                    revision: self.revision,
+                    source,
+                    registrations: registrations.clone(),
+                    scope: OnceLock::new(),
+                    shared: OnceLock::new(),
+                    catalog: OnceCell::new(),
+                })),
+                (Some(_), _) => Readiness::NotReady,
+                (None, _) => Readiness::Absent,
             };
             self.dirty_catalog = false;
         }
@@ -371,7 +721,17 @@ impl View {
     }
 }
 
-fn prepare_bundle(value: &Value, epoch: Revision) -> Option<Arc<HashMap<String, Prepared>>> {
+fn decode_registration(id: &str, value: &Value) -> Option<Arc<RegistrationRecord>> {
+    match serde_json::from_value::<RegistrationRecord>(value.clone()) {
+        Ok(record) => Some(Arc::new(record)),
+        Err(err) => {
+            tracing::warn!(identifier = id, error = %err, "ignoring a malformed registration record");
+            None
+        }
+    }
+}
+
+fn prepare_bundle(value: &Value) -> Option<Arc<HashMap<String, Prepared>>> {
     let bundle: NodeArtifactsBundle = match serde_json::from_value(value.clone()) {
         Ok(bundle) => bundle,
         Err(err) => {
@@ -383,13 +743,13 @@ fn prepare_bundle(value: &Value, epoch: Revision) -> Option<Arc<HashMap<String, 
     let nodes = bundle
         .nodes
         .into_iter()
-        .map(|node| NodeArtifacts {
+        .map(|node| super::NodeArtifacts {
             identifier: node.identifier,
             files: node.files,
         })
         .collect();
     let catalog = NodeArtifactsCatalog::new(nodes).with_shared_files(bundle.shared_files);
-    Some(Arc::new(prepare_catalog(&catalog, epoch)))
+    Some(Arc::new(prepare_catalog(&catalog)))
 }
 
 fn compile_policy(value: &Value) -> Option<CompiledPolicy> {
@@ -409,69 +769,39 @@ fn compile_policy(value: &Value) -> Option<CompiledPolicy> {
     }
 }
 
-async fn materialize(
-    materializer: Arc<dyn RegistrationSnapshotMaterializer>,
-    registrations: &HashMap<String, RegistrationRecord>,
-    revision: Revision,
-) -> Catalog {
-    let nodes: Vec<NodeRegistration> = registrations
-        .values()
-        .map(|r| NodeRegistration {
-            identifier: r.identifier.clone(),
-            ip: r.ip,
-            metadata: r.metadata.clone(),
-        })
-        .collect();
-    let snapshot = RegistrationSnapshot::new(nodes, revision);
-    let started = std::time::Instant::now();
-    // Rendering is CPU work that grows with the cluster: keep it off the request threads.
-    let result =
-        tokio::task::spawn_blocking(move || materializer.materialize_snapshot(&snapshot)).await;
-    let catalog = match result {
-        Ok(Ok(Some(catalog))) => catalog,
-        Ok(Ok(None)) => return Catalog::NotReady,
-        Ok(Err(err)) => {
-            tracing::error!(error = %err, revision, "materialisation failed");
-            return Catalog::Failed;
-        }
-        Err(err) => {
-            tracing::error!(error = %err, revision, "materialisation panicked");
-            return Catalog::Failed;
-        }
-    };
-    let payloads = prepare_catalog(&catalog, revision);
-    tracing::info!(
-        nodes = payloads.len(),
-        revision,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "materialised node payloads"
-    );
-    Catalog::Ready {
-        members: Arc::new(payloads.keys().cloned().collect()),
-        payloads: Arc::new(payloads),
+/// Publishes a view, and drops cached payloads of epochs the new view left behind.
+fn publish(tx: &watch::Sender<Arc<Serving>>, service: &std::sync::Weak<Service>, serving: Serving) {
+    if let (Some(epoch), Some(service)) = (serving.epoch(), service.upgrade()) {
+        service.forget_before(epoch);
     }
+    let _ = tx.send(Arc::new(serving));
 }
 
-fn prepare_catalog(catalog: &NodeArtifactsCatalog, epoch: Revision) -> HashMap<String, Prepared> {
-    let shared = join_files(&catalog.shared_files);
-    catalog
-        .nodes
-        .iter()
-        .map(|node| {
-            let prepared = Prepared {
-                files: join_files(&node.files),
-                shared: shared.clone(),
-                epoch,
-            };
-            (node.identifier.clone(), prepared)
-        })
-        .collect()
-}
-
-/// Keeps the view current from the store's change stream; reloads after a stream error.
-async fn watcher(store: DynStore, mut view: View, tx: watch::Sender<Arc<Serving>>) {
+/// Loads the stored state, then keeps the view current from the store's change stream;
+/// reloads after a stream error.
+async fn watcher(
+    store: DynStore,
+    mut view: View,
+    tx: watch::Sender<Arc<Serving>>,
+    service: std::sync::Weak<Service>,
+) {
     let mut backoff = Duration::from_millis(100);
     loop {
+        match store.namespace(CFGSYNC_NAMESPACE).await {
+            Ok(tree) => {
+                view.load(&tree);
+                publish(&tx, &service, view.rebuild());
+                backoff = Duration::from_millis(100);
+            }
+            Err(err) => {
+                tracing::warn!(error = %err, "cfgsync cannot load its state; retrying");
+                if !sleep_or_closed(&tx, backoff).await {
+                    return;
+                }
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        }
         let mut stream = match store
             .watch(
                 view.revision,
@@ -486,10 +816,6 @@ async fn watcher(store: DynStore, mut view: View, tx: watch::Sender<Arc<Serving>
                     return;
                 }
                 backoff = (backoff * 2).min(Duration::from_secs(5));
-                if let Ok(tree) = store.namespace(CFGSYNC_NAMESPACE).await {
-                    view.load(&tree);
-                    let _ = tx.send(Arc::new(view.rebuild().await));
-                }
                 continue;
             }
         };
@@ -502,12 +828,11 @@ async fn watcher(store: DynStore, mut view: View, tx: watch::Sender<Arc<Serving>
                 Some(Ok(event)) => {
                     backoff = Duration::from_millis(100);
                     view.apply(&event);
-                    // Coalesce a storm: take every event already waiting before rebuilding.
+                    // Coalesce a storm: take every event already waiting before publishing.
                     while let Some(Some(Ok(event))) = stream.next().now_or_never() {
                         view.apply(&event);
                     }
-                    let serving = view.rebuild().await;
-                    let _ = tx.send(Arc::new(serving));
+                    publish(&tx, &service, view.rebuild());
                 }
                 Some(Err(err)) => {
                     tracing::warn!(error = %err, "cfgsync change stream broke; reloading");
@@ -519,19 +844,6 @@ async fn watcher(store: DynStore, mut view: View, tx: watch::Sender<Arc<Serving>
                     }
                     break;
                 }
-            }
-        }
-        match store.namespace(CFGSYNC_NAMESPACE).await {
-            Ok(tree) => {
-                view.load(&tree);
-                let _ = tx.send(Arc::new(view.rebuild().await));
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "cfgsync cannot reload its state; retrying");
-                if !sleep_or_closed(&tx, backoff).await {
-                    return;
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
             }
         }
     }

@@ -52,6 +52,14 @@ pub(crate) struct ServerArgs {
     #[arg(long, default_value_t = 60, env = "BOOTSYNC_NODE_WAIT_MAX")]
     pub(crate) node_wait_max: u64,
 
+    /// Bytes of rendered `/node` payloads kept for repeated fetches of one epoch.
+    #[arg(long, default_value_t = crate::cfgsync::render::DEFAULT_CACHE_BYTES, env = "BOOTSYNC_RENDER_CACHE_BYTES")]
+    pub(crate) render_cache_bytes: usize,
+
+    /// Payload renders running at once [default: one less than the cores, at least 1].
+    #[arg(long, env = "BOOTSYNC_RENDER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
+    pub(crate) render_threads: Option<u16>,
+
     /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
     #[arg(long, requires = "tls_key", env = "BOOTSYNC_TLS_CERT")]
     pub(crate) tls_cert: Option<PathBuf>,
@@ -92,6 +100,11 @@ impl ServerArgs {
             cfgsync: crate::cfgsync::ServiceOptions {
                 strict_nodes: self.strict_nodes,
                 node_wait_max: std::time::Duration::from_secs(self.node_wait_max),
+                render_cache_bytes: self.render_cache_bytes,
+                render_threads: self.render_threads.map_or_else(
+                    crate::cfgsync::render::RenderPool::default_threads,
+                    usize::from,
+                ),
             },
         })
     }

@@ -79,8 +79,9 @@ async fn seed_registrations(store: &DynStore, n: usize) {
     }
 }
 
-/// B1: `/node` throughput and latency with `n` registered nodes.
-async fn b1(n: usize, peer_list: bool) -> Value {
+/// B1s and its shared-file variant: `/node` throughput and latency with `n` registered nodes
+/// and a small per-node file (identifier, index, peer count), in process on the memory store.
+async fn b1s(n: usize, peer_list: bool) -> Value {
     let store: DynStore = Arc::new(MemoryStore::new(Limits {
         max_value_bytes: 64 << 20,
         ..Limits::default()
@@ -148,10 +149,423 @@ async fn b1(n: usize, peer_list: bool) -> Value {
     let throughput = all.len() as f64 / WINDOW.as_secs_f64();
     let (p50, p99) = (percentile(&all, 0.5), percentile(&all, 0.99));
     println!(
-        "B1 n={n:>6} peer_list={peer_list:<5}: {throughput:>8.0} req/s  p50 {p50:.2} ms  p99 {p99:.2} ms  (materialised in {:.2?})",
+        "B1s n={n:>6} shared_peer_file={peer_list:<5}: {throughput:>8.0} req/s  p50 {p50:.2} ms  p99 {p99:.2} ms  (first payload after {:.2?})",
         materialise
     );
-    json!({"n": n, "peer_list": peer_list, "requests_per_sec": throughput, "p50_ms": p50, "p99_ms": p99, "materialise_ms": materialise.as_millis()})
+    json!({"n": n, "shared_peer_file": peer_list, "requests_per_sec": throughput, "p50_ms": p50, "p99_ms": p99, "first_payload_ms": materialise.as_millis()})
+}
+
+/// How a per-node file lists its peers.
+#[derive(Debug, Clone, Copy)]
+enum PeerForm {
+    /// A template loop: `{% for p in peers %}"{{ p.ip }}"...{% endfor %}`.
+    Loop,
+    /// The native helper: `{{ peer_ips }}`.
+    Helper,
+}
+
+impl PeerForm {
+    fn name(self) -> &'static str {
+        match self {
+            PeerForm::Loop => "loop",
+            PeerForm::Helper => "peer_ips",
+        }
+    }
+
+    fn template(self) -> &'static str {
+        match self {
+            PeerForm::Loop => {
+                "id: {{ node.identifier }}\nindex: {{ index }}\npeers: [{% for p in peers %}\"{{ p.ip }}\"{% if not loop.last %}, {% endif %}{% endfor %}]\n"
+            }
+            PeerForm::Helper => {
+                "id: {{ node.identifier }}\nindex: {{ index }}\npeers: {{ peer_ips }}\n"
+            }
+        }
+    }
+}
+
+/// The release binary serving `policy` on a fresh SQLite store, as a user runs it.
+struct Server {
+    child: std::process::Child,
+    url: String,
+    _dir: tempfile::TempDir,
+}
+
+impl Server {
+    async fn start(policy: &Value) -> Server {
+        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+        let binary = root.join("target/release/bootsync");
+        assert!(binary.exists(), "build it first: cargo build --release");
+        let dir = tempfile::tempdir().unwrap();
+        let policy_path = dir.path().join("policy.json");
+        std::fs::write(&policy_path, serde_json::to_vec(policy).unwrap()).unwrap();
+        let port = {
+            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+            l.local_addr().unwrap().port()
+        };
+        let url = format!("http://127.0.0.1:{port}");
+        let store = std::env::var("BOOTSYNC_LOADGEN_STORE")
+            .unwrap_or_else(|_| format!("sqlite:{}/store.db", dir.path().display()));
+        let child = std::process::Command::new(&binary)
+            .args([
+                "serve",
+                "--store",
+                &store,
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+            ])
+            .args(["--policy", &policy_path.display().to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(
+                std::fs::File::create(
+                    std::env::temp_dir().join(format!("bootsync-loadgen-{port}.log")),
+                )
+                .unwrap(),
+            )
+            .spawn()
+            .unwrap();
+        let http = bootsync::tls::plain_client();
+        let started = Instant::now();
+        loop {
+            if let Ok(r) = http.get(format!("{url}/healthz")).send().await
+                && r.status() == 200
+            {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "no /healthz after 30 s"
+            );
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        Server {
+            child,
+            url,
+            _dir: dir,
+        }
+    }
+
+    /// Peak resident memory so far, in MB.
+    fn peak_rss_mb(&self) -> f64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        let kb: f64 = status
+            .lines()
+            .find(|l| l.starts_with("VmHWM:"))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0.0);
+        kb / 1024.0
+    }
+}
+
+impl Drop for Server {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http_pool(n: usize) -> reqwest::Client {
+    bootsync::tls::install_crypto_provider();
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(n)
+        .build()
+        .unwrap()
+}
+
+/// B1: n nodes, each node's own file listing all its peers. 64 registrants register the n
+/// nodes (the set is ready at the last one), then 64 fetchers fetch every node once.
+async fn b1(n: usize, form: PeerForm) -> Value {
+    let policy = json!({
+        "expect_nodes": n,
+        "files": [{"path": "/config.yaml", "template": form.template()}],
+    });
+    let server = Server::start(&policy).await;
+    let http = http_pool(CONCURRENCY);
+    let next = Arc::new(AtomicUsize::new(0));
+    let storm = Instant::now();
+    let mut tasks = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let (http, url, next) = (http.clone(), server.url.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                let r = http
+                    .post(format!("{url}/register"))
+                    .json(&registration(i))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let last_registration = Instant::now();
+    let storm_rate = n as f64 / storm.elapsed().as_secs_f64();
+    let next = Arc::new(AtomicUsize::new(0));
+    let bytes = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let (http, url, next, bytes) = (
+            http.clone(),
+            server.url.clone(),
+            next.clone(),
+            bytes.clone(),
+        );
+        tasks.push(tokio::spawn(async move {
+            let mut latencies = Vec::new();
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return latencies;
+                }
+                let t = Instant::now();
+                let r = http
+                    .post(format!("{url}/node"))
+                    .json(&registration(i))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200, "node {i}");
+                let body = r.bytes().await.unwrap();
+                bytes.fetch_add(body.len(), Ordering::Relaxed);
+                latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+            }
+        }));
+    }
+    let mut all = Vec::new();
+    for t in tasks {
+        all.extend(t.await.unwrap());
+    }
+    let all_served = last_registration.elapsed();
+    all.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let (p50, p99) = (percentile(&all, 0.5), percentile(&all, 0.99));
+    let rss = server.peak_rss_mb();
+    let mean_kb = bytes.load(Ordering::Relaxed) as f64 / n as f64 / 1024.0;
+    println!(
+        "B1 n={n:>6} peers={:<8}: every node served {:.2} s after the last registration; fetch p50 {p50:.2} ms p99 {p99:.2} ms; peak RSS {rss:.0} MB; storm {storm_rate:.0} registrations/s; {mean_kb:.0} KiB per payload",
+        form.name(),
+        all_served.as_secs_f64()
+    );
+    json!({"n": n, "form": form.name(), "all_served_s": all_served.as_secs_f64(), "fetch_p50_ms": p50, "fetch_p99_ms": p99, "peak_rss_mb": rss, "storm_registrations_per_sec": storm_rate, "payload_kib": mean_kb})
+}
+
+/// The table: `expect_nodes: 1`, each node's file loops over every node's IP, nodes
+/// registering one after another over one keep-alive connection (the set ready from the
+/// first), then 60 `/node` fetches. Also: how long after its 202 the last node is served.
+async fn seed_table(n: usize) -> Value {
+    let policy = json!({
+        "expect_nodes": 1,
+        "files": [{"path": "/config.yaml", "template": "id: {{ node.identifier }}\npeers:\n{% for p in nodes %}  - {{ p.ip }}\n{% endfor %}"}],
+    });
+    let server = Server::start(&policy).await;
+    let http = http_pool(1);
+    for i in 0..n - 1 {
+        let r = http
+            .post(format!("{}/register", server.url))
+            .json(&registration(i))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    let last = registration(n - 1);
+    let r = http
+        .post(format!("{}/register", server.url))
+        .json(&last)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+    let registered = Instant::now();
+    let r = http
+        .post(format!("{}/node", server.url))
+        .json(&last)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let body = r.bytes().await.unwrap();
+    let last_served = registered.elapsed().as_secs_f64() * 1000.0;
+    let mut latencies = Vec::new();
+    for k in 0..60 {
+        let t = Instant::now();
+        let r = http
+            .post(format!("{}/node", server.url))
+            .json(&registration(k * (n / 60)))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let _ = r.bytes().await.unwrap();
+        latencies.push(t.elapsed().as_secs_f64() * 1000.0);
+    }
+    latencies.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    let median = percentile(&latencies, 0.5);
+    let rss = server.peak_rss_mb();
+    println!(
+        "seed table n={n}: last node served {last_served:.1} ms after its registration; 60 fetches median {median:.2} ms (max {:.2}); peak RSS {rss:.0} MB; payload {} KiB",
+        latencies.last().unwrap(),
+        body.len() / 1024
+    );
+    json!({"n": n, "last_served_ms": last_served, "fetch_median_ms": median, "fetch_max_ms": latencies.last().unwrap(), "peak_rss_mb": rss, "payload_bytes": body.len()})
+}
+
+/// Registration throughput while a large ready set is fetched: a named set of `n` nodes is
+/// ready and being fetched by 64 clients (each payload lists every peer) while 64 registrants
+/// register other nodes for 5 s.
+async fn b3_under_fetch(n: usize) -> Value {
+    let members: Vec<String> = (0..n).map(|i| format!("node-{i:06}")).collect();
+    let policy = json!({
+        "expect_identifiers": members,
+        "files": [{"path": "/config.yaml", "template": PeerForm::Helper.template()}],
+    });
+    let server = Server::start(&policy).await;
+    let http = http_pool(2 * CONCURRENCY);
+    let next = Arc::new(AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    for _ in 0..CONCURRENCY {
+        let (http, url, next) = (http.clone(), server.url.clone(), next.clone());
+        tasks.push(tokio::spawn(async move {
+            loop {
+                let i = next.fetch_add(1, Ordering::Relaxed);
+                if i >= n {
+                    return;
+                }
+                let r = http
+                    .post(format!("{url}/register"))
+                    .json(&registration(i))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let deadline = Instant::now() + WINDOW;
+    let (fetched, registered) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
+    let http_reg = http.clone();
+    let mut tasks = Vec::new();
+    for c in 0..CONCURRENCY {
+        let (http, url, fetched) = (http.clone(), server.url.clone(), fetched.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = c;
+            while Instant::now() < deadline {
+                let r = http
+                    .post(format!("{url}/node"))
+                    .json(&registration(i % n))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 200);
+                let _ = r.bytes().await.unwrap();
+                fetched.fetch_add(1, Ordering::Relaxed);
+                i += CONCURRENCY;
+            }
+        }));
+        let (http, url, registered) = (http_reg.clone(), server.url.clone(), registered.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut i = n + c;
+            while Instant::now() < deadline {
+                let r = http
+                    .post(format!("{url}/register"))
+                    .json(&registration(i))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+                registered.fetch_add(1, Ordering::Relaxed);
+                i += CONCURRENCY;
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let secs = WINDOW.as_secs_f64();
+    let (reg_rate, fetch_rate) = (
+        registered.load(Ordering::Relaxed) as f64 / secs,
+        fetched.load(Ordering::Relaxed) as f64 / secs,
+    );
+    println!(
+        "B3 during B1 fetches (n={n} named set, peer lists): {reg_rate:.0} durable registrations/s beside {fetch_rate:.0} fetches/s; peak RSS {:.0} MB",
+        server.peak_rss_mb()
+    );
+    json!({"n": n, "registrations_per_sec": reg_rate, "fetches_per_sec": fetch_rate, "peak_rss_mb": server.peak_rss_mb()})
+}
+
+/// B7 with state: a restart on a SQLite file holding `n` registrations and the peer-list
+/// policy; process start to `/healthz` 200, and to the last node's payload.
+async fn restart(n: usize) -> Value {
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("store.db");
+    {
+        let store: DynStore =
+            Arc::new(SqliteStore::open(db.clone(), SqliteOptions::default()).unwrap());
+        seed_registrations(&store, n).await;
+        let policy: Policy = serde_json::from_value(json!({
+            "expect_nodes": n,
+            "files": [{"path": "/config.yaml", "template": PeerForm::Loop.template()}],
+        }))
+        .unwrap();
+        state::install_policy(store.as_ref(), &policy)
+            .await
+            .unwrap();
+    }
+    let binary = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/bootsync");
+    let port = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        l.local_addr().unwrap().port()
+    };
+    let url = format!("http://127.0.0.1:{port}");
+    let http = bootsync::tls::plain_client();
+    let started = Instant::now();
+    let mut child = std::process::Command::new(&binary)
+        .args(["serve", "--store", &format!("sqlite:{}", db.display())])
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    loop {
+        if let Ok(r) = http.get(format!("{url}/healthz")).send().await
+            && r.status() == 200
+        {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(60),
+            "no /healthz after 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let healthy = started.elapsed();
+    let r = http
+        .post(format!("{url}/node?wait=60"))
+        .json(&registration(n - 1))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let _ = r.bytes().await.unwrap();
+    let served = started.elapsed();
+    let _ = child.kill();
+    let _ = child.wait();
+    println!(
+        "B7 restart with {n} registrations and the peer-list policy: /healthz after {:.1} ms; first payload after {:.1} ms",
+        healthy.as_secs_f64() * 1000.0,
+        served.as_secs_f64() * 1000.0
+    );
+    json!({"n": n, "healthz_ms": healthy.as_secs_f64() * 1000.0, "first_payload_ms": served.as_secs_f64() * 1000.0})
 }
 
 /// B2: n nodes register and long-poll together; latency from the last 202 to each payload.
@@ -490,14 +904,49 @@ async fn main() {
     let which: Vec<String> = std::env::args().skip(1).collect();
     let want = |name: &str| which.is_empty() || which.iter().any(|w| w == name || w == "all");
     let mut summary = BTreeMap::new();
+    let sizes = |default: &[usize]| -> Vec<usize> {
+        std::env::var("BOOTSYNC_B1_NODES")
+            .ok()
+            .map(|v| v.split(',').filter_map(|n| n.trim().parse().ok()).collect())
+            .unwrap_or_else(|| default.to_vec())
+    };
     if want("b1") {
         let mut runs = Vec::new();
-        for peer_list in [false, true] {
-            for n in [1_000, 10_000, 100_000] {
-                runs.push(b1(n, peer_list).await);
+        for form in [PeerForm::Loop, PeerForm::Helper] {
+            for n in sizes(&[1_000, 10_000]) {
+                runs.push(b1(n, form).await);
             }
         }
         summary.insert("b1", Value::Array(runs));
+    }
+    if want("b1-100k") {
+        summary.insert("b1_100k", b1(100_000, PeerForm::Helper).await);
+    }
+    if want("seed-table") {
+        let mut runs = Vec::new();
+        for n in sizes(&[1_000, 5_000]) {
+            runs.push(seed_table(n).await);
+        }
+        summary.insert("seed_table", Value::Array(runs));
+    }
+    if want("b3-under-fetch") {
+        summary.insert("b3_under_fetch", b3_under_fetch(10_000).await);
+    }
+    if want("restart") {
+        let mut runs = Vec::new();
+        for n in sizes(&[2_000, 10_000]) {
+            runs.push(restart(n).await);
+        }
+        summary.insert("b7_restart", Value::Array(runs));
+    }
+    if want("b1s") {
+        let mut runs = Vec::new();
+        for peer_list in [false, true] {
+            for n in [1_000, 10_000, 100_000] {
+                runs.push(b1s(n, peer_list).await);
+            }
+        }
+        summary.insert("b1s", Value::Array(runs));
     }
     if want("b2") {
         summary.insert("b2", b2(1_000).await);

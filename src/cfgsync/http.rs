@@ -293,34 +293,34 @@ async fn node(
     let service = &routes.service;
     let id = &registration.identifier;
     let wait = Duration::from_secs(query.wait.unwrap_or(0)).min(service.options.node_wait_max);
-    let deadline = tokio::time::Instant::now() + wait;
-    let mut serving = service
-        .caught_up(0, tokio::time::Instant::now() + LOAD_WAIT)
-        .await;
-    if serving.registration(id).is_none() {
-        // Read your writes: a node that got its 202 from this server (or another on the same
-        // store) may be ahead of the view; the store is not. Wait, bounded, for the view to
-        // reach its registration, so it is never told "not registered" by our own lag.
-        if let Some(entry) = service.store.get(&registration_key(id)).await? {
-            serving = service
-                .caught_up(
-                    entry.mod_revision,
-                    tokio::time::Instant::now() + READ_YOUR_WRITES_WAIT,
-                )
-                .await;
-        }
-    }
+    let now = tokio::time::Instant::now();
+    let deadline = now + wait;
+    // The server's own waits (start-up, read your writes) last at least a moment even for a
+    // client that does not long-poll, and never past the client's own wait or their caps.
+    let bounded = |cap: Duration| deadline.max(now + OWN_LAG_WAIT).min(now + cap);
+    let mut serving = service.caught_up(0, bounded(LOAD_WAIT)).await;
+    let in_view = serving.registration(id).cloned();
+    let stored = match in_view {
+        Some(_) => None,
+        None => service.store.get(&registration_key(id)).await?,
+    };
     if service.options.strict_nodes {
-        let record = match serving.registration(id).cloned() {
-            Some(record) => Some(record),
-            None => match service.store.get(&registration_key(id)).await? {
-                Some(entry) => serde_json::from_value(entry.value).ok(),
-                None => None,
-            },
-        };
+        let record = in_view.or_else(|| {
+            stored
+                .as_ref()
+                .and_then(|entry| serde_json::from_value(entry.value.clone()).ok())
+        });
         if let Some(record) = record {
             check_secret(&record, &headers)?;
         }
+    }
+    if let Some(entry) = stored {
+        // Read your writes: a node that got its 202 from this server (or another on the same
+        // store) may be ahead of the view; the store is not. Wait, bounded, for the view to
+        // reach its registration, so it is never told "not registered" by our own lag.
+        serving = service
+            .caught_up(entry.mod_revision, bounded(READ_YOUR_WRITES_WAIT))
+            .await;
     }
     let gzip = accepts_gzip(&headers);
     let mut changes = service.subscribe();
@@ -328,8 +328,7 @@ async fn node(
         let answer = service.answer(&serving, id).await;
         match answer {
             NodeAnswer::Ready(body) => {
-                let epoch = serving.epoch().unwrap_or(serving.revision);
-                if gzip && let Some(compressed) = service.gzip(id, &body, epoch).await {
+                if gzip && let Some(compressed) = service.gzip(id, &body).await {
                     return Ok((
                         [
                             (header::CONTENT_TYPE, "application/json"),
@@ -382,28 +381,42 @@ async fn node(
     }
 }
 
+/// How long `/node` without `?wait=` may wait for the server's own lag (loading, or the view
+/// reaching the node's registration) before answering 425.
+const OWN_LAG_WAIT: Duration = Duration::from_secs(1);
 /// Longest a request waits for the server to load its state at start-up.
 const LOAD_WAIT: Duration = Duration::from_secs(10);
 /// Longest `/node` waits for the view to reach the node's own registration.
 const READ_YOUR_WRITES_WAIT: Duration = Duration::from_secs(5);
 
-/// Whether the client takes a gzip body (`Accept-Encoding: gzip`, not refused with `q=0`).
+/// Whether the client takes a gzip body: `gzip` listed with a q-value above zero, or, when
+/// `gzip` is not listed, `*` above zero (RFC 9110, section 12.5.3).
 fn accepts_gzip(headers: &HeaderMap) -> bool {
-    headers
+    let mut gzip = None;
+    let mut any = None;
+    let items = headers
         .get_all(header::ACCEPT_ENCODING)
         .iter()
         .filter_map(|v| v.to_str().ok())
-        .flat_map(|v| v.split(','))
-        .any(|item| {
-            let mut parts = item.split(';').map(str::trim);
-            let coding = parts.next().unwrap_or("");
-            let refused = parts.any(|p| {
-                p.strip_prefix("q=")
-                    .and_then(|q| q.parse::<f32>().ok())
-                    .is_some_and(|q| q == 0.0)
-            });
-            (coding.eq_ignore_ascii_case("gzip") || coding == "*") && !refused
-        })
+        .flat_map(|v| v.split(','));
+    for item in items {
+        let mut parts = item.split(';');
+        let coding = parts.next().unwrap_or("").trim();
+        let mut q = 1.0_f32;
+        for param in parts {
+            if let Some((name, value)) = param.split_once('=')
+                && name.trim().eq_ignore_ascii_case("q")
+            {
+                q = value.trim().parse().unwrap_or(0.0);
+            }
+        }
+        if coding.eq_ignore_ascii_case("gzip") || coding.eq_ignore_ascii_case("x-gzip") {
+            gzip = Some(q);
+        } else if coding == "*" {
+            any = Some(q);
+        }
+    }
+    gzip.or(any).is_some_and(|q| q > 0.0)
 }
 
 #[cfg(test)]
@@ -421,6 +434,13 @@ mod tests {
         assert!(with("br, GZIP;q=0.5"));
         assert!(with("*"));
         assert!(!with("gzip;q=0"));
+        assert!(!with("gzip;Q=0"));
+        assert!(!with("gzip; q = 0"));
+        assert!(
+            !with("gzip;q=0, *"),
+            "an explicit refusal beats the wildcard"
+        );
+        assert!(!with("*;q=0"));
         assert!(!with("identity"));
         assert!(!with("zstd, br"));
         assert!(

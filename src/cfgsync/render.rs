@@ -221,15 +221,20 @@ impl RenderPool {
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        let _permit = self
+        let permit = self
             .permits
             .clone()
             .acquire_owned()
             .await
             .map_err(|_| "the render pool is closed".to_string())?;
-        tokio::task::spawn_blocking(work)
-            .await
-            .map_err(|err| format!("the render panicked: {err}"))
+        // The permit travels with the work: a caller that goes away does not free a slot
+        // while its render still runs.
+        tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            work()
+        })
+        .await
+        .map_err(|err| format!("the render panicked: {err}"))
     }
 }
 

@@ -7,7 +7,7 @@
 //! same time, on a bounded pool off the async workers, and kept in a byte-bounded cache. What
 //! every node shares is rendered, serialised and compressed once per epoch.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -52,7 +52,9 @@ impl Default for ServiceOptions {
 }
 
 /// Registrations by identifier; sorted, so iterating gives the members in template order.
-type Registrations = BTreeMap<Arc<str>, Arc<RegistrationRecord>>;
+/// Persistent: a clone is O(1) and an update O(log n), so each published view and epoch keeps
+/// its own version of the set without copying it.
+type Registrations = imbl::OrdMap<Arc<str>, Arc<RegistrationRecord>>;
 
 /// Files every node of an epoch (or of a bundle) gets: serialised once, compressed once.
 #[derive(Debug, Default)]
@@ -91,6 +93,10 @@ fn join_files(files: &[ArtifactFile]) -> String {
 pub struct Body {
     /// `{"schema_version":1,"files":[...],"epoch":N}`.
     pub bytes: Bytes,
+    /// The epoch the body carries.
+    pub epoch: Revision,
+    /// Whether it came from the bundle (whose epoch is the bundle's revision).
+    from_bundle: bool,
     /// Length of the part before the shared files.
     head: usize,
     shared: Arc<Shared>,
@@ -111,6 +117,8 @@ impl Body {
         out.push('}');
         Self {
             bytes: Bytes::from(out),
+            epoch,
+            from_bundle: false,
             head,
             shared,
         }
@@ -166,7 +174,7 @@ pub struct Epoch {
     /// The store revision the set last changed at; payloads carry it as `epoch`.
     pub revision: Revision,
     source: Source,
-    registrations: Arc<Registrations>,
+    registrations: Registrations,
     scope: OnceLock<Arc<Scope>>,
     shared: OnceLock<Result<Arc<Shared>, Arc<str>>>,
     catalog: OnceCell<Catalog>,
@@ -224,6 +232,14 @@ impl Epoch {
         )))
     }
 
+    /// A library materializer's catalog, once computed and ready.
+    fn custom_members(&self) -> Option<&HashMap<String, Prepared>> {
+        match self.catalog.get() {
+            Some(Ok(Some(members))) => Some(members),
+            _ => None,
+        }
+    }
+
     fn snapshot(&self) -> RegistrationSnapshot {
         let nodes = self
             .registrations
@@ -248,13 +264,13 @@ impl Weigh for Arc<Body> {
     }
 }
 
-/// A cached gzip answer.
+/// A cached gzip answer (`None`: compressing failed; the plain body is sent).
 #[derive(Debug, Clone)]
-struct Gzipped(Bytes);
+struct Gzipped(Option<Bytes>);
 
 impl Weigh for Gzipped {
     fn weight(&self) -> usize {
-        self.0.len()
+        self.0.as_ref().map_or(0, Bytes::len)
     }
 }
 
@@ -277,7 +293,7 @@ pub struct Serving {
     pub revision: Revision,
     /// Whether the stored state has been read (false only while the server starts).
     pub loaded: bool,
-    registrations: Arc<Registrations>,
+    registrations: Registrations,
     bundle: Option<Arc<HashMap<String, Prepared>>>,
     bundle_epoch: Revision,
     policy: Option<CompiledPolicy>,
@@ -324,7 +340,7 @@ impl Serving {
         match &self.readiness {
             Readiness::Epoch(epoch) => match epoch.source {
                 Source::Policy(_) => true,
-                Source::Custom(_) => matches!(epoch.catalog.get(), Some(Ok(Some(_)))),
+                Source::Custom(_) => epoch.custom_members().is_some(),
             },
             _ => false,
         }
@@ -358,11 +374,20 @@ impl Serving {
         let Some(policy) = &self.policy else {
             return false;
         };
-        match &self.readiness {
-            Readiness::Epoch(epoch) if policy.policy().freeze_on_ready => {
+        let Readiness::Epoch(epoch) = &self.readiness else {
+            return false;
+        };
+        if !policy.policy().freeze_on_ready {
+            return false;
+        }
+        match epoch.source {
+            Source::Policy(_) => {
                 !(epoch.registrations.contains_key(identifier) && policy.serves(identifier))
             }
-            _ => false,
+            // A library materializer's members are known once it produced a catalog.
+            Source::Custom(_) => epoch
+                .custom_members()
+                .is_some_and(|members| !members.contains_key(identifier)),
         }
     }
 }
@@ -376,7 +401,7 @@ pub struct Service {
     current: watch::Receiver<Arc<Serving>>,
     pool: RenderPool,
     rendered: RenderCache<(Arc<str>, Revision), Rendered>,
-    gzipped: RenderCache<(Arc<str>, Revision), Gzipped>,
+    gzipped: RenderCache<(Arc<str>, Revision, bool), Gzipped>,
 }
 
 impl std::fmt::Debug for Service {
@@ -452,7 +477,8 @@ impl Service {
     /// Drops cached payloads of epochs older than `epoch`.
     fn forget_before(&self, epoch: Revision) {
         self.rendered.retain(|(_, e)| *e >= epoch);
-        self.gzipped.retain(|(_, e)| *e >= epoch);
+        self.gzipped
+            .retain(|(_, e, from_bundle)| *from_bundle || *e >= epoch);
     }
 
     /// Bytes of rendered payloads held.
@@ -467,11 +493,13 @@ impl Service {
             return NodeAnswer::NotReady("the server is still loading its state");
         }
         if let Some(prepared) = serving.bundle.as_ref().and_then(|b| b.get(identifier)) {
-            return NodeAnswer::Ready(Arc::new(Body::new(
+            let mut body = Body::new(
                 &prepared.files,
                 prepared.shared.clone(),
                 serving.bundle_epoch,
-            )));
+            );
+            body.from_bundle = true;
+            return NodeAnswer::Ready(Arc::new(body));
         }
         let epoch = match &serving.readiness {
             Readiness::Absent if serving.bundle.is_some() => return NodeAnswer::Missing,
@@ -562,32 +590,28 @@ impl Service {
     }
 
     /// The gzip form of a body for `identifier`, compressed once per epoch and kept within
-    /// the budget; small bodies are not worth it (`None`).
-    pub async fn gzip(&self, identifier: &str, body: &Arc<Body>, epoch: Revision) -> Option<Bytes> {
+    /// the budget; `None` when it is not worth it (a small body) or could not be made.
+    pub async fn gzip(&self, identifier: &str, body: &Arc<Body>) -> Option<Bytes> {
         if body.bytes.len() < GZIP_MIN_BYTES {
             return None;
         }
-        let key: (Arc<str>, Revision) = (Arc::from(identifier), epoch);
+        let key = (Arc::from(identifier), body.epoch, body.from_bundle);
         let pool = self.pool.clone();
         let body = body.clone();
         let gzipped = self
             .gzipped
             .get_or_render(key, || async move {
-                let fallback = body.clone();
-                match pool.run(move || body.gzip()).await {
-                    Ok(bytes) => Gzipped(bytes),
-                    Err(_) => Gzipped(fallback.gzip()),
-                }
+                Gzipped(pool.run(move || body.gzip()).await.ok())
             })
             .await;
-        Some(gzipped.0)
+        gzipped.0
     }
 }
 
 /// The watcher's working state: raw records, rebuilt into a [`Serving`] after changes.
 struct View {
     revision: Revision,
-    registrations: Arc<Registrations>,
+    registrations: Registrations,
     bundle: Option<(Value, Revision)>,
     policy: Option<(Value, Revision)>,
     custom: Option<Arc<dyn RegistrationSnapshotMaterializer>>,
@@ -601,7 +625,7 @@ impl View {
     fn new(custom: Option<Arc<dyn RegistrationSnapshotMaterializer>>) -> Self {
         Self {
             revision: 0,
-            registrations: Arc::new(Registrations::new()),
+            registrations: Registrations::new(),
             bundle: None,
             policy: None,
             custom,
@@ -621,7 +645,7 @@ impl View {
                 }
             }
         }
-        self.registrations = Arc::new(registrations);
+        self.registrations = registrations;
         self.bundle = tree
             .types
             .get(BUNDLE)
@@ -645,16 +669,18 @@ impl View {
                     let Some(record) = decode_registration(&key.key, value) else {
                         continue;
                     };
-                    // Copy-on-write: a clone only while a published view still shares the map.
-                    let map = Arc::make_mut(&mut self.registrations);
-                    let before = map.insert(Arc::from(key.key.as_str()), record.clone());
-                    // A re-registration that changes nothing a template sees renders nothing.
-                    self.dirty_catalog |= before
+                    let before = self
+                        .registrations
+                        .insert(Arc::from(key.key.as_str()), record.clone());
+                    // A re-registration that changes nothing a template sees, or a node a
+                    // named set does not serve, renders nothing and keeps the epoch.
+                    let changed = before
                         .is_none_or(|old| old.ip != record.ip || old.metadata != record.metadata);
+                    self.dirty_catalog |= changed && self.visible(&key.key);
                 }
                 (REGISTRATION, None) if self.registrations.contains_key(key.key.as_str()) => {
-                    Arc::make_mut(&mut self.registrations).remove(key.key.as_str());
-                    self.dirty_catalog = true;
+                    self.registrations.remove(key.key.as_str());
+                    self.dirty_catalog |= self.visible(&key.key);
                 }
                 (BUNDLE, value) if key.key == CURRENT => {
                     self.bundle = value.clone().map(|v| (v, event.revision));
@@ -666,6 +692,15 @@ impl View {
                 }
                 _ => {}
             }
+        }
+    }
+
+    /// Whether templates (or a library materializer) can see `identifier`: a policy with a
+    /// named set sees only its members; a policy change re-checks everything anyway.
+    fn visible(&self, identifier: &str) -> bool {
+        match (&self.custom, &self.last.policy) {
+            (None, Some(policy)) => policy.serves(identifier),
+            _ => true,
         }
     }
 
@@ -769,9 +804,14 @@ fn compile_policy(value: &Value) -> Option<CompiledPolicy> {
     }
 }
 
-/// Publishes a view, and drops cached payloads of epochs the new view left behind.
+/// Publishes a view, and drops cached payloads of epochs the new view left behind (only when
+/// the epoch moved: most changes, such as a heartbeat re-registration, keep it).
 fn publish(tx: &watch::Sender<Arc<Serving>>, service: &std::sync::Weak<Service>, serving: Serving) {
-    if let (Some(epoch), Some(service)) = (serving.epoch(), service.upgrade()) {
+    let before = tx.borrow().epoch();
+    if let Some(epoch) = serving.epoch()
+        && before != Some(epoch)
+        && let Some(service) = service.upgrade()
+    {
         service.forget_before(epoch);
     }
     let _ = tx.send(Arc::new(serving));
@@ -829,10 +869,25 @@ async fn watcher(
                     backoff = Duration::from_millis(100);
                     view.apply(&event);
                     // Coalesce a storm: take every event already waiting before publishing.
-                    while let Some(Some(Ok(event))) = stream.next().now_or_never() {
-                        view.apply(&event);
+                    let mut broken = false;
+                    while let Some(waiting) = stream.next().now_or_never() {
+                        match waiting {
+                            Some(Ok(event)) => view.apply(&event),
+                            Some(Err(err)) => {
+                                tracing::warn!(error = %err, "cfgsync change stream broke; reloading");
+                                broken = true;
+                                break;
+                            }
+                            None => {
+                                broken = true;
+                                break;
+                            }
+                        }
                     }
                     publish(&tx, &service, view.rebuild());
+                    if broken {
+                        break;
+                    }
                 }
                 Some(Err(err)) => {
                     tracing::warn!(error = %err, "cfgsync change stream broke; reloading");

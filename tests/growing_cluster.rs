@@ -1,0 +1,234 @@
+//! Serving while the set grows: old clients that give up after about a second are served, a
+//! restart with many registrations listens before it has read them, and a gzip client gets the
+//! same payload compressed.
+
+mod support;
+
+use std::io::Read;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+/// Each node's file lists every node's IP, and the set is ready from its first node: every
+/// registration changes every node's file.
+const GROWING: &str = r#"
+expect_nodes: 1
+files:
+  - path: /config.yaml
+    template: |
+      id: {{ node.identifier }}
+      peers: {{ node_ips }}
+"#;
+
+fn registration(i: usize) -> Value {
+    json!({"identifier": format!("node-{i:04}"), "ip": format!("10.0.{}.{}", i / 250, i % 250 + 1)})
+}
+
+/// What the seed's client does: up to 5 tries, 250 ms apart, on any failure, for the
+/// registration and then for the payload; it gives up after about a second.
+async fn seed_style_client(http: reqwest::Client, url: String, me: Value) -> Result<Value, String> {
+    let mut registered = false;
+    for _ in 0..5 {
+        match http.post(format!("{url}/register")).json(&me).send().await {
+            Ok(r) if r.status() == 202 => {
+                registered = true;
+                break;
+            }
+            _ => tokio::time::sleep(Duration::from_millis(250)).await,
+        }
+    }
+    if !registered {
+        return Err("registration failed 5 times".into());
+    }
+    let mut last = String::new();
+    for _ in 0..5 {
+        match http.post(format!("{url}/node")).json(&me).send().await {
+            Ok(r) if r.status() == 200 => return r.json().await.map_err(|e| e.to_string()),
+            Ok(r) => last = format!("{} {}", r.status(), r.text().await.unwrap_or_default()),
+            Err(err) => last = err.to_string(),
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    Err(format!("gave up after 5 tries; last answer: {last}"))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn old_clients_that_give_up_after_a_second_are_all_served_in_a_growing_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), GROWING).unwrap();
+    let db = format!("sqlite:{}/store.db", dir.path().display());
+    let proc = support::Proc::spawn(
+        &["serve", "--store", &db, "--policy", "policy.yaml"],
+        dir.path(),
+    );
+    let http = bootsync::tls::plain_client();
+    let mut clients = Vec::new();
+    let n = 300;
+    for i in 0..n {
+        let handle = tokio::spawn(seed_style_client(
+            http.clone(),
+            proc.url.clone(),
+            registration(i),
+        ));
+        clients.push(handle);
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let mut failures = Vec::new();
+    for (i, client) in clients.into_iter().enumerate() {
+        match client.await.unwrap() {
+            Ok(payload) => {
+                let content = payload["files"][0]["content"].as_str().unwrap().to_string();
+                let me = registration(i);
+                let ip = me["ip"].as_str().unwrap();
+                // Read your writes: the node's own registration is in what it got.
+                assert!(
+                    content.contains(&format!("id: node-{i:04}"))
+                        && content.contains(&format!("\"{ip}\"")),
+                    "node {i}: {content}"
+                );
+            }
+            Err(err) => failures.push(format!("node {i}: {err}")),
+        }
+    }
+    assert!(
+        failures.is_empty(),
+        "{} of {n} old clients were not served:\n{}\nserver log:\n{}",
+        failures.len(),
+        failures.join("\n"),
+        proc.stderr()
+    );
+}
+
+#[tokio::test]
+async fn a_gzip_client_gets_the_same_payload_compressed_and_an_old_client_gets_plain_json() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = r#"
+expect_nodes: 3
+files:
+  - path: /config.yaml
+    template: "id: {{ node.identifier }} peers: {{ peer_ips | tojson }}"
+shared_files:
+  - path: peers.txt
+    template: "{{ node_ips | join('\n') }}{% for i in range(400) %}\nfiller line {{ i }}{% endfor %}"
+"#;
+    std::fs::write(dir.path().join("policy.yaml"), policy).unwrap();
+    let proc = support::Proc::spawn(
+        &["serve", "--store", "memory:", "--policy", "policy.yaml"],
+        dir.path(),
+    );
+    let http = bootsync::tls::plain_client();
+    for i in 0..3 {
+        let r = http
+            .post(format!("{}/register", proc.url))
+            .json(&registration(i))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    let fetch = |gzip: bool, i: usize| {
+        let (http, url) = (http.clone(), proc.url.clone());
+        async move {
+            let mut request = http.post(format!("{url}/node")).json(&registration(i));
+            if gzip {
+                request = request.header("accept-encoding", "gzip");
+            }
+            let r = request.send().await.unwrap();
+            assert_eq!(r.status(), 200);
+            let encoding = r
+                .headers()
+                .get("content-encoding")
+                .map(|v| v.to_str().unwrap().to_string());
+            (encoding, r.bytes().await.unwrap())
+        }
+    };
+    for i in 0..3 {
+        let (plain_encoding, plain) = fetch(false, i).await;
+        assert_eq!(plain_encoding, None, "no Accept-Encoding, no compression");
+        let (encoding, compressed) = fetch(true, i).await;
+        assert_eq!(encoding.as_deref(), Some("gzip"));
+        assert!(
+            compressed.len() < plain.len() / 2,
+            "{} vs {}",
+            compressed.len(),
+            plain.len()
+        );
+        let mut decoded = Vec::new();
+        flate2::read::GzDecoder::new(&compressed[..])
+            .read_to_end(&mut decoded)
+            .unwrap();
+        assert_eq!(
+            decoded, plain,
+            "node {i}: the gzip body decodes to the plain one"
+        );
+        let payload: Value = serde_json::from_slice(&plain).unwrap();
+        assert_eq!(payload["files"][1]["path"], "peers.txt");
+        assert!(
+            payload["files"][0]["content"]
+                .as_str()
+                .unwrap()
+                .starts_with(&format!("id: node-{i:04} peers: [\"10.0.0."))
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_restart_with_many_registrations_serves_every_one_of_them() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("policy.yaml"), GROWING).unwrap();
+    let db = format!("sqlite:{}/store.db", dir.path().display());
+    let n = 2_000;
+    {
+        let proc = support::Proc::spawn(
+            &["serve", "--store", &db, "--policy", "policy.yaml"],
+            dir.path(),
+        );
+        let http = bootsync::tls::plain_client();
+        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let mut tasks = Vec::new();
+        for _ in 0..16 {
+            let (http, url, next) = (http.clone(), proc.url.clone(), next.clone());
+            tasks.push(tokio::spawn(async move {
+                loop {
+                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    if i >= n {
+                        return;
+                    }
+                    let r = http
+                        .post(format!("{url}/register"))
+                        .json(&registration(i))
+                        .send()
+                        .await
+                        .unwrap();
+                    assert_eq!(r.status(), 202);
+                }
+            }));
+        }
+        for task in tasks {
+            task.await.unwrap();
+        }
+    }
+    // Restarted on the same file: the server listens before it has read the registrations
+    // (start-up time is a benchmark figure, B7); a long-poll waits for the state.
+    let proc = support::Proc::spawn(
+        &["serve", "--store", &db, "--policy", "policy.yaml"],
+        dir.path(),
+    );
+    let http = bootsync::tls::plain_client();
+    let last = registration(n - 1);
+    let r = http
+        .post(format!("{}/node?wait=10", proc.url))
+        .json(&last)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let payload: Value = r.json().await.unwrap();
+    let content = payload["files"][0]["content"].as_str().unwrap();
+    assert_eq!(
+        content.matches("\"10.0.").count(),
+        n,
+        "every registration survived the restart and is listed"
+    );
+}

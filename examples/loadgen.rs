@@ -417,6 +417,66 @@ async fn seed_table(n: usize) -> Value {
     json!({"n": n, "last_served_ms": last_served, "fetch_median_ms": median, "fetch_max_ms": latencies.last().unwrap(), "peak_rss_mb": rss, "payload_bytes": body.len()})
 }
 
+/// The cost per peer of each way a template can list peers, rendering one node's file at
+/// `n` members (in process, one thread): what `specs/cfgsync.md` quotes.
+fn template_forms(n: usize) -> Value {
+    use bootsync::cfgsync::policy::Scope;
+    let forms = [
+        (
+            "loop over peers, p.ip",
+            "{% for p in peers %}\"{{ p.ip }}\"{% if not loop.last %}, {% endif %}{% endfor %}",
+        ),
+        (
+            "loop over peers, metadata field",
+            "{% for p in peers %}{{ p.ip }}:{{ p.metadata.port }}\n{% endfor %}",
+        ),
+        (
+            "peers | map(attribute='ip') | join",
+            "{{ peers | map(attribute='ip') | join(', ') }}",
+        ),
+        ("peer_ips | join", "{{ peer_ips | join(', ') }}"),
+        ("peer_ips | tojson", "{{ peer_ips | tojson }}"),
+        ("{{ peer_ips }}", "{{ peer_ips }}"),
+    ];
+    let members: Vec<_> = (0..n)
+        .map(|i| {
+            let r = registration(i);
+            (
+                r["identifier"].as_str().unwrap().to_string(),
+                r["ip"]
+                    .as_str()
+                    .unwrap()
+                    .parse::<std::net::IpAddr>()
+                    .unwrap(),
+                r["metadata"].clone(),
+            )
+        })
+        .collect();
+    let scope = Scope::new(members.iter().map(|(id, ip, m)| (id.as_str(), *ip, m)));
+    let mut out = Vec::new();
+    for (name, template) in forms {
+        let policy: Policy = serde_json::from_value(json!({
+            "expect_nodes": 1,
+            "files": [{"path": "/config.yaml", "template": template}],
+        }))
+        .unwrap();
+        let compiled = policy.compile().unwrap();
+        let rounds = 20;
+        let started = Instant::now();
+        let mut bytes = 0;
+        for round in 0..rounds {
+            let files = compiled.render_node(&scope, round % n).unwrap();
+            bytes = files[0].content.len();
+        }
+        let per_peer_ns = started.elapsed().as_secs_f64() * 1e9 / rounds as f64 / (n - 1) as f64;
+        println!(
+            "template form {name:<38} at {n} members: {per_peer_ns:>6.1} ns per peer ({bytes} bytes)"
+        );
+        out.push(json!({"form": name, "members": n, "ns_per_peer": per_peer_ns, "bytes": bytes}));
+    }
+    Value::Array(out)
+}
+
 /// Registration throughput while a large ready set is fetched: a named set of `n` nodes is
 /// ready and being fetched by 64 clients (each payload lists every peer) while 64 registrants
 /// register other nodes for 5 s.
@@ -466,8 +526,9 @@ async fn b3_under_fetch(n: usize) -> Value {
                     .send()
                     .await
                     .unwrap();
-                assert_eq!(r.status(), 200);
-                let _ = r.bytes().await.unwrap();
+                let status = r.status();
+                let body = r.bytes().await.unwrap();
+                assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
                 fetched.fetch_add(1, Ordering::Relaxed);
                 i += CONCURRENCY;
             }
@@ -928,6 +989,9 @@ async fn main() {
             runs.push(seed_table(n).await);
         }
         summary.insert("seed_table", Value::Array(runs));
+    }
+    if want("templates") {
+        summary.insert("templates", template_forms(10_000));
     }
     if want("b3-under-fetch") {
         summary.insert("b3_under_fetch", b3_under_fetch(10_000).await);

@@ -323,6 +323,7 @@ async fn node(
             .await;
     }
     let gzip = accepts_gzip(&headers);
+    let mut synced = false;
     let mut changes = service.subscribe();
     loop {
         let answer = service.answer(&serving, id).await;
@@ -361,6 +362,18 @@ async fn node(
                     INTERNAL,
                     "the server could not build this node's config; see the server log",
                 ));
+            }
+            NodeAnswer::NotReady(_) if !synced => {
+                // Not ready in the view; perhaps ready in the store, which the view may trail
+                // by a moment. Catch up once with the store's revision before saying 425, so a
+                // node is never turned away by the server's own lag.
+                synced = true;
+                let revision = service.store.revision().await?;
+                if revision > serving.revision {
+                    serving = service
+                        .caught_up(revision, bounded(READ_YOUR_WRITES_WAIT))
+                        .await;
+                }
             }
             NodeAnswer::NotReady(why) => {
                 // Only views newer than the one just answered from are worth another look.

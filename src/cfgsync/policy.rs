@@ -126,9 +126,14 @@ impl Policy {
             }
         }
         if problems.is_empty() {
+            let named = self
+                .expect_identifiers
+                .as_ref()
+                .map(|ids| Arc::new(ids.iter().cloned().collect()));
             Ok(CompiledPolicy {
-                policy: self,
+                policy: Arc::new(self),
                 env: Arc::new(env),
+                named,
             })
         } else {
             Err(problems)
@@ -139,8 +144,11 @@ impl Policy {
 /// A validated policy with its templates compiled.
 #[derive(Debug, Clone)]
 pub struct CompiledPolicy {
-    policy: Policy,
+    /// Shared: the serving view clones the compiled policy on every change of the set.
+    policy: Arc<Policy>,
     env: Arc<Environment<'static>>,
+    /// `expect_identifiers` as a set: membership is asked on every registration.
+    named: Option<Arc<std::collections::HashSet<String>>>,
 }
 
 /// One node as templates see it: `identifier`, `ip` and `metadata`, looked up by field name
@@ -372,22 +380,26 @@ impl CompiledPolicy {
         &self.policy
     }
 
-    /// Whether the registered identifiers make the deployment ready: a count, or a named set.
-    /// Nothing is rendered to decide it.
-    pub fn is_ready(&self, registered: usize, contains: impl Fn(&str) -> bool) -> bool {
-        match (&self.policy.expect_nodes, &self.policy.expect_identifiers) {
+    /// Whether the deployment is ready with `registered` nodes registered, `named` of them in
+    /// `expect_identifiers`: a count or a named set, so nothing is rendered to decide it.
+    pub fn is_ready(&self, registered: usize, named: usize) -> bool {
+        match (&self.policy.expect_nodes, &self.named) {
             (Some(n), _) => registered >= *n,
-            (_, Some(ids)) => ids.iter().all(|id| contains(id)),
+            (_, Some(ids)) => named == ids.len(),
             (None, None) => false,
         }
     }
 
     /// Whether `identifier` is served once ready: every registered node, or only the named set.
     pub fn serves(&self, identifier: &str) -> bool {
-        match &self.policy.expect_identifiers {
-            Some(ids) => ids.iter().any(|id| id == identifier),
-            None => true,
-        }
+        self.named
+            .as_ref()
+            .is_none_or(|ids| ids.contains(identifier))
+    }
+
+    /// Whether readiness depends on a named set (so registrations must be counted against it).
+    pub fn is_named(&self) -> bool {
+        self.named.is_some()
     }
 
     /// The nodes that make up the deployment once ready, or `None` while not ready.
@@ -395,9 +407,11 @@ impl CompiledPolicy {
         &self,
         snapshot: &'a RegistrationSnapshot,
     ) -> Option<Vec<&'a NodeRegistration>> {
-        let ready = self.is_ready(snapshot.len(), |id| {
-            snapshot.iter().any(|n| n.identifier == id)
-        });
+        let named = snapshot
+            .iter()
+            .filter(|n| self.serves(&n.identifier))
+            .count();
+        let ready = self.is_ready(snapshot.len(), named);
         ready.then(|| {
             snapshot
                 .iter()
@@ -585,6 +599,68 @@ shared_files:
             problems.iter().any(|p| p.contains("duplicate path")),
             "{problems:?}"
         );
+    }
+
+    #[test]
+    fn the_native_peer_helpers_render_what_a_loop_would() {
+        let compiled = policy(
+            r#"
+expect_nodes: 3
+files:
+  - path: bare
+    template: "{{ peer_ips }}"
+  - path: tojson
+    template: "{{ peer_ips | tojson }}"
+  - path: join
+    template: "{{ peer_ips | join(',') }}"
+  - path: loop
+    template: "[{% for p in peers %}\"{{ p.ip }}\"{% if not loop.last %}, {% endif %}{% endfor %}]"
+  - path: all
+    template: "{{ node_ips | length }} {{ node.identifier }} {{ nodes[2].metadata.port }} {{ {'a': [1, 'x']} | tojson }}"
+shared_files:
+  - path: shared
+    template: "{{ node_ips }}"
+"#,
+        )
+        .unwrap();
+        let catalog = compiled
+            .materialize_snapshot(&snapshot(3))
+            .unwrap()
+            .unwrap();
+        let files = &catalog.nodes[1].files;
+        let content = |path: &str| {
+            files
+                .iter()
+                .find(|f| f.path == path)
+                .map(|f| f.content.as_str())
+                .unwrap()
+        };
+        assert_eq!(content("bare"), r#"["10.0.0.1", "10.0.0.3"]"#);
+        assert_eq!(content("tojson"), content("bare"));
+        assert_eq!(
+            content("loop"),
+            content("bare"),
+            "the helper equals the loop"
+        );
+        assert_eq!(content("join"), "10.0.0.1,10.0.0.3");
+        assert_eq!(content("all"), r#"3 node-1 3002 {"a":[1,"x"]}"#);
+        assert_eq!(
+            catalog.shared_files[0].content,
+            r#"["10.0.0.1", "10.0.0.2", "10.0.0.3"]"#
+        );
+    }
+
+    #[test]
+    fn readiness_is_a_count_or_a_named_set_and_only_members_are_served() {
+        let count = policy("expect_nodes: 2\nfiles:\n  - path: a\n    template: x\n").unwrap();
+        assert!(!count.is_ready(1, 0));
+        assert!(count.is_ready(2, 0));
+        assert!(count.serves("anyone"));
+        let named =
+            policy("expect_identifiers: [a, b]\nfiles:\n  - path: a\n    template: x\n").unwrap();
+        assert!(!named.is_ready(5, 1), "other nodes do not count");
+        assert!(named.is_ready(2, 2));
+        assert!(named.serves("a") && !named.serves("c"));
     }
 
     #[test]

@@ -617,6 +617,10 @@ struct View {
     custom: Option<Arc<dyn RegistrationSnapshotMaterializer>>,
     /// Set when the registered set or the source changed since the last rebuild.
     dirty_catalog: bool,
+    /// Registered members of the policy's named set, kept as registrations come and go.
+    named_present: usize,
+    /// Set when `named_present` must be counted afresh (after a load or a policy change).
+    recount: bool,
     dirty_bundle: bool,
     last: Serving,
 }
@@ -631,6 +635,8 @@ impl View {
             custom,
             dirty_catalog: true,
             dirty_bundle: true,
+            named_present: 0,
+            recount: true,
             last: Serving::default(),
         }
     }
@@ -658,6 +664,7 @@ impl View {
             .map(|e| (e.value.clone(), e.mod_revision));
         self.dirty_catalog = true;
         self.dirty_bundle = true;
+        self.recount = true;
     }
 
     fn apply(&mut self, event: &ChangeEvent) {
@@ -675,12 +682,20 @@ impl View {
                     // A re-registration that changes nothing a template sees, or a node a
                     // named set does not serve, renders nothing and keeps the epoch.
                     let changed = before
+                        .as_ref()
                         .is_none_or(|old| old.ip != record.ip || old.metadata != record.metadata);
-                    self.dirty_catalog |= changed && self.visible(&key.key);
+                    let visible = self.visible(&key.key);
+                    self.dirty_catalog |= changed && visible;
+                    if before.is_none() && visible {
+                        self.named_present += 1;
+                    }
                 }
                 (REGISTRATION, None) if self.registrations.contains_key(key.key.as_str()) => {
                     self.registrations.remove(key.key.as_str());
-                    self.dirty_catalog |= self.visible(&key.key);
+                    if self.visible(&key.key) {
+                        self.dirty_catalog = true;
+                        self.named_present = self.named_present.saturating_sub(1);
+                    }
                 }
                 (BUNDLE, value) if key.key == CURRENT => {
                     self.bundle = value.clone().map(|v| (v, event.revision));
@@ -689,6 +704,7 @@ impl View {
                 (POLICY, value) if key.key == CURRENT => {
                     self.policy = value.clone().map(|v| (v, event.revision));
                     self.dirty_catalog = true;
+                    self.recount = true;
                 }
                 _ => {}
             }
@@ -734,7 +750,13 @@ impl View {
                 None => None,
                 Some(Source::Custom(_)) => Some(!registrations.is_empty()),
                 Some(Source::Policy(policy)) => {
-                    Some(policy.is_ready(registrations.len(), |id| registrations.contains_key(id)))
+                    if self.recount {
+                        // Once per load or policy change; registrations keep it current.
+                        self.named_present =
+                            registrations.keys().filter(|id| policy.serves(id)).count();
+                        self.recount = false;
+                    }
+                    Some(policy.is_ready(registrations.len(), self.named_present))
                 }
             };
             next.readiness = match (source, ready) {

@@ -144,6 +144,8 @@ pub(super) async fn collect(state: &AppState) -> Result<StatusBody, ApiError> {
             "registrations": serving.registrations(),
             "ready": serving.is_ready(),
             "policy": serving.policy().is_some(),
+            "epoch": serving.epoch(),
+            "render_cache_bytes": state.cfgsync.cached_bytes(),
         }),
     })
 }

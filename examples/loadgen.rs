@@ -265,28 +265,14 @@ impl Drop for Server {
     }
 }
 
-fn http_pool(n: usize) -> reqwest::Client {
-    bootsync::tls::install_crypto_provider();
-    reqwest::Client::builder()
-        .pool_max_idle_per_host(n)
-        .build()
-        .unwrap()
-}
-
-/// B1: n nodes, each node's own file listing all its peers. 64 registrants register the n
-/// nodes (the set is ready at the last one), then 64 fetchers fetch every node once.
-async fn b1(n: usize, form: PeerForm) -> Value {
-    let policy = json!({
-        "expect_nodes": n,
-        "files": [{"path": "/config.yaml", "template": form.template()}],
-    });
-    let server = Server::start(&policy).await;
-    let http = http_pool(CONCURRENCY);
+/// Registers nodes `0..n` through `/register` with 64 concurrent registrants; returns the
+/// rate in registrations per second.
+async fn storm(http: &reqwest::Client, url: &str, n: usize) -> f64 {
     let next = Arc::new(AtomicUsize::new(0));
-    let storm = Instant::now();
+    let started = Instant::now();
     let mut tasks = Vec::new();
     for _ in 0..CONCURRENCY {
-        let (http, url, next) = (http.clone(), server.url.clone(), next.clone());
+        let (http, url, next) = (http.clone(), url.to_string(), next.clone());
         tasks.push(tokio::spawn(async move {
             loop {
                 let i = next.fetch_add(1, Ordering::Relaxed);
@@ -306,8 +292,28 @@ async fn b1(n: usize, form: PeerForm) -> Value {
     for t in tasks {
         t.await.unwrap();
     }
+    n as f64 / started.elapsed().as_secs_f64()
+}
+
+fn http_pool(n: usize) -> reqwest::Client {
+    bootsync::tls::install_crypto_provider();
+    reqwest::Client::builder()
+        .pool_max_idle_per_host(n)
+        .build()
+        .unwrap()
+}
+
+/// B1: n nodes, each node's own file listing all its peers. 64 registrants register the n
+/// nodes (the set is ready at the last one), then 64 fetchers fetch every node once.
+async fn b1(n: usize, form: PeerForm) -> Value {
+    let policy = json!({
+        "expect_nodes": n,
+        "files": [{"path": "/config.yaml", "template": form.template()}],
+    });
+    let server = Server::start(&policy).await;
+    let http = http_pool(CONCURRENCY);
+    let storm_rate = storm(&http, &server.url, n).await;
     let last_registration = Instant::now();
-    let storm_rate = n as f64 / storm.elapsed().as_secs_f64();
     let next = Arc::new(AtomicUsize::new(0));
     let bytes = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
@@ -488,29 +494,7 @@ async fn b3_under_fetch(n: usize) -> Value {
     });
     let server = Server::start(&policy).await;
     let http = http_pool(2 * CONCURRENCY);
-    let next = Arc::new(AtomicUsize::new(0));
-    let mut tasks = Vec::new();
-    for _ in 0..CONCURRENCY {
-        let (http, url, next) = (http.clone(), server.url.clone(), next.clone());
-        tasks.push(tokio::spawn(async move {
-            loop {
-                let i = next.fetch_add(1, Ordering::Relaxed);
-                if i >= n {
-                    return;
-                }
-                let r = http
-                    .post(format!("{url}/register"))
-                    .json(&registration(i))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 202);
-            }
-        }));
-    }
-    for t in tasks {
-        t.await.unwrap();
-    }
+    storm(&http, &server.url, n).await;
     let deadline = Instant::now() + WINDOW;
     let (fetched, registered) = (Arc::new(AtomicUsize::new(0)), Arc::new(AtomicUsize::new(0)));
     let http_reg = http.clone();

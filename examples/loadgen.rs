@@ -295,6 +295,31 @@ async fn storm(http: &reqwest::Client, url: &str, n: usize) -> f64 {
     n as f64 / started.elapsed().as_secs_f64()
 }
 
+/// One of 64 registrants: registers nodes `first`, `first + 64`, ... until `deadline`,
+/// counting each 202.
+fn registrant(
+    http: reqwest::Client,
+    url: String,
+    first: usize,
+    deadline: Instant,
+    counter: Arc<AtomicUsize>,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut i = first;
+        while Instant::now() < deadline {
+            let r = http
+                .post(format!("{url}/register"))
+                .json(&registration(i))
+                .send()
+                .await
+                .unwrap();
+            assert_eq!(r.status(), 202);
+            counter.fetch_add(1, Ordering::Relaxed);
+            i += CONCURRENCY;
+        }
+    })
+}
+
 fn http_pool(n: usize) -> reqwest::Client {
     bootsync::tls::install_crypto_provider();
     reqwest::Client::builder()
@@ -517,21 +542,13 @@ async fn b3_under_fetch(n: usize) -> Value {
                 i += CONCURRENCY;
             }
         }));
-        let (http, url, registered) = (http_reg.clone(), server.url.clone(), registered.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut i = n + c;
-            while Instant::now() < deadline {
-                let r = http
-                    .post(format!("{url}/register"))
-                    .json(&registration(i))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 202);
-                registered.fetch_add(1, Ordering::Relaxed);
-                i += CONCURRENCY;
-            }
-        }));
+        tasks.push(registrant(
+            http_reg.clone(),
+            server.url.clone(),
+            n + c,
+            deadline,
+            registered.clone(),
+        ));
     }
     for t in tasks {
         t.await.unwrap();
@@ -700,21 +717,13 @@ async fn b3() -> Value {
     let counter = Arc::new(AtomicUsize::new(0));
     let mut tasks = Vec::new();
     for c in 0..CONCURRENCY {
-        let (http, url, counter) = (http.clone(), url.clone(), counter.clone());
-        tasks.push(tokio::spawn(async move {
-            let mut i = c;
-            while Instant::now() < deadline {
-                let r = http
-                    .post(format!("{url}/register"))
-                    .json(&registration(i))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 202);
-                counter.fetch_add(1, Ordering::Relaxed);
-                i += CONCURRENCY;
-            }
-        }));
+        tasks.push(registrant(
+            http.clone(),
+            url.clone(),
+            c,
+            deadline,
+            counter.clone(),
+        ));
     }
     for t in tasks {
         t.await.unwrap();

@@ -671,6 +671,11 @@ impl View {
         self.revision = event.revision;
         for change in &event.changes {
             let key = &change.key;
+            // The watch sees every namespace so that the view's revision keeps pace with the
+            // store's (see `watcher`); only `__cfgsync__` changes what is served.
+            if key.namespace != CFGSYNC_NAMESPACE {
+                continue;
+            }
             match (key.kind.as_str(), &change.value) {
                 (REGISTRATION, Some(value)) => {
                     let Some(record) = decode_registration(&key.key, value) else {
@@ -865,10 +870,10 @@ async fn watcher(
             }
         }
         let mut stream = match store
-            .watch(
-                view.revision,
-                WatchFilter::Namespace(CFGSYNC_NAMESPACE.into()),
-            )
+            // Every namespace, not only `__cfgsync__`: a change elsewhere still advances the
+            // view's revision, so `/node` can tell "the view has caught up with the store"
+            // by comparing it with the store's revision.
+            .watch(view.revision, WatchFilter::All)
             .await
         {
             Ok(stream) => stream,

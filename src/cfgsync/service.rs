@@ -418,7 +418,7 @@ const GZIP_MIN_BYTES: usize = 1024;
 impl Service {
     /// Starts the watcher that loads and keeps the serving state current, and returns at once:
     /// nothing is read or rendered before the server can listen. Until the state is loaded,
-    /// `/node` answers 425 and `/register` waits for it. `custom` replaces the stored policy
+    /// `/node` and `/register` wait for it (bounded), then answer 425 or 503. `custom` replaces the stored policy
     /// with a library materializer (as `serve_snapshot_cfgsync` does).
     pub async fn start(
         store: DynStore,

@@ -199,10 +199,7 @@ impl Server {
         let dir = tempfile::tempdir().unwrap();
         let policy_path = dir.path().join("policy.json");
         std::fs::write(&policy_path, serde_json::to_vec(policy).unwrap()).unwrap();
-        let port = {
-            let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-            l.local_addr().unwrap().port()
-        };
+        let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
         let store = std::env::var("BOOTSYNC_LOADGEN_STORE")
             .unwrap_or_else(|_| format!("sqlite:{}/store.db", dir.path().display()));
@@ -226,18 +223,7 @@ impl Server {
             .unwrap();
         let http = bootsync::tls::plain_client();
         let started = Instant::now();
-        loop {
-            if let Ok(r) = http.get(format!("{url}/healthz")).send().await
-                && r.status() == 200
-            {
-                break;
-            }
-            assert!(
-                started.elapsed() < Duration::from_secs(30),
-                "no /healthz after 30 s"
-            );
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        wait_healthy(&http, &url, started, Duration::from_secs(30)).await;
         Server {
             child,
             url,
@@ -318,6 +304,26 @@ fn registrant(
             i += CONCURRENCY;
         }
     })
+}
+
+/// A loopback port free at the moment of asking, for a child server's `--listen`.
+fn free_port() -> u16 {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    listener.local_addr().unwrap().port()
+}
+
+/// Polls `url/healthz` every millisecond until it answers 200; panics once `limit` has passed
+/// since `started`.
+async fn wait_healthy(http: &reqwest::Client, url: &str, started: Instant, limit: Duration) {
+    loop {
+        if let Ok(r) = http.get(format!("{url}/healthz")).send().await
+            && r.status() == 200
+        {
+            return;
+        }
+        assert!(started.elapsed() < limit, "no /healthz after {limit:?}");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
 }
 
 fn http_pool(n: usize) -> reqwest::Client {
@@ -584,10 +590,7 @@ async fn restart(n: usize) -> Value {
             .unwrap();
     }
     let binary = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/bootsync");
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let http = bootsync::tls::plain_client();
     let started = Instant::now();
@@ -598,18 +601,7 @@ async fn restart(n: usize) -> Value {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    loop {
-        if let Ok(r) = http.get(format!("{url}/healthz")).send().await
-            && r.status() == 200
-        {
-            break;
-        }
-        assert!(
-            started.elapsed() < Duration::from_secs(60),
-            "no /healthz after 60 s"
-        );
-        tokio::time::sleep(Duration::from_millis(1)).await;
-    }
+    wait_healthy(&http, &url, started, Duration::from_secs(60)).await;
     let healthy = started.elapsed();
     let r = http
         .post(format!("{url}/node?wait=60"))
@@ -881,10 +873,7 @@ async fn idle() -> Value {
             .unwrap_or(60),
     );
     let dir = tempfile::tempdir().unwrap();
-    let port = {
-        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-        l.local_addr().unwrap().port()
-    };
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let http = bootsync::tls::plain_client();
     let started = Instant::now();
@@ -904,18 +893,7 @@ async fn idle() -> Value {
         .stderr(std::process::Stdio::null())
         .spawn()
         .unwrap();
-    loop {
-        if let Ok(r) = http.get(format!("{url}/healthz")).send().await
-            && r.status() == 200
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(1)).await;
-        assert!(
-            started.elapsed() < Duration::from_secs(30),
-            "no /healthz after 30 s"
-        );
-    }
+    wait_healthy(&http, &url, started, Duration::from_secs(30)).await;
     let startup = started.elapsed();
     loop {
         let status: Value = http

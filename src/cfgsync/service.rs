@@ -142,6 +142,15 @@ struct Prepared {
     shared: Arc<Shared>,
 }
 
+impl Prepared {
+    /// The answer body at `epoch`.
+    fn body(&self, epoch: Revision, from_bundle: bool) -> NodeAnswer {
+        let mut body = Body::new(&self.files, self.shared.clone(), epoch);
+        body.from_bundle = from_bundle;
+        NodeAnswer::Ready(Arc::new(body))
+    }
+}
+
 fn prepare_catalog(catalog: &NodeArtifactsCatalog) -> HashMap<String, Prepared> {
     let shared = Shared::new(&catalog.shared_files);
     catalog
@@ -493,13 +502,7 @@ impl Service {
             return NodeAnswer::NotReady("the server is still loading its state");
         }
         if let Some(prepared) = serving.bundle.as_ref().and_then(|b| b.get(identifier)) {
-            let mut body = Body::new(
-                &prepared.files,
-                prepared.shared.clone(),
-                serving.bundle_epoch,
-            );
-            body.from_bundle = true;
-            return NodeAnswer::Ready(Arc::new(body));
+            return prepared.body(serving.bundle_epoch, true);
         }
         let epoch = match &serving.readiness {
             Readiness::Absent if serving.bundle.is_some() => return NodeAnswer::Missing,
@@ -573,11 +576,7 @@ impl Service {
                 match catalog {
                     Ok(None) => NodeAnswer::NotReady("waiting for the expected nodes to register"),
                     Ok(Some(payloads)) => match payloads.get(identifier) {
-                        Some(prepared) => NodeAnswer::Ready(Arc::new(Body::new(
-                            &prepared.files,
-                            prepared.shared.clone(),
-                            epoch.revision,
-                        ))),
+                        Some(prepared) => prepared.body(epoch.revision, false),
                         None => NodeAnswer::Missing,
                     },
                     Err(reason) => {

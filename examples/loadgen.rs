@@ -974,10 +974,16 @@ async fn main() {
         }
         summary.insert("b7_restart", Value::Array(runs));
     }
-    if want("b1s") {
+    if want("b1s") || want("b1s-small") {
         let mut runs = Vec::new();
-        for peer_list in [false, true] {
-            for n in [1_000, 10_000, 100_000] {
+        // `b1s-small` alone: the B1s row without its shared-peer-file variant.
+        let variants: &[bool] = if want("b1s") {
+            &[false, true]
+        } else {
+            &[false]
+        };
+        for &peer_list in variants {
+            for n in sizes(&[1_000, 10_000, 100_000]) {
                 runs.push(b1s(n, peer_list).await);
             }
         }

@@ -201,8 +201,15 @@ async fn register(
             "the server is still loading its state; retry",
         ));
     }
-    for _ in 0..REGISTER_ATTEMPTS {
-        let existing = service.store.get(&key).await?;
+    for attempt in 0..REGISTER_ATTEMPTS {
+        // A node the view has never seen is most likely new: try the write on that guess and
+        // skip the read. The write's `Absent` check catches a view that was behind, and the
+        // next attempt reads the store.
+        let existing = if attempt == 0 && loaded.registration(&registration.identifier).is_none() {
+            None
+        } else {
+            service.store.get(&key).await?
+        };
         let existing_record = existing
             .as_ref()
             .and_then(|e| serde_json::from_value::<RegistrationRecord>(e.value.clone()).ok());
@@ -324,7 +331,8 @@ async fn node(
     }
     let gzip = accepts_gzip(&headers);
     let mut synced = false;
-    let mut changes = service.subscribe();
+    // Subscribed only once an answer has to wait: a served request needs no subscription.
+    let mut changes = None;
     loop {
         let answer = service.answer(&serving, id).await;
         match answer {
@@ -377,6 +385,7 @@ async fn node(
             }
             NodeAnswer::NotReady(why) => {
                 // Only views newer than the one just answered from are worth another look.
+                let changes = changes.get_or_insert_with(|| service.subscribe());
                 changes.mark_unchanged();
                 let newer = changes.wait_for(|s| s.revision > serving.revision);
                 match tokio::time::timeout_at(deadline, newer).await {

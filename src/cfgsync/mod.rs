@@ -6,6 +6,7 @@
 
 pub mod bundle;
 pub mod client;
+pub mod escape;
 pub mod gzip;
 
 pub mod http;

@@ -4,13 +4,14 @@
 //! A node's payload is rendered when that node asks for it at an epoch, not when the set
 //! changes, so rendering work follows the fetches that happen. Concurrent askers for one key
 //! wait for one render; a later fetch of the same epoch is a lookup until the byte budget
-//! evicts it (least recently used first).
+//! evicts it (clock order, an approximation of least recently used).
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{HashMap, VecDeque};
 use std::hash::Hash;
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, RwLock};
 
-use tokio::sync::{OnceCell, Semaphore};
+use tokio::sync::OnceCell;
 
 /// Default budget of [`RenderCache`]: enough for hundreds of peer-list payloads at 10 000
 /// nodes, small beside the registrations themselves.
@@ -38,22 +39,27 @@ impl<T: Weigh, E> Weigh for Result<T, E> {
 enum Slot<V> {
     /// A render is running or about to; everyone who asks waits on the same cell.
     Pending(Arc<OnceCell<V>>),
-    /// Rendered, with the recency stamp that orders eviction.
-    Ready { value: V, stamp: u64, weight: usize },
+    /// Rendered. `referenced` is the clock bit: set by a hit (under the shared lock, so hits
+    /// never wait on one another), cleared when eviction passes over the entry.
+    Ready {
+        value: V,
+        weight: usize,
+        referenced: AtomicBool,
+    },
 }
 
 struct Inner<K, V> {
     slots: HashMap<K, Slot<V>>,
-    /// Recency stamp → key, oldest first.
-    order: BTreeMap<u64, K>,
+    /// The clock: the keys of every `Ready` slot, in the order eviction visits them.
+    ring: VecDeque<K>,
     used: usize,
-    next_stamp: u64,
 }
 
-/// Byte-bounded LRU cache with single-flight fills.
+/// Byte-bounded cache with single-flight fills and clock (second-chance) eviction, an
+/// approximation of least-recently-used whose hit path is one lookup under a read lock.
 pub struct RenderCache<K, V> {
     budget: usize,
-    inner: Mutex<Inner<K, V>>,
+    inner: RwLock<Inner<K, V>>,
 }
 
 impl<K, V> std::fmt::Debug for RenderCache<K, V> {
@@ -73,28 +79,31 @@ where
     pub fn new(budget: usize) -> Self {
         Self {
             budget,
-            inner: Mutex::new(Inner {
+            inner: RwLock::new(Inner {
                 slots: HashMap::new(),
-                order: BTreeMap::new(),
+                ring: VecDeque::new(),
                 used: 0,
-                next_stamp: 0,
             }),
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner<K, V>> {
-        // The lock guards plain bookkeeping that no panic leaves half-done.
-        self.inner.lock().unwrap_or_else(|e| e.into_inner())
+    // The locks guard plain bookkeeping that no panic leaves half-done.
+    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner<K, V>> {
+        self.inner.read().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner<K, V>> {
+        self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Bytes held now.
     pub fn used(&self) -> usize {
-        self.lock().used
+        self.read().used
     }
 
     /// Entries held now (rendered or being rendered).
     pub fn len(&self) -> usize {
-        self.lock().slots.len()
+        self.read().slots.len()
     }
 
     /// Whether nothing is held.
@@ -110,26 +119,31 @@ where
         F: FnOnce() -> Fut,
         Fut: Future<Output = V>,
     {
-        let cell = {
-            let mut guard = self.lock();
-            let inner = &mut *guard;
-            let stamp = inner.next_stamp;
-            match inner.slots.get_mut(&key) {
-                Some(Slot::Ready {
-                    value, stamp: old, ..
-                }) => {
-                    let value = value.clone();
-                    let old = std::mem::replace(old, stamp);
-                    inner.next_stamp += 1;
-                    inner.order.remove(&old);
-                    inner.order.insert(stamp, key);
-                    return value;
+        let pending = match self.read().slots.get(&key) {
+            Some(Slot::Ready {
+                value, referenced, ..
+            }) => {
+                if !referenced.load(Ordering::Relaxed) {
+                    referenced.store(true, Ordering::Relaxed);
                 }
-                Some(Slot::Pending(cell)) => cell.clone(),
-                None => {
-                    let cell = Arc::new(OnceCell::new());
-                    inner.slots.insert(key.clone(), Slot::Pending(cell.clone()));
-                    cell
+                return value.clone();
+            }
+            Some(Slot::Pending(cell)) => Some(cell.clone()),
+            None => None,
+        };
+        let cell = match pending {
+            Some(cell) => cell,
+            None => {
+                let mut inner = self.write();
+                // Someone may have filled or started it between the two locks.
+                match inner.slots.get(&key) {
+                    Some(Slot::Ready { value, .. }) => return value.clone(),
+                    Some(Slot::Pending(cell)) => cell.clone(),
+                    None => {
+                        let cell = Arc::new(OnceCell::new());
+                        inner.slots.insert(key.clone(), Slot::Pending(cell.clone()));
+                        cell
+                    }
                 }
             }
         };
@@ -138,9 +152,10 @@ where
         value
     }
 
-    /// Turns a finished pending slot into a cached value, evicting the oldest past the budget.
+    /// Turns a finished pending slot into a cached value, evicting past the budget.
     fn settle(&self, key: K, cell: &Arc<OnceCell<V>>, value: &V) {
-        let mut inner = self.lock();
+        let mut guard = self.write();
+        let inner = &mut *guard;
         let ours = matches!(inner.slots.get(&key), Some(Slot::Pending(c)) if Arc::ptr_eq(c, cell));
         if !ours {
             // Another waiter settled it first, or the key was invalidated meanwhile.
@@ -151,60 +166,103 @@ where
             inner.slots.remove(&key);
             return;
         }
-        while inner.used + weight > self.budget {
-            let Some((_, oldest)) = inner.order.pop_first() else {
+        // The clock hand: a referenced entry gets a second chance (its bit cleared, sent to the
+        // back); an unreferenced one goes. Two turns at most clear every bit.
+        let mut turns = 2 * inner.ring.len();
+        while inner.used + weight > self.budget && turns > 0 {
+            turns -= 1;
+            let Some(candidate) = inner.ring.pop_front() else {
                 break;
             };
-            if let Some(Slot::Ready { weight, .. }) = inner.slots.remove(&oldest) {
-                inner.used -= weight;
+            match inner.slots.get(&candidate) {
+                Some(Slot::Ready { referenced, .. })
+                    if referenced.swap(false, Ordering::Relaxed) =>
+                {
+                    inner.ring.push_back(candidate);
+                }
+                Some(Slot::Ready { weight, .. }) => {
+                    inner.used -= *weight;
+                    inner.slots.remove(&candidate);
+                }
+                _ => {}
             }
         }
-        let stamp = inner.next_stamp;
-        inner.next_stamp += 1;
-        inner.order.insert(stamp, key.clone());
+        inner.ring.push_back(key.clone());
         inner.used += weight;
         inner.slots.insert(
             key,
             Slot::Ready {
                 value: value.clone(),
-                stamp,
                 weight,
+                referenced: AtomicBool::new(false),
             },
         );
     }
 
     /// Drops every entry whose key fails `keep` (a new epoch makes the older ones dead weight).
     pub fn retain(&self, mut keep: impl FnMut(&K) -> bool) {
-        let mut inner = self.lock();
-        let Inner {
-            slots, order, used, ..
-        } = &mut *inner;
+        let mut guard = self.write();
+        let Inner { slots, ring, used } = &mut *guard;
         slots.retain(|key, slot| {
             if keep(key) {
                 return true;
             }
-            if let Slot::Ready { stamp, weight, .. } = slot {
-                order.remove(stamp);
+            if let Slot::Ready { weight, .. } = slot {
                 *used -= *weight;
             }
             false
         });
+        ring.retain(|key| matches!(slots.get(key), Some(Slot::Ready { .. })));
     }
 }
 
-/// The bounded pool renders run on: blocking threads, at most `permits` at a time, so renders
-/// never occupy the async workers that answer registrations, `/healthz` and `/v1`.
+/// A render handed to the pool: runs on a render thread and reports back by itself.
+type Job = Box<dyn FnOnce() + Send>;
+
+/// The bounded pool renders run on: a fixed set of dedicated threads fed by one queue, so
+/// renders never occupy the async workers that answer registrations, `/healthz` and `/v1`.
+///
+/// Dedicated threads rather than `spawn_blocking`: under a fetch storm the queue stays full and
+/// each thread takes the next render without going to sleep and being woken again, and a
+/// render that runs long never holds up the runtime's shutdown.
 #[derive(Debug, Clone)]
 pub struct RenderPool {
-    permits: Arc<Semaphore>,
+    jobs: std::sync::mpsc::Sender<Job>,
+    threads: usize,
 }
 
 impl RenderPool {
-    /// A pool of `threads` concurrent renders (at least one).
+    /// A pool of `threads` render threads (at least one).
     pub fn new(threads: usize) -> Self {
-        Self {
-            permits: Arc::new(Semaphore::new(threads.max(1))),
+        let threads = threads.max(1);
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let queue = Arc::new(std::sync::Mutex::new(queue));
+        for n in 0..threads {
+            let queue = queue.clone();
+            let spawned = std::thread::Builder::new()
+                .name(format!("bootsync-render-{n}"))
+                .spawn(move || {
+                    lower_priority();
+                    loop {
+                        // One thread waits on the queue at a time; the others wait for the lock.
+                        let job = queue.lock().unwrap_or_else(|e| e.into_inner()).recv();
+                        match job {
+                            Ok(job) => job(),
+                            // Every handle to the pool is gone.
+                            Err(_) => return,
+                        }
+                    }
+                });
+            if let Err(err) = spawned {
+                tracing::error!(error = %err, "could not start a render thread");
+            }
         }
+        Self { jobs, threads }
+    }
+
+    /// How many renders run at once.
+    pub fn threads(&self) -> usize {
+        self.threads
     }
 
     /// One less than the cores (at least one): a core stays free for the request path.
@@ -215,27 +273,56 @@ impl RenderPool {
             .max(1)
     }
 
-    /// Runs `work` on a blocking thread once a permit is free. A panic comes back as `Err`.
+    /// Runs `work` on a render thread. A panic comes back as `Err`, and the thread lives on.
     pub async fn run<T, F>(&self, work: F) -> Result<T, String>
     where
         F: FnOnce() -> T + Send + 'static,
         T: Send + 'static,
     {
-        let permit = self
-            .permits
-            .clone()
-            .acquire_owned()
-            .await
-            .map_err(|_| "the render pool is closed".to_string())?;
-        // The permit travels with the work: a caller that goes away does not free a slot
-        // while its render still runs.
-        tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            work()
-        })
-        .await
-        .map_err(|err| format!("the render panicked: {err}"))
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        let job: Job = Box::new(move || {
+            let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
+            // The asker may have gone away; its render is simply dropped.
+            let _ = reply.send(outcome);
+        });
+        self.jobs
+            .send(job)
+            .map_err(|_| "the render pool has no threads".to_string())?;
+        match answer.await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(panic)) => Err(format!("the render panicked: {}", panic_message(&*panic))),
+            Err(_) => Err("the render pool has no threads".to_string()),
+        }
     }
+}
+
+/// How much less CPU a busy render thread gets than a busy request worker: at nice 5 the
+/// kernel gives it about a third of a worker's share, so a fetch storm that keeps the render
+/// threads busy still leaves registrations, `/healthz` and `/v1` their cores.
+#[cfg(target_os = "linux")]
+const RENDER_NICE: libc::c_int = 5;
+
+/// Lowers the calling thread's scheduling priority (Linux keeps a nice value per thread).
+fn lower_priority() {
+    #[cfg(target_os = "linux")]
+    {
+        // SAFETY: setpriority only reads its integer arguments; 0 names the calling thread.
+        let lowered = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, RENDER_NICE) };
+        if lowered != 0 {
+            tracing::debug!(
+                error = %std::io::Error::last_os_error(),
+                "render threads keep the normal priority"
+            );
+        }
+    }
+}
+
+fn panic_message(panic: &(dyn std::any::Any + Send)) -> &str {
+    panic
+        .downcast_ref::<&str>()
+        .copied()
+        .or_else(|| panic.downcast_ref::<String>().map(String::as_str))
+        .unwrap_or("no message")
 }
 
 impl Default for RenderPool {
@@ -246,7 +333,7 @@ impl Default for RenderPool {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::atomic::AtomicUsize;
 
     use bytes::Bytes;
 
@@ -257,7 +344,7 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_byte_budget_holds_and_the_least_recently_used_goes_first() {
+    async fn the_byte_budget_holds_and_a_recently_used_entry_outlives_an_idle_one() {
         let cache: RenderCache<u32, Bytes> = RenderCache::new(300);
         for key in 0..3 {
             cache.get_or_render(key, || async { bytes(100) }).await;
@@ -295,6 +382,51 @@ mod tests {
             "0 was recently used and stayed"
         );
         assert!(cache.used() <= 300);
+    }
+
+    #[tokio::test]
+    async fn when_every_entry_was_used_eviction_still_makes_room() {
+        let cache: RenderCache<u32, Bytes> = RenderCache::new(300);
+        for key in 0..3 {
+            cache.get_or_render(key, || async { bytes(100) }).await;
+        }
+        for key in 0..3 {
+            cache.get_or_render(key, || async { bytes(1) }).await;
+        }
+        assert_eq!(cache.used(), 300, "all three were lookups");
+        cache.get_or_render(3, || async { bytes(150) }).await;
+        assert!(cache.used() <= 300, "used {} of 300", cache.used());
+        assert_eq!(cache.len(), 2, "two of the old entries made room");
+        assert_eq!(
+            cache.get_or_render(3, || async { bytes(1) }).await.len(),
+            150
+        );
+    }
+
+    #[test]
+    fn renders_run_side_by_side_up_to_the_thread_count() {
+        let pool = RenderPool::new(2);
+        let barrier = Arc::new(std::sync::Barrier::new(2));
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .unwrap();
+        // Each render waits for the other: both finish only if they ran at the same time.
+        let (a, b) = runtime.block_on(async {
+            let (b1, b2) = (barrier.clone(), barrier.clone());
+            let run = |b: Arc<std::sync::Barrier>| pool.run(move || b.wait().is_leader());
+            tokio::time::timeout(
+                std::time::Duration::from_secs(10),
+                futures_util::future::join(run(b1), run(b2)),
+            )
+            .await
+            .expect("two renders ran at once")
+        });
+        assert!(a.is_ok() && b.is_ok());
+        assert!(
+            a.unwrap() ^ b.unwrap(),
+            "exactly one of the two led the barrier"
+        );
     }
 
     #[tokio::test]

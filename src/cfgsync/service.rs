@@ -8,8 +8,10 @@
 //! every node shares is rendered, serialised and compressed once per epoch.
 
 use std::collections::HashMap;
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures_util::FutureExt;
@@ -17,6 +19,7 @@ use serde_json::Value;
 use tokio::sync::{OnceCell, watch};
 
 use super::bundle::NodeArtifactsBundle;
+use super::escape::push_json_str;
 use super::gzip::{self, Piece};
 use super::materialize::{
     NodeArtifactsCatalog, RegistrationSnapshot, RegistrationSnapshotMaterializer,
@@ -60,7 +63,7 @@ type Registrations = imbl::OrdMap<Arc<str>, Arc<RegistrationRecord>>;
 #[derive(Debug, Default)]
 struct Shared {
     /// The files as JSON objects joined by commas.
-    json: String,
+    json: Vec<u8>,
     gzip: OnceLock<Piece>,
 }
 
@@ -73,19 +76,33 @@ impl Shared {
     }
 
     fn piece(&self) -> &Piece {
-        self.gzip.get_or_init(|| Piece::new(self.json.as_bytes()))
+        self.gzip.get_or_init(|| Piece::new(&self.json))
     }
 }
 
-fn join_files(files: &[ArtifactFile]) -> String {
-    let mut out = String::new();
+fn join_files(files: &[ArtifactFile]) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_files(&mut out, files);
+    out
+}
+
+/// `files` as JSON objects joined by commas, as serde would write each `ArtifactFile`.
+fn write_files(out: &mut Vec<u8>, files: &[ArtifactFile]) {
+    let size: usize = files
+        .iter()
+        .map(|f| f.path.len() + f.content.len() + 24)
+        .sum();
+    out.reserve(size);
     for (i, file) in files.iter().enumerate() {
         if i > 0 {
-            out.push(',');
+            out.push(b',');
         }
-        out.push_str(&serde_json::to_string(file).expect("files always serialise"));
+        out.extend_from_slice(b"{\"path\":");
+        push_json_str(out, &file.path);
+        out.extend_from_slice(b",\"content\":");
+        push_json_str(out, &file.content);
+        out.push(b'}');
     }
-    out
 }
 
 /// One node's answer body, and where the shared files sit in it.
@@ -103,18 +120,29 @@ pub struct Body {
 }
 
 impl Body {
-    fn new(node_files: &str, shared: Arc<Shared>, epoch: Revision) -> Self {
-        let mut out = String::with_capacity(node_files.len() + shared.json.len() + 64);
-        out.push_str("{\"schema_version\":1,\"files\":[");
-        out.push_str(node_files);
-        if !node_files.is_empty() && !shared.json.is_empty() {
-            out.push(',');
+    fn new(node_files: &[u8], shared: Arc<Shared>, epoch: Revision) -> Self {
+        Self::assemble(|out| out.extend_from_slice(node_files), shared, epoch)
+    }
+
+    /// The body around the node's files, written by `node_files` straight into the one buffer
+    /// the answer is served from (a peer list is not copied once more to get there).
+    fn assemble(
+        node_files: impl FnOnce(&mut Vec<u8>),
+        shared: Arc<Shared>,
+        epoch: Revision,
+    ) -> Self {
+        let mut out = Vec::with_capacity(shared.json.len() + 64);
+        out.extend_from_slice(b"{\"schema_version\":1,\"files\":[");
+        let start = out.len();
+        node_files(&mut out);
+        if out.len() > start && !shared.json.is_empty() {
+            out.push(b',');
         }
         let head = out.len();
-        out.push_str(&shared.json);
-        out.push_str("],\"epoch\":");
-        out.push_str(&epoch.to_string());
-        out.push('}');
+        out.extend_from_slice(&shared.json);
+        out.extend_from_slice(b"],\"epoch\":");
+        write!(out, "{epoch}").expect("writing to memory cannot fail");
+        out.push(b'}');
         Self {
             bytes: Bytes::from(out),
             epoch,
@@ -138,7 +166,7 @@ impl Body {
 /// A payload prepared ahead of time (bundles, library catalogs): the node's files serialised.
 #[derive(Debug)]
 struct Prepared {
-    files: String,
+    files: Vec<u8>,
     shared: Arc<Shared>,
 }
 
@@ -187,6 +215,42 @@ pub struct Epoch {
     scope: OnceLock<Arc<Scope>>,
     shared: OnceLock<Result<Arc<Shared>, Arc<str>>>,
     catalog: OnceCell<Catalog>,
+    cost: RenderCost,
+}
+
+/// What one epoch's per-node renders have cost so far, which decides where the next runs.
+///
+/// Handing a render to the pool and back costs two thread wake-ups, more than rendering a
+/// small file. So once an epoch's renders have shown they are cheap, later ones run on the
+/// asking request's own worker; the first dear one sends the rest of the epoch to the pool.
+/// The epoch's one-off work (the member list, the shared files) always runs on the pool.
+/// A render that was preempted halfway looks dear once; only a pattern of dear renders
+/// (more than one in sixteen) sends the epoch back to the pool.
+#[derive(Debug, Default)]
+struct RenderCost {
+    cheap: AtomicU32,
+    dear: AtomicU32,
+}
+
+impl RenderCost {
+    /// A render at most this long counts as cheap: about what answering a request costs.
+    const CHEAP: Duration = Duration::from_micros(50);
+    /// Cheap renders measured on the pool before any runs inline.
+    const WARM_UP: u32 = 16;
+
+    fn inline(&self) -> bool {
+        let cheap = self.cheap.load(Ordering::Relaxed);
+        cheap >= Self::WARM_UP && self.dear.load(Ordering::Relaxed).saturating_mul(16) < cheap
+    }
+
+    fn record(&self, took: Duration) {
+        let counter = if took > Self::CHEAP {
+            &self.dear
+        } else {
+            &self.cheap
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
 }
 
 impl std::fmt::Debug for Epoch {
@@ -231,14 +295,19 @@ impl Epoch {
             return Err(Arc::from(format!("{identifier:?} is not a member")));
         };
         let shared = self.shared(policy, &scope)?;
+        let started = Instant::now();
         let files = policy
             .render_node(&scope, index)
-            .map_err(|err| Arc::from(err.to_string()))?;
-        Ok(Arc::new(Body::new(
-            &join_files(&files),
-            shared,
-            self.revision,
-        )))
+            .map_err(|err| Arc::from(err.to_string()));
+        let body = files.map(|files| {
+            Arc::new(Body::assemble(
+                |out| write_files(out, &files),
+                shared,
+                self.revision,
+            ))
+        });
+        self.cost.record(started.elapsed());
+        body
     }
 
     /// A library materializer's catalog, once computed and ready.
@@ -471,6 +540,11 @@ impl Service {
         revision: Revision,
         deadline: tokio::time::Instant,
     ) -> Arc<Serving> {
+        let current = self.current();
+        if current.loaded && current.revision >= revision {
+            // The common case needs no subscription.
+            return current;
+        }
         let mut changes = self.subscribe();
         let waited = tokio::time::timeout_at(
             deadline,
@@ -522,22 +596,33 @@ impl Service {
                 if !policy.serves(identifier) {
                     return NodeAnswer::Missing;
                 }
-                let key: (Arc<str>, Revision) = (Arc::from(identifier), epoch.revision);
+                // The view's own key, shared rather than copied: a hit allocates nothing.
+                let Some((registered, _)) = serving.registrations.get_key_value(identifier) else {
+                    return NodeAnswer::NotReady("this identifier has not registered");
+                };
+                let key: (Arc<str>, Revision) = (registered.clone(), epoch.revision);
                 let rendered = self
                     .rendered
                     .get_or_render(key, || {
                         let (pool, policy, epoch) =
                             (self.pool.clone(), policy.clone(), epoch.clone());
-                        let id = identifier.to_string();
+                        let id = registered.clone();
                         async move {
-                            let started = std::time::Instant::now();
-                            let result = pool
-                                .run(move || epoch.render_node(&policy, &id))
-                                .await
-                                .unwrap_or_else(|err| Err(Arc::from(err)));
+                            let started = Instant::now();
+                            let inline = epoch.cost.inline();
+                            let render = move || epoch.render_node(&policy, &id);
+                            let result = if inline {
+                                std::panic::catch_unwind(std::panic::AssertUnwindSafe(render))
+                                    .unwrap_or_else(|_| Err(Arc::from("the render panicked")))
+                            } else {
+                                pool.run(render)
+                                    .await
+                                    .unwrap_or_else(|err| Err(Arc::from(err)))
+                            };
                             tracing::debug!(
                                 identifier,
                                 elapsed_us = started.elapsed().as_micros() as u64,
+                                inline,
                                 ok = result.is_ok(),
                                 "rendered a payload"
                             );
@@ -771,6 +856,7 @@ impl View {
                     scope: OnceLock::new(),
                     shared: OnceLock::new(),
                     catalog: OnceCell::new(),
+                    cost: RenderCost::default(),
                 })),
                 (Some(_), _) => Readiness::NotReady,
                 (None, _) => Readiness::Absent,

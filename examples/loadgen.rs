@@ -502,7 +502,7 @@ fn template_forms(n: usize) -> Value {
         let started = Instant::now();
         let mut bytes = 0;
         for round in 0..rounds {
-            let files = compiled.render_node(&scope, round % n).unwrap();
+            let files = compiled.render_node(&scope, round % n, usize::MAX).unwrap();
             bytes = files[0].content.len();
         }
         let per_peer_ns = started.elapsed().as_secs_f64() * 1e9 / rounds as f64 / (n - 1) as f64;

@@ -61,9 +61,55 @@ pub fn check_payload_path(path: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Checks a path a bundle or policy names: a payload path (above) written one way only, so
+/// that no two spellings name one file and no client has to guess: no `.` or empty component,
+/// no trailing `/`, no backslash (a separator on some nodes, not on others).
+pub fn check_canonical_payload_path(path: &str) -> Result<(), String> {
+    check_payload_path(path)?;
+    if path.contains('\\') {
+        return Err(format!("path {path:?} contains a backslash"));
+    }
+    let relative = path.strip_prefix('/').unwrap_or(path);
+    if relative
+        .split('/')
+        .any(|part| part.is_empty() || part == ".")
+    {
+        return Err(format!(
+            "path {path:?} is not in canonical form (an empty or '.' component, or a trailing '/')"
+        ));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn bundle_and_policy_paths_have_one_spelling() {
+        for fine in [
+            "/config.yaml",
+            "config.yaml",
+            "etc/node/config.yaml",
+            "/a/b",
+        ] {
+            assert!(check_canonical_payload_path(fine).is_ok(), "{fine}");
+        }
+        for bad in [
+            ".",
+            "./",
+            "dir/",
+            "..\\..\\x",
+            "a//b",
+            "./a",
+            "a/./b",
+            "/",
+            "//x",
+            "../x",
+        ] {
+            assert!(check_canonical_payload_path(bad).is_err(), "{bad}");
+        }
+    }
 
     #[test]
     fn payload_paths_refuse_parent_dirs_and_control_characters() {

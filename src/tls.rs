@@ -156,8 +156,39 @@ pub fn http_client(
     install_crypto_provider();
     builder
         .connect_timeout(Duration::from_secs(5))
+        .redirect(same_origin_redirects())
         .tls_certs_merge(extra_roots.iter().cloned())
         .build()
+}
+
+/// Follows a redirect only to the origin (scheme, host, port) first asked, at most 5 times:
+/// a redirect elsewhere would carry the node secret and the registration to a host the
+/// operator never named.
+fn same_origin_redirects() -> reqwest::redirect::Policy {
+    reqwest::redirect::Policy::custom(|attempt| {
+        let origin = |url: &reqwest::Url| {
+            (
+                url.scheme().to_string(),
+                url.host_str().map(str::to_string),
+                url.port_or_known_default(),
+            )
+        };
+        let same = attempt
+            .previous()
+            .first()
+            .is_some_and(|first| origin(first) == origin(attempt.url()));
+        if !same {
+            let refused = format!(
+                "a redirect to another origin ({}) was refused",
+                attempt.url()
+            );
+            attempt.error(refused)
+        } else if attempt.previous().len() > 5 {
+            attempt.error("more than 5 redirects")
+        } else {
+            attempt.follow()
+        }
+    })
 }
 
 /// A listener that accepts TCP and hands out TLS streams. Handshakes run in their own tasks

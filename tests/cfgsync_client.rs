@@ -350,3 +350,154 @@ async fn the_library_client_long_polls_a_bootsync_server_and_sees_the_epoch() {
     assert!(payload.epoch.is_some());
     assert_eq!(payload.files[0].content, "0");
 }
+
+/// Staging symlinks planted under the names the client once used cannot redirect its write:
+/// the client waits (the set is not ready), the attacker plants links for its PID, then the
+/// set becomes ready.
+#[tokio::test]
+async fn planted_staging_symlinks_change_nothing_outside_the_output_folder() {
+    let url = seed_server(2, json!([{"path": "fine.txt", "content": "ours"}])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    let victim = outside.path().join("victim");
+    std::fs::write(&victim, "untouched").unwrap();
+    let out = dir.path().join("out");
+    std::fs::create_dir_all(&out).unwrap();
+    let mut child = std::process::Command::new(support::bin())
+        .args(client_args(&url, "a", &out.display().to_string(), "30s"))
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    for n in 0..4 {
+        let planted = out.join(format!(".fine.txt.bootsync-{}-{n}", child.id()));
+        std::os::unix::fs::symlink(&victim, planted).unwrap();
+    }
+    // The second node makes the set ready.
+    let registered = bootsync::tls::plain_client()
+        .post(format!("{url}/register"))
+        .json(&json!({"identifier": "b", "ip": "10.0.0.2"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(registered.status().is_success());
+    let status = tokio::task::spawn_blocking(move || {
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            assert!(
+                std::time::Instant::now() < deadline,
+                "the client never exited"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    })
+    .await
+    .unwrap();
+    assert!(status.success());
+    assert_eq!(std::fs::read_to_string(&victim).unwrap(), "untouched");
+    let written = std::fs::symlink_metadata(out.join("fine.txt")).unwrap();
+    assert!(written.file_type().is_file(), "a regular file, not a link");
+    assert_eq!(
+        std::fs::read_to_string(out.join("fine.txt")).unwrap(),
+        "ours"
+    );
+}
+
+#[tokio::test]
+async fn an_oversized_payload_writes_nothing() {
+    let big = "x".repeat(2 << 20);
+    let url = seed_server(
+        1,
+        json!([{"path": "small.txt", "content": "ok"}, {"path": "big.txt", "content": big}]),
+    )
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        move || {
+            let mut args = client_args(&url, "a", "out", "30s");
+            args.extend(["--max-payload-bytes", "1000000"]);
+            support::run_cli(&args, &dir)
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("larger than 1000000 bytes"), "{stderr}");
+    assert!(!dir.path().join("out").exists(), "nothing was written");
+}
+
+/// A server that accepts connections and never answers cannot hold the client past
+/// `--timeout`.
+#[tokio::test]
+async fn the_timeout_holds_against_a_server_that_never_answers() {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let held = tokio::spawn(async move {
+        let mut open = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            open.push(socket);
+        }
+    });
+    let dir = tempfile::tempdir().unwrap();
+    let started = std::time::Instant::now();
+    let (code, _, stderr) = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        move || support::run_cli(&client_args(&url, "a", ".", "2s"), &dir)
+    })
+    .await
+    .unwrap();
+    let took = started.elapsed();
+    held.abort();
+    assert_eq!(code, 3, "{stderr}");
+    assert!(took < Duration::from_secs(4), "gave up after {took:?}");
+}
+
+/// A redirect to another origin is refused, so the registration (and a strict-mode secret)
+/// never reaches a host the operator did not name.
+#[tokio::test]
+async fn a_redirect_to_another_host_is_refused() {
+    let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let elsewhere = {
+        let hits = hits.clone();
+        let app = axum::Router::new().fallback(move || {
+            hits.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            async { StatusCode::ACCEPTED }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        url
+    };
+    let redirector = {
+        let app = axum::Router::new().fallback(move |uri: axum::http::Uri| {
+            let to = format!("{elsewhere}{}", uri.path());
+            async move {
+                (
+                    StatusCode::TEMPORARY_REDIRECT,
+                    [(axum::http::header::LOCATION, to)],
+                )
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        url
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        move || support::run_cli(&client_args(&redirector, "a", ".", "2s"), &dir)
+    })
+    .await
+    .unwrap();
+    assert_ne!(code, 0, "{stderr}");
+    assert_eq!(
+        hits.load(std::sync::atomic::Ordering::SeqCst),
+        0,
+        "the other host was reached"
+    );
+}

@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::{Deserialize, Serialize};
 
 use super::ArtifactFile;
-use crate::files::{FileError, check_payload_path, parse_file};
+use crate::files::{FileError, check_canonical_payload_path, parse_file};
 
 /// One node's files in a bundle.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -45,7 +45,7 @@ impl NodeArtifactsBundle {
         let mut problems = Vec::new();
         let mut shared = BTreeSet::new();
         for (i, file) in self.shared_files.iter().enumerate() {
-            if let Err(p) = check_payload_path(&file.path) {
+            if let Err(p) = check_canonical_payload_path(&file.path) {
                 problems.push(format!("shared_files[{i}]: {p}"));
             }
             if !shared.insert(file.path.as_str()) {
@@ -63,7 +63,7 @@ impl NodeArtifactsBundle {
             }
             let mut paths = BTreeSet::new();
             for (f, file) in node.files.iter().enumerate() {
-                if let Err(p) = check_payload_path(&file.path) {
+                if let Err(p) = check_canonical_payload_path(&file.path) {
                     problems.push(format!("{at}.files[{f}]: {p}"));
                 }
                 if !paths.insert(file.path.as_str()) {

@@ -42,7 +42,15 @@ pub enum ClientError {
         url: String,
         /// Why.
         #[source]
-        source: reqwest::Error,
+        source: serde_json::Error,
+    },
+    /// The answer was larger than the client accepts; nothing of it was kept.
+    #[error("the answer from {url} is larger than {limit} bytes (--max-payload-bytes)")]
+    TooLarge {
+        /// The URL asked.
+        url: String,
+        /// The limit in bytes.
+        limit: usize,
     },
     /// The config was not ready within the allowed time.
     #[error("gave up after {waited:?}: {last}")]
@@ -82,7 +90,13 @@ pub struct CfgsyncClient {
     join_token: Option<Token>,
     node_secret: Mutex<Option<String>>,
     long_poll: Duration,
+    max_payload_bytes: usize,
 }
+
+/// Default bound on one payload: far above any real node's files, far below what would hurt.
+pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 64 << 20;
+/// Bound on an error or registration answer, which is a short JSON object.
+const MAX_SMALL_ANSWER_BYTES: usize = 64 << 10;
 
 impl CfgsyncClient {
     /// A client of the server at `base` (e.g. `http://127.0.0.1:4400`).
@@ -94,7 +108,15 @@ impl CfgsyncClient {
             join_token: None,
             node_secret: Mutex::new(None),
             long_poll: Duration::from_secs(30),
+            max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
         }
+    }
+
+    /// The largest payload accepted; a larger answer is refused before it is decoded, so
+    /// nothing is written.
+    pub fn with_max_payload_bytes(mut self, limit: usize) -> Self {
+        self.max_payload_bytes = limit;
+        self
     }
 
     /// Trusts these CA certificates beside the system's (for a server with a private CA).
@@ -147,7 +169,7 @@ impl CfgsyncClient {
 
     async fn refused(url: String, response: reqwest::Response) -> ClientError {
         let status = response.status();
-        let text = response.text().await.unwrap_or_default();
+        let text = small_text(response).await;
         let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
             Ok(body) => (body.code, body.message),
             Err(_) => (
@@ -182,7 +204,7 @@ impl CfgsyncClient {
             return Err(Self::refused(url, response).await);
         }
         // Seed servers answer with an empty body; ours may carry a node secret.
-        let text = response.text().await.unwrap_or_default();
+        let text = small_text(response).await;
         if let Ok(Registered {
             node_secret: Some(secret),
             ..
@@ -214,13 +236,14 @@ impl CfgsyncClient {
                 source,
             })?;
         match response.status() {
-            StatusCode::OK => response
-                .json::<NodeArtifactsPayload>()
-                .await
-                .map(FetchOutcome::Ready)
-                .map_err(|source| ClientError::BadPayload { url, source }),
+            StatusCode::OK => {
+                let body = read_limited(&url, response, self.max_payload_bytes).await?;
+                serde_json::from_slice::<NodeArtifactsPayload>(&body)
+                    .map(FetchOutcome::Ready)
+                    .map_err(|source| ClientError::BadPayload { url, source })
+            }
             StatusCode::TOO_EARLY => {
-                let text = response.text().await.unwrap_or_default();
+                let text = small_text(response).await;
                 let message = serde_json::from_str::<ErrorBody>(&text).map_or(text, |b| b.message);
                 Ok(FetchOutcome::NotReady(message))
             }
@@ -287,7 +310,18 @@ impl CfgsyncClient {
                     .await
             };
             let asked = tokio::time::Instant::now();
-            match attempt.await {
+            // The whole attempt, not only its long-poll, ends at the deadline: a server that
+            // accepts and then says nothing cannot keep the client past `timeout`.
+            let Ok(outcome) = tokio::time::timeout_at(deadline, attempt).await else {
+                if last.is_empty() {
+                    last = "the server did not answer in time".into();
+                }
+                return Err(ClientError::GaveUp {
+                    waited: started.elapsed(),
+                    last,
+                });
+            };
+            match outcome {
                 Ok(FetchOutcome::Ready(payload)) => return Ok(payload),
                 Ok(FetchOutcome::NotReady(message)) => {
                     registered = true;
@@ -320,5 +354,50 @@ impl CfgsyncClient {
     async fn pause(&self, backoff: &mut Backoff, deadline: tokio::time::Instant) {
         let until = (tokio::time::Instant::now() + backoff.fail()).min(deadline);
         tokio::time::sleep_until(until).await;
+    }
+}
+
+/// The body of `response`, refused as soon as it passes `limit` bytes (by its declared length
+/// or by what arrives), so an endless or huge answer costs at most `limit` bytes of memory.
+async fn read_limited(
+    url: &str,
+    mut response: reqwest::Response,
+    limit: usize,
+) -> Result<Vec<u8>, ClientError> {
+    let too_large = || ClientError::TooLarge {
+        url: url.to_string(),
+        limit,
+    };
+    if response
+        .content_length()
+        .is_some_and(|declared| declared > limit as u64)
+    {
+        return Err(too_large());
+    }
+    let mut body = Vec::new();
+    loop {
+        let chunk = response
+            .chunk()
+            .await
+            .map_err(|source| ClientError::Unreachable {
+                url: url.to_string(),
+                source,
+            })?;
+        let Some(chunk) = chunk else {
+            return Ok(body);
+        };
+        if body.len() + chunk.len() > limit {
+            return Err(too_large());
+        }
+        body.extend_from_slice(&chunk);
+    }
+}
+
+/// A short answer's text (an error, a registration); cut off past a small bound.
+async fn small_text(response: reqwest::Response) -> String {
+    let url = response.url().to_string();
+    match read_limited(&url, response, MAX_SMALL_ANSWER_BYTES).await {
+        Ok(body) => String::from_utf8_lossy(&body).into_owned(),
+        Err(err) => format!("(an unreadable answer: {err})"),
     }
 }

@@ -109,19 +109,24 @@ impl ArtifactOutputMap {
     /// Writes every file or none: all are validated, staged beside their targets and fsynced,
     /// then renamed into place. Returns the local paths written.
     pub fn write_all(&self, files: &[ArtifactFile]) -> Result<Vec<PathBuf>, OutputError> {
+        // Duplicates are judged on where files land, so `a/b`, `a//b`, `./a/b` and `a/./b` are
+        // one file.
         let mut seen = BTreeSet::new();
         let mut plan = Vec::with_capacity(files.len());
         for file in files {
-            if !seen.insert(file.path.as_str()) {
+            let dest = self.resolve(&file.path)?;
+            let landing: PathBuf = dest.components().collect();
+            if !seen.insert(landing) {
                 return Err(OutputError::Duplicate {
                     path: file.path.clone(),
                 });
             }
-            plan.push((self.resolve(&file.path)?, file));
+            plan.push((dest, file));
         }
+        check_layout(&seen, &plan)?;
         let mut staged: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(plan.len());
         let result = (|| {
-            for (n, (dest, file)) in plan.iter().enumerate() {
+            for (dest, file) in &plan {
                 let io = |source| OutputError::Io {
                     path: dest.display().to_string(),
                     source,
@@ -135,8 +140,7 @@ impl ArtifactOutputMap {
                     .file_name()
                     .map(|n| n.to_string_lossy().into_owned())
                     .unwrap_or_default();
-                let tmp = dir.join(format!(".{name}.bootsync-{}-{n}", std::process::id()));
-                let mut out = std::fs::File::create(&tmp).map_err(io)?;
+                let (tmp, mut out) = create_staging(dir, &name).map_err(io)?;
                 staged.push((tmp, dest.clone()));
                 out.write_all(file.content.as_bytes()).map_err(io)?;
                 out.sync_all().map_err(io)?;
@@ -150,21 +154,89 @@ impl ArtifactOutputMap {
             return Err(err);
         }
         let mut written = Vec::with_capacity(staged.len());
-        for (tmp, dest) in staged {
-            std::fs::rename(&tmp, &dest).map_err(|source| OutputError::Io {
-                path: dest.display().to_string(),
-                source,
-            })?;
+        for (i, (tmp, dest)) in staged.iter().enumerate() {
+            if let Err(source) = std::fs::rename(tmp, dest) {
+                // Leave no staging file behind; the layout check above makes this rare.
+                for (tmp, _) in &staged[i..] {
+                    let _ = std::fs::remove_file(tmp);
+                }
+                return Err(OutputError::Io {
+                    path: dest.display().to_string(),
+                    source,
+                });
+            }
             if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty())
                 && let Ok(handle) = std::fs::File::open(dir)
             {
                 // Make the rename itself durable.
                 let _ = handle.sync_all();
             }
-            written.push(dest);
+            written.push(dest.clone());
         }
         Ok(written)
     }
+}
+
+/// Refuses, before anything is written, a payload whose files cannot all be laid out: one
+/// file under another (`a` and `a/b`), a file where a directory stands, or a directory
+/// needed where a file stands.
+fn check_layout(
+    landings: &BTreeSet<PathBuf>,
+    plan: &[(PathBuf, &ArtifactFile)],
+) -> Result<(), OutputError> {
+    for (dest, file) in plan {
+        let refuse = |reason: String| OutputError::Refused {
+            path: file.path.clone(),
+            reason,
+        };
+        let landing: PathBuf = dest.components().collect();
+        for ancestor in landing.ancestors().skip(1) {
+            if landings.contains(ancestor) {
+                return Err(refuse(format!(
+                    "another file of the payload is written at {}, which this file needs as a directory",
+                    ancestor.display()
+                )));
+            }
+            if std::fs::symlink_metadata(ancestor)
+                .is_ok_and(|m| !m.is_dir() && !m.file_type().is_symlink())
+            {
+                return Err(refuse(format!(
+                    "{} exists and is not a directory",
+                    ancestor.display()
+                )));
+            }
+        }
+        if std::fs::symlink_metadata(dest).is_ok_and(|m| m.is_dir()) {
+            return Err(refuse(format!("{} is a directory", dest.display())));
+        }
+    }
+    Ok(())
+}
+
+/// A new staging file beside the target, under a name no one can guess, created exclusively
+/// and never through a symlink: a link planted under any name cannot redirect the write.
+fn create_staging(dir: &Path, name: &str) -> std::io::Result<(PathBuf, std::fs::File)> {
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut last = None;
+    for _ in 0..8 {
+        let tag: String = std::iter::repeat_with(fastrand::alphanumeric)
+            .take(16)
+            .collect();
+        let tmp = dir.join(format!(".{name}.bootsync-{tag}"));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            // As `File::create` would: the umask decides.
+            .mode(0o666)
+            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
+            .open(&tmp)
+        {
+            Ok(file) => return Ok((tmp, file)),
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => last = Some(err),
+            Err(err) => return Err(err),
+        }
+    }
+    Err(last.unwrap_or_else(|| std::io::Error::other("no free staging name")))
 }
 
 /// Where `path` really is: its deepest existing ancestor resolved (symlinks followed), plus
@@ -295,13 +367,13 @@ mod tests {
             ArtifactFile::new("b.txt", "old b"),
         ])
         .unwrap();
-        // A directory where a file must go makes the second staging step fail.
-        std::fs::create_dir_all(dir.path().join("blocked")).unwrap();
-        std::fs::write(dir.path().join("blocked-file"), "x").unwrap();
+        // A name the file system accepts, but whose staging name (longer by 27 bytes) it
+        // does not, makes the second staging step fail.
+        let long = format!("{}.txt", "n".repeat(240));
         let err = map
             .write_all(&[
                 ArtifactFile::new("a.txt", "new a"),
-                ArtifactFile::new("blocked-file/b.txt", "new b"),
+                ArtifactFile::new(long, "new b"),
             ])
             .unwrap_err();
         assert!(matches!(err, OutputError::Io { .. }), "{err}");
@@ -313,6 +385,48 @@ mod tests {
         assert!(
             !listing(dir.path()).iter().any(|n| n.contains(".bootsync-")),
             "staging files left behind"
+        );
+    }
+
+    #[test]
+    fn spellings_of_one_path_are_one_file_and_the_payload_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = ArtifactOutputMap::new().with_root(dir.path());
+        for second in ["a//b", "./a/b", "a/./b"] {
+            let err = map.write_all(&[file("a/b"), file(second)]).unwrap_err();
+            assert!(
+                matches!(err, OutputError::Duplicate { .. }),
+                "{second}: {err}"
+            );
+        }
+        assert!(listing(dir.path()).is_empty(), "{:?}", listing(dir.path()));
+    }
+
+    #[test]
+    fn a_payload_that_cannot_be_laid_out_writes_nothing() {
+        let dir = tempfile::tempdir().unwrap();
+        let map = ArtifactOutputMap::new().with_root(dir.path());
+        // One file where another needs a directory, in either order.
+        for files in [[file("a"), file("a/b")], [file("a/b"), file("a")]] {
+            let err = map.write_all(&files).unwrap_err();
+            assert!(err.to_string().contains("as a directory"), "{err}");
+            assert!(listing(dir.path()).is_empty(), "{:?}", listing(dir.path()));
+        }
+        // A directory where a file should go, and a file where a directory is needed.
+        std::fs::create_dir(dir.path().join("taken")).unwrap();
+        std::fs::write(dir.path().join("plain"), "x").unwrap();
+        for path in ["taken", "plain/inner"] {
+            let err = map.write_all(&[file("fine"), file(path)]).unwrap_err();
+            assert!(matches!(err, OutputError::Refused { .. }), "{path}: {err}");
+            assert!(
+                !dir.path().join("fine").exists(),
+                "{path}: fine was written"
+            );
+        }
+        assert_eq!(
+            listing(dir.path()),
+            ["plain"],
+            "no staging file left behind"
         );
     }
 }

@@ -4,6 +4,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::path::Path;
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use minijinja::value::{Enumerator, Object, ObjectRepr, Value};
 use minijinja::{Environment, context};
@@ -14,7 +15,7 @@ use super::materialize::{
     RegistrationSnapshotMaterializer,
 };
 use super::{ArtifactFile, NodeRegistration};
-use crate::files::{FileError, check_payload_path, parse_file};
+use crate::files::{FileError, check_canonical_payload_path, parse_file};
 
 /// One templated file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, schemars::JsonSchema)]
@@ -76,8 +77,14 @@ impl Policy {
         })
     }
 
-    /// Validates and compiles every template, reporting all problems at once.
+    /// Validates and compiles every template under the default [`RenderLimits`], reporting all
+    /// problems at once.
     pub fn compile(self) -> Result<CompiledPolicy, Vec<String>> {
+        self.compile_with(RenderLimits::default())
+    }
+
+    /// As [`Policy::compile`], with these limits on every render.
+    pub fn compile_with(self, limits: RenderLimits) -> Result<CompiledPolicy, Vec<String>> {
         let mut problems = Vec::new();
         match (&self.expect_nodes, &self.expect_identifiers) {
             (None, None) => problems.push("set expect_nodes or expect_identifiers".to_string()),
@@ -106,10 +113,11 @@ impl Policy {
         }
         let mut env = Environment::new();
         add_helpers(&mut env);
+        env.set_fuel(Some(limits.fuel));
         let mut paths = BTreeSet::new();
         for (section, list) in [("files", &self.files), ("shared_files", &self.shared_files)] {
             for (i, file) in list.iter().enumerate() {
-                if let Err(p) = check_payload_path(&file.path) {
+                if let Err(p) = check_canonical_payload_path(&file.path) {
                     problems.push(format!("{section}[{i}]: {p}"));
                 }
                 if !paths.insert(file.path.clone()) {
@@ -134,6 +142,7 @@ impl Policy {
                 policy: Arc::new(self),
                 env: Arc::new(env),
                 named,
+                limits,
             })
         } else {
             Err(problems)
@@ -149,6 +158,69 @@ pub struct CompiledPolicy {
     env: Arc<Environment<'static>>,
     /// `expect_identifiers` as a set: membership is asked on every registration.
     named: Option<Arc<std::collections::HashSet<String>>>,
+    limits: RenderLimits,
+}
+
+/// Bounds on every render, so no template (or node data a template loops over) can pin a
+/// core, fill memory or hold a render thread: past any of them the render fails, and only the
+/// payload being rendered fails with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenderLimits {
+    /// Template instructions per file (minijinja's fuel).
+    pub fuel: u64,
+    /// Wall-clock time for one node's files, or one epoch's shared files.
+    pub deadline: Duration,
+    /// Bytes one rendered file may hold.
+    pub max_file_bytes: usize,
+    /// Bytes one node's rendered files may hold in all (its own and the shared ones).
+    pub max_payload_bytes: usize,
+}
+
+impl Default for RenderLimits {
+    fn default() -> Self {
+        // Generous for real peer lists (a loop over 100 000 peers renders ~1.7 MB), small
+        // enough that a runaway template ends within seconds.
+        Self {
+            fuel: 200_000_000,
+            deadline: Duration::from_secs(10),
+            max_file_bytes: 16 << 20,
+            max_payload_bytes: 32 << 20,
+        }
+    }
+}
+
+/// The render's output, refused past its byte budget or its deadline.
+struct Bounded {
+    buf: Vec<u8>,
+    limit: usize,
+    deadline: Instant,
+    writes: u32,
+    exceeded: Option<String>,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > self.limit {
+            self.exceeded = Some(format!(
+                "the output passed its limit of {} bytes",
+                self.limit
+            ));
+            return Err(std::io::Error::other("output limit"));
+        }
+        // The clock is read every 64 writes: cheap, and a loop that writes nothing is
+        // stopped by its fuel instead.
+        self.writes = self.writes.wrapping_add(1);
+        if self.writes % 64 == 0 && Instant::now() > self.deadline {
+            self.exceeded = Some("the render passed its deadline".to_string());
+            return Err(std::io::Error::other("deadline"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
 }
 
 /// One node as templates see it: `identifier`, `ip` and `metadata`, looked up by field name
@@ -307,6 +379,8 @@ fn tojson(value: Value) -> Result<Value, minijinja::Error> {
 /// The filters the policy's templates get beside minijinja's built-ins.
 fn add_helpers(env: &mut Environment<'static>) {
     env.add_filter("tojson", tojson);
+    // `debug()` dumps the whole render state, other nodes' metadata included.
+    env.remove_global("debug");
 }
 
 /// What every template of one epoch sees in common, built once per epoch: the members in
@@ -420,30 +494,68 @@ impl CompiledPolicy {
         })
     }
 
-    fn render(&self, name: &str, ctx: Value) -> Result<String, DynCfgsyncError> {
+    /// Renders one file within the limits: at most `budget` bytes, done by `deadline`.
+    fn render(
+        &self,
+        name: &str,
+        ctx: Value,
+        budget: usize,
+        deadline: Instant,
+    ) -> Result<String, DynCfgsyncError> {
         let template = self.env.get_template(name)?;
-        Ok(template.render(ctx)?)
+        if Instant::now() > deadline {
+            return Err("the render passed its deadline".into());
+        }
+        let mut out = Bounded {
+            buf: Vec::new(),
+            limit: budget.min(self.limits.max_file_bytes),
+            deadline,
+            writes: 0,
+            exceeded: None,
+        };
+        match template.render_captured_to(ctx, &mut out) {
+            Ok(_) => Ok(String::from_utf8(out.buf)?),
+            Err(_) if out.exceeded.is_some() => Err(out.exceeded.unwrap_or_default().into()),
+            Err(err) if err.kind() == minijinja::ErrorKind::OutOfFuel => Err(format!(
+                "the template ran more than its {} instructions",
+                self.limits.fuel
+            )
+            .into()),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// The limits every render runs under.
+    pub fn limits(&self) -> RenderLimits {
+        self.limits
     }
 
     /// The shared files of an epoch (rendered once per epoch by the server).
     pub fn render_shared(&self, scope: &Scope) -> Result<Vec<ArtifactFile>, DynCfgsyncError> {
         let mut shared = Vec::with_capacity(self.policy.shared_files.len());
+        let deadline = Instant::now() + self.limits.deadline;
+        let mut budget = self.limits.max_payload_bytes;
         for (i, file) in self.policy.shared_files.iter().enumerate() {
             let ctx = context! { nodes => scope.nodes(None), node_ips => scope.ips(None) };
             let content = self
-                .render(&format!("shared_files/{i}"), ctx)
+                .render(&format!("shared_files/{i}"), ctx, budget, deadline)
                 .map_err(|err| format!("rendering shared file {}: {err}", file.path))?;
+            budget -= content.len();
             shared.push(ArtifactFile::new(file.path.clone(), content));
         }
         Ok(shared)
     }
 
-    /// The files of the member at `index` in `scope`.
+    /// The files of the member at `index` in `scope`, within `budget` bytes in all (what the
+    /// payload's limit leaves after its shared files).
     pub fn render_node(
         &self,
         scope: &Scope,
         index: usize,
+        budget: usize,
     ) -> Result<Vec<ArtifactFile>, DynCfgsyncError> {
+        let deadline = Instant::now() + self.limits.deadline;
+        let mut budget = budget.min(self.limits.max_payload_bytes);
         let ctx = context! {
             node => scope.nodes[index].clone(),
             index => index,
@@ -455,8 +567,9 @@ impl CompiledPolicy {
         let mut files = Vec::with_capacity(self.policy.files.len());
         for (i, file) in self.policy.files.iter().enumerate() {
             let content = self
-                .render(&format!("files/{i}"), ctx.clone())
+                .render(&format!("files/{i}"), ctx.clone(), budget, deadline)
                 .map_err(|err| format!("rendering {}: {err}", file.path))?;
+            budget -= content.len();
             files.push(ArtifactFile::new(file.path.clone(), content));
         }
         Ok(files)
@@ -477,10 +590,12 @@ impl RegistrationSnapshotMaterializer for CompiledPolicy {
                 .map(|m| (m.identifier.as_str(), m.ip, &m.metadata)),
         );
         let shared = self.render_shared(&scope)?;
+        let shared_bytes: usize = shared.iter().map(|f| f.content.len()).sum();
+        let budget = self.limits.max_payload_bytes.saturating_sub(shared_bytes);
         let mut out = Vec::with_capacity(members.len());
         for (index, member) in members.iter().enumerate() {
             let files = self
-                .render_node(&scope, index)
+                .render_node(&scope, index, budget)
                 .map_err(|err| format!("{err} for {}", member.identifier))?;
             out.push(NodeArtifacts {
                 identifier: member.identifier.clone(),

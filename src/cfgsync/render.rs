@@ -281,6 +281,10 @@ impl RenderPool {
     {
         let (reply, answer) = tokio::sync::oneshot::channel();
         let job: Job = Box::new(move || {
+            if reply.is_closed() {
+                // Whoever asked has gone; a waiter that took the render over queued its own.
+                return;
+            }
             let outcome = std::panic::catch_unwind(std::panic::AssertUnwindSafe(work));
             // The asker may have gone away; its render is simply dropped.
             let _ = reply.send(outcome);

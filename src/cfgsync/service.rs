@@ -9,7 +9,7 @@
 
 use std::collections::HashMap;
 use std::io::Write as _;
-use std::sync::atomic::{AtomicU32, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU32, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
@@ -24,7 +24,7 @@ use super::gzip::{self, Piece};
 use super::materialize::{
     NodeArtifactsCatalog, RegistrationSnapshot, RegistrationSnapshotMaterializer,
 };
-use super::policy::{CompiledPolicy, OnNewIp, Policy, Scope};
+use super::policy::{CompiledPolicy, OnNewIp, Policy, RenderLimits, Scope};
 use super::render::{DEFAULT_CACHE_BYTES, RenderCache, RenderPool, Weigh};
 use super::state::{BUNDLE, CURRENT, POLICY, REGISTRATION, RegistrationRecord};
 use super::{ArtifactFile, NodeRegistration};
@@ -41,6 +41,8 @@ pub struct ServiceOptions {
     pub render_cache_bytes: usize,
     /// Renders running at once (blocking threads).
     pub render_threads: usize,
+    /// Fuel, deadline and output bounds of every render.
+    pub render_limits: RenderLimits,
 }
 
 impl Default for ServiceOptions {
@@ -50,6 +52,7 @@ impl Default for ServiceOptions {
             node_wait_max: Duration::from_secs(60),
             render_cache_bytes: DEFAULT_CACHE_BYTES,
             render_threads: RenderPool::default_threads(),
+            render_limits: RenderLimits::default(),
         }
     }
 }
@@ -222,28 +225,38 @@ pub struct Epoch {
 ///
 /// Handing a render to the pool and back costs two thread wake-ups, more than rendering a
 /// small file. So once an epoch's renders have shown they are cheap, later ones run on the
-/// asking request's own worker; the first dear one sends the rest of the epoch to the pool.
-/// The epoch's one-off work (the member list, the shared files) always runs on the pool.
-/// A render that was preempted halfway looks dear once; only a pattern of dear renders
-/// (more than one in sixteen) sends the epoch back to the pool.
+/// asking request's own worker, until dear renders pass one in sixteen cheap ones, or a single
+/// one takes a millisecond: then the rest of the epoch goes back to the pool. The epoch's
+/// one-off work (the member list, the shared files) always runs on the pool.
+///
+/// A render preempted halfway looks dear once; only a pattern of dear renders counts.
 #[derive(Debug, Default)]
 struct RenderCost {
     cheap: AtomicU32,
     dear: AtomicU32,
+    /// Set by one render far too slow for a worker: the epoch stays on the pool.
+    pooled: AtomicBool,
 }
 
 impl RenderCost {
     /// A render at most this long counts as cheap: about what answering a request costs.
     const CHEAP: Duration = Duration::from_micros(50);
+    /// A render this long sends the epoch to the pool at once.
+    const FAR_TOO_DEAR: Duration = Duration::from_millis(1);
     /// Cheap renders measured on the pool before any runs inline.
     const WARM_UP: u32 = 16;
 
     fn inline(&self) -> bool {
         let cheap = self.cheap.load(Ordering::Relaxed);
-        cheap >= Self::WARM_UP && self.dear.load(Ordering::Relaxed).saturating_mul(16) < cheap
+        cheap >= Self::WARM_UP
+            && self.dear.load(Ordering::Relaxed).saturating_mul(16) < cheap
+            && !self.pooled.load(Ordering::Relaxed)
     }
 
     fn record(&self, took: Duration) {
+        if took > Self::FAR_TOO_DEAR {
+            self.pooled.store(true, Ordering::Relaxed);
+        }
         let counter = if took > Self::CHEAP {
             &self.dear
         } else {
@@ -296,8 +309,12 @@ impl Epoch {
         };
         let shared = self.shared(policy, &scope)?;
         let started = Instant::now();
+        let budget = policy
+            .limits()
+            .max_payload_bytes
+            .saturating_sub(shared.json.len());
         let files = policy
-            .render_node(&scope, index)
+            .render_node(&scope, index, budget)
             .map_err(|err| Arc::from(err.to_string()));
         let body = files.map(|files| {
             Arc::new(Body::assemble(
@@ -480,6 +497,42 @@ pub struct Service {
     pool: RenderPool,
     rendered: RenderCache<(Arc<str>, Revision), Rendered>,
     gzipped: RenderCache<(Arc<str>, Revision, bool), Gzipped>,
+    failures: Arc<RenderFailures>,
+}
+
+/// Renders that failed: a count for `/metrics`, and the last one for `/v1/status`.
+#[derive(Debug, Default)]
+pub struct RenderFailures {
+    /// Failed renders since start (each node and epoch counted once: failures are cached).
+    pub count: prometheus_client::metrics::counter::Counter,
+    last: std::sync::Mutex<Option<RenderFailure>>,
+}
+
+/// One failed render.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RenderFailure {
+    /// The node whose payload failed.
+    pub identifier: String,
+    /// The epoch it failed at.
+    pub epoch: Revision,
+    /// Why (a template error, fuel, the deadline or the output limit).
+    pub reason: String,
+}
+
+impl RenderFailures {
+    fn note(&self, identifier: &str, epoch: Revision, reason: &str) {
+        self.count.inc();
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(RenderFailure {
+            identifier: identifier.to_string(),
+            epoch,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// The most recent failure.
+    pub fn last(&self) -> Option<RenderFailure> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
+    }
 }
 
 impl std::fmt::Debug for Service {
@@ -513,10 +566,11 @@ impl Service {
             // Plain and gzip answers share the budget, half each.
             rendered: RenderCache::new(budget / 2),
             gzipped: RenderCache::new(budget / 2),
+            failures: Arc::default(),
         });
         tokio::spawn(watcher(
             store,
-            View::new(custom),
+            View::new(custom, service.options.render_limits),
             tx,
             Arc::downgrade(&service),
         ));
@@ -564,6 +618,11 @@ impl Service {
             .retain(|(_, e, from_bundle)| *from_bundle || *e >= epoch);
     }
 
+    /// Failed renders: their count and the last one.
+    pub fn render_failures(&self) -> &RenderFailures {
+        &self.failures
+    }
+
     /// Bytes of rendered payloads held.
     pub fn cached_bytes(&self) -> usize {
         self.rendered.used() + self.gzipped.used()
@@ -606,7 +665,8 @@ impl Service {
                     .get_or_render(key, || {
                         let (pool, policy, epoch) =
                             (self.pool.clone(), policy.clone(), epoch.clone());
-                        let id = registered.clone();
+                        let (id, failures) = (registered.clone(), self.failures.clone());
+                        let at = epoch.revision;
                         async move {
                             let started = Instant::now();
                             let inline = epoch.cost.inline();
@@ -626,16 +686,18 @@ impl Service {
                                 ok = result.is_ok(),
                                 "rendered a payload"
                             );
+                            if let Err(reason) = &result {
+                                // Logged and counted once: the failure is cached for the epoch.
+                                tracing::error!(identifier, epoch = at, %reason, "this node's payload could not be rendered");
+                                failures.note(identifier, at, reason);
+                            }
                             result
                         }
                     })
                     .await;
                 match rendered {
                     Ok(body) => NodeAnswer::Ready(body),
-                    Err(reason) => {
-                        tracing::error!(identifier, epoch = epoch.revision, %reason, "this node's payload could not be rendered");
-                        NodeAnswer::Failed(reason)
-                    }
+                    Err(reason) => NodeAnswer::Failed(reason),
                 }
             }
             Source::Custom(materializer) => {
@@ -699,6 +761,7 @@ struct View {
     bundle: Option<(Value, Revision)>,
     policy: Option<(Value, Revision)>,
     custom: Option<Arc<dyn RegistrationSnapshotMaterializer>>,
+    limits: RenderLimits,
     /// Set when the registered set or the source changed since the last rebuild.
     dirty_catalog: bool,
     /// Registered members of the policy's named set, kept as registrations come and go.
@@ -710,13 +773,17 @@ struct View {
 }
 
 impl View {
-    fn new(custom: Option<Arc<dyn RegistrationSnapshotMaterializer>>) -> Self {
+    fn new(
+        custom: Option<Arc<dyn RegistrationSnapshotMaterializer>>,
+        limits: RenderLimits,
+    ) -> Self {
         Self {
             revision: 0,
             registrations: Registrations::new(),
             bundle: None,
             policy: None,
             custom,
+            limits,
             dirty_catalog: true,
             dirty_bundle: true,
             named_present: 0,
@@ -828,7 +895,7 @@ impl View {
             next.policy = self
                 .policy
                 .as_ref()
-                .and_then(|(value, _)| compile_policy(value));
+                .and_then(|(value, _)| compile_policy(value, self.limits));
             let source = match (&self.custom, &next.policy) {
                 (Some(custom), _) => Some(Source::Custom(custom.clone())),
                 (None, Some(policy)) => Some(Source::Policy(policy.clone())),
@@ -886,6 +953,12 @@ fn prepare_bundle(value: &Value) -> Option<Arc<HashMap<String, Prepared>>> {
             return None;
         }
     };
+    // Whoever wrote it (a `/v1` writer, an older release), a bundle is checked as a file
+    // would be before anything of it is served.
+    if let Err(problems) = bundle.validate() {
+        tracing::error!(problems = ?problems, "the stored bundle is invalid; serving none");
+        return None;
+    }
     // A bundle is a catalog that was computed ahead of time.
     let nodes = bundle
         .nodes
@@ -899,7 +972,7 @@ fn prepare_bundle(value: &Value) -> Option<Arc<HashMap<String, Prepared>>> {
     Some(Arc::new(prepare_catalog(&catalog)))
 }
 
-fn compile_policy(value: &Value) -> Option<CompiledPolicy> {
+fn compile_policy(value: &Value, limits: RenderLimits) -> Option<CompiledPolicy> {
     let policy: Policy = match serde_json::from_value(value.clone()) {
         Ok(policy) => policy,
         Err(err) => {
@@ -907,7 +980,7 @@ fn compile_policy(value: &Value) -> Option<CompiledPolicy> {
             return None;
         }
     };
-    match policy.compile() {
+    match policy.compile_with(limits) {
         Ok(compiled) => Some(compiled),
         Err(problems) => {
             tracing::error!(problems = ?problems, "the stored policy is invalid; serving none");

@@ -44,6 +44,9 @@ pub struct ClientArgs {
     /// Give up after this long (exit 3).
     #[arg(long, default_value = "10m", value_parser = duration::parse, env = "BOOTSYNC_CLIENT_TIMEOUT")]
     timeout: Duration,
+    /// Largest payload accepted, in bytes; a larger answer is refused and nothing is written.
+    #[arg(long, default_value_t = crate::cfgsync::client::DEFAULT_MAX_PAYLOAD_BYTES, env = "BOOTSYNC_CLIENT_MAX_PAYLOAD_BYTES")]
+    max_payload_bytes: usize,
     /// File holding the join token.
     #[arg(long, env = "BOOTSYNC_JOIN_TOKEN_FILE")]
     join_token_file: Option<PathBuf>,
@@ -100,7 +103,8 @@ pub(super) async fn run(args: ClientArgs) -> anyhow::Result<u8> {
     };
     let client = CfgsyncClient::new(&server)
         .with_ca_certs(&roots)?
-        .with_join_token(token);
+        .with_join_token(token)
+        .with_max_payload_bytes(args.max_payload_bytes);
     let report = Reporter::new(args.output, args.quiet);
     let progress = |p: &crate::cfgsync::client::Progress| {
         report.progress(

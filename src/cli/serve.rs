@@ -9,6 +9,7 @@ use clap::Args;
 
 use super::{EXIT_OK, EXIT_USAGE};
 use crate::cfgsync;
+use crate::cfgsync::policy::RenderLimits;
 use crate::metrics::Metrics;
 use crate::server::{self, AppState, ServerOptions, Token};
 use crate::store::{self, Limits};
@@ -36,7 +37,7 @@ pub(crate) struct ServerArgs {
     #[arg(long, env = "BOOTSYNC_JOIN_TOKEN_FILE")]
     pub(crate) join_token_file: Option<PathBuf>,
 
-    /// Allow listening on a non-loopback address without a join token.
+    /// Allow listening on a non-loopback address without the join and admin tokens.
     #[arg(long, env = "BOOTSYNC_INSECURE")]
     pub(crate) insecure: bool,
 
@@ -59,6 +60,22 @@ pub(crate) struct ServerArgs {
     /// Payload renders running at once [default: one less than the cores, at least 1].
     #[arg(long, env = "BOOTSYNC_RENDER_THREADS", value_parser = clap::value_parser!(u16).range(1..))]
     pub(crate) render_threads: Option<u16>,
+
+    /// Template instructions one rendered file may run (minijinja fuel).
+    #[arg(long, default_value_t = RenderLimits::default().fuel, env = "BOOTSYNC_RENDER_FUEL")]
+    pub(crate) render_fuel: u64,
+
+    /// Longest one node's files may take to render (`500ms`, `10s`).
+    #[arg(long, default_value = "10s", value_parser = crate::bootstrap::duration::parse, env = "BOOTSYNC_RENDER_DEADLINE")]
+    pub(crate) render_deadline: std::time::Duration,
+
+    /// Largest rendered file, in bytes.
+    #[arg(long, default_value_t = RenderLimits::default().max_file_bytes, env = "BOOTSYNC_RENDER_MAX_FILE_BYTES")]
+    pub(crate) render_max_file_bytes: usize,
+
+    /// Largest rendered payload (a node's files and the shared ones), in bytes.
+    #[arg(long, default_value_t = RenderLimits::default().max_payload_bytes, env = "BOOTSYNC_RENDER_MAX_PAYLOAD_BYTES")]
+    pub(crate) render_max_payload_bytes: usize,
 
     /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
     #[arg(long, requires = "tls_key", env = "BOOTSYNC_TLS_CERT")]
@@ -86,12 +103,24 @@ impl ServerArgs {
             .as_deref()
             .map(Token::from_file)
             .transpose()?;
-        if !self.listen.ip().is_loopback() && join_token.is_none() && !self.insecure {
-            anyhow::bail!(
-                "refusing to listen on non-loopback {} without --join-token-file; \
-                 pass --insecure to accept unauthenticated nodes",
-                self.listen
-            );
+        if !self.listen.ip().is_loopback() && !self.insecure {
+            // Off loopback, anyone who reaches the port could otherwise rewrite the policy or
+            // bundle every node is served, or forge registrations.
+            let missing: Vec<&str> = [
+                (join_token.is_none(), "--join-token-file"),
+                (admin_token.is_none(), "--admin-token-file"),
+            ]
+            .into_iter()
+            .filter_map(|(absent, flag)| absent.then_some(flag))
+            .collect();
+            if !missing.is_empty() {
+                anyhow::bail!(
+                    "refusing to listen on non-loopback {} without {}; \
+                     pass --insecure to serve the network unauthenticated",
+                    self.listen,
+                    missing.join(" and ")
+                );
+            }
         }
         Ok(ServerOptions {
             admin_token,
@@ -105,6 +134,12 @@ impl ServerArgs {
                     crate::cfgsync::render::RenderPool::default_threads,
                     usize::from,
                 ),
+                render_limits: RenderLimits {
+                    fuel: self.render_fuel,
+                    deadline: self.render_deadline,
+                    max_file_bytes: self.render_max_file_bytes,
+                    max_payload_bytes: self.render_max_payload_bytes,
+                },
             },
         })
     }

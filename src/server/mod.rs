@@ -104,6 +104,11 @@ impl AppState {
     ) -> Result<Self, store::Error> {
         let cfgsync = Service::start(store.clone(), options.cfgsync.clone(), materializer).await?;
         let http = Arc::new(HttpMetrics::register(&metrics));
+        metrics.register(
+            "cfgsync_render_failures",
+            "Payload renders that failed (template error, fuel, deadline or output limit)",
+            cfgsync.render_failures().count.clone(),
+        );
         Ok(Self {
             store,
             options: Arc::new(options),
@@ -153,9 +158,27 @@ impl HttpMetrics {
     }
 }
 
+/// The method as a metric label: any token outside the standard methods is `other`, since
+/// each distinct label value is a series kept for the life of the process.
+fn method_label(method: &axum::http::Method) -> &'static str {
+    use axum::http::Method;
+    match *method {
+        Method::GET => "GET",
+        Method::HEAD => "HEAD",
+        Method::POST => "POST",
+        Method::PUT => "PUT",
+        Method::DELETE => "DELETE",
+        Method::PATCH => "PATCH",
+        Method::OPTIONS => "OPTIONS",
+        Method::CONNECT => "CONNECT",
+        Method::TRACE => "TRACE",
+        _ => "other",
+    }
+}
+
 async fn record_request(State(state): State<AppState>, request: Request, next: Next) -> Response {
     let started = Instant::now();
-    let method = request.method().to_string();
+    let method = method_label(request.method()).to_string();
     // Matched routes keep the label set bounded; unknown paths share one label.
     let route = request
         .extensions()

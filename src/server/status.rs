@@ -146,6 +146,8 @@ pub(super) async fn collect(state: &AppState) -> Result<StatusBody, ApiError> {
             "policy": serving.policy().is_some(),
             "epoch": serving.epoch(),
             "render_cache_bytes": state.cfgsync.cached_bytes(),
+            "render_failures": state.cfgsync.render_failures().count.get(),
+            "last_render_failure": state.cfgsync.render_failures().last(),
         }),
     })
 }

@@ -35,7 +35,9 @@ const CONCURRENCY: usize = 64;
 const WINDOW: Duration = Duration::from_secs(5);
 
 async fn start_server(store: DynStore) -> String {
-    let state = AppState::new(store, ServerOptions::default(), Arc::new(Metrics::new()))
+    let mut options = ServerOptions::default();
+    options.cfgsync.admission.max_registrations = usize::MAX;
+    let state = AppState::new(store, options, Arc::new(Metrics::new()))
         .await
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
@@ -212,6 +214,8 @@ impl Server {
                 &format!("127.0.0.1:{port}"),
             ])
             .args(["--policy", &policy_path.display().to_string()])
+            // The benchmarks register far more nodes than the default cap admits.
+            .args(["--max-registrations", "10000000"])
             .stdout(std::process::Stdio::null())
             .stderr(
                 std::fs::File::create(

@@ -187,39 +187,440 @@ async fn a_flood_of_odd_methods_leaves_the_metrics_small() {
 }
 
 /// A bundle written straight into the store through `/v1` is checked as a bundle file would
-/// be before anything of it is served.
+/// be: a hostile path is refused with every problem listed, and nothing is stored or served.
 #[tokio::test]
-async fn a_bundle_written_through_v1_with_a_hostile_path_is_not_served() {
+async fn a_bundle_written_through_v1_with_a_hostile_path_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let server = support::Proc::spawn(&["serve", "--store", "memory:"], dir.path());
     let url = &server.url;
-    let bundle = json!({"nodes": [{"identifier": "n1", "files": [{"path": "..\\..\\x", "content": "evil"}]}]});
-    let put = bootsync::tls::plain_client()
-        .put(format!("{url}/v1/config/__cfgsync__/bundle/current"))
-        .json(&bundle)
-        .send()
-        .await
-        .unwrap();
-    assert!(put.status().is_success(), "{}", put.status());
-    let fine =
-        json!({"nodes": [{"identifier": "n2", "files": [{"path": "ok.txt", "content": "fine"}]}]});
-    // `/node` catches its view up with the store first, so this sees the bundle just written.
+    let http = bootsync::tls::plain_client();
+    let at = format!("{url}/v1/config/__cfgsync__/bundle/current");
+    let bundle = json!({"nodes": [{"identifier": "n1", "files": [{"path": "..\\..\\x", "content": "evil"}, {"path": "./a", "content": "x"}]}]});
+    let put = http.put(&at).json(&bundle).send().await.unwrap();
+    assert_eq!(put.status(), 422);
+    let body: Value = put.json().await.unwrap();
+    let message = body["message"].as_str().unwrap();
+    assert!(
+        message.contains("backslash") && message.contains("canonical"),
+        "{message}"
+    );
+    assert_eq!(
+        support::get(&at).await.unwrap().status(),
+        404,
+        "nothing was stored"
+    );
     let r = post(&format!("{url}/node"), &node("n1", json!({}))).await;
     assert_ne!(r.status(), 200, "the hostile bundle was served");
-    let put = bootsync::tls::plain_client()
-        .put(format!("{url}/v1/config/__cfgsync__/bundle/current"))
-        .json(&fine)
+    // A policy that does not compile, and a registration filed under another node's key,
+    // are refused the same way.
+    let policy = json!({"expect_nodes": 1, "files": [{"path": "f", "template": "{% for %}"}]});
+    let put = http
+        .put(format!("{url}/v1/config/__cfgsync__/policy/current"))
+        .json(&policy)
         .send()
         .await
         .unwrap();
-    assert!(put.status().is_success());
+    assert_eq!(put.status(), 422);
+    let forged =
+        json!({"identifier": "victim", "ip": "10.0.0.9", "first_seen_ms": 0, "last_seen_ms": 0});
+    let put = http
+        .put(format!("{url}/v1/config/__cfgsync__/registration/other"))
+        .json(&forged)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 422);
+    let fine =
+        json!({"nodes": [{"identifier": "n2", "files": [{"path": "ok.txt", "content": "fine"}]}]});
+    let put = http.put(&at).json(&fine).send().await.unwrap();
+    assert!(put.status().is_success(), "{}", put.status());
+    let r = post(&format!("{url}/node"), &node("n2", json!({}))).await;
+    assert_eq!(r.status(), 200);
+}
+
+/// Reads until the server closes the connection, failing after `within`.
+async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) -> Duration {
+    use tokio::io::AsyncReadExt;
+    let started = Instant::now();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout_at((started + within).into(), stream.read(&mut buf)).await {
+            Ok(Ok(0) | Err(_)) => return started.elapsed(),
+            Ok(Ok(_)) => {}
+            Err(_) => panic!("the connection was still open after {within:?}"),
+        }
+    }
+}
+
+/// Slowloris, silent and body-less connections are closed after their timeout, while a
+/// long-poll held longer than that timeout completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_connections_are_closed_and_long_polls_are_not() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = json!({"expect_nodes": 2, "files": [{"path": "f", "template": "x"}]});
+    std::fs::write(dir.path().join("policy.json"), policy.to_string()).unwrap();
+    let server = support::Proc::spawn(
+        &[
+            "serve",
+            "--store",
+            "memory:",
+            "--policy",
+            "policy.json",
+            "--header-timeout",
+            "1s",
+            "--body-timeout",
+            "1s",
+        ],
+        dir.path(),
+    );
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let connect = || tokio::net::TcpStream::connect(addr.clone());
+
+    let mut slow = connect().await.unwrap();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    let mut silent = connect().await.unwrap();
+    let mut bodiless = connect().await.unwrap();
+    bodiless
+        .write_all(
+            b"PUT /v1/config/app/cfg/k HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n{",
+        )
+        .await
+        .unwrap();
+    // A long-poll for a set that is not ready, held three times the header timeout.
+    let url = server.url.clone();
+    let poll = tokio::spawn(async move {
+        let started = Instant::now();
+        let r = post(&format!("{url}/node?wait=3"), &node("a", json!({}))).await;
+        (r.status(), started.elapsed())
+    });
+    for (name, stream) in [
+        ("slowloris", &mut slow),
+        ("silent", &mut silent),
+        ("body-less", &mut bodiless),
+    ] {
+        let took = closed_within(stream, Duration::from_secs(5)).await;
+        assert!(took < Duration::from_secs(5), "{name}: {took:?}");
+    }
+    let registered = post(&format!("{}/register", server.url), &node("a", json!({}))).await;
+    assert_eq!(registered.status(), 202);
+    let (status, took) = poll.await.unwrap();
+    assert_eq!(status, 425, "the long-poll completed with its answer");
+    assert!(took >= Duration::from_millis(2900), "held {took:?}");
+    // Nothing was stored from the body that never came.
+    let stored = support::get(format!("{}/v1/config/app/cfg/k", server.url))
+        .await
+        .unwrap();
+    assert_eq!(stored.status(), 404);
+}
+
+/// With every connection slot held by idle connections, `/healthz` still answers and other
+/// routes say 503.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn at_the_connection_cap_healthz_still_answers() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = support::Proc::spawn(
+        &[
+            "serve",
+            "--store",
+            "memory:",
+            "--max-connections",
+            "20",
+            "--header-timeout",
+            "60s",
+        ],
+        dir.path(),
+    );
+    let addr = server.url.trim_start_matches("http://").to_string();
+    let mut idle = Vec::new();
+    for _ in 0..30 {
+        idle.push(tokio::net::TcpStream::connect(addr.clone()).await.unwrap());
+    }
+    // The server accepts them in order; wait until the cap is reached.
+    support::wait_for(Duration::from_secs(10), "the cap to be reached", || async {
+        let r = support::get(format!("{}/v1/status", server.url))
+            .await
+            .ok()?;
+        (r.status() == 503).then_some(())
+    })
+    .await;
+    let health = support::get(format!("{}/healthz", server.url))
+        .await
+        .unwrap();
+    assert_eq!(health.status(), 200);
+    drop(idle);
     support::wait_for(
         Duration::from_secs(10),
-        "the valid bundle served",
+        "service after the idle ones left",
         || async {
-            let r = post(&format!("{url}/node"), &node("n2", json!({}))).await;
+            let r = support::get(format!("{}/v1/status", server.url))
+                .await
+                .ok()?;
             (r.status() == 200).then_some(())
         },
     )
     .await;
+}
+
+async fn stored_registrations(url: &str) -> usize {
+    let listing: Value = support::get(format!("{url}/v1/config/__cfgsync__/registration"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    listing["entries"]
+        .as_object()
+        .map_or_else(|| panic!("{listing}"), serde_json::Map::len)
+}
+
+/// Registers `n` nodes at once; returns how many got 202, and the codes of the refusals.
+async fn storm(url: &str, n: usize, metadata: Value) -> (usize, Vec<String>) {
+    let http = bootsync::tls::plain_client();
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let (http, url, metadata) = (http.clone(), url.to_string(), metadata.clone());
+        tasks.push(tokio::spawn(async move {
+            let r = http
+                .post(format!("{url}/register"))
+                .json(&node(&format!("node-{i:04}"), metadata))
+                .send()
+                .await
+                .unwrap();
+            let status = r.status();
+            let body: Value = r.json().await.unwrap_or(Value::Null);
+            (
+                status,
+                body["code"].as_str().unwrap_or_default().to_string(),
+            )
+        }));
+    }
+    let (mut accepted, mut refused) = (0, Vec::new());
+    for task in tasks {
+        let (status, code) = task.await.unwrap();
+        if status == 202 {
+            accepted += 1;
+        } else {
+            assert_eq!(status, 409, "{code}");
+            refused.push(code);
+        }
+    }
+    (accepted, refused)
+}
+
+/// Caps and freeze are decided in the store batch that stores the registration, so a storm
+/// of concurrent registrations cannot slip past them while the server's view lags.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn caps_and_freeze_hold_under_a_storm_of_concurrent_registrations() {
+    let dir = tempfile::tempdir().unwrap();
+    let capped = json!({"expect_nodes": 5000, "max_registrations": 100, "files": [{"path": "f", "template": "{% for p in peers %}{{ p.ip }}{% endfor %}"}]});
+    std::fs::write(dir.path().join("capped.json"), capped.to_string()).unwrap();
+    let server = support::Proc::spawn(
+        &[
+            "serve",
+            "--store",
+            "sqlite:capped.db",
+            "--policy",
+            "capped.json",
+        ],
+        dir.path(),
+    );
+    let (accepted, refused) = storm(&server.url, 1000, json!({})).await;
+    assert_eq!(accepted, 100);
+    assert!(
+        refused.iter().all(|c| c == "registration_cap"),
+        "{refused:?}"
+    );
+    assert_eq!(stored_registrations(&server.url).await, 100);
+    drop(server);
+
+    let frozen = json!({"expect_nodes": 2, "freeze_on_ready": true, "files": [{"path": "f", "template": "x"}]});
+    std::fs::write(dir.path().join("frozen.json"), frozen.to_string()).unwrap();
+    let server = support::Proc::spawn(
+        &["serve", "--store", "memory:", "--policy", "frozen.json"],
+        dir.path(),
+    );
+    let (accepted, refused) = storm(&server.url, 8, json!({})).await;
+    assert_eq!(accepted, 2, "{refused:?}");
+    assert!(refused.iter().all(|c| c == "frozen"), "{refused:?}");
+    assert_eq!(stored_registrations(&server.url).await, 2);
+    drop(server);
+
+    // The operator's default cap and metadata budget apply with no policy at all.
+    let server = support::Proc::spawn(
+        &["serve", "--store", "memory:", "--max-registrations", "30"],
+        dir.path(),
+    );
+    let (accepted, refused) = storm(&server.url, 60, json!({})).await;
+    assert_eq!(accepted, 30);
+    assert!(
+        refused.iter().all(|c| c == "registration_cap"),
+        "{refused:?}"
+    );
+    assert_eq!(stored_registrations(&server.url).await, 30);
+    drop(server);
+
+    let server = support::Proc::spawn(
+        &["serve", "--store", "memory:", "--metadata-budget", "100000"],
+        dir.path(),
+    );
+    let big = json!({"blob": "x".repeat(30_000)});
+    let mut outcomes = Vec::new();
+    for id in ["a", "a", "b", "c", "d", "e"] {
+        let r = post(&format!("{}/register", server.url), &node(id, big.clone())).await;
+        let status = r.status().as_u16();
+        let body: Value = r.json().await.unwrap_or(Value::Null);
+        outcomes.push((
+            status,
+            body["code"].as_str().unwrap_or_default().to_string(),
+        ));
+    }
+    let ok = (202, String::new());
+    let over = (409, "metadata_budget".to_string());
+    assert_eq!(
+        outcomes,
+        [ok.clone(), ok.clone(), ok.clone(), ok, over.clone(), over],
+        "30 000-byte blobs fill a 100 000-byte budget at three; a re-registration replaces its own"
+    );
+}
+
+fn client_from(local: &str) -> reqwest::Client {
+    bootsync::tls::install_crypto_provider();
+    reqwest::Client::builder()
+        .local_address(local.parse::<std::net::IpAddr>().unwrap())
+        .build()
+        .unwrap()
+}
+
+async fn register_from(http: &reqwest::Client, url: &str, id: &str, ip: &str) -> (u16, Value) {
+    let r = http
+        .post(format!("{url}/register"))
+        .json(&json!({"identifier": id, "ip": ip}))
+        .send()
+        .await
+        .unwrap();
+    (r.status().as_u16(), r.json().await.unwrap_or(Value::Null))
+}
+
+/// Strict mode covers bundle nodes that never registered, and records stored before it was
+/// turned on cannot be taken over from another address or with another IP.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn strict_mode_covers_bundle_nodes_and_records_from_before_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let bundle =
+        "nodes:\n  - identifier: n1\n    files:\n      - path: a.txt\n        content: one\n";
+    std::fs::write(dir.path().join("bundle.yaml"), bundle).unwrap();
+    let plain = support::Proc::spawn(
+        &[
+            "serve",
+            "--store",
+            "sqlite:store.db",
+            "--bundle",
+            "bundle.yaml",
+        ],
+        dir.path(),
+    );
+    let home = client_from("127.0.0.1");
+    assert_eq!(
+        register_from(&home, &plain.url, "n1", "10.0.0.1").await.0,
+        202
+    );
+    drop(plain);
+
+    let strict = support::Proc::spawn(
+        &["serve", "--store", "sqlite:store.db", "--strict-nodes"],
+        dir.path(),
+    );
+    let url = &strict.url;
+    // The bundle node with a pre-strict record, and one that never registered: no payload
+    // without a secret.
+    for id in ["n1", "n2"] {
+        let r = post(&format!("{url}/node"), &node(id, json!({}))).await;
+        assert_eq!(r.status(), 401, "{id}");
+    }
+    // Someone else takes neither the identifier nor its secret: not from another host, not
+    // with another IP.
+    let (status, body) = register_from(&client_from("127.0.0.2"), url, "n1", "10.0.0.1").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("unclaimed_record")),
+        "{body}"
+    );
+    let (status, body) = register_from(&home, url, "n1", "10.6.6.6").await;
+    assert_eq!(
+        (status, body["code"].as_str()),
+        (409, Some("unclaimed_record")),
+        "{body}"
+    );
+    // The real node claims it and is served with its secret.
+    let (status, body) = register_from(&home, url, "n1", "10.0.0.1").await;
+    assert_eq!(status, 202, "{body}");
+    let secret = body["node_secret"].as_str().unwrap().to_string();
+    let r = bootsync::tls::plain_client()
+        .post(format!("{url}/node"))
+        .header("x-bootsync-node-secret", secret)
+        .json(&node("n1", json!({})))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+}
+
+/// Memory follows what is stored: registrations with large metadata cost the server a small
+/// multiple of their stored size, before and after a restart.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn memory_per_registration_stays_near_its_stored_size() {
+    let dir = tempfile::tempdir().unwrap();
+    let policy = json!({"expect_nodes": 1, "files": [{"path": "f", "template": "{{ node.identifier }} of {{ nodes | length }}"}]});
+    std::fs::write(dir.path().join("policy.json"), policy.to_string()).unwrap();
+    let args = [
+        "serve",
+        "--store",
+        "sqlite:store.db",
+        "--policy",
+        "policy.json",
+    ];
+    let server = support::Proc::spawn(&args, dir.path());
+    let baseline = rss_kb(server.pid());
+    let http = bootsync::tls::plain_client();
+    let (nodes, blob) = (600, 50_000);
+    for i in 0..nodes {
+        let metadata = json!({"blob": format!("{i:06}{}", "m".repeat(blob))});
+        let r = http
+            .post(format!("{}/register", server.url))
+            .json(&node(&format!("node-{i:04}"), metadata))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202);
+    }
+    let r = post(
+        &format!("{}/node?wait=10", server.url),
+        &node("node-0000", json!({})),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let stored_kb = (nodes * blob / 1024) as u64;
+    let grown = rss_kb(server.pid()).saturating_sub(baseline);
+    eprintln!("stored {stored_kb} kB of metadata; RSS grew {grown} kB");
+    assert!(
+        grown < 6 * stored_kb,
+        "RSS grew {grown} kB for {stored_kb} kB stored"
+    );
+    drop(server);
+    let again = support::Proc::spawn(&args, dir.path());
+    let r = post(
+        &format!("{}/node?wait=10", again.url),
+        &node("node-0000", json!({})),
+    )
+    .await;
+    assert_eq!(r.status(), 200);
+    let after = rss_kb(again.pid());
+    eprintln!("after a restart: RSS {after} kB");
+    assert!(
+        after < 6 * stored_kb + baseline,
+        "RSS {after} kB after a restart"
+    );
 }

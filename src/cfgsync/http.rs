@@ -16,12 +16,13 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::NodeRegistration;
+use super::admission::{self, Refusal};
 use super::protocol::{INTERNAL, MISSING_CONFIG, NOT_READY};
 use super::service::{NodeAnswer, Service, admission};
 use super::state::{RegistrationRecord, now_ms, registration_key};
 use crate::server::auth::{self, Token, constant_time_eq};
 use crate::server::{ApiError, ApiJson};
-use crate::store::{Batch, Precondition, encoded_len};
+use crate::store::{Precondition, encoded_len};
 
 /// Header carrying a node's secret in strict mode.
 pub const NODE_SECRET_HEADER: &str = "x-bootsync-node-secret";
@@ -156,6 +157,18 @@ fn check_secret(record: &RegistrationRecord, headers: &HeaderMap) -> Result<(), 
     }
 }
 
+/// Whether a registration from `peer` may take over `record`, which has no secret: same IP,
+/// sent from the host that registered it.
+fn claims(
+    record: &RegistrationRecord,
+    registration: &NodeRegistration,
+    peer: Option<SocketAddr>,
+) -> bool {
+    let from = |stored: &str| stored.parse::<SocketAddr>().ok().map(|a| a.ip());
+    record.ip == registration.ip
+        && peer.is_some_and(|peer| record.peer.as_deref().and_then(from) == Some(peer.ip()))
+}
+
 fn refused(status: u16, code: &'static str, message: String) -> ApiError {
     ApiError::new(
         StatusCode::from_u16(status).expect("valid status"),
@@ -221,6 +234,21 @@ async fn register(
                 check_secret(record, &headers)?;
                 record.secret_sha256.clone()
             }
+            // A record stored before strict mode was turned on has no secret to check. It
+            // is claimed only by the node it describes: from the address it registered from,
+            // with its IP unchanged. Anyone else could take the secret and lock it out.
+            Some(record)
+                if service.options.strict_nodes && !claims(record, &registration, peer) =>
+            {
+                return Err(refused(
+                    409,
+                    "unclaimed_record",
+                    format!(
+                        "{:?} was registered before strict mode from another address; an operator must remove its record first",
+                        registration.identifier
+                    ),
+                ));
+            }
             _ if service.options.strict_nodes => {
                 let secret = new_secret()?;
                 let hash = sha256_hex(&secret);
@@ -243,11 +271,20 @@ async fn register(
             Some(entry) => Precondition::ModRevision(entry.mod_revision),
             None => Precondition::Absent,
         };
+        let metadata_bytes = (
+            admission::metadata_bytes(Some(&record.metadata)),
+            existing_record
+                .as_ref()
+                .map_or(0, |old| admission::metadata_bytes(Some(&old.metadata))),
+        );
         let value = serde_json::to_value(&record).expect("records always serialise");
-        let batch = Batch::new()
-            .check(key.clone(), expect)
-            .put(key.clone(), value);
-        match service.store.apply(batch).await {
+        // The cap, the budget and a frozen set are decided in the same store batch that
+        // stores the registration.
+        let admitted = service
+            .admission
+            .submit(key.clone(), expect, value, metadata_bytes)
+            .await;
+        match admitted {
             Ok(revision) => {
                 tracing::debug!(identifier = %registration.identifier, revision, "registered");
                 let body = Registered {
@@ -257,8 +294,32 @@ async fn register(
                 return Ok((StatusCode::ACCEPTED, axum::Json(body)).into_response());
             }
             // Another request for the same node won the race: decide again on fresh state.
-            Err(crate::store::Error::Conflict { .. }) => continue,
-            Err(err) => return Err(err.into()),
+            Err(Refusal::Raced) => continue,
+            Err(Refusal::Cap(cap)) => {
+                return Err(refused(
+                    409,
+                    "registration_cap",
+                    format!("at most {cap} registrations are accepted"),
+                ));
+            }
+            Err(Refusal::Budget(budget)) => {
+                return Err(refused(
+                    409,
+                    "metadata_budget",
+                    format!("the registrations' metadata may hold at most {budget} bytes in all"),
+                ));
+            }
+            Err(Refusal::Frozen) => {
+                return Err(refused(
+                    409,
+                    "frozen",
+                    format!(
+                        "membership is frozen since the deployment became ready; {:?} is not a member",
+                        registration.identifier
+                    ),
+                ));
+            }
+            Err(Refusal::Store(message)) => return Err(ApiError::unavailable(message)),
         }
     }
     Err(ApiError::conflict(
@@ -317,8 +378,20 @@ async fn node(
                 .as_ref()
                 .and_then(|entry| serde_json::from_value(entry.value.clone()).ok())
         });
-        if let Some(record) = record {
-            check_secret(&record, &headers)?;
+        // Every node proves it holds its secret, bundle nodes included: a node that never
+        // registered, or whose record predates strict mode, has none to show yet.
+        match record {
+            Some(record) if record.secret_sha256.is_some() => check_secret(&record, &headers)?,
+            Some(_) => {
+                return Err(ApiError::unauthorized(
+                    "this node's registration predates strict mode: register again to get a node secret",
+                ));
+            }
+            None => {
+                return Err(ApiError::unauthorized(
+                    "strict mode: register first to get a node secret",
+                ));
+            }
         }
     }
     if let Some(entry) = stored {

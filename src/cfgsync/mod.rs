@@ -4,6 +4,7 @@
 //! (long-poll, epochs, per-node secrets) are ignored by old peers. Serving state lives in the
 //! reserved `__cfgsync__` namespace of the store.
 
+pub mod admission;
 pub mod bundle;
 pub mod client;
 pub mod escape;

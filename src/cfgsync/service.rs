@@ -18,6 +18,7 @@ use futures_util::FutureExt;
 use serde_json::Value;
 use tokio::sync::{OnceCell, watch};
 
+use super::admission::{Admission, AdmissionLimits};
 use super::bundle::NodeArtifactsBundle;
 use super::escape::push_json_str;
 use super::gzip::{self, Piece};
@@ -43,6 +44,8 @@ pub struct ServiceOptions {
     pub render_threads: usize,
     /// Fuel, deadline and output bounds of every render.
     pub render_limits: RenderLimits,
+    /// The registration cap and the metadata budget.
+    pub admission: AdmissionLimits,
 }
 
 impl Default for ServiceOptions {
@@ -53,6 +56,7 @@ impl Default for ServiceOptions {
             render_cache_bytes: DEFAULT_CACHE_BYTES,
             render_threads: RenderPool::default_threads(),
             render_limits: RenderLimits::default(),
+            admission: AdmissionLimits::default(),
         }
     }
 }
@@ -498,6 +502,8 @@ pub struct Service {
     rendered: RenderCache<(Arc<str>, Revision), Rendered>,
     gzipped: RenderCache<(Arc<str>, Revision, bool), Gzipped>,
     failures: Arc<RenderFailures>,
+    /// Where registrations are admitted and stored.
+    pub admission: Admission,
 }
 
 /// Renders that failed: a count for `/metrics`, and the last one for `/v1/status`.
@@ -558,6 +564,7 @@ impl Service {
     ) -> Result<Arc<Self>, crate::store::Error> {
         let (tx, rx) = watch::channel(Arc::new(Serving::default()));
         let budget = options.render_cache_bytes;
+        let admission = Admission::start(store.clone(), options.admission);
         let service = Arc::new(Self {
             store: store.clone(),
             pool: RenderPool::new(options.render_threads),
@@ -567,6 +574,7 @@ impl Service {
             rendered: RenderCache::new(budget / 2),
             gzipped: RenderCache::new(budget / 2),
             failures: Arc::default(),
+            admission,
         });
         tokio::spawn(watcher(
             store,
@@ -1112,7 +1120,9 @@ pub(crate) fn admission(
             format!("the bundle has no config for {id:?}"),
         ));
     }
-    if existing.is_none() && serving.frozen_out(id) {
+    // A policy's cap and freeze are decided by the admission ledger, in the store batch;
+    // a library materializer's frozen membership is only known to the view.
+    if existing.is_none() && serving.policy().is_none() && serving.frozen_out(id) {
         return Err((
             409,
             "frozen",
@@ -1122,16 +1132,6 @@ pub(crate) fn admission(
         ));
     }
     if let Some(policy) = serving.policy() {
-        if existing.is_none()
-            && let Some(cap) = policy.max_registrations
-            && serving.registrations() >= cap
-        {
-            return Err((
-                409,
-                "registration_cap",
-                format!("the policy accepts at most {cap} registrations"),
-            ));
-        }
         if policy.on_new_ip == OnNewIp::Reject
             && let Some(old) = existing
             && old.ip != registration.ip

@@ -74,3 +74,37 @@ pub fn now_ms() -> u64 {
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
 }
+
+/// Checks a value written straight into `__cfgsync__` (through `/v1`) as the server would
+/// check the same thing loaded from a file: a bundle or policy is validated whole, a
+/// registration must decode and name its own key. Every problem is listed.
+pub fn check_write(key: &Key, value: &serde_json::Value) -> Result<(), Vec<String>> {
+    if key.namespace != CFGSYNC_NAMESPACE {
+        return Ok(());
+    }
+    match key.kind.as_str() {
+        BUNDLE => {
+            let bundle: NodeArtifactsBundle = serde_json::from_value(value.clone())
+                .map_err(|err| vec![format!("{key}: {err}")])?;
+            bundle.validate()
+        }
+        POLICY => {
+            let policy: Policy = serde_json::from_value(value.clone())
+                .map_err(|err| vec![format!("{key}: {err}")])?;
+            policy.compile().map(|_| ())
+        }
+        REGISTRATION => {
+            let record: RegistrationRecord = serde_json::from_value(value.clone())
+                .map_err(|err| vec![format!("{key}: {err}")])?;
+            if record.identifier == key.key {
+                Ok(())
+            } else {
+                Err(vec![format!(
+                    "{key}: the record names {:?}, not its own key",
+                    record.identifier
+                )])
+            }
+        }
+        _ => Ok(()),
+    }
+}

@@ -77,6 +77,27 @@ pub(crate) struct ServerArgs {
     #[arg(long, default_value_t = RenderLimits::default().max_payload_bytes, env = "BOOTSYNC_RENDER_MAX_PAYLOAD_BYTES")]
     pub(crate) render_max_payload_bytes: usize,
 
+    /// Registrations accepted at most (a policy's `max_registrations` may set it lower).
+    #[arg(long, default_value_t = crate::cfgsync::admission::DEFAULT_MAX_REGISTRATIONS, env = "BOOTSYNC_MAX_REGISTRATIONS")]
+    pub(crate) max_registrations: usize,
+
+    /// Bytes all registrations' metadata may hold together.
+    #[arg(long, default_value_t = crate::cfgsync::admission::DEFAULT_METADATA_BUDGET, env = "BOOTSYNC_METADATA_BUDGET")]
+    pub(crate) metadata_budget: usize,
+
+    /// Longest wait for a request's head, on a new or an idle kept-alive connection.
+    #[arg(long, default_value = "10s", value_parser = crate::bootstrap::duration::parse, env = "BOOTSYNC_HEADER_TIMEOUT")]
+    pub(crate) header_timeout: std::time::Duration,
+
+    /// Longest wait for the next piece of a request body.
+    #[arg(long, default_value = "10s", value_parser = crate::bootstrap::duration::parse, env = "BOOTSYNC_BODY_TIMEOUT")]
+    pub(crate) body_timeout: std::time::Duration,
+
+    /// Connections served at once; past it only `/healthz` is answered [default: the open-file
+    /// limit, raised to its hard limit, less a reserve].
+    #[arg(long, env = "BOOTSYNC_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
+    pub(crate) max_connections: Option<u32>,
+
     /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
     #[arg(long, requires = "tls_key", env = "BOOTSYNC_TLS_CERT")]
     pub(crate) tls_cert: Option<PathBuf>,
@@ -140,6 +161,17 @@ impl ServerArgs {
                     max_file_bytes: self.render_max_file_bytes,
                     max_payload_bytes: self.render_max_payload_bytes,
                 },
+                admission: crate::cfgsync::admission::AdmissionLimits {
+                    max_registrations: self.max_registrations,
+                    metadata_budget: self.metadata_budget,
+                },
+            },
+            connections: server::ConnectionLimits {
+                header_timeout: self.header_timeout,
+                body_timeout: self.body_timeout,
+                max_connections: self
+                    .max_connections
+                    .map_or_else(server::conn::default_max_connections, |n| n as usize),
             },
         })
     }
@@ -266,18 +298,20 @@ pub(crate) async fn start_server(
     let state = args.state(preload).await?;
     let store = state.store.clone();
     let metrics = state.metrics.clone();
+    let limits = state.options.connections;
     let app = server::router(state, []);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
     let url = announce(&listener, store.backend(), tls.is_some())?;
     let task = match tls {
-        Some(config) => tokio::spawn(server::serve(
+        Some(config) => tokio::spawn(server::serve_with(
             crate::tls::TlsListener::new(listener, config)?,
             app,
             shutdown,
+            limits,
         )),
-        None => tokio::spawn(server::serve(listener, app, shutdown)),
+        None => tokio::spawn(server::serve_with(listener, app, shutdown, limits)),
     };
     Ok(RunningServer {
         url,

@@ -285,11 +285,15 @@ async fn put_entry(
 ) -> Result<Response, ApiError> {
     state.require_admin(&headers)?;
     let key = Key::new(ns, kind, key);
+    check_cfgsync_write(&key, &value)?;
     let mut batch = Batch::new();
     if let Some(expect) = precondition(&headers)? {
         batch = batch.check(key.clone(), expect);
     }
-    let revision = state.store.apply(batch.put(key, value)).await?;
+    let revision = state
+        .store
+        .apply(recount_admission(batch.put(key, value)))
+        .await?;
     Ok(with_revision(revision, Written { revision }))
 }
 
@@ -321,7 +325,9 @@ async fn delete_entry(
     };
     let revision = state
         .store
-        .apply(Batch::new().check(key.clone(), expect).delete(key))
+        .apply(recount_admission(
+            Batch::new().check(key.clone(), expect).delete(key),
+        ))
         .await?;
     Ok(with_revision(revision, Written { revision }))
 }
@@ -343,8 +349,35 @@ async fn apply_batch(
     ApiJson(batch): ApiJson<Batch>,
 ) -> Result<Response, ApiError> {
     state.require_admin(&headers)?;
-    let revision = state.store.apply(batch).await?;
+    for op in &batch.ops {
+        if let crate::store::Op::Put { key, value } = op {
+            check_cfgsync_write(key, value)?;
+        }
+    }
+    let revision = state.store.apply(recount_admission(batch)).await?;
     Ok(with_revision(revision, Written { revision }))
+}
+
+/// A bundle, policy or registration written into `__cfgsync__` is checked as a file would be
+/// (422 listing every problem), so nothing the server would refuse to serve gets stored.
+fn check_cfgsync_write(key: &Key, value: &serde_json::Value) -> Result<(), ApiError> {
+    crate::cfgsync::state::check_write(key, value)
+        .map_err(|problems| ApiError::unprocessable(problems.join("; ")))
+}
+
+/// A batch that writes registrations directly also drops cfgsync's admission ledger, in the
+/// same commit: the next registration counts the stored ones afresh, so caps keep holding.
+fn recount_admission(batch: Batch) -> Batch {
+    let touches = batch.ops.iter().any(|op| {
+        let key = op.key();
+        key.namespace == crate::store::CFGSYNC_NAMESPACE
+            && key.kind == crate::cfgsync::state::REGISTRATION
+    });
+    if touches {
+        batch.delete(crate::cfgsync::admission::ledger_key())
+    } else {
+        batch
+    }
 }
 
 /// Query of `GET /v1/changes`.

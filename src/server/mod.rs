@@ -2,6 +2,7 @@
 
 pub mod auth;
 pub mod config_api;
+pub mod conn;
 pub mod error;
 mod health;
 pub mod openapi;
@@ -10,7 +11,7 @@ pub mod status;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use axum::Router;
 use axum::extract::{DefaultBodyLimit, MatchedPath, Request, State};
@@ -28,6 +29,7 @@ use crate::cfgsync::{RegistrationSnapshotMaterializer, Service, ServiceOptions};
 use crate::metrics::Metrics;
 use crate::store::{self, DynStore};
 pub use auth::Token;
+pub use conn::{ConnectionLimits, DRAIN_DEADLINE, serve as serve_with};
 pub use error::{ApiError, ApiJson, ErrorBody};
 
 /// Default listen address: loopback only, unless the operator says otherwise.
@@ -46,6 +48,8 @@ pub struct ServerOptions {
     pub body_limit: usize,
     /// cfgsync knobs (strict mode, long-poll cap).
     pub cfgsync: ServiceOptions,
+    /// Timeouts and the cap on connections.
+    pub connections: ConnectionLimits,
 }
 
 impl Default for ServerOptions {
@@ -55,6 +59,7 @@ impl Default for ServerOptions {
             join_token: None,
             body_limit: DEFAULT_BODY_LIMIT,
             cfgsync: ServiceOptions::default(),
+            connections: ConnectionLimits::default(),
         }
     }
 }
@@ -212,32 +217,20 @@ pub fn router(state: AppState, extra: impl IntoIterator<Item = Router>) -> Route
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
             tracing::info_span!("request", method = %request.method(), path = %request.uri().path())
         }))
+        .layer(middleware::from_fn(conn::shed))
         .layer(DefaultBodyLimit::max(state.options.body_limit))
+        // A body that stops arriving ends the request (and its connection) instead of holding
+        // it forever.
+        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
+            state.options.connections.body_timeout,
+        ))
 }
 
-/// How long in-flight requests may take to finish after shutdown is requested.
-pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
-
-/// Serves `app` on `listener` until `shutdown` is cancelled, then drains in-flight requests.
+/// Serves `app` on `listener` until `shutdown` is cancelled, then drains in-flight requests;
+/// connections are bounded by the default [`ConnectionLimits`].
 pub async fn serve<L>(listener: L, app: Router, shutdown: CancellationToken) -> std::io::Result<()>
 where
     L: axum::serve::Listener<Addr = SocketAddr>,
 {
-    use axum::serve::ListenerExt;
-    let service = app.into_make_service_with_connect_info::<SocketAddr>();
-    // Tapping the listener (with nothing to do) is what lets any listener whose address is a
-    // SocketAddr, TLS included, hand handlers their peer's address.
-    let graceful = axum::serve(listener.tap_io(|_| ()), service)
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned());
-    let mut graceful = std::pin::pin!(graceful.into_future());
-    tokio::select! {
-        result = &mut graceful => result,
-        () = async {
-            shutdown.cancelled().await;
-            tokio::time::sleep(DRAIN_DEADLINE).await;
-        } => {
-            tracing::warn!(deadline = ?DRAIN_DEADLINE, "in-flight requests did not finish in time; closing");
-            Ok(())
-        }
-    }
+    conn::serve(listener, app, shutdown, ConnectionLimits::default()).await
 }

@@ -20,8 +20,11 @@ pub struct ChangeHub {
 
 #[derive(Debug)]
 struct HubInner {
-    history: VecDeque<Arc<ChangeEvent>>,
+    /// Events, each with the bytes it weighs (its keys and values as JSON).
+    history: VecDeque<(Arc<ChangeEvent>, usize)>,
     capacity: usize,
+    /// Sum of the weights in `history`.
+    bytes: usize,
     /// The newest revision whose event is no longer in `history`.
     compacted: Revision,
     live: broadcast::Sender<Arc<ChangeEvent>>,
@@ -29,6 +32,10 @@ struct HubInner {
 
 /// How many live events a slow watcher may fall behind before it is told to re-read.
 const LIVE_BUFFER: usize = 4096;
+
+/// Bytes of history kept at most (as JSON; parsed values take a few times more in memory),
+/// whatever the event count: large values must not turn the history into most of the RSS.
+const HISTORY_BYTES: usize = 16 << 20;
 
 impl ChangeHub {
     /// A hub whose history starts after `compacted` (events up to it are gone).
@@ -38,6 +45,7 @@ impl ChangeHub {
             inner: Mutex::new(HubInner {
                 history: VecDeque::with_capacity(capacity.min(1024)),
                 capacity: capacity.max(1),
+                bytes: 0,
                 compacted,
                 live,
             }),
@@ -46,14 +54,29 @@ impl ChangeHub {
 
     /// Records a committed event and sends it to live watchers.
     pub fn publish(&self, event: ChangeEvent) {
+        let weight: usize = event
+            .changes
+            .iter()
+            .map(|c| {
+                let key = &c.key;
+                key.namespace.len()
+                    + key.kind.len()
+                    + key.key.len()
+                    + c.value.as_ref().map_or(0, super::encoded_len)
+            })
+            .sum();
         let event = Arc::new(event);
         let mut inner = self.inner.lock().expect("change hub lock poisoned");
-        if inner.history.len() == inner.capacity
-            && let Some(old) = inner.history.pop_front()
+        while !inner.history.is_empty()
+            && (inner.history.len() >= inner.capacity || inner.bytes + weight > HISTORY_BYTES)
         {
-            inner.compacted = old.revision;
+            if let Some((old, old_weight)) = inner.history.pop_front() {
+                inner.compacted = old.revision;
+                inner.bytes -= old_weight;
+            }
         }
-        inner.history.push_back(event.clone());
+        inner.bytes += weight;
+        inner.history.push_back((event.clone(), weight));
         // No receivers is fine: nobody is watching.
         let _ = inner.live.send(event);
     }
@@ -70,8 +93,8 @@ impl ChangeHub {
         let replay: VecDeque<Arc<ChangeEvent>> = inner
             .history
             .iter()
-            .filter(|e| e.revision > from)
-            .cloned()
+            .filter(|(e, _)| e.revision > from)
+            .map(|(e, _)| e.clone())
             .collect();
         let live = inner.live.subscribe();
         drop(inner);
@@ -129,5 +152,51 @@ impl WatchState {
                 return Some((Ok(filtered), self));
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::{Change, Key};
+
+    fn event(revision: Revision, bytes: usize) -> ChangeEvent {
+        ChangeEvent {
+            revision,
+            changes: vec![Change {
+                key: Key::new("app", "blob", format!("k{revision}")),
+                value: Some(serde_json::Value::String("x".repeat(bytes))),
+            }],
+        }
+    }
+
+    #[test]
+    fn large_values_are_held_to_the_byte_bound_not_the_event_count() {
+        let hub = ChangeHub::new(10_000, 0);
+        // 40 events of 1 MiB: far under the count, far over the byte bound.
+        for revision in 1..=40 {
+            hub.publish(event(revision, 1 << 20));
+        }
+        let inner = hub.inner.lock().unwrap();
+        assert!(inner.bytes <= HISTORY_BYTES, "{} bytes held", inner.bytes);
+        assert!(
+            inner.history.len() < 17,
+            "{} events held",
+            inner.history.len()
+        );
+        let compacted = inner.compacted;
+        drop(inner);
+        assert!(
+            compacted > 20,
+            "the oldest were dropped (compacted at {compacted})"
+        );
+        assert!(matches!(
+            hub.watch(1, WatchFilter::All),
+            Err(Error::Compacted { .. })
+        ));
+        assert!(
+            hub.watch(40, WatchFilter::All).is_ok(),
+            "recent history is still served"
+        );
     }
 }

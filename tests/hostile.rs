@@ -378,14 +378,20 @@ async fn stored_registrations(url: &str) -> usize {
 
 /// Registers `n` nodes at once; returns how many got 202, and the codes of the refusals.
 async fn storm(url: &str, n: usize, metadata: Value) -> (usize, Vec<String>) {
+    storm_of(url, "node", n, metadata).await
+}
+
+/// As [`storm`], with identifiers `{prefix}-NNNN`.
+async fn storm_of(url: &str, prefix: &str, n: usize, metadata: Value) -> (usize, Vec<String>) {
     let http = bootsync::tls::plain_client();
     let mut tasks = Vec::new();
     for i in 0..n {
         let (http, url, metadata) = (http.clone(), url.to_string(), metadata.clone());
+        let id = format!("{prefix}-{i:04}");
         tasks.push(tokio::spawn(async move {
             let r = http
                 .post(format!("{url}/register"))
-                .json(&node(&format!("node-{i:04}"), metadata))
+                .json(&node(&id, metadata))
                 .send()
                 .await
                 .unwrap();
@@ -434,6 +440,51 @@ async fn caps_and_freeze_hold_under_a_storm_of_concurrent_registrations() {
         "{refused:?}"
     );
     assert_eq!(stored_registrations(&server.url).await, 100);
+
+    // Removing registrations through `/v1` frees their places, and raising the cap in the
+    // policy admits more: admission reads the store again before it refuses.
+    let http = bootsync::tls::plain_client();
+    let listing: Value = support::get(format!("{}/v1/config/__cfgsync__/registration", server.url))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let stored: Vec<String> = listing["entries"]
+        .as_object()
+        .unwrap()
+        .keys()
+        .cloned()
+        .collect();
+    for id in &stored[..10] {
+        let r = http
+            .delete(format!(
+                "{}/v1/config/__cfgsync__/registration/{id}",
+                server.url
+            ))
+            .send()
+            .await
+            .unwrap();
+        assert!(r.status().is_success(), "{}", r.status());
+    }
+    let (accepted, _) = storm_of(&server.url, "second", 1000, json!({})).await;
+    assert_eq!(accepted, 10, "the ten freed places, no more");
+    assert_eq!(stored_registrations(&server.url).await, 100);
+    let mut raised = capped.clone();
+    raised["max_registrations"] = json!(105);
+    let r = http
+        .put(format!(
+            "{}/v1/config/__cfgsync__/policy/current",
+            server.url
+        ))
+        .json(&raised)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let (accepted, _) = storm_of(&server.url, "third", 1000, json!({})).await;
+    assert_eq!(accepted, 5, "the raised cap");
+    assert_eq!(stored_registrations(&server.url).await, 105);
     drop(server);
 
     let frozen = json!({"expect_nodes": 2, "freeze_on_ready": true, "files": [{"path": "f", "template": "x"}]});

@@ -45,6 +45,10 @@ pub struct Ledger {
     pub named: u64,
     /// Bytes of their metadata as stored (compact JSON).
     pub metadata_bytes: u64,
+    /// The policy revision `named` was counted under: another policy means another named
+    /// set, so the ledger is counted afresh.
+    #[serde(default)]
+    pub policy_revision: Option<Revision>,
 }
 
 /// One registration waiting for admission.
@@ -202,9 +206,13 @@ async fn read(store: &DynStore) -> Result<Known, store::Error> {
         None => Rules::default(),
     };
     let (ledger, ledger_revision) = match store.get(&ledger_key()).await? {
-        Some(entry) => match serde_json::from_value(entry.value) {
-            Ok(ledger) => (ledger, Some(entry.mod_revision)),
-            Err(_) => (recount(store, &rules).await?, Some(entry.mod_revision)),
+        Some(entry) => match serde_json::from_value::<Ledger>(entry.value) {
+            Ok(ledger) if ledger.policy_revision == rules.revision => {
+                (ledger, Some(entry.mod_revision))
+            }
+            // Undecodable, or counted under another policy: count afresh, still guarded by
+            // the revision it was read at.
+            _ => (recount(store, &rules).await?, Some(entry.mod_revision)),
         },
         // None yet, or removed by a `/v1` write to the registrations: count them afresh.
         None => (recount(store, &rules).await?, None),
@@ -218,7 +226,10 @@ async fn read(store: &DynStore) -> Result<Known, store::Error> {
 
 async fn recount(store: &DynStore, rules: &Rules) -> Result<Ledger, store::Error> {
     let listing = store.list(CFGSYNC_NAMESPACE, REGISTRATION).await?;
-    let mut ledger = Ledger::default();
+    let mut ledger = Ledger {
+        policy_revision: rules.revision,
+        ..Ledger::default()
+    };
     for (identifier, entry) in &listing.entries {
         ledger.registrations += 1;
         ledger.named += u64::from(rules.is_named(identifier));
@@ -251,10 +262,10 @@ async fn admit(store: DynStore, limits: AdmissionLimits, mut proposals: mpsc::Re
                 Err(_) => break,
             }
         }
-        let state = match known.take() {
-            Some(state) => state,
+        let (state, fresh) = match known.take() {
+            Some(state) => (state, false),
             None => match read(&store).await {
-                Ok(state) => state,
+                Ok(state) => (state, true),
                 Err(err) => {
                     for proposal in pending.drain(..) {
                         let _ = proposal.reply.send(Err(Refusal::Store(err.to_string())));
@@ -263,16 +274,21 @@ async fn admit(store: DynStore, limits: AdmissionLimits, mut proposals: mpsc::Re
                 }
             },
         };
-        known = decide_and_write(&store, limits, state, &mut pending).await;
+        known = decide_and_write(&store, limits, state, fresh, &mut pending).await;
     }
 }
 
 /// Decides every pending proposal against `state` and writes the admitted ones. Proposals
 /// left in `pending` are retried with a fresh read (the returned state is `None`).
+///
+/// A refusal is only ever given on `fresh` state, read from the store for this round: the
+/// state kept from the last batch may predate an operator raising a cap, changing the
+/// policy or removing registrations.
 async fn decide_and_write(
     store: &DynStore,
     limits: AdmissionLimits,
     state: Known,
+    fresh: bool,
     pending: &mut Vec<Proposal>,
 ) -> Option<Known> {
     let cap = state
@@ -284,12 +300,15 @@ async fn decide_and_write(
     let mut ledger = state.ledger;
     let mut admitted = Vec::new();
     let mut seen = HashSet::new();
-    for proposal in std::mem::take(pending) {
+    let mut queue = std::mem::take(pending).into_iter();
+    while let Some(proposal) = queue.next() {
         let new = matches!(proposal.expect, Precondition::Absent);
         let identifier = proposal.key.key.clone();
         if !seen.insert(identifier.clone()) {
-            // Two registrations of one node in one batch: the second waits for the next.
-            pending.push(proposal);
+            // Two registrations of one node in one batch: the second read its precondition
+            // before the first is written, so it would fail the next batch for everyone;
+            // its handler reads again and retries instead.
+            let _ = proposal.reply.send(Err(Refusal::Raced));
             continue;
         }
         let (bytes, replaced) = proposal.metadata_bytes;
@@ -306,6 +325,13 @@ async fn decide_and_write(
             None
         };
         if let Some(refusal) = refusal {
+            if !fresh {
+                // Decide again on what the store holds now.
+                pending.extend(admitted);
+                pending.push(proposal);
+                pending.extend(queue);
+                return None;
+            }
             let _ = proposal.reply.send(Err(refusal));
             continue;
         }

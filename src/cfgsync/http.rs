@@ -218,7 +218,8 @@ async fn register(
         // A node the view has never seen is most likely new: try the write on that guess and
         // skip the read. The write's `Absent` check catches a view that was behind, and the
         // next attempt reads the store.
-        let existing = if attempt == 0 && loaded.registration(&registration.identifier).is_none() {
+        let guessed = attempt == 0 && loaded.registration(&registration.identifier).is_none();
+        let existing = if guessed {
             None
         } else {
             service.store.get(&key).await?
@@ -226,8 +227,6 @@ async fn register(
         let existing_record = existing
             .as_ref()
             .and_then(|e| serde_json::from_value::<RegistrationRecord>(e.value.clone()).ok());
-        admission(&service.current(), &registration, existing_record.as_ref())
-            .map_err(|(status, code, message)| refused(status, code, message))?;
         let mut node_secret = None;
         let secret_sha256 = match &existing_record {
             Some(record) if record.secret_sha256.is_some() => {
@@ -257,6 +256,17 @@ async fn register(
             }
             _ => None,
         };
+        // After the secret: a caller without it learns nothing of the stored record.
+        if let Err((status, code, message)) =
+            admission(&service.current(), &registration, existing_record.as_ref())
+        {
+            // A refusal for a new node (full, frozen) is decided on the store, not a guess:
+            // the node may be registered already, which admission treats differently.
+            if guessed {
+                continue;
+            }
+            return Err(refused(status, code, message));
+        }
         let now = now_ms();
         let record = RegistrationRecord {
             identifier: registration.identifier.clone(),
@@ -295,6 +305,8 @@ async fn register(
             }
             // Another request for the same node won the race: decide again on fresh state.
             Err(Refusal::Raced) => continue,
+            // Refused as a new node on the view's guess: read the store and decide again.
+            Err(Refusal::Cap(_) | Refusal::Budget(_) | Refusal::Frozen) if guessed => continue,
             Err(Refusal::Cap(cap)) => {
                 return Err(refused(
                     409,

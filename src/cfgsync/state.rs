@@ -105,6 +105,9 @@ pub fn check_write(key: &Key, value: &serde_json::Value) -> Result<(), Vec<Strin
                 )])
             }
         }
+        super::admission::ADMISSION => Err(vec![format!(
+            "{key}: the admission ledger is kept by the server; delete it to have it counted afresh"
+        )]),
         _ => Ok(()),
     }
 }

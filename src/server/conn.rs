@@ -30,6 +30,9 @@ pub const DRAIN_DEADLINE: Duration = Duration::from_secs(10);
 /// they are closed; past these too, a connection is closed at once.
 const OVERFLOW: usize = 64;
 
+/// Header timeout of an overflow connection.
+const OVERFLOW_HEADER_TIMEOUT: Duration = Duration::from_secs(1);
+
 /// File descriptors kept back from the connection cap for the store, logs and outgoing calls.
 const RESERVED_FDS: u64 = 128;
 
@@ -144,8 +147,15 @@ where
                 async move { Ok::<_, Infallible>(app.oneshot(request).await.into_response()) }
             });
             let mut http = hyper::server::conn::http1::Builder::new();
+            // An overflow slot is for a probe's quick request: one held open by a silent
+            // client is freed within a second.
+            let header_timeout = if overloaded {
+                OVERFLOW_HEADER_TIMEOUT.min(limits.header_timeout)
+            } else {
+                limits.header_timeout
+            };
             http.timer(TokioTimer::new())
-                .header_read_timeout(limits.header_timeout)
+                .header_read_timeout(header_timeout)
                 // An overflow connection answers once and closes, freeing its slot.
                 .keep_alive(!overloaded);
             let connection = http.serve_connection(TokioIo::new(io), service);
@@ -166,6 +176,8 @@ where
             }
         });
     }
+    // No new connections while the old ones drain: they are refused at once, not queued.
+    drop(listener);
     tracker.close();
     if tokio::time::timeout(DRAIN_DEADLINE, tracker.wait())
         .await

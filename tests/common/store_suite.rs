@@ -343,7 +343,7 @@ pub async fn public_filter_never_shows_reserved_namespaces(store: DynStore) {
     let mixed = store
         .apply(
             Batch::new()
-                .put(k("__cfgsync__", "registration", "n1"), json!({}))
+                .put(k("__cfgsync__", "scratch", "n1"), json!({}))
                 .put(k("prod", "cfg", "a"), json!(1)),
         )
         .await

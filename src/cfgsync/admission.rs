@@ -242,7 +242,7 @@ async fn recount(store: &DynStore, rules: &Rules) -> Result<Ledger, store::Error
 pub fn metadata_bytes(metadata: Option<&Value>) -> u64 {
     match metadata {
         None | Some(Value::Null) => 0,
-        Some(value) => serde_json::to_vec(value).map_or(0, |v| v.len() as u64),
+        Some(value) => crate::store::encoded_len(value) as u64,
     }
 }
 

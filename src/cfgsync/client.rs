@@ -196,10 +196,7 @@ impl CfgsyncClient {
             .post("/register", registration, Duration::from_secs(30))
             .send()
             .await
-            .map_err(|source| ClientError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
+            .map_err(unreachable(&url))?;
         if !response.status().is_success() {
             return Err(Self::refused(url, response).await);
         }
@@ -231,10 +228,7 @@ impl CfgsyncClient {
             .post(&path, registration, wait + Duration::from_secs(30))
             .send()
             .await
-            .map_err(|source| ClientError::Unreachable {
-                url: url.clone(),
-                source,
-            })?;
+            .map_err(unreachable(&url))?;
         match response.status() {
             StatusCode::OK => {
                 let body = read_limited(&url, response, self.max_payload_bytes).await?;
@@ -357,6 +351,14 @@ impl CfgsyncClient {
     }
 }
 
+/// Turns a transport error on `url` into [`ClientError::Unreachable`].
+fn unreachable(url: &str) -> impl FnOnce(reqwest::Error) -> ClientError + '_ {
+    move |source| ClientError::Unreachable {
+        url: url.to_string(),
+        source,
+    }
+}
+
 /// The body of `response`, refused as soon as it passes `limit` bytes (by its declared length
 /// or by what arrives), so an endless or huge answer costs at most `limit` bytes of memory.
 async fn read_limited(
@@ -376,13 +378,7 @@ async fn read_limited(
     }
     let mut body = Vec::new();
     loop {
-        let chunk = response
-            .chunk()
-            .await
-            .map_err(|source| ClientError::Unreachable {
-                url: url.to_string(),
-                source,
-            })?;
+        let chunk = response.chunk().await.map_err(unreachable(url))?;
         let Some(chunk) = chunk else {
             return Ok(body);
         };

@@ -228,7 +228,6 @@ type Job = Box<dyn FnOnce() + Send>;
 #[derive(Debug, Clone)]
 pub struct RenderPool {
     jobs: std::sync::mpsc::Sender<Job>,
-    threads: usize,
 }
 
 impl RenderPool {
@@ -257,12 +256,7 @@ impl RenderPool {
                 tracing::error!(error = %err, "could not start a render thread");
             }
         }
-        Self { jobs, threads }
-    }
-
-    /// How many renders run at once.
-    pub fn threads(&self) -> usize {
-        self.threads
+        Self { jobs }
     }
 
     /// One less than the cores (at least one): a core stays free for the request path.

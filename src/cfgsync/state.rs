@@ -82,20 +82,14 @@ pub fn check_write(key: &Key, value: &serde_json::Value) -> Result<(), Vec<Strin
     if key.namespace != CFGSYNC_NAMESPACE {
         return Ok(());
     }
+    fn decode<T: serde::de::DeserializeOwned>(key: &Key, value: &Value) -> Result<T, Vec<String>> {
+        serde_json::from_value(value.clone()).map_err(|err| vec![format!("{key}: {err}")])
+    }
     match key.kind.as_str() {
-        BUNDLE => {
-            let bundle: NodeArtifactsBundle = serde_json::from_value(value.clone())
-                .map_err(|err| vec![format!("{key}: {err}")])?;
-            bundle.validate()
-        }
-        POLICY => {
-            let policy: Policy = serde_json::from_value(value.clone())
-                .map_err(|err| vec![format!("{key}: {err}")])?;
-            policy.compile().map(|_| ())
-        }
+        BUNDLE => decode::<NodeArtifactsBundle>(key, value)?.validate(),
+        POLICY => decode::<Policy>(key, value)?.compile().map(|_| ()),
         REGISTRATION => {
-            let record: RegistrationRecord = serde_json::from_value(value.clone())
-                .map_err(|err| vec![format!("{key}: {err}")])?;
+            let record: RegistrationRecord = decode(key, value)?;
             if record.identifier == key.key {
                 Ok(())
             } else {

@@ -4,8 +4,7 @@
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use crate::bootstrap::registry::{ParamsError, from_params};
-use crate::bootstrap::{InitContext, InitError, Initialiser, Registration};
+use crate::bootstrap::{FromParams, InitContext, InitError, Initialiser};
 use crate::cfgsync::{NodeArtifactsBundle, state};
 
 /// Params of `cfgsync-bundle`.
@@ -38,14 +37,17 @@ impl Initialiser for CfgsyncBundle {
     }
 }
 
-fn construct(params: serde_json::Value) -> Result<Box<dyn Initialiser>, ParamsError> {
-    from_params(params, CfgsyncBundle)
+impl FromParams for CfgsyncBundle {
+    const CLASS: &'static str = "cfgsync-bundle";
+    const SUMMARY: &'static str = "loads a static artifact bundle into cfgsync";
+    type Params = Params;
+
+    fn from_params(params: Params) -> Result<Self, String> {
+        Ok(Self(params))
+    }
 }
 
-inventory::submit! {
-    Registration::new("cfgsync-bundle", "loads a static artifact bundle into cfgsync", construct)
-        .with_params_schema(crate::bootstrap::schema::params_schema::<Params>)
-}
+crate::register!(CfgsyncBundle);
 
 #[cfg(test)]
 mod tests {

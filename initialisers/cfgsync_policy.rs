@@ -3,8 +3,7 @@
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use crate::bootstrap::registry::{ParamsError, from_params};
-use crate::bootstrap::{InitContext, InitError, Initialiser, Registration};
+use crate::bootstrap::{FromParams, InitContext, InitError, Initialiser};
 use crate::cfgsync::{Policy, state};
 
 /// Params of `cfgsync-policy`.
@@ -33,14 +32,17 @@ impl Initialiser for CfgsyncPolicy {
     }
 }
 
-fn construct(params: serde_json::Value) -> Result<Box<dyn Initialiser>, ParamsError> {
-    from_params(params, CfgsyncPolicy)
+impl FromParams for CfgsyncPolicy {
+    const CLASS: &'static str = "cfgsync-policy";
+    const SUMMARY: &'static str = "installs a registration policy for cfgsync";
+    type Params = Params;
+
+    fn from_params(params: Params) -> Result<Self, String> {
+        Ok(Self(params))
+    }
 }
 
-inventory::submit! {
-    Registration::new("cfgsync-policy", "installs a registration policy for cfgsync", construct)
-        .with_params_schema(crate::bootstrap::schema::params_schema::<Params>)
-}
+crate::register!(CfgsyncPolicy);
 
 #[cfg(test)]
 mod tests {

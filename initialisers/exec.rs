@@ -7,8 +7,7 @@ use std::process::Stdio;
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use crate::bootstrap::registry::ParamsError;
-use crate::bootstrap::{InitContext, InitError, Initialiser, Registration};
+use crate::bootstrap::{FromParams, InitContext, InitError, Initialiser};
 
 /// How much of stderr a failure carries.
 const STDERR_TAIL: usize = 2048;
@@ -110,20 +109,20 @@ fn die_with_parent(command: &mut tokio::process::Command) {
 #[cfg(not(target_os = "linux"))]
 fn die_with_parent(_command: &mut tokio::process::Command) {}
 
-fn construct(params: serde_json::Value) -> Result<Box<dyn Initialiser>, ParamsError> {
-    let params: Params = serde_json::from_value(params)?;
-    if params.command.is_empty() || params.command[0].is_empty() {
-        return Err(ParamsError(serde::de::Error::custom(
-            "command must name a program",
-        )));
+impl FromParams for Exec {
+    const CLASS: &'static str = "exec";
+    const SUMMARY: &'static str = "runs a command once per flag";
+    type Params = Params;
+
+    fn from_params(params: Params) -> Result<Self, String> {
+        if params.command.is_empty() || params.command[0].is_empty() {
+            return Err("command must name a program".into());
+        }
+        Ok(Self(params))
     }
-    Ok(Box::new(Exec(params)))
 }
 
-inventory::submit! {
-    Registration::new("exec", "runs a command once per flag", construct)
-        .with_params_schema(crate::bootstrap::schema::params_schema::<Params>)
-}
+crate::register!(Exec);
 
 #[cfg(test)]
 mod tests {
@@ -132,7 +131,10 @@ mod tests {
     use super::*;
 
     fn exec(script: &str) -> Box<dyn Initialiser> {
-        construct(json!({"command": ["sh", "-c", script], "env": {"EXTRA": "x"}})).unwrap()
+        super::super::testing::construct::<Exec>(
+            json!({"command": ["sh", "-c", script], "env": {"EXTRA": "x"}}),
+        )
+        .unwrap()
     }
 
     #[tokio::test]
@@ -194,7 +196,10 @@ mod tests {
 
     #[test]
     fn an_empty_command_is_refused_at_load() {
-        assert!(construct(json!({"command": []})).is_err());
-        assert!(construct(json!({"command": ["true"], "shell": true})).is_err());
+        assert!(super::super::testing::construct::<Exec>(json!({"command": []})).is_err());
+        assert!(
+            super::super::testing::construct::<Exec>(json!({"command": ["true"], "shell": true}))
+                .is_err()
+        );
     }
 }

@@ -97,24 +97,25 @@ async fn fill(
 
 #[cfg(test)]
 pub(crate) mod testing {
-    //! A hand-built context over a memory store for initialiser unit tests.
+    //! A context over a memory store, and each class's registered constructor, for the
+    //! initialisers' unit tests.
     use std::path::Path;
     use std::sync::Arc;
 
-    use crate::bootstrap::InitContext;
+    use serde_json::Value;
+
+    use crate::bootstrap::{FromParams, InitContext, Initialiser, ParamsError, Registration};
     use crate::store::{DynStore, Limits, memory::MemoryStore};
 
     pub(crate) fn context(dir: &Path) -> (InitContext, DynStore) {
         let store: DynStore = Arc::new(MemoryStore::new(Limits::default()));
-        let ctx = InitContext {
-            name: "test".into(),
-            span: tracing::Span::none(),
-            store: store.clone(),
-            server_url: "http://127.0.0.1:9".into(),
-            http: crate::tls::plain_client(),
-            cancel: Default::default(),
-            spec_dir: dir.to_path_buf(),
-        };
-        (ctx, store)
+        (InitContext::for_test(store.clone(), dir), store)
+    }
+
+    /// Builds `T` from params as the spec reader does.
+    pub(crate) fn construct<T: FromParams>(
+        params: Value,
+    ) -> Result<Box<dyn Initialiser>, ParamsError> {
+        (Registration::of::<T>().construct)(params)
     }
 }

@@ -4,8 +4,7 @@
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use crate::bootstrap::registry::ParamsError;
-use crate::bootstrap::{InitContext, InitError, Initialiser, Registration};
+use crate::bootstrap::{FromParams, InitContext, InitError, Initialiser};
 use crate::store::{TEMPLATE_NAMESPACE, is_reserved, validate_namespace};
 
 /// Where the content comes from.
@@ -96,21 +95,18 @@ impl Initialiser for NamespaceInit {
     }
 }
 
-fn construct(params: serde_json::Value) -> Result<Box<dyn Initialiser>, ParamsError> {
-    let params = if params.is_null() {
-        serde_json::json!({})
-    } else {
-        params
-    };
-    let typed: Params = serde_json::from_value(params)?;
-    NamespaceInit::check(&typed).map_err(|e| ParamsError(serde::de::Error::custom(e)))?;
-    Ok(Box::new(NamespaceInit(typed)))
+impl FromParams for NamespaceInit {
+    const CLASS: &'static str = "namespace-init";
+    const SUMMARY: &'static str = "fills a namespace from __template__ or a seed file";
+    type Params = Params;
+
+    fn from_params(params: Params) -> Result<Self, String> {
+        Self::check(&params)?;
+        Ok(Self(params))
+    }
 }
 
-inventory::submit! {
-    Registration::new("namespace-init", "fills a namespace from __template__ or a seed file", construct)
-        .with_params_schema(crate::bootstrap::schema::params_schema::<Params>)
-}
+crate::register!(NamespaceInit);
 
 #[cfg(test)]
 mod tests {
@@ -156,7 +152,10 @@ mod tests {
             (json!({"namespace": "bad name"}), "namespace"),
             (json!({"namespace": "prod", "sauce": "template"}), "sauce"),
         ] {
-            let err = construct(params).err().expect("refused").to_string();
+            let err = super::super::testing::construct::<NamespaceInit>(params)
+                .err()
+                .expect("refused")
+                .to_string();
             assert!(err.contains(expected), "{err}");
         }
     }

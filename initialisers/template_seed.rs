@@ -4,8 +4,7 @@
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use crate::bootstrap::registry::{ParamsError, from_params};
-use crate::bootstrap::{InitContext, InitError, Initialiser, Registration};
+use crate::bootstrap::{FromParams, InitContext, InitError, Initialiser};
 use crate::store::TEMPLATE_NAMESPACE;
 
 /// Params of `template-seed`.
@@ -39,14 +38,17 @@ impl Initialiser for TemplateSeed {
     }
 }
 
-fn construct(params: serde_json::Value) -> Result<Box<dyn Initialiser>, ParamsError> {
-    from_params(params, TemplateSeed)
+impl FromParams for TemplateSeed {
+    const CLASS: &'static str = "template-seed";
+    const SUMMARY: &'static str = "fills __template__ from a seed file";
+    type Params = Params;
+
+    fn from_params(params: Params) -> Result<Self, String> {
+        Ok(Self(params))
+    }
 }
 
-inventory::submit! {
-    Registration::new("template-seed", "fills __template__ from a seed file", construct)
-        .with_params_schema(crate::bootstrap::schema::params_schema::<Params>)
-}
+crate::register!(TemplateSeed);
 
 #[cfg(test)]
 mod tests {
@@ -120,9 +122,11 @@ mod tests {
 
     #[test]
     fn unknown_params_are_refused() {
-        let err = construct(json!({"seed_file": "x", "colour": 1}))
-            .err()
-            .unwrap();
+        let err = super::super::testing::construct::<TemplateSeed>(
+            json!({"seed_file": "x", "colour": 1}),
+        )
+        .err()
+        .unwrap();
         assert!(err.to_string().contains("colour"), "{err}");
     }
 }

@@ -6,8 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use crate::bootstrap::registry::{ParamsError, from_params};
-use crate::bootstrap::{InitContext, InitError, Initialiser, Registration, duration};
+use crate::bootstrap::{FromParams, InitContext, InitError, Initialiser, Phase, duration};
 
 /// Params of `wait-for`.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -60,8 +59,8 @@ impl WaitFor {
 
 #[async_trait]
 impl Initialiser for WaitFor {
-    fn wait_for_services(&self) -> bool {
-        false
+    fn phase(&self) -> Phase {
+        Phase::BeforeGate
     }
 
     async fn run(
@@ -94,14 +93,17 @@ impl Initialiser for WaitFor {
     }
 }
 
-fn construct(params: serde_json::Value) -> Result<Box<dyn Initialiser>, ParamsError> {
-    from_params(params, WaitFor)
+impl FromParams for WaitFor {
+    const CLASS: &'static str = "wait-for";
+    const SUMMARY: &'static str = "waits until TCP and HTTP endpoints answer (pre-gate)";
+    type Params = Params;
+
+    fn from_params(params: Params) -> Result<Self, String> {
+        Ok(Self(params))
+    }
 }
 
-inventory::submit! {
-    Registration::new("wait-for", "waits until TCP and HTTP endpoints answer (pre-gate)", construct)
-        .with_params_schema(crate::bootstrap::schema::params_schema::<Params>)
-}
+crate::register!(WaitFor);
 
 #[cfg(test)]
 mod tests {
@@ -137,11 +139,12 @@ mod tests {
     #[test]
     fn it_is_a_pre_gate_initialiser_with_strict_params() {
         assert!(
-            !construct(json!({"tcp": ["127.0.0.1:1"]}))
+            super::super::testing::construct::<WaitFor>(json!({"tcp": ["127.0.0.1:1"]}))
                 .unwrap()
-                .wait_for_services()
+                .phase()
+                == Phase::BeforeGate
         );
-        assert!(construct(json!({"timeout": "later"})).is_err());
-        assert!(construct(json!({"tpc": []})).is_err());
+        assert!(super::super::testing::construct::<WaitFor>(json!({"timeout": "later"})).is_err());
+        assert!(super::super::testing::construct::<WaitFor>(json!({"tpc": []})).is_err());
     }
 }

@@ -10,9 +10,9 @@ use reqwest::{Method, RequestBuilder, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
-use crate::server::ErrorBody;
-use crate::server::Token;
-use crate::server::config_api::{ChangesBody, EntryBody, Written};
+use crate::api::Token;
+use crate::api::config::{ChangesBody, EntryBody, Namespaces, Written};
+use crate::api::{ErrorBody, ErrorCode};
 use crate::store::{
     self, Batch, ChangeEvent, Entry, Key, Listing, NamespaceTree, Revision, Store, Watch,
     WatchFilter,
@@ -31,16 +31,14 @@ pub enum Error {
         source: reqwest::Error,
     },
     /// The server answered with an error status and the JSON error shape.
-    #[error("{url} answered {status}: {message} ({code})")]
+    #[error("{url} answered {status}: {} ({})", body.message, body.code)]
     Status {
         /// The URL asked.
         url: String,
         /// The HTTP status.
         status: StatusCode,
-        /// The error code from the body.
-        code: String,
-        /// The message from the body.
-        message: String,
+        /// The error body: code, message and details.
+        body: ErrorBody,
     },
     /// The server's answer did not decode.
     #[error("unexpected answer from {url}")]
@@ -141,16 +139,9 @@ impl ApiClient {
         })?;
         let status = response.status();
         if !status.is_success() {
-            let (code, message) = match response.json::<ErrorBody>().await {
-                Ok(body) => (body.code, body.message),
-                Err(_) => ("unknown".to_string(), format!("HTTP {status}")),
-            };
-            return Err(Error::Status {
-                url,
-                status,
-                code,
-                message,
-            });
+            let text = response.text().await.unwrap_or_default();
+            let body = ErrorBody::from_answer(status, &text);
+            return Err(Error::Status { url, status, body });
         }
         response
             .json::<T>()
@@ -173,11 +164,7 @@ impl ApiClient {
             .await
         {
             Ok(body) => Ok(Some(body)),
-            Err(Error::Status {
-                status: StatusCode::NOT_FOUND,
-                code,
-                ..
-            }) if code == "not_found" => Ok(None),
+            Err(Error::Status { body, .. }) if body.code == ErrorCode::NotFound => Ok(None),
             Err(err) => Err(err),
         }
     }
@@ -216,12 +203,7 @@ impl ApiClient {
 
     /// Every namespace (reserved ones only with the admin token) and the store revision.
     pub async fn namespaces(&self) -> Result<(Revision, Vec<String>), Error> {
-        #[derive(serde::Deserialize)]
-        struct Body {
-            revision: Revision,
-            namespaces: Vec<String>,
-        }
-        let body: Body = self
+        let body: Namespaces = self
             .send("/v1/config", self.request(Method::GET, "/v1/config"))
             .await?;
         Ok((body.revision, body.namespaces))
@@ -266,8 +248,10 @@ fn decode_value<T: DeserializeOwned>(path: &str, body: Value) -> Result<T, Error
     serde_json::from_value(body).map_err(|err| Error::Status {
         url: path.to_string(),
         status: StatusCode::BAD_GATEWAY,
-        code: "decode".into(),
-        message: err.to_string(),
+        body: ErrorBody::new(
+            ErrorCode::Internal,
+            format!("the answer does not decode: {err}"),
+        ),
     })
 }
 
@@ -329,74 +313,12 @@ impl From<Error> for store::Error {
             Error::Unreachable { url, source } => {
                 store::Error::Unavailable(format!("cannot reach {url}: {source}"))
             }
-            Error::Status {
-                status,
-                code,
-                message,
-                ..
-            } => match status {
-                StatusCode::CONFLICT => store::Error::Conflict {
-                    key: conflict_key(&message),
-                    reason: message,
-                },
-                StatusCode::GONE => store::Error::Compacted {
-                    requested: 0,
-                    compacted: 0,
-                },
-                StatusCode::PAYLOAD_TOO_LARGE => too_large(&message),
-                StatusCode::BAD_REQUEST | StatusCode::UNPROCESSABLE_ENTITY => {
-                    store::Error::Invalid {
-                        what: code,
-                        reason: message,
-                    }
-                }
-                StatusCode::SERVICE_UNAVAILABLE => store::Error::Unavailable(message),
-                _ => store::Error::backend(
-                    "calling the server",
-                    format!("{status} {code}: {message}"),
-                ),
-            },
+            Error::Status { body, .. } => body.into_store_error(),
             err @ Error::Decode { .. } => {
                 store::Error::backend("decoding the server's answer", err)
             }
         }
     }
-}
-
-/// Recovers a size error from the server's message (`value for ns/type/key is N bytes, over
-/// the limit of L`); a body over the request limit names no key.
-fn too_large(message: &str) -> store::Error {
-    let mut key = Key::new("unknown", "unknown", "unknown");
-    let (mut size, mut limit) = (0, 0);
-    if let Some(rest) = message.strip_prefix("value for ")
-        && let Some((named, rest)) = rest.split_once(" is ")
-    {
-        key = split_key(named).unwrap_or(key);
-        let numbers: Vec<usize> = rest
-            .split(|c: char| !c.is_ascii_digit())
-            .filter_map(|n| n.parse().ok())
-            .collect();
-        if let [s, l] = numbers[..] {
-            (size, limit) = (s, l);
-        }
-    }
-    store::Error::TooLarge { key, size, limit }
-}
-
-fn split_key(text: &str) -> Option<Key> {
-    let mut parts = text.splitn(3, '/');
-    Some(Key::new(parts.next()?, parts.next()?, parts.next()?))
-}
-
-/// Recovers the key named by a conflict message (`precondition failed on ns/type/key: ...`).
-fn conflict_key(message: &str) -> Key {
-    let named = message
-        .strip_prefix("precondition failed on ")
-        .and_then(|rest| rest.split_once(": "))
-        .map(|(key, _)| key);
-    named
-        .and_then(split_key)
-        .unwrap_or_else(|| Key::new("unknown", "unknown", message))
 }
 
 #[async_trait]
@@ -430,7 +352,29 @@ impl Store for RemoteStore {
     }
 
     async fn apply(&self, batch: Batch) -> Result<Revision, store::Error> {
-        Ok(self.client.apply(&batch).await?)
+        match self.client.apply(&batch).await {
+            Ok(revision) => Ok(revision),
+            // The whole request was over the server's body limit, before any value was
+            // weighed: name the batch's largest value, as a local store would.
+            Err(Error::Status { body, .. })
+                if body.code == ErrorCode::TooLarge && body.details.key.is_none() =>
+            {
+                let (key, size) = batch
+                    .ops
+                    .iter()
+                    .filter_map(|op| match op {
+                        store::Op::Put { key, value } => {
+                            Some((key.clone(), store::encoded_len(value)))
+                        }
+                        store::Op::Delete { .. } => None,
+                    })
+                    .max_by_key(|(_, size)| *size)
+                    .unwrap_or_else(|| (Key::new("", "", ""), 0));
+                let limit = body.details.limit.unwrap_or_default() as usize;
+                Err(store::Error::TooLarge { key, size, limit })
+            }
+            Err(err) => Err(err.into()),
+        }
     }
 
     async fn watch(&self, from: Revision, filter: WatchFilter) -> Result<Watch, store::Error> {

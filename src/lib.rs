@@ -7,13 +7,16 @@
 //! [`cli`] (the `bootsync` command, also the entry point for third-party binaries that link
 //! their own initialisers).
 
+pub mod api;
 pub mod backoff;
 pub mod bootstrap;
 pub mod cfgsync;
 pub mod cli;
 pub mod client;
+pub mod clock;
 pub mod files;
 pub mod metrics;
+pub mod plugin;
 pub mod server;
 pub mod shutdown;
 pub mod store;

@@ -598,7 +598,7 @@ async fn a_library_materializer_serves_through_build_cfgsync_router() {
     ));
     let materializer =
         bootsync::cfgsync::CachedSnapshotMaterializer::new(bootsync::cfgsync::PerNode(NeedsTwo));
-    let router = bootsync::cfgsync::build_cfgsync_router(
+    let router = bootsync::server::build_cfgsync_router(
         store,
         Default::default(),
         None,

@@ -4,10 +4,10 @@
 use std::path::{Path, PathBuf};
 
 use bootsync::bootstrap::{Registry, Spec};
-use bootsync::cfgsync::http::validate_registration;
 use bootsync::cfgsync::policy::Policy;
 use bootsync::cfgsync::{ArtifactOutputMap, NodeArtifactsBundle, NodeRegistration};
 use bootsync::files::parse_text;
+use bootsync::server::nodes::validate_registration;
 
 fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))

@@ -10,16 +10,26 @@ use crate::store::DynStore;
 /// The error an initialiser returns; its whole `source()` chain lands in the status record.
 pub type InitError = Box<dyn std::error::Error + Send + Sync>;
 
+/// When an initialiser runs, relative to the service gate.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Phase {
+    /// Before the gate: it sets up what the gate depends on. It keeps no flag, runs on every
+    /// start until it has succeeded in this process, and must be idempotent.
+    BeforeGate,
+    /// After the gate (the default): once per flag, under the lease.
+    #[default]
+    AfterGate,
+}
+
 /// One step that brings the deployment towards its initial state.
 ///
 /// `run` is called when the configured flag differs from the one stored after the last success;
 /// it must be safe to run again after a flag bump (and after a crash mid-run).
 #[async_trait]
 pub trait Initialiser: Send + Sync + 'static {
-    /// `false` marks a pre-gate initialiser: it sets up what the service gate depends on, runs
-    /// before the gate on every wake until it succeeded in this process, and must be idempotent.
-    fn wait_for_services(&self) -> bool {
-        true
+    /// When it runs; after the gate unless it says otherwise.
+    fn phase(&self) -> Phase {
+        Phase::AfterGate
     }
 
     /// Does the work. `old_flag` is `None` on a first run.
@@ -60,6 +70,30 @@ impl InitContext {
         } else {
             self.spec_dir.join(path)
         }
+    }
+}
+
+#[cfg(any(test, feature = "test-util"))]
+impl InitContext {
+    /// A context for unit-testing an initialiser: instance name `test`, the given store and
+    /// spec directory, a server URL nothing listens on, and a fresh cancellation token.
+    /// (Behind the `test-util` feature.)
+    pub fn for_test(store: DynStore, spec_dir: impl Into<PathBuf>) -> Self {
+        Self {
+            name: "test".into(),
+            span: tracing::Span::none(),
+            store,
+            server_url: "http://127.0.0.1:9".into(),
+            http: crate::tls::plain_client(),
+            cancel: CancellationToken::new(),
+            spec_dir: spec_dir.into(),
+        }
+    }
+
+    /// The same context with another server URL (an in-process test server, say).
+    pub fn with_server_url(mut self, url: impl Into<String>) -> Self {
+        self.server_url = url.into();
+        self
     }
 }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use crate::cfgsync::state::now_ms;
+use crate::clock::now_ms;
 use crate::store::{self, Batch, Key, Precondition, Revision, SYSTEM_NAMESPACE, Store};
 
 /// The lease key.
@@ -105,8 +105,9 @@ pub async fn renew(
     }
 }
 
-/// Gives the lease up so a standby need not wait for it to lapse.
-pub async fn release(store: &dyn Store, held: Revision) -> Result<(), store::Error> {
+/// Gives the lease up so a standby need not wait for it to lapse; answers the revision of the
+/// release, or `None` when the lease had already passed to someone else.
+pub async fn release(store: &dyn Store, held: Revision) -> Result<Option<Revision>, store::Error> {
     let key = lease_key();
     match store
         .apply(
@@ -116,7 +117,8 @@ pub async fn release(store: &dyn Store, held: Revision) -> Result<(), store::Err
         )
         .await
     {
-        Ok(_) | Err(store::Error::Conflict { .. }) => Ok(()),
+        Ok(revision) => Ok(Some(revision)),
+        Err(store::Error::Conflict { .. }) => Ok(None),
         Err(err) => Err(err),
     }
 }

@@ -1,20 +1,41 @@
 //! The registry of initialiser classes, collected through `inventory` from every linked crate.
 
+use schemars::{JsonSchema, Schema, SchemaGenerator};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use super::Initialiser;
 
-/// Why params did not fit an initialiser's typed params.
+/// Why params did not fit an initialiser: their shape, or a check beyond it.
 #[derive(Debug, thiserror::Error)]
 #[error("params do not fit: {0}")]
-pub struct ParamsError(#[from] pub serde_json::Error);
+pub struct ParamsError(pub String);
+
+impl From<serde_json::Error> for ParamsError {
+    fn from(err: serde_json::Error) -> Self {
+        Self(err.to_string())
+    }
+}
+
+/// An initialiser class built from typed params. Implement it and register the class with
+/// [`crate::register!`]: the params type is named once, here, and serves both the spec reader
+/// and the spec's JSON Schema.
+pub trait FromParams: Initialiser + Sized {
+    /// The class name in spec files (dotted for third parties: `acme.create-admin`).
+    const CLASS: &'static str;
+    /// One line saying what it does.
+    const SUMMARY: &'static str;
+    /// The params as the spec writes them; give it `#[serde(deny_unknown_fields)]`. Absent
+    /// params are read as an empty map.
+    type Params: DeserializeOwned + JsonSchema;
+    /// Builds the initialiser; an `Err` says what is wrong with params of the right shape.
+    fn from_params(params: Self::Params) -> Result<Self, String>;
+}
 
 /// Builds an initialiser from its spec params.
 pub type Constructor = fn(Value) -> Result<Box<dyn Initialiser>, ParamsError>;
 
-/// Describes an initialiser's params for the spec's JSON Schema (see
-/// [`super::schema::params_schema`]).
+/// Describes an initialiser's params for the spec's JSON Schema.
 pub type ParamsSchema = fn(&mut schemars::SchemaGenerator) -> schemars::Schema;
 
 /// One initialiser class, submitted with `inventory::submit!`.
@@ -41,6 +62,16 @@ impl Registration {
         }
     }
 
+    /// The registration of a class built from typed params (what [`crate::register!`] submits).
+    pub const fn of<T: FromParams>() -> Self {
+        Self {
+            class: T::CLASS,
+            summary: T::SUMMARY,
+            construct: construct::<T>,
+            params_schema: Some(params_schema::<T::Params>),
+        }
+    }
+
     /// Adds the params' schema: `.with_params_schema(schema::params_schema::<Params>)`.
     pub const fn with_params_schema(mut self, schema: ParamsSchema) -> Self {
         self.params_schema = Some(schema);
@@ -50,23 +81,30 @@ impl Registration {
 
 inventory::collect!(Registration);
 
-/// Deserialises typed params strictly (give `P` `#[serde(deny_unknown_fields)]`) and builds.
-pub fn from_params<P, I>(
-    params: Value,
-    build: impl FnOnce(P) -> I,
-) -> Result<Box<dyn Initialiser>, ParamsError>
-where
-    P: DeserializeOwned,
-    I: Initialiser,
-{
+fn construct<T: FromParams>(params: Value) -> Result<Box<dyn Initialiser>, ParamsError> {
     // Absent params mean "all defaults", as an empty map would.
     let params = if params.is_null() {
         Value::Object(Default::default())
     } else {
         params
     };
-    let typed: P = serde_json::from_value(params)?;
-    Ok(Box::new(build(typed)))
+    let typed: T::Params = serde_json::from_value(params)?;
+    Ok(Box::new(T::from_params(typed).map_err(ParamsError)?))
+}
+
+fn params_schema<P: JsonSchema>(generator: &mut SchemaGenerator) -> Schema {
+    generator.subschema_for::<P>()
+}
+
+/// Registers an initialiser class that implements [`FromParams`], from any crate linked into
+/// the binary: `bootsync::register!(CreateAdmin);`.
+#[macro_export]
+macro_rules! register {
+    ($initialiser:ty) => {
+        $crate::inventory::submit! {
+            $crate::bootstrap::Registration::of::<$initialiser>()
+        }
+    };
 }
 
 /// Every registered class, sorted by name.

@@ -6,6 +6,12 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
+use std::borrow::Cow;
+use std::num::NonZeroU32;
+
+use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
+use serde::de::DeserializeOwned;
+use serde::{Deserialize, Deserializer};
 use serde_json::Value;
 
 use super::Initialiser;
@@ -56,6 +62,13 @@ pub struct Entry {
     pub params_hash: String,
     /// The constructed initialiser.
     pub initialiser: Arc<dyn Initialiser>,
+}
+
+impl Entry {
+    /// Whether it runs before the service gate (and so keeps no flag).
+    pub fn pre_gate(&self) -> bool {
+        self.initialiser.phase() == super::Phase::BeforeGate
+    }
 }
 
 impl fmt::Debug for Entry {
@@ -118,36 +131,34 @@ impl Spec {
         })
     }
 
-    /// Validates a parsed spec; `dir` is where relative paths resolve.
+    /// Validates a parsed spec; `dir` is where relative paths resolve. Every problem is
+    /// reported, each with where it is.
     pub fn from_value(raw: &Value, dir: PathBuf, registry: &Registry) -> Result<Self, Vec<String>> {
         let mut problems = Vec::new();
-        let Some(top) = raw.as_object() else {
-            return Err(vec![
-                "the spec must be a map with `initialisers` (and optionally `cadence`)".into(),
-            ]);
-        };
-        for key in top.keys() {
-            if key != "cadence" && key != "initialisers" {
-                problems.push(format!(
-                    "unknown top-level field {key:?} (expected cadence, initialisers)"
-                ));
-            }
-        }
-        let cadence = parse_cadence(top.get("cadence"), &mut problems);
+        let top = Place::top();
+        let file: Option<SpecFile> = read_map(raw, &top, &mut problems);
         let mut entries = Vec::new();
-        let mut names = BTreeSet::new();
-        match top.get("initialisers") {
-            None => problems.push("missing `initialisers` (a list)".into()),
-            Some(Value::Array(list)) => {
-                for (index, item) in list.iter().enumerate() {
-                    if let Some(entry) =
-                        parse_entry(index, item, registry, &mut names, &mut problems)
-                    {
-                        entries.push(entry);
-                    }
+        let mut cadence = Cadence::default();
+        if let Some(file) = file {
+            if let Some(written) = &file.cadence {
+                let place = Place::cadence();
+                if let Some(written) = read_map::<CadenceFile>(written, &place, &mut problems) {
+                    cadence = written.apply(&place, &mut problems);
                 }
             }
-            Some(_) => problems.push("`initialisers` must be a list".into()),
+            let mut names = BTreeSet::new();
+            let list = file
+                .initialisers
+                .required(&top, "initialisers", &mut problems)
+                .unwrap_or_default();
+            for (index, item) in list.iter().enumerate() {
+                let place = Place::entry(index, item);
+                if let Some(entry) = read_map::<EntryFile>(item, &place, &mut problems)
+                    .and_then(|e| e.build(&place, registry, &mut names, &mut problems))
+                {
+                    entries.push(entry);
+                }
+            }
         }
         if problems.is_empty() {
             Ok(Self {
@@ -161,147 +172,415 @@ impl Spec {
     }
 }
 
-fn parse_cadence(raw: Option<&Value>, problems: &mut Vec<String>) -> Cadence {
-    let mut cadence = Cadence::default();
-    let Some(raw) = raw else { return cadence };
-    let Some(map) = raw.as_object() else {
-        problems.push("`cadence` must be a map".into());
-        return cadence;
-    };
-    for (key, value) in map {
-        let slot = match key.as_str() {
-            "gate_backoff" => &mut cadence.gate_backoff,
-            "retry" => &mut cadence.retry,
-            "steady" => &mut cadence.steady,
-            "max_backoff" => &mut cadence.max_backoff,
-            "needs_operator_after" => {
-                match value.as_u64() {
-                    Some(n) if n > 0 => cadence.needs_operator_after = n as u32,
-                    _ => problems
-                        .push("cadence.needs_operator_after must be a positive number".into()),
-                }
-                continue;
-            }
-            other => {
-                problems.push(format!(
-                    "cadence: unknown field {other:?} (expected gate_backoff, retry, steady, max_backoff, needs_operator_after)"
-                ));
-                continue;
-            }
-        };
-        match value.as_str().map(duration::parse) {
-            Some(Ok(d)) if !d.is_zero() => *slot = d,
-            Some(Ok(_)) => problems.push(format!("cadence.{key} must be longer than zero")),
-            Some(Err(e)) => problems.push(format!("cadence.{key}: {e}")),
-            None => problems.push(format!("cadence.{key} must be a duration such as \"15s\"")),
-        }
-    }
-    cadence
+// The file as written. These types are the one description of its shape: the reader below
+// and the committed JSON Schema (`bootsync schema spec`) are both derived from them.
+
+/// A spec file.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(title = "bootsync spec")]
+pub struct SpecFile {
+    /// How often the reconciler wakes; every field has a default.
+    #[schemars(with = "Option<CadenceFile>")]
+    pub cadence: Option<Value>,
+    /// The initialisers, in the order they run.
+    #[schemars(with = "Vec<EntryFile>")]
+    pub initialisers: Field<Vec<Value>>,
 }
 
-fn parse_entry(
-    index: usize,
-    item: &Value,
-    registry: &Registry,
-    names: &mut BTreeSet<String>,
+/// The `cadence` map of a spec.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[schemars(description = "How often the reconciler wakes; every field has a default.")]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "Cadence")]
+pub struct CadenceFile {
+    /// First pause after a failed gate or an unanswering store (default 5s), doubled per wake.
+    #[serde(default)]
+    pub gate_backoff: Field<Lasting>,
+    /// First retry delay while something is behind its flag (default 15s), doubled per failure.
+    #[serde(default)]
+    pub retry: Field<Lasting>,
+    /// Sleep when everything is at its flag (default 300s).
+    #[serde(default)]
+    pub steady: Field<Lasting>,
+    /// Cap of the per-initialiser retry backoff (default 300s).
+    #[serde(default)]
+    pub max_backoff: Field<Lasting>,
+    /// Consecutive failures after which a status says it needs an operator (default 10).
+    #[serde(default)]
+    pub needs_operator_after: Field<NonZeroU32>,
+}
+
+impl CadenceFile {
+    fn apply(self, at: &Place, problems: &mut Vec<String>) -> Cadence {
+        let mut cadence = Cadence::default();
+        let durations = [
+            ("gate_backoff", self.gate_backoff, &mut cadence.gate_backoff),
+            ("retry", self.retry, &mut cadence.retry),
+            ("steady", self.steady, &mut cadence.steady),
+            ("max_backoff", self.max_backoff, &mut cadence.max_backoff),
+        ];
+        for (name, field, slot) in durations {
+            if let Some(Lasting(duration)) = field.optional(at, name, problems) {
+                *slot = duration;
+            }
+        }
+        if let Some(n) = self
+            .needs_operator_after
+            .optional(at, "needs_operator_after", problems)
+        {
+            cadence.needs_operator_after = n.get();
+        }
+        cadence
+    }
+}
+
+/// One initialiser of a spec. In the schema each registered class gets its own copy of this
+/// shape, with `class` fixed and `params` its own type.
+#[derive(Debug, Deserialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+#[schemars(rename = "Initialiser")]
+pub struct EntryFile {
+    /// The registered class to run.
+    pub class: Field<Text>,
+    /// Unique instance name: the key its flag is stored under.
+    pub name: Field<Name>,
+    /// The flag the operator wants; changing it runs the initialiser again.
+    pub flag: Field<Flag>,
+    /// Longest a run may take (default 10m).
+    #[serde(default)]
+    pub timeout: Field<Lasting>,
+    /// The class's params.
+    #[serde(default)]
+    pub params: Value,
+}
+
+impl EntryFile {
+    /// Checks the fields and constructs the initialiser; `None` after reporting its problems.
+    fn build(
+        self,
+        at: &Place,
+        registry: &Registry,
+        names: &mut BTreeSet<String>,
+        problems: &mut Vec<String>,
+    ) -> Option<Entry> {
+        let before = problems.len();
+        let class = self.class.required(at, "class", problems);
+        let name = self.name.required(at, "name", problems);
+        let flag = self.flag.required(at, "flag", problems);
+        let timeout = self
+            .timeout
+            .optional(at, "timeout", problems)
+            .map_or(DEFAULT_TIMEOUT, |Lasting(d)| d);
+        if let Some(Name(name)) = &name
+            && !names.insert(name.clone())
+        {
+            problems.push(format!("{}duplicate name {name:?}", at.whole()));
+        }
+        let initialiser = class
+            .as_ref()
+            .and_then(|Text(class)| match registry.get(class) {
+                None => {
+                    problems.push(format!(
+                        "{}unknown class {class:?}; registered classes: {}",
+                        at.whole(),
+                        registry.names().join(", ")
+                    ));
+                    None
+                }
+                Some(registration) => match (registration.construct)(self.params.clone()) {
+                    Ok(initialiser) => Some(Arc::<dyn Initialiser>::from(initialiser)),
+                    Err(err) => {
+                        problems.push(format!("{}{class} {err}", at.whole()));
+                        None
+                    }
+                },
+            });
+        if problems.len() > before {
+            return None;
+        }
+        Some(Entry {
+            class: class?.0,
+            name: name?.0,
+            flag: flag?.0,
+            timeout,
+            params_hash: params_hash(&self.params),
+            params: self.params,
+            initialiser: initialiser?,
+        })
+    }
+}
+
+/// One field as read: absent, present but wrong (why), or good. Reading a field never fails
+/// its whole map, so every problem of a file is reported at once.
+#[derive(Debug, Clone, Default)]
+pub enum Field<T> {
+    /// Not written.
+    #[default]
+    Missing,
+    /// Written, but not a `T` (why).
+    Bad(String),
+    /// Written and good.
+    Good(T),
+}
+
+impl<T> Field<T> {
+    /// The value; a missing or bad field is a problem.
+    fn required(self, at: &Place, name: &str, problems: &mut Vec<String>) -> Option<T> {
+        if matches!(self, Field::Missing) {
+            problems.push(format!("{}missing `{name}`", at.whole()));
+            return None;
+        }
+        self.optional(at, name, problems)
+    }
+
+    /// The value if written; a bad field is a problem.
+    fn optional(self, at: &Place, name: &str, problems: &mut Vec<String>) -> Option<T> {
+        match self {
+            Field::Missing => None,
+            Field::Bad(why) => {
+                problems.push(format!("{}: {why}", at.field(name)));
+                None
+            }
+            Field::Good(value) => Some(value),
+        }
+    }
+}
+
+impl<'de, T: DeserializeOwned> Deserialize<'de> for Field<T> {
+    /// Never fails: an absent (or null) field is `Missing`, so serde asks no `default` of a
+    /// required one, and a field that is not a `T` is `Bad`.
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        Ok(match Option::<Value>::deserialize(deserializer)? {
+            None => Field::Missing,
+            Some(value) => match T::deserialize(value) {
+                Ok(good) => Field::Good(good),
+                Err(err) => Field::Bad(err.to_string()),
+            },
+        })
+    }
+}
+
+impl<T: JsonSchema> JsonSchema for Field<T> {
+    fn inline_schema() -> bool {
+        T::inline_schema()
+    }
+
+    fn schema_name() -> Cow<'static, str> {
+        T::schema_name()
+    }
+
+    fn schema_id() -> Cow<'static, str> {
+        T::schema_id()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        T::json_schema(generator)
+    }
+}
+
+/// Text with something in it (surrounding whitespace is ignored).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Text(pub String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)?;
+        let trimmed = text.trim();
+        if trimmed.is_empty() {
+            return Err(serde::de::Error::custom("must be a non-empty string"));
+        }
+        Ok(Text(trimmed.to_string()))
+    }
+}
+
+impl JsonSchema for Text {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> Cow<'static, str> {
+        "Text".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({"type": "string", "pattern": "\\S"})
+    }
+}
+
+/// An instance name: the key its records are stored under.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Name(pub String);
+
+impl<'de> Deserialize<'de> for Name {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let Text(name) = Text::deserialize(deserializer)?;
+        crate::store::validate_key(&name).map_err(serde::de::Error::custom)?;
+        Ok(Name(name))
+    }
+}
+
+impl JsonSchema for Name {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> Cow<'static, str> {
+        "Name".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({
+            "type": "string",
+            "pattern": "\\S",
+            "maxLength": crate::store::MAX_KEY_LEN,
+        })
+    }
+}
+
+/// A flag: text such as `v2`, or a number (kept as its text).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Flag(pub String);
+
+impl<'de> Deserialize<'de> for Flag {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        match Value::deserialize(deserializer)? {
+            Value::Number(n) => Ok(Flag(n.to_string())),
+            other => Text::deserialize(other)
+                .map(|Text(t)| Flag(t))
+                .map_err(|e| serde::de::Error::custom(format!("a flag is text or a number: {e}"))),
+        }
+    }
+}
+
+impl JsonSchema for Flag {
+    fn inline_schema() -> bool {
+        true
+    }
+
+    fn schema_name() -> Cow<'static, str> {
+        "Flag".into()
+    }
+
+    fn json_schema(_: &mut SchemaGenerator) -> Schema {
+        json_schema!({"type": ["string", "number"], "pattern": "\\S"})
+    }
+}
+
+/// A duration longer than zero, written as text: `500ms`, `15s`, `2m`, `1h30m`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Lasting(pub Duration);
+
+impl<'de> Deserialize<'de> for Lasting {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(deserializer)
+            .map_err(|_| serde::de::Error::custom("must be a duration such as \"15s\""))?;
+        match duration::parse(&text) {
+            Ok(d) if d.is_zero() => Err(serde::de::Error::custom("must be longer than zero")),
+            Ok(d) => Ok(Lasting(d)),
+            Err(e) => Err(serde::de::Error::custom(e)),
+        }
+    }
+}
+
+impl JsonSchema for Lasting {
+    fn schema_name() -> Cow<'static, str> {
+        "Duration".into()
+    }
+
+    fn json_schema(generator: &mut SchemaGenerator) -> Schema {
+        super::schema::duration(generator)
+    }
+}
+
+/// Where a map sits in the file, for problem messages.
+struct Place {
+    /// Prefix of a problem with the whole map (`initialisers[2] (x): `).
+    whole: String,
+    /// Prefix of a field's name (`cadence.`).
+    field: String,
+}
+
+impl Place {
+    fn top() -> Self {
+        Self {
+            whole: String::new(),
+            field: String::new(),
+        }
+    }
+
+    fn cadence() -> Self {
+        Self {
+            whole: "cadence: ".into(),
+            field: "cadence.".into(),
+        }
+    }
+
+    fn entry(index: usize, item: &Value) -> Self {
+        let whole = match item.get("name").and_then(Value::as_str) {
+            Some(name) => format!("initialisers[{index}] ({name}): "),
+            None => format!("initialisers[{index}]: "),
+        };
+        Self {
+            field: whole.clone(),
+            whole,
+        }
+    }
+
+    fn whole(&self) -> &str {
+        &self.whole
+    }
+
+    fn field(&self, name: &str) -> String {
+        format!("{}{name}", self.field)
+    }
+}
+
+/// The field names `T` declares, from its derived schema.
+fn field_names<T: JsonSchema>() -> Vec<String> {
+    let schema = SchemaGenerator::default().into_root_schema_for::<T>();
+    schema
+        .get("properties")
+        .and_then(Value::as_object)
+        .map(|p| p.keys().cloned().collect())
+        .unwrap_or_default()
+}
+
+/// Reads a map into `T`: each key `T` does not declare is a problem; the rest is read field by
+/// field, every field keeping its own problem.
+fn read_map<T: DeserializeOwned + JsonSchema>(
+    value: &Value,
+    at: &Place,
     problems: &mut Vec<String>,
-) -> Option<Entry> {
-    let Some(map) = item.as_object() else {
+) -> Option<T> {
+    let known = field_names::<T>();
+    let Some(map) = value.as_object() else {
         problems.push(format!(
-            "initialisers[{index}]: must be a map with class, name, flag"
+            "{}must be a map with {}",
+            at.whole(),
+            known.join(", ")
         ));
         return None;
     };
-    let name = map.get("name").and_then(Value::as_str).map(str::to_string);
-    let at = match &name {
-        Some(name) => format!("initialisers[{index}] ({name})"),
-        None => format!("initialisers[{index}]"),
-    };
-    let before = problems.len();
-    for key in map.keys() {
-        if !matches!(
-            key.as_str(),
-            "class" | "name" | "flag" | "timeout" | "params"
-        ) {
+    let mut kept = serde_json::Map::new();
+    for (key, value) in map {
+        if known.contains(key) {
+            kept.insert(key.clone(), value.clone());
+        } else {
             problems.push(format!(
-                "{at}: unknown field {key:?} (expected class, name, flag, timeout, params)"
+                "{}unknown field {key:?} (expected {})",
+                at.whole(),
+                known.join(", ")
             ));
         }
     }
-    let text = |field: &str, problems: &mut Vec<String>| -> Option<String> {
-        match map.get(field) {
-            None => {
-                problems.push(format!("{at}: missing `{field}`"));
-                None
-            }
-            Some(Value::String(s)) if !s.trim().is_empty() => Some(s.clone()),
-            Some(Value::Number(n)) if field == "flag" => Some(n.to_string()),
-            Some(_) => {
-                problems.push(format!("{at}: `{field}` must be a non-empty string"));
-                None
-            }
-        }
-    };
-    let class = text("class", problems);
-    let name = text("name", problems);
-    let flag = text("flag", problems);
-    if let Some(name) = &name {
-        if let Err(err) = crate::store::validate_key(name) {
-            problems.push(format!("{at}: name: {err}"));
-        }
-        if !names.insert(name.clone()) {
-            problems.push(format!("{at}: duplicate name {name:?}"));
+    match serde_json::from_value(Value::Object(kept)) {
+        Ok(read) => Some(read),
+        Err(err) => {
+            problems.push(format!("{}{err}", at.whole()));
+            None
         }
     }
-    let timeout = match map.get("timeout") {
-        None => DEFAULT_TIMEOUT,
-        Some(Value::String(s)) => match duration::parse(s) {
-            Ok(d) if !d.is_zero() => d,
-            Ok(_) => {
-                problems.push(format!("{at}: timeout must be longer than zero"));
-                DEFAULT_TIMEOUT
-            }
-            Err(e) => {
-                problems.push(format!("{at}: timeout: {e}"));
-                DEFAULT_TIMEOUT
-            }
-        },
-        Some(_) => {
-            problems.push(format!("{at}: timeout must be a duration such as \"2m\""));
-            DEFAULT_TIMEOUT
-        }
-    };
-    let params = map.get("params").cloned().unwrap_or(Value::Null);
-    let initialiser = class
-        .as_deref()
-        .and_then(|class| match registry.get(class) {
-            None => {
-                problems.push(format!(
-                    "{at}: unknown class {class:?}; registered classes: {}",
-                    registry.names().join(", ")
-                ));
-                None
-            }
-            Some(registration) => match (registration.construct)(params.clone()) {
-                Ok(initialiser) => Some(Arc::<dyn Initialiser>::from(initialiser)),
-                Err(err) => {
-                    problems.push(format!("{at}: {class} {err}"));
-                    None
-                }
-            },
-        });
-    if problems.len() > before {
-        return None;
-    }
-    Some(Entry {
-        class: class?,
-        name: name?,
-        flag: flag?,
-        timeout,
-        params_hash: params_hash(&params),
-        params,
-        initialiser: initialiser?,
-    })
 }
 
 /// Writes JSON with object keys sorted at every level, so equal params hash equally whatever
@@ -395,7 +674,7 @@ mod tests {
         let problems = Spec::from_value(&raw, ".".into(), &registry()).unwrap_err();
         let all = problems.join("\n");
         for expected in [
-            "unknown top-level field \"other\"",
+            "unknown field \"other\" (expected cadence, initialisers)",
             "cadence.retry",
             "unknown field \"tempo\"",
             "initialisers[0] (x): exec params do not fit",

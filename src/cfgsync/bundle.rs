@@ -55,7 +55,7 @@ impl NodeArtifactsBundle {
         let mut identifiers = BTreeSet::new();
         for (n, node) in self.nodes.iter().enumerate() {
             let at = format!("nodes[{n}] ({:?})", node.identifier);
-            if let Err(p) = super::http::check_identifier(&node.identifier) {
+            if let Err(p) = crate::api::cfgsync::check_identifier(&node.identifier) {
                 problems.push(format!("{at}: {p}"));
             }
             if !identifiers.insert(node.identifier.as_str()) {

@@ -6,10 +6,11 @@ use std::time::Duration;
 
 use reqwest::StatusCode;
 
-use super::http::{NODE_SECRET_HEADER, Registered};
 use super::{NodeArtifactsPayload, NodeRegistration};
+use crate::api::NODE_SECRET_HEADER;
+use crate::api::cfgsync::Registered;
+use crate::api::{ErrorBody, ErrorCode, Token};
 use crate::backoff::Backoff;
-use crate::server::{ErrorBody, Token};
 
 /// Everything that can go wrong talking to a cfgsync server.
 #[derive(Debug, thiserror::Error)]
@@ -30,8 +31,8 @@ pub enum ClientError {
         url: String,
         /// The status.
         status: StatusCode,
-        /// The error code (`missing_config`, `unauthorized`, ...), or `unknown`.
-        code: String,
+        /// The error code (`missing_config`, `unauthorized`, ...).
+        code: ErrorCode,
         /// The server's message.
         message: String,
     },
@@ -170,22 +171,12 @@ impl CfgsyncClient {
     async fn refused(url: String, response: reqwest::Response) -> ClientError {
         let status = response.status();
         let text = small_text(response).await;
-        let (code, message) = match serde_json::from_str::<ErrorBody>(&text) {
-            Ok(body) => (body.code, body.message),
-            Err(_) => (
-                "unknown".into(),
-                if text.is_empty() {
-                    status.to_string()
-                } else {
-                    text
-                },
-            ),
-        };
+        let body = ErrorBody::from_answer(status, &text);
         ClientError::Refused {
             url,
             status,
-            code,
-            message,
+            code: body.code,
+            message: body.message,
         }
     }
 
@@ -329,7 +320,7 @@ impl CfgsyncClient {
                     }
                 }
                 Err(ClientError::Refused { code, message, .. })
-                    if code == "missing_config" && retry_missing =>
+                    if code == ErrorCode::MissingConfig && retry_missing =>
                 {
                     registered = true;
                     last = format!("no config yet: {message}");
@@ -337,7 +328,7 @@ impl CfgsyncClient {
                 }
                 Err(err @ ClientError::Unreachable { .. }) => {
                     registered = false;
-                    last = crate::server::error::error_chain(&err);
+                    last = crate::telemetry::error_chain(&err);
                     self.pause(&mut backoff, deadline).await;
                 }
                 Err(err) => return Err(err),

@@ -10,17 +10,15 @@ pub mod client;
 pub mod escape;
 pub mod gzip;
 
-pub mod http;
 pub mod materialize;
 pub mod node;
 pub mod output;
 pub mod policy;
-pub mod protocol;
 pub mod render;
-pub mod runtime;
 pub mod service;
 pub mod state;
 
+pub use crate::api::cfgsync::{ArtifactFile, NodeArtifactsPayload, NodeRegistration};
 pub use crate::files::FileError;
 pub use bundle::{BundleNode, NodeArtifactsBundle};
 pub use client::{CfgsyncClient, ClientError, FetchOutcome};
@@ -33,6 +31,4 @@ pub use node::{
 };
 pub use output::{ArtifactOutputMap, OutputError};
 pub use policy::{CompiledPolicy, Policy};
-pub use protocol::{ArtifactFile, NodeArtifactsPayload, NodeRegistration};
-pub use runtime::{build_cfgsync_router, serve_snapshot_cfgsync};
 pub use service::{Service, ServiceOptions};

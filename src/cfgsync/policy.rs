@@ -95,7 +95,7 @@ impl Policy {
             (_, Some(ids)) => {
                 let mut seen = BTreeSet::new();
                 for (i, id) in ids.iter().enumerate() {
-                    if let Err(p) = super::http::check_identifier(id) {
+                    if let Err(p) = crate::api::cfgsync::check_identifier(id) {
                         problems.push(format!("expect_identifiers[{i}]: {p}"));
                     }
                     if !seen.insert(id) {

@@ -14,7 +14,6 @@ use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use futures_util::FutureExt;
 use serde_json::Value;
 use tokio::sync::{OnceCell, watch};
 
@@ -29,7 +28,12 @@ use super::policy::{CompiledPolicy, OnNewIp, Policy, RenderLimits, Scope};
 use super::render::{DEFAULT_CACHE_BYTES, RenderCache, RenderPool, Weigh};
 use super::state::{BUNDLE, CURRENT, POLICY, REGISTRATION, RegistrationRecord};
 use super::{ArtifactFile, NodeRegistration};
-use crate::store::{CFGSYNC_NAMESPACE, ChangeEvent, DynStore, Revision, WatchFilter};
+use crate::api::status::RenderFailure;
+use crate::api::{ErrorBody, ErrorCode};
+use crate::backoff::Backoff;
+use crate::store::{
+    CFGSYNC_NAMESPACE, ChangeEvent, DynStore, ResumableWatch, Resumed, Revision, WatchFilter,
+};
 
 /// Knobs of the cfgsync service.
 #[derive(Debug, Clone)]
@@ -512,17 +516,6 @@ pub struct RenderFailures {
     /// Failed renders since start (each node and epoch counted once: failures are cached).
     pub count: prometheus_client::metrics::counter::Counter,
     last: std::sync::Mutex<Option<RenderFailure>>,
-}
-
-/// One failed render.
-#[derive(Debug, Clone, serde::Serialize)]
-pub struct RenderFailure {
-    /// The node whose payload failed.
-    pub identifier: String,
-    /// The epoch it failed at.
-    pub epoch: Revision,
-    /// Why (a template error, fuel, the deadline or the output limit).
-    pub reason: String,
 }
 
 impl RenderFailures {
@@ -1018,90 +1011,34 @@ async fn watcher(
     tx: watch::Sender<Arc<Serving>>,
     service: std::sync::Weak<Service>,
 ) {
-    let mut backoff = Duration::from_millis(100);
+    let mut changes = ResumableWatch::new(
+        store,
+        // Every namespace, not only `__cfgsync__`: a change elsewhere still advances the
+        // view's revision, so `/node` can tell "the view has caught up with the store" by
+        // comparing it with the store's revision.
+        WatchFilter::All,
+        Some(CFGSYNC_NAMESPACE.to_string()),
+        Backoff::new(Duration::from_millis(100), Duration::from_secs(5)),
+        "cfgsync",
+    );
     loop {
-        match store.namespace(CFGSYNC_NAMESPACE).await {
-            Ok(tree) => {
-                view.load(&tree);
-                publish(&tx, &service, view.rebuild());
-                backoff = Duration::from_millis(100);
-            }
-            Err(err) => {
-                tracing::warn!(error = %err, "cfgsync cannot load its state; retrying");
-                if !sleep_or_closed(&tx, backoff).await {
-                    return;
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
-        }
-        let mut stream = match store
-            // Every namespace, not only `__cfgsync__`: a change elsewhere still advances the
-            // view's revision, so `/node` can tell "the view has caught up with the store"
-            // by comparing it with the store's revision.
-            .watch(view.revision, WatchFilter::All)
-            .await
-        {
-            Ok(stream) => stream,
-            Err(err) => {
-                tracing::warn!(error = %err, "cfgsync cannot watch the store; retrying");
-                if !sleep_or_closed(&tx, backoff).await {
-                    return;
-                }
-                backoff = (backoff * 2).min(Duration::from_secs(5));
-                continue;
-            }
+        let next = tokio::select! {
+            next = changes.next() => next,
+            () = tx.closed() => return,
         };
-        loop {
-            let next = tokio::select! {
-                next = stream.next() => next,
-                () = tx.closed() => return,
-            };
-            match next {
-                Some(Ok(event)) => {
-                    backoff = Duration::from_millis(100);
-                    view.apply(&event);
-                    // Coalesce a storm: take every event already waiting before publishing.
-                    let mut broken = false;
-                    while let Some(waiting) = stream.next().now_or_never() {
-                        match waiting {
-                            Some(Ok(event)) => view.apply(&event),
-                            Some(Err(err)) => {
-                                tracing::warn!(error = %err, "cfgsync change stream broke; reloading");
-                                broken = true;
-                                break;
-                            }
-                            None => {
-                                broken = true;
-                                break;
-                            }
-                        }
-                    }
-                    publish(&tx, &service, view.rebuild());
-                    if broken {
-                        break;
-                    }
-                }
-                Some(Err(err)) => {
-                    tracing::warn!(error = %err, "cfgsync change stream broke; reloading");
-                    break;
-                }
-                None => {
-                    if !sleep_or_closed(&tx, backoff).await {
-                        return;
-                    }
-                    break;
+        match next {
+            Resumed::Reset { tree, .. } => {
+                view.load(&tree.expect("a snapshot watch resets with its namespace"));
+            }
+            Resumed::Event(event) => {
+                view.apply(&event);
+                // Coalesce a storm: take every event already waiting before publishing.
+                while let Some(waiting) = changes.try_next() {
+                    view.apply(&waiting);
                 }
             }
         }
-    }
-}
-
-/// Sleeps, returning `false` early when every reader of the view is gone (server dropped).
-async fn sleep_or_closed(tx: &watch::Sender<Arc<Serving>>, pause: Duration) -> bool {
-    tokio::select! {
-        () = tokio::time::sleep(pause) => true,
-        () = tx.closed() => false,
+        publish(&tx, &service, view.rebuild());
     }
 }
 
@@ -1110,22 +1047,20 @@ pub(crate) fn admission(
     serving: &Serving,
     registration: &NodeRegistration,
     existing: Option<&RegistrationRecord>,
-) -> Result<(), (u16, &'static str, String)> {
+) -> Result<(), ErrorBody> {
     let id = &registration.identifier;
     let bundle_only = !serving.has_materializer();
     if bundle_only && serving.bundle_has(id) == Some(false) {
-        return Err((
-            404,
-            "missing_config",
+        return Err(ErrorBody::new(
+            ErrorCode::MissingConfig,
             format!("the bundle has no config for {id:?}"),
         ));
     }
     // A policy's cap and freeze are decided by the admission ledger, in the store batch;
     // a library materializer's frozen membership is only known to the view.
     if existing.is_none() && serving.policy().is_none() && serving.frozen_out(id) {
-        return Err((
-            409,
-            "frozen",
+        return Err(ErrorBody::new(
+            ErrorCode::Frozen,
             format!(
                 "membership is frozen since the deployment became ready; {id:?} is not a member"
             ),
@@ -1136,9 +1071,8 @@ pub(crate) fn admission(
             && let Some(old) = existing
             && old.ip != registration.ip
         {
-            return Err((
-                409,
-                "ip_changed",
+            return Err(ErrorBody::new(
+                ErrorCode::IpChanged,
                 format!(
                     "{id:?} registered with {}; the policy refuses a new IP",
                     old.ip

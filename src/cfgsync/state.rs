@@ -68,13 +68,6 @@ pub async fn install_policy(store: &dyn Store, policy: &Policy) -> Result<Revisi
         .await
 }
 
-/// Milliseconds since the Unix epoch.
-pub fn now_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Checks a value written straight into `__cfgsync__` (through `/v1`) as the server would
 /// check the same thing loaded from a file: a bundle or policy is validated whole, a
 /// registration must decode and name its own key. Every problem is listed.

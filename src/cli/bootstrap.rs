@@ -13,11 +13,11 @@ use super::config::Remote;
 use super::report::{Output, Reporter};
 use super::serve::{Preload, ServerArgs, start_server};
 use super::{EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE};
-use crate::bootstrap::status::{INIT_STATE, INIT_STATUS, Status};
-use crate::bootstrap::{Engine, EngineOptions, HttpGate, Registry, Spec, duration};
+use crate::api::Token;
+use crate::api::status::StatusBody;
+use crate::api::system::{INIT_STATE, INIT_STATUS, Status};
+use crate::bootstrap::{Engine, EngineOptions, Facts, HttpGate, Registry, Spec, assess, duration};
 use crate::client::{ApiClient, RemoteStore};
-use crate::server::Token;
-use crate::server::status::StatusBody;
 use crate::store::{DynStore, SYSTEM_NAMESPACE};
 
 /// Flags of the reconciler shared by `run` and `bootstrap`.
@@ -219,16 +219,18 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<u8> {
     let reconciler = {
         let (reconciler_args, url, shutdown) = (
             args.reconciler.clone(),
-            running.url.clone(),
+            running.url().to_string(),
             shutdown.clone(),
         );
-        let metrics = Some(running.metrics.clone());
+        let metrics = Some(running.state().metrics.clone());
         tracker.spawn(async move {
             reconcile(&reconciler_args, spec, &url, token, &tls, metrics, shutdown).await
         })
     };
     tracker.close();
-    let mut served = running.task;
+    let store = running.store().clone();
+    let served = running.wait();
+    tokio::pin!(served);
     let mut reconciler = reconciler;
     // A reconciler that cannot start (say, a TLS client it cannot build) ends the process
     // instead of leaving a server that never converges.
@@ -247,8 +249,8 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<u8> {
     };
     ended??;
     tracker.wait().await;
-    served??;
-    running.store.close().await?;
+    served?;
+    store.close().await?;
     tracing::info!("stopped");
     Ok(EXIT_OK)
 }
@@ -294,11 +296,7 @@ pub(super) async fn check(args: CheckArgs) -> anyhow::Result<u8> {
                 spec.entries.len()
             );
             for (i, e) in spec.entries.iter().enumerate() {
-                let gate = if e.initialiser.wait_for_services() {
-                    ""
-                } else {
-                    " (pre-gate)"
-                };
+                let gate = if !e.pre_gate() { "" } else { " (pre-gate)" };
                 println!("  [{i}] {} ({}) flag {}{gate}", e.name, e.class, e.flag);
             }
             Ok(EXIT_OK)
@@ -322,35 +320,35 @@ pub(super) async fn plan(args: PlanArgs) -> anyhow::Result<u8> {
     let stored = client.list(SYSTEM_NAMESPACE, INIT_STATE).await?;
     let statuses = client.list(SYSTEM_NAMESPACE, INIT_STATUS).await?;
     for e in &spec.entries {
-        if !e.initialiser.wait_for_services() {
-            println!("{}: pre-gate, runs before the gate on every start", e.name);
-            continue;
-        }
+        let pre_gate = e.pre_gate();
         let current = stored
             .entries
             .get(&e.name)
             .and_then(|s| s.value.as_str().map(str::to_string));
-        match current.as_deref() {
-            Some(flag) if flag == e.flag => {
-                let last: Option<Status> = statuses
-                    .entries
-                    .get(&e.name)
-                    .and_then(|s| serde_json::from_value(s.value.clone()).ok());
-                let changed = last
-                    .and_then(|s| s.succeeded_params_hash)
-                    .is_some_and(|h| h != e.params_hash);
-                if changed {
-                    println!(
-                        "{}: up to date at {flag} — warning: params changed but the flag did not (bump it to re-run)",
-                        e.name
-                    );
-                } else {
-                    println!("{}: up to date at {flag}", e.name);
-                }
-            }
-            Some(old) => println!("{}: will run, {old} → {}", e.name, e.flag),
-            None => println!("{}: will run, (none) → {} (first run)", e.name, e.flag),
-        }
+        let last: Option<Status> = statuses
+            .entries
+            .get(&e.name)
+            .and_then(|s| serde_json::from_value(s.value.clone()).ok());
+        let assessment = assess(Facts {
+            wanted_flag: &e.flag,
+            params_hash: &e.params_hash,
+            pre_gate,
+            stored_flag: current.as_deref(),
+            succeeded_params_hash: last
+                .as_ref()
+                .and_then(|s| s.succeeded_params_hash.as_deref()),
+        });
+        let line = match (pre_gate, assessment.converged, current.as_deref()) {
+            (true, ..) => "pre-gate, runs before the gate on every start".to_string(),
+            (false, true, _) if assessment.params_drift => format!(
+                "up to date at {} — warning: params changed but the flag did not (bump it to re-run)",
+                e.flag
+            ),
+            (false, true, _) => format!("up to date at {}", e.flag),
+            (false, false, Some(old)) => format!("will run, {old} → {}", e.flag),
+            (false, false, None) => format!("will run, (none) → {} (first run)", e.flag),
+        };
+        println!("{}: {line}", e.name);
     }
     Ok(EXIT_OK)
 }
@@ -387,11 +385,7 @@ fn print_table(body: &StatusBody) {
     }
     println!(
         "cfgsync: {} registration(s), ready: {}; store {} at revision {}; converged: {}",
-        body.cfgsync["registrations"],
-        body.cfgsync["ready"],
-        body.backend,
-        body.revision,
-        body.converged
+        body.cfgsync.registrations, body.cfgsync.ready, body.backend, body.revision, body.converged
     );
 }
 

@@ -8,11 +8,11 @@ use clap::Args;
 
 use super::report::{Output, Reporter};
 use super::{EXIT_FAILURE, EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE};
+use crate::api::Token;
 use crate::bootstrap::duration;
 use crate::cfgsync::client::{CfgsyncClient, ClientError};
 use crate::cfgsync::node::{NodeError, seed_routes};
 use crate::cfgsync::{ArtifactOutputMap, NodeRegistration};
-use crate::server::Token;
 
 /// Flags of `bootsync client` (the seed's `CFG_*` variables work too).
 #[derive(Debug, Args)]

@@ -9,9 +9,9 @@ use clap::{Args, Subcommand};
 use serde_json::Value;
 
 use super::{EXIT_OK, EXIT_USAGE};
+use crate::api::Token;
+use crate::api::config::PublicEvent;
 use crate::client::ApiClient;
-use crate::server::Token;
-use crate::server::config_api::PublicEvent;
 use crate::store::{Batch, ChangeEvent, Key, Precondition};
 
 /// Where the server is and how to authenticate.

@@ -8,10 +8,11 @@ use anyhow::Context;
 use clap::Args;
 
 use super::{EXIT_OK, EXIT_USAGE};
+use crate::api::Token;
 use crate::cfgsync;
 use crate::cfgsync::policy::RenderLimits;
 use crate::metrics::Metrics;
-use crate::server::{self, AppState, ServerOptions, Token};
+use crate::server::{self, AppState, ServerOptions};
 use crate::store::{self, Limits};
 
 /// Flags shared by every command that runs the server (`serve`, `run`).
@@ -270,55 +271,24 @@ pub(crate) fn announce(
     Ok(url)
 }
 
-/// A server started in this process.
-pub(crate) struct RunningServer {
-    /// `http://ADDR` of the bound listener.
-    pub(crate) url: String,
-    /// The store it serves.
-    pub(crate) store: crate::store::DynStore,
-    /// Its metrics registry (the reconciler in `run` adds its families here).
-    pub(crate) metrics: Arc<Metrics>,
-    /// Finishes when the server has drained after `shutdown`.
-    pub(crate) task: tokio::task::JoinHandle<std::io::Result<()>>,
-}
-
-/// Opens the store, builds the full router (config API, cfgsync, health), binds, announces the
-/// listener and serves until `shutdown`. Shared by `serve` and `run` so both expose the same
-/// server.
+/// Opens the store, builds the server state, binds, announces the listener and serves until
+/// `shutdown`. Shared by `serve` and `run` so both expose the same server.
 pub(crate) async fn start_server(
     args: &ServerArgs,
     preload: &Preload,
     shutdown: tokio_util::sync::CancellationToken,
-) -> anyhow::Result<RunningServer> {
+) -> anyhow::Result<server::RunningServer> {
     // Certificate problems are found before anything is opened or bound.
     let tls = match (&args.tls_cert, &args.tls_key) {
         (Some(cert), Some(key)) => Some(crate::tls::server_config(cert, key)?),
         _ => None,
     };
     let state = args.state(preload).await?;
-    let store = state.store.clone();
-    let metrics = state.metrics.clone();
-    let limits = state.options.connections;
-    let app = server::router(state, []);
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await
         .with_context(|| format!("binding {}", args.listen))?;
-    let url = announce(&listener, store.backend(), tls.is_some())?;
-    let task = match tls {
-        Some(config) => tokio::spawn(server::serve_with(
-            crate::tls::TlsListener::new(listener, config)?,
-            app,
-            shutdown,
-            limits,
-        )),
-        None => tokio::spawn(server::serve_with(listener, app, shutdown, limits)),
-    };
-    Ok(RunningServer {
-        url,
-        store,
-        metrics,
-        task,
-    })
+    announce(&listener, state.store.backend(), tls.is_some())?;
+    Ok(server::spawn(state, listener, tls, shutdown)?)
 }
 
 pub(super) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
@@ -333,8 +303,9 @@ pub(super) async fn run(args: ServeArgs) -> anyhow::Result<u8> {
     };
     let shutdown = crate::shutdown::on_signals();
     let running = start_server(&args.server, &preload, shutdown).await?;
-    running.task.await??;
-    running.store.close().await?;
+    let store = running.store().clone();
+    running.wait().await?;
+    store.close().await?;
     tracing::info!("stopped");
     Ok(EXIT_OK)
 }

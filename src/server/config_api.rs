@@ -1,26 +1,23 @@
 //! The `/v1` config API: entries, types, namespaces, atomic batches and the change stream.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use axum::extract::{FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use serde_json::Value;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{ApiError, ApiJson, AppState};
-use crate::store::{
-    Batch, ChangeEvent, Entry, Key, Precondition, Revision, WatchFilter, is_reserved,
+use crate::api::REVISION_HEADER;
+use crate::api::config::{
+    ChangesBody, ChangesQuery, EntryBody, MAX_CHANGES_WAIT, NamespaceBody, Namespaces, PublicEvent,
+    TypeBody, Written,
 };
-
-/// Header carrying the store revision a response was read or written at.
-pub const REVISION_HEADER: &str = "x-bootsync-revision";
-/// Longest a `/v1/changes` long-poll is held.
-pub const MAX_CHANGES_WAIT: Duration = Duration::from_secs(60);
+use crate::store::{Batch, ChangeEvent, Key, Precondition, Revision, WatchFilter, is_reserved};
 
 pub(super) fn api() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -80,12 +77,6 @@ fn guard_namespace(state: &AppState, headers: &HeaderMap, namespace: &str) -> Re
     Ok(())
 }
 
-#[derive(Serialize, utoipa::ToSchema)]
-struct Namespaces {
-    revision: Revision,
-    namespaces: Vec<String>,
-}
-
 /// Every namespace (reserved ones only with the admin token).
 #[utoipa::path(get, path = "/v1/config", tag = "config",
     security((), ("admin" = [])),
@@ -109,21 +100,14 @@ async fn list_namespaces(
     ))
 }
 
-#[derive(Serialize, utoipa::ToSchema)]
-struct NamespaceBody {
-    namespace: String,
-    revision: Revision,
-    types: BTreeMap<String, BTreeMap<String, Entry>>,
-}
-
 /// A whole namespace as `{type: {key: entry}}`.
 #[utoipa::path(get, path = "/v1/config/{ns}", tag = "config",
     params(("ns" = String, Path, description = "Namespace (reserved ones, starting with `_`, need the admin token)")),
     security((), ("admin" = [])),
     responses(
         (status = 200, description = "The namespace", body = NamespaceBody, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
-        (status = 400, description = "Invalid name", body = super::ErrorBody),
-        (status = 401, description = "Reserved namespace without the admin token", body = super::ErrorBody),
+        (status = 400, description = "Invalid name", body = crate::api::ErrorBody),
+        (status = 401, description = "Reserved namespace without the admin token", body = crate::api::ErrorBody),
     ))]
 async fn get_namespace(
     State(state): State<AppState>,
@@ -142,23 +126,14 @@ async fn get_namespace(
     ))
 }
 
-#[derive(Serialize, utoipa::ToSchema)]
-struct TypeBody {
-    namespace: String,
-    #[serde(rename = "type")]
-    kind: String,
-    revision: Revision,
-    entries: BTreeMap<String, Entry>,
-}
-
 /// Every entry of one type.
 #[utoipa::path(get, path = "/v1/config/{ns}/{type}", tag = "config",
     params(("ns" = String, Path, description = "Namespace (reserved ones, starting with `_`, need the admin token)"), ("type" = String, Path, description = "Type within the namespace")),
     security((), ("admin" = [])),
     responses(
         (status = 200, description = "The entries", body = TypeBody, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
-        (status = 400, description = "Invalid name", body = super::ErrorBody),
-        (status = 401, description = "Reserved namespace without the admin token", body = super::ErrorBody),
+        (status = 400, description = "Invalid name", body = crate::api::ErrorBody),
+        (status = 401, description = "Reserved namespace without the admin token", body = crate::api::ErrorBody),
     ))]
 async fn get_type(
     State(state): State<AppState>,
@@ -178,19 +153,6 @@ async fn get_type(
     ))
 }
 
-/// One entry with its address, as `GET` answers it.
-#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct EntryBody {
-    /// Where it lives.
-    #[serde(flatten)]
-    pub key: Key,
-    /// The value and its revisions.
-    #[serde(flatten)]
-    pub entry: Entry,
-    /// The store revision at the time of the read.
-    pub revision: Revision,
-}
-
 /// One entry with its revisions; `ETag` is its mod revision.
 #[utoipa::path(get, path = "/v1/config/{ns}/{type}/{key}", tag = "config",
     params(("ns" = String, Path, description = "Namespace (reserved ones, starting with `_`, need the admin token)"), ("type" = String, Path, description = "Type within the namespace"), ("key" = String, Path, description = "Key within the type")),
@@ -199,9 +161,9 @@ pub struct EntryBody {
         (status = 200, description = "The entry", body = EntryBody,
             headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"),
                     ("etag" = String, description = "The entry's mod revision, quoted"))),
-        (status = 400, description = "Invalid name", body = super::ErrorBody),
-        (status = 401, description = "Reserved namespace without the admin token", body = super::ErrorBody),
-        (status = 404, description = "No value at this key", body = super::ErrorBody),
+        (status = 400, description = "Invalid name", body = crate::api::ErrorBody),
+        (status = 401, description = "Reserved namespace without the admin token", body = crate::api::ErrorBody),
+        (status = 404, description = "No value at this key", body = crate::api::ErrorBody),
     ))]
 async fn get_entry(
     State(state): State<AppState>,
@@ -229,13 +191,6 @@ async fn get_entry(
     );
     response.headers_mut().insert(header::ETAG, etag);
     Ok(response)
-}
-
-/// The answer to every write.
-#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Written {
-    /// The revision the write committed at.
-    pub revision: Revision,
 }
 
 /// Reads `If-Match: "<rev>"` / `If-None-Match: *` into a precondition.
@@ -271,11 +226,11 @@ fn precondition(headers: &HeaderMap) -> Result<Option<Precondition>, ApiError> {
     security(("admin" = [])),
     responses(
         (status = 200, description = "Committed", body = Written, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
-        (status = 400, description = "Malformed JSON, invalid name or header", body = super::ErrorBody),
-        (status = 401, description = "Missing or wrong admin token", body = super::ErrorBody),
-        (status = 409, description = "The precondition failed; nothing was written", body = super::ErrorBody),
-        (status = 413, description = "Body or value too large", body = super::ErrorBody),
-        (status = 415, description = "Not `application/json`", body = super::ErrorBody),
+        (status = 400, description = "Malformed JSON, invalid name or header", body = crate::api::ErrorBody),
+        (status = 401, description = "Missing or wrong admin token", body = crate::api::ErrorBody),
+        (status = 409, description = "The precondition failed; nothing was written", body = crate::api::ErrorBody),
+        (status = 413, description = "Body or value too large", body = crate::api::ErrorBody),
+        (status = 415, description = "Not `application/json`", body = crate::api::ErrorBody),
     ))]
 async fn put_entry(
     State(state): State<AppState>,
@@ -304,9 +259,9 @@ async fn put_entry(
     security(("admin" = [])),
     responses(
         (status = 200, description = "Committed", body = Written, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
-        (status = 401, description = "Missing or wrong admin token", body = super::ErrorBody),
-        (status = 404, description = "No value at this key", body = super::ErrorBody),
-        (status = 409, description = "The precondition failed", body = super::ErrorBody),
+        (status = 401, description = "Missing or wrong admin token", body = crate::api::ErrorBody),
+        (status = 404, description = "No value at this key", body = crate::api::ErrorBody),
+        (status = 409, description = "The precondition failed", body = crate::api::ErrorBody),
     ))]
 async fn delete_entry(
     State(state): State<AppState>,
@@ -338,10 +293,10 @@ async fn delete_entry(
     security(("admin" = [])),
     responses(
         (status = 200, description = "Committed", body = Written, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
-        (status = 400, description = "Malformed batch or invalid name", body = super::ErrorBody),
-        (status = 401, description = "Missing or wrong admin token", body = super::ErrorBody),
-        (status = 409, description = "A check failed (the message names the key); nothing was written", body = super::ErrorBody),
-        (status = 413, description = "Body or value too large", body = super::ErrorBody),
+        (status = 400, description = "Malformed batch or invalid name", body = crate::api::ErrorBody),
+        (status = 401, description = "Missing or wrong admin token", body = crate::api::ErrorBody),
+        (status = 409, description = "A check failed (the message names the key); nothing was written", body = crate::api::ErrorBody),
+        (status = 413, description = "Body or value too large", body = crate::api::ErrorBody),
     ))]
 async fn apply_batch(
     State(state): State<AppState>,
@@ -380,56 +335,6 @@ fn recount_admission(batch: Batch) -> Batch {
     }
 }
 
-/// Query of `GET /v1/changes`.
-#[derive(Debug, Deserialize, utoipa::IntoParams)]
-#[serde(deny_unknown_fields)]
-#[into_params(parameter_in = Query)]
-struct ChangesQuery {
-    /// Events after this revision.
-    #[serde(default)]
-    from: Revision,
-    /// Seconds to hold the request when nothing is new (0 answers at once).
-    #[serde(default)]
-    timeout: u64,
-    /// Full events including reserved namespaces (admin only).
-    #[serde(default)]
-    internal: bool,
-}
-
-/// One public change notification: which namespaces changed, by type.
-#[derive(Debug, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
-pub struct PublicEvent {
-    /// The batch's revision.
-    pub revision: Revision,
-    /// type → namespaces changed in it (reserved namespaces never appear).
-    pub changes: BTreeMap<String, Vec<String>>,
-}
-
-impl PublicEvent {
-    fn from_event(event: &ChangeEvent) -> Self {
-        let mut changes: BTreeMap<String, Vec<String>> = BTreeMap::new();
-        for change in &event.changes {
-            let namespaces = changes.entry(change.key.kind.clone()).or_default();
-            if !namespaces.contains(&change.key.namespace) {
-                namespaces.push(change.key.namespace.clone());
-            }
-        }
-        Self {
-            revision: event.revision,
-            changes,
-        }
-    }
-}
-
-/// The answer of `GET /v1/changes`: the events, and the revision to ask from next.
-#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct ChangesBody<E> {
-    /// Ask `from` this revision next time.
-    pub revision: Revision,
-    /// Events after the requested revision, oldest first.
-    pub events: Vec<E>,
-}
-
 /// Most events returned by one long-poll answer.
 const MAX_EVENTS: usize = 1000;
 
@@ -440,9 +345,9 @@ const MAX_EVENTS: usize = 1000;
     responses(
         (status = 200, description = "Public events: which namespaces changed, by type (full events with `internal=true`)",
             body = ChangesBody<PublicEvent>, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
-        (status = 400, description = "Malformed query", body = super::ErrorBody),
-        (status = 401, description = "`internal=true` without the admin token", body = super::ErrorBody),
-        (status = 410, description = "`from` is older than the compacted history; list and restart from the current revision", body = super::ErrorBody),
+        (status = 400, description = "Malformed query", body = crate::api::ErrorBody),
+        (status = 401, description = "`internal=true` without the admin token", body = crate::api::ErrorBody),
+        (status = 410, description = "`from` is older than the compacted history; list and restart from the current revision", body = crate::api::ErrorBody),
     ))]
 async fn changes(
     State(state): State<AppState>,

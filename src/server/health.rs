@@ -34,7 +34,7 @@ async fn healthz() -> Json<Value> {
     responses(
         (status = 200, description = "The store answers", body = Object,
             example = json!({"status": "ready", "backend": "sqlite", "revision": 42})),
-        (status = 503, description = "The store is not reachable", body = super::ErrorBody),
+        (status = 503, description = "The store is not reachable", body = crate::api::ErrorBody),
     ))]
 async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
     match tokio::time::timeout(READY_TIMEOUT, state.store.revision()).await {

@@ -5,8 +5,10 @@ pub mod config_api;
 pub mod conn;
 pub mod error;
 mod health;
+pub mod nodes;
 pub mod openapi;
 mod page;
+mod spawn;
 pub mod status;
 
 use std::net::SocketAddr;
@@ -24,13 +26,14 @@ use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
 
-use crate::cfgsync::http::NodeRoutes;
+use crate::api::Token;
 use crate::cfgsync::{RegistrationSnapshotMaterializer, Service, ServiceOptions};
 use crate::metrics::Metrics;
 use crate::store::{self, DynStore};
-pub use auth::Token;
 pub use conn::{ConnectionLimits, DRAIN_DEADLINE, serve as serve_with};
-pub use error::{ApiError, ApiJson, ErrorBody};
+pub use error::{ApiError, ApiJson};
+use nodes::NodeRoutes;
+pub use spawn::{RunningServer, build_cfgsync_router, serve_snapshot_cfgsync, spawn};
 
 /// Default listen address: loopback only, unless the operator says otherwise.
 pub const DEFAULT_LISTEN: &str = "127.0.0.1:4400";
@@ -219,6 +222,7 @@ pub fn router(state: AppState, extra: impl IntoIterator<Item = Router>) -> Route
         }))
         .layer(middleware::from_fn(conn::shed))
         .layer(DefaultBodyLimit::max(state.options.body_limit))
+        .layer(axum::Extension(error::BodyLimit(state.options.body_limit)))
         // A body that stops arriving ends the request (and its connection) instead of holding
         // it forever.
         .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(

@@ -62,7 +62,7 @@ pub(super) fn api() -> OpenApiRouter<AppState> {
         .merge(super::config_api::api())
         .merge(super::status::api())
         .merge(super::page::api())
-        .merge(crate::cfgsync::http::api())
+        .merge(super::nodes::api())
         .routes(routes!(openapi_json))
 }
 

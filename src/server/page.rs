@@ -10,11 +10,11 @@ use base64::Engine as _;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::auth;
-use super::status::{InitialiserStatus, StatusBody, collect};
+use super::status::collect;
 use super::{ApiError, AppState};
-use crate::bootstrap::status::State as RunState;
-use crate::cfgsync::state::now_ms;
+use crate::api::status::{InitialiserStatus, StatusBody};
+use crate::api::system::State as RunState;
+use crate::clock::now_ms;
 
 /// Registrations listed on the page; the rest are counted.
 const MAX_LISTED: usize = 200;
@@ -30,11 +30,11 @@ pub(super) fn api() -> OpenApiRouter<AppState> {
     security((), ("admin" = [])),
     responses(
         (status = 200, description = "The page", body = String, content_type = "text/html"),
-        (status = 401, description = "An admin token is configured: send it as the Basic-auth password or as a bearer token", body = super::ErrorBody),
+        (status = 401, description = "An admin token is configured: send it as the Basic-auth password or as a bearer token", body = crate::api::ErrorBody),
     ))]
 async fn page(State(state): State<AppState>, headers: HeaderMap) -> Response {
     if let Some(expected) = state.options.admin_token.as_ref() {
-        let presented = auth::bearer(&headers)
+        let presented = crate::api::auth::bearer(&headers)
             .map(str::to_string)
             .or_else(|| basic_password(&headers));
         if !presented.is_some_and(|p| expected.matches(&p)) {
@@ -62,13 +62,7 @@ async fn page(State(state): State<AppState>, headers: HeaderMap) -> Response {
                 })
                 .collect();
             registrations.sort_by(|a, b| a.identifier.cmp(&b.identifier));
-            let cfgsync = Cfgsync {
-                registrations,
-                ready: serving.is_ready(),
-                policy: serving.policy().is_some(),
-                bundle: serving.has_bundle(),
-            };
-            Html(render(&body, &cfgsync, now_ms())).into_response()
+            Html(render(&body, &registrations, now_ms())).into_response()
         }
         Err(err) => {
             let status = err.status();
@@ -102,14 +96,6 @@ struct Registration {
     identifier: String,
     ip: String,
     last_seen_ms: u64,
-}
-
-/// The cfgsync part of the page.
-struct Cfgsync {
-    registrations: Vec<Registration>,
-    ready: bool,
-    policy: bool,
-    bundle: bool,
 }
 
 /// Escapes text for HTML element content and attribute values.
@@ -180,7 +166,8 @@ font-weight:bold}.run{color:#8a5a00}pre{margin:0;white-space:pre-wrap;max-width:
 .badge{padding:.1em .5em;border-radius:.3em;background:#eee}";
 
 /// The whole page.
-fn render(status: &StatusBody, cfgsync: &Cfgsync, now: u64) -> String {
+fn render(status: &StatusBody, registrations: &[Registration], now: u64) -> String {
+    let cfgsync = &status.cfgsync;
     let mut out = String::with_capacity(8 * 1024);
     let (word, class) = if status.converged {
         ("converged", "ok")
@@ -263,11 +250,11 @@ fn render(status: &StatusBody, cfgsync: &Cfgsync, now: u64) -> String {
         out,
         "<h2>cfgsync</h2><p><span id=cfgsync-state>{serving}</span>; \
          <b id=registrations>{}</b> node(s) registered.</p>",
-        cfgsync.registrations.len()
+        registrations.len()
     );
-    if !cfgsync.registrations.is_empty() {
+    if !registrations.is_empty() {
         out.push_str("<table id=nodes><tr><th>Identifier</th><th>IP</th><th>Last seen</th></tr>");
-        for r in cfgsync.registrations.iter().take(MAX_LISTED) {
+        for r in registrations.iter().take(MAX_LISTED) {
             let _ = write!(
                 out,
                 "<tr><td>{}</td><td>{}</td><td title=\"{}\">{}</td></tr>",
@@ -278,11 +265,11 @@ fn render(status: &StatusBody, cfgsync: &Cfgsync, now: u64) -> String {
             );
         }
         out.push_str("</table>");
-        if cfgsync.registrations.len() > MAX_LISTED {
+        if registrations.len() > MAX_LISTED {
             let _ = write!(
                 out,
                 "<p>… and {} more.</p>",
-                cfgsync.registrations.len() - MAX_LISTED
+                registrations.len() - MAX_LISTED
             );
         }
     }
@@ -296,7 +283,7 @@ fn render(status: &StatusBody, cfgsync: &Cfgsync, now: u64) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::bootstrap::status::Status;
+    use crate::api::system::Status;
 
     fn failed(error: &str) -> InitialiserStatus {
         InitialiserStatus {
@@ -331,15 +318,9 @@ mod tests {
             backend: "sqlite".into(),
             converged: false,
             initialisers: vec![failed("exit 1: <script>alert(1)</script>")],
-            cfgsync: serde_json::Value::Null,
+            cfgsync: Default::default(),
         };
-        let cfgsync = Cfgsync {
-            registrations: vec![],
-            ready: false,
-            policy: false,
-            bundle: false,
-        };
-        let html = render(&status, &cfgsync, 1_700_000_042_000);
+        let html = render(&status, &[], 1_700_000_042_000);
         assert!(!html.contains("<script>"), "{html}");
         assert!(html.contains("exit 1: &lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(html.contains("migrate&lt;1&gt;"));

@@ -6,51 +6,14 @@ use std::collections::BTreeMap;
 use axum::Json;
 use axum::extract::State;
 use axum::http::HeaderMap;
-use serde::{Deserialize, Serialize};
-use serde_json::Value;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{ApiError, AppState};
-use crate::bootstrap::status::{INIT_SPEC, INIT_STATE, INIT_STATUS, SPEC_KEY, Status, WantedSpec};
-use crate::store::{Revision, SYSTEM_NAMESPACE};
-
-/// One initialiser as `/v1/status` reports it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct InitialiserStatus {
-    /// Instance name.
-    pub name: String,
-    /// Class.
-    pub class: String,
-    /// The flag the spec wants (absent when the running spec no longer names it).
-    pub wanted_flag: Option<String>,
-    /// The flag stored after the last success.
-    pub stored_flag: Option<String>,
-    /// Whether it is at its wanted flag.
-    pub converged: bool,
-    /// The last run's record.
-    pub last_run: Option<Status>,
-    /// The params changed since the last success but the flag did not (probably forgotten).
-    pub params_changed_without_flag_bump: bool,
-    /// Runs before the gate (no stored flag).
-    pub pre_gate: bool,
-}
-
-/// The body of `GET /v1/status`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct StatusBody {
-    /// Store revision read.
-    pub revision: Revision,
-    /// Store backend.
-    pub backend: String,
-    /// Whether every post-gate initialiser is at its flag (false until a reconciler wrote a spec).
-    pub converged: bool,
-    /// In spec order, then any stored but no longer wanted.
-    pub initialisers: Vec<InitialiserStatus>,
-    /// cfgsync: registrations and readiness.
-    #[schema(value_type = Object)]
-    pub cfgsync: Value,
-}
+use crate::api::status::{CfgsyncSummary, InitialiserStatus, StatusBody};
+use crate::api::system::{INIT_SPEC, INIT_STATE, INIT_STATUS, SPEC_KEY, Status, WantedSpec};
+use crate::bootstrap::{Facts, assess};
+use crate::store::SYSTEM_NAMESPACE;
 
 pub(super) fn api() -> OpenApiRouter<AppState> {
     OpenApiRouter::new().routes(routes!(status))
@@ -61,7 +24,7 @@ pub(super) fn api() -> OpenApiRouter<AppState> {
     security((), ("admin" = [])),
     responses(
         (status = 200, description = "The reconciler's state", body = StatusBody),
-        (status = 401, description = "Missing or wrong admin token (when one is configured)", body = super::ErrorBody),
+        (status = 401, description = "Missing or wrong admin token (when one is configured)", body = crate::api::ErrorBody),
     ))]
 async fn status(
     State(state): State<AppState>,
@@ -97,19 +60,23 @@ pub(super) async fn collect(state: &AppState) -> Result<StatusBody, ApiError> {
         for w in &spec.initialisers {
             let last_run = record(&w.name);
             let stored_flag = stored_flag(&w.name);
-            let params_changed = stored_flag.as_deref() == Some(w.flag.as_str())
-                && last_run
+            let assessment = assess(Facts {
+                wanted_flag: &w.flag,
+                params_hash: &w.params_hash,
+                pre_gate: w.pre_gate,
+                stored_flag: stored_flag.as_deref(),
+                succeeded_params_hash: last_run
                     .as_ref()
-                    .and_then(|r| r.succeeded_params_hash.as_deref())
-                    .is_some_and(|h| h != w.params_hash);
+                    .and_then(|r| r.succeeded_params_hash.as_deref()),
+            });
             initialisers.push(InitialiserStatus {
                 name: w.name.clone(),
                 class: w.class.clone(),
-                converged: w.pre_gate || stored_flag.as_deref() == Some(w.flag.as_str()),
+                converged: assessment.converged,
                 wanted_flag: Some(w.flag.clone()),
                 stored_flag,
                 last_run,
-                params_changed_without_flag_bump: params_changed,
+                params_changed_without_flag_bump: assessment.params_drift,
                 pre_gate: w.pre_gate,
             });
         }
@@ -140,14 +107,15 @@ pub(super) async fn collect(state: &AppState) -> Result<StatusBody, ApiError> {
         backend: state.store.backend().to_string(),
         converged,
         initialisers,
-        cfgsync: serde_json::json!({
-            "registrations": serving.registrations(),
-            "ready": serving.is_ready(),
-            "policy": serving.policy().is_some(),
-            "epoch": serving.epoch(),
-            "render_cache_bytes": state.cfgsync.cached_bytes(),
-            "render_failures": state.cfgsync.render_failures().count.get(),
-            "last_render_failure": state.cfgsync.render_failures().last(),
-        }),
+        cfgsync: CfgsyncSummary {
+            registrations: serving.registrations(),
+            ready: serving.is_ready(),
+            policy: serving.policy().is_some(),
+            bundle: serving.has_bundle(),
+            epoch: serving.epoch(),
+            render_cache_bytes: state.cfgsync.cached_bytes(),
+            render_failures: state.cfgsync.render_failures().count.get(),
+            last_render_failure: state.cfgsync.render_failures().last(),
+        },
     })
 }

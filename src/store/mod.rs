@@ -9,6 +9,7 @@ pub mod etcd;
 mod hub;
 pub mod memory;
 mod names;
+mod resume;
 pub mod sqlite;
 
 use std::collections::BTreeMap;
@@ -25,6 +26,7 @@ pub use hub::ChangeHub;
 pub use names::{
     Limits, MAX_ID_LEN, MAX_KEY_LEN, is_reserved, validate_key, validate_namespace, validate_type,
 };
+pub use resume::{ResumableWatch, Resumed};
 
 /// A global store revision. Each committed batch gets the next one; 0 means "nothing yet".
 pub type Revision = u64;

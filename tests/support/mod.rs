@@ -199,3 +199,28 @@ impl Proc {
 pub async fn get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Response> {
     bootsync::tls::plain_client().get(url).send().await
 }
+
+pub mod server;
+#[allow(unused_imports)] // not every test file starts an in-process server
+pub use server::TestServer;
+
+/// One request to `url` with an optional bearer token and JSON body; answers the status and
+/// the body as JSON (`Null` when the body is empty or not JSON).
+pub async fn call(
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let mut request = bootsync::tls::plain_client().request(method, url);
+    if let Some(token) = token {
+        request = request.bearer_auth(token);
+    }
+    if let Some(body) = body {
+        request = request.json(&body);
+    }
+    let response = request.send().await.expect("the server answers");
+    let status = response.status();
+    let text = response.text().await.unwrap_or_default();
+    (status, serde_json::from_str(&text).unwrap_or_default())
+}

@@ -1,17 +1,12 @@
-//! `acme.create-admin`: an initialiser written outside bootsync, registered with
-//! `inventory::submit!` exactly as the core ones are.
+//! `acme.create-admin`: an initialiser written outside bootsync and registered with
+//! `register!`, exactly as the core ones are. It depends on bootsync alone.
 
-use async_trait::async_trait;
-use bootsync::bootstrap::registry::{ParamsError, from_params};
-use bootsync::bootstrap::{InitContext, InitError, Initialiser, Registration};
-use bootsync::inventory;
-use bootsync::store::{Batch, Key, Precondition};
-use serde::Deserialize;
+use bootsync::plugin::*;
 
 /// Params of `acme.create-admin`. The schema derive puts them in `acme-bootsync schema spec`.
-#[derive(Debug, Clone, Deserialize, bootsync::schemars::JsonSchema)]
-#[serde(deny_unknown_fields)]
-#[schemars(crate = "bootsync::schemars", rename = "AcmeCreateAdminParams")]
+#[derive(Debug, Clone, Deserialize, JsonSchema)]
+#[serde(crate = "bootsync::plugin::serde", deny_unknown_fields)]
+#[schemars(crate = "bootsync::plugin::schemars", rename = "AcmeCreateAdminParams")]
 pub struct Params {
     /// Namespace to create the admin record in.
     pub namespace: String,
@@ -34,7 +29,7 @@ impl Initialiser for CreateAdmin {
         if ctx.store.get(&key).await?.is_some() {
             return Ok(());
         }
-        let value = serde_json::json!({"role": "admin", "created_by_flag": new_flag});
+        let value = json!({"role": "admin", "created_by_flag": new_flag});
         ctx.store
             .apply(
                 Batch::new()
@@ -46,15 +41,65 @@ impl Initialiser for CreateAdmin {
     }
 }
 
-fn construct(params: serde_json::Value) -> Result<Box<dyn Initialiser>, ParamsError> {
-    from_params(params, CreateAdmin)
+impl FromParams for CreateAdmin {
+    const CLASS: &'static str = "acme.create-admin";
+    const SUMMARY: &'static str = "creates the first admin user";
+    type Params = Params;
+
+    fn from_params(params: Params) -> Result<Self, String> {
+        if params.user.trim().is_empty() {
+            return Err("user must not be empty".into());
+        }
+        Ok(CreateAdmin(params))
+    }
 }
 
-inventory::submit! {
-    Registration::new("acme.create-admin", "creates the first admin user", construct)
-        .with_params_schema(bootsync::bootstrap::schema::params_schema::<Params>)
-}
+register!(CreateAdmin);
 
 /// Referencing this from `main` makes the linker keep this crate's object code, and with it
-/// the inventory registration above.
+/// the registration above.
 pub fn link() {}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use bootsync::store::Limits;
+    use bootsync::store::memory::MemoryStore;
+
+    use super::*;
+
+    fn admin(user: &str) -> CreateAdmin {
+        CreateAdmin(Params {
+            namespace: "prod".into(),
+            user: user.into(),
+        })
+    }
+
+    #[tokio::test]
+    async fn it_creates_the_admin_once_and_leaves_it_on_a_flag_bump() {
+        let store: DynStore = Arc::new(MemoryStore::new(Limits::default()));
+        let ctx = InitContext::for_test(store.clone(), ".");
+        admin("root").run(&ctx, None, "v1").await.unwrap();
+        admin("root").run(&ctx, Some("v1"), "v2").await.unwrap();
+        let entry = store
+            .get(&Key::new("prod", "users", "root"))
+            .await
+            .unwrap()
+            .expect("created");
+        assert_eq!(
+            entry.value["created_by_flag"], "v1",
+            "the bump left it alone"
+        );
+        assert_eq!(entry.create_revision, entry.mod_revision, "written once");
+    }
+
+    #[test]
+    fn an_empty_user_is_refused_when_the_spec_is_read() {
+        let construct = Registration::of::<CreateAdmin>().construct;
+        let err = construct(json!({"namespace": "prod", "user": " "}))
+            .err()
+            .expect("refused");
+        assert!(err.to_string().contains("user must not be empty"), "{err}");
+    }
+}

@@ -47,10 +47,13 @@ fn strict_params_apply_to_third_party_initialisers_too() {
         .get("acme.create-admin")
         .expect("registered through inventory");
     assert!(
-        (registration.construct)(serde_json::json!({"namespace": "prod", "user": "root"})).is_ok()
+        (registration.construct)(
+            bootsync::plugin::serde_json::json!({"namespace": "prod", "user": "root"})
+        )
+        .is_ok()
     );
     let err = (registration.construct)(
-        serde_json::json!({"namespace": "prod", "user": "root", "role": "x"}),
+        bootsync::plugin::serde_json::json!({"namespace": "prod", "user": "root", "role": "x"}),
     )
     .err()
     .unwrap();
@@ -69,7 +72,8 @@ fn the_linked_binary_describes_the_third_party_params_in_its_spec_schema() {
         .output()
         .unwrap();
     assert!(out.status.success());
-    let schema: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let schema: bootsync::plugin::serde_json::Value =
+        bootsync::plugin::serde_json::from_slice(&out.stdout).unwrap();
     let class = schema["properties"]["initialisers"]["items"]["oneOf"]
         .as_array()
         .unwrap()
@@ -82,5 +86,8 @@ fn the_linked_binary_describes_the_third_party_params_in_its_spec_schema() {
         "#/$defs/AcmeCreateAdminParams"
     );
     let params = &schema["$defs"]["AcmeCreateAdminParams"];
-    assert_eq!(params["required"], serde_json::json!(["namespace", "user"]));
+    assert_eq!(
+        params["required"],
+        bootsync::plugin::serde_json::json!(["namespace", "user"])
+    );
 }

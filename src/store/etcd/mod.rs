@@ -11,6 +11,8 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::time::Duration;
 
 use async_trait::async_trait;
+
+use crate::backoff::Backoff;
 use futures_util::{StreamExt, stream};
 use serde_json::Value;
 use tonic::transport::{Channel, Endpoint};
@@ -234,12 +236,13 @@ impl EtcdStore {
         Fut: std::future::Future<Output = Result<T, tonic::Status>>,
     {
         let mut last = None;
-        for attempt in 0..ATTEMPTS {
+        let mut backoff = Backoff::new(Duration::from_millis(50), Duration::from_secs(2));
+        for _ in 0..ATTEMPTS {
             match call(self.kv()).await {
                 Ok(value) => return Ok(value),
                 Err(err) if transient(&err) => {
                     last = Some(err);
-                    tokio::time::sleep(Duration::from_millis(50 << attempt)).await;
+                    tokio::time::sleep(backoff.fail()).await;
                 }
                 Err(err) => return Err(map_err(context, err)),
             }
@@ -445,7 +448,7 @@ impl Store for EtcdStore {
             last: from,
             stream: None,
             pending: VecDeque::new(),
-            failures: 0,
+            backoff: Backoff::new(Duration::from_millis(100), Duration::from_secs(1)),
             done: false,
         };
         let mut state = state;
@@ -462,7 +465,8 @@ struct WatchState {
     last: Revision,
     stream: Option<tonic::Streaming<WatchResponse>>,
     pending: VecDeque<ChangeEvent>,
-    failures: u32,
+    /// Spaces the re-opens of a broken stream; 20 failures in a row end the watch.
+    backoff: Backoff,
     done: bool,
 }
 
@@ -562,7 +566,7 @@ impl WatchState {
                     ));
                 }
                 Ok(Some(response)) => {
-                    self.failures = 0;
+                    self.backoff.reset();
                     if let Err(err) = self.absorb(&response) {
                         self.done = true;
                         return Some((Err(err), self));
@@ -571,18 +575,15 @@ impl WatchState {
                 // A broken or closed stream resumes from the last revision seen.
                 Ok(None) | Err(_) => {
                     self.stream = None;
-                    self.failures += 1;
-                    if self.failures > 20 {
+                    let pause = self.backoff.fail();
+                    if self.backoff.failures() > 20 {
                         self.done = true;
                         return Some((
                             Err(Error::Unavailable("the etcd watch keeps failing".into())),
                             self,
                         ));
                     }
-                    tokio::time::sleep(Duration::from_millis(
-                        100 * u64::from(self.failures.min(10)),
-                    ))
-                    .await;
+                    tokio::time::sleep(pause).await;
                     match self.open().await {
                         Ok(()) => {}
                         Err(err @ Error::Compacted { .. }) => {

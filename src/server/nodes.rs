@@ -10,26 +10,23 @@ use axum::extract::{FromRef, FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::NodeRegistration;
-use super::admission::{self, Refusal};
-use super::protocol::{INTERNAL, MISSING_CONFIG, NOT_READY};
-use super::service::{NodeAnswer, Service, admission};
-use super::state::{RegistrationRecord, now_ms, registration_key};
-use crate::server::auth::{self, Token, constant_time_eq};
-use crate::server::{ApiError, ApiJson};
+use super::auth;
+use super::{ApiError, ApiJson};
+use crate::api::auth::constant_time_eq;
+use crate::api::cfgsync::{
+    MAX_METADATA_BYTES, NodeArtifactsPayload, NodeRegistration, Registered, check_identifier,
+};
+use crate::api::{ErrorBody, ErrorCode, NODE_SECRET_HEADER, Token};
+use crate::cfgsync::admission::{self, Refusal};
+use crate::cfgsync::service::{NodeAnswer, Service, admission};
+use crate::cfgsync::state::{RegistrationRecord, registration_key};
+use crate::clock::now_ms;
 use crate::store::{Precondition, encoded_len};
-
-/// Header carrying a node's secret in strict mode.
-pub const NODE_SECRET_HEADER: &str = "x-bootsync-node-secret";
-/// Longest identifier, in bytes (a DNS name's length).
-pub const MAX_IDENTIFIER_LEN: usize = 253;
-/// Largest metadata, as compact JSON bytes.
-pub const MAX_METADATA_BYTES: usize = 64 * 1024;
 
 /// What the node routes need.
 #[derive(Clone)]
@@ -57,36 +54,13 @@ where
         .routes(routes!(node))
 }
 
-/// Checks an identifier: non-empty, bounded, no control characters or path separators.
-pub fn check_identifier(identifier: &str) -> Result<(), String> {
-    if identifier.is_empty() {
-        return Err("identifier must not be empty".into());
-    }
-    if identifier.len() > MAX_IDENTIFIER_LEN {
-        return Err(format!(
-            "identifier is {} bytes, over the limit of {MAX_IDENTIFIER_LEN}",
-            identifier.len()
-        ));
-    }
-    if identifier
-        .chars()
-        .any(|c| c.is_control() || c == '/' || c == '\\')
-    {
-        return Err(format!(
-            "identifier {identifier:?} contains a control character or a path separator"
-        ));
-    }
-    Ok(())
-}
-
 /// Checks a decoded registration as both node routes do: identifier and metadata limits.
 pub fn validate_registration(registration: &NodeRegistration) -> Result<(), ApiError> {
     check_identifier(&registration.identifier).map_err(ApiError::unprocessable)?;
     let size = encoded_len(&registration.metadata);
     if size > MAX_METADATA_BYTES {
         return Err(ApiError::new(
-            StatusCode::PAYLOAD_TOO_LARGE,
-            "too_large",
+            ErrorCode::TooLarge,
             format!("metadata is {size} bytes, over the limit of {MAX_METADATA_BYTES}"),
         ));
     }
@@ -107,16 +81,6 @@ impl<S: Send + Sync> FromRequestParts<S> for Peer {
                 .map(|c| c.0),
         ))
     }
-}
-
-/// The `202` body: an addition old clients ignore.
-#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Registered {
-    /// The identifier registered.
-    pub identifier: String,
-    /// Strict mode only: the secret later calls must present (shown once).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub node_secret: Option<String>,
 }
 
 fn sha256_hex(secret: &str) -> String {
@@ -169,14 +133,6 @@ fn claims(
         && peer.is_some_and(|peer| record.peer.as_deref().and_then(from) == Some(peer.ip()))
 }
 
-fn refused(status: u16, code: &'static str, message: String) -> ApiError {
-    ApiError::new(
-        StatusCode::from_u16(status).expect("valid status"),
-        code,
-        message,
-    )
-}
-
 /// Attempts to record a registration before giving up on concurrent writers of the same node.
 const REGISTER_ATTEMPTS: usize = 4;
 
@@ -187,13 +143,13 @@ const REGISTER_ATTEMPTS: usize = 4;
     security((), ("join" = [])),
     responses(
         (status = 202, description = "Registered", body = Registered),
-        (status = 400, description = "Malformed JSON or IP", body = crate::server::ErrorBody),
-        (status = 401, description = "Missing or wrong join token or node secret", body = crate::server::ErrorBody),
-        (status = 403, description = "Strict mode: the node secret belongs to another identifier", body = crate::server::ErrorBody),
-        (status = 409, description = "Refused by the policy (frozen, full, or a new IP with `on_new_ip: reject`)", body = crate::server::ErrorBody),
-        (status = 413, description = "Body or metadata too large", body = crate::server::ErrorBody),
-        (status = 415, description = "Not `application/json`", body = crate::server::ErrorBody),
-        (status = 422, description = "Invalid identifier or a missing field", body = crate::server::ErrorBody),
+        (status = 400, description = "Malformed JSON or IP", body = ErrorBody),
+        (status = 401, description = "Missing or wrong join token or node secret", body = ErrorBody),
+        (status = 403, description = "Strict mode: the node secret belongs to another identifier", body = ErrorBody),
+        (status = 409, description = "Refused by the policy (frozen, full, or a new IP with `on_new_ip: reject`)", body = ErrorBody),
+        (status = 413, description = "Body or metadata too large", body = ErrorBody),
+        (status = 415, description = "Not `application/json`", body = ErrorBody),
+        (status = 422, description = "Invalid identifier or a missing field", body = ErrorBody),
     ))]
 async fn register(
     State(routes): State<NodeRoutes>,
@@ -239,9 +195,8 @@ async fn register(
             Some(record)
                 if service.options.strict_nodes && !claims(record, &registration, peer) =>
             {
-                return Err(refused(
-                    409,
-                    "unclaimed_record",
+                return Err(ApiError::new(
+                    ErrorCode::UnclaimedRecord,
                     format!(
                         "{:?} was registered before strict mode from another address; an operator must remove its record first",
                         registration.identifier
@@ -257,15 +212,14 @@ async fn register(
             _ => None,
         };
         // After the secret: a caller without it learns nothing of the stored record.
-        if let Err((status, code, message)) =
-            admission(&service.current(), &registration, existing_record.as_ref())
+        if let Err(refused) = admission(&service.current(), &registration, existing_record.as_ref())
         {
             // A refusal for a new node (full, frozen) is decided on the store, not a guess:
             // the node may be registered already, which admission treats differently.
             if guessed {
                 continue;
             }
-            return Err(refused(status, code, message));
+            return Err(refused.into());
         }
         let now = now_ms();
         let record = RegistrationRecord {
@@ -308,23 +262,20 @@ async fn register(
             // Refused as a new node on the view's guess: read the store and decide again.
             Err(Refusal::Cap(_) | Refusal::Budget(_) | Refusal::Frozen) if guessed => continue,
             Err(Refusal::Cap(cap)) => {
-                return Err(refused(
-                    409,
-                    "registration_cap",
+                return Err(ApiError::new(
+                    ErrorCode::RegistrationCap,
                     format!("at most {cap} registrations are accepted"),
                 ));
             }
             Err(Refusal::Budget(budget)) => {
-                return Err(refused(
-                    409,
-                    "metadata_budget",
+                return Err(ApiError::new(
+                    ErrorCode::MetadataBudget,
                     format!("the registrations' metadata may hold at most {budget} bytes in all"),
                 ));
             }
             Err(Refusal::Frozen) => {
-                return Err(refused(
-                    409,
-                    "frozen",
+                return Err(ApiError::new(
+                    ErrorCode::Frozen,
                     format!(
                         "membership is frozen since the deployment became ready; {:?} is not a member",
                         registration.identifier
@@ -354,12 +305,12 @@ struct NodeQuery {
         ("x-bootsync-node-secret" = Option<String>, Header, description = "Strict mode: the secret given at registration")),
     security((), ("join" = [])),
     responses(
-        (status = 200, description = "The payload", body = super::NodeArtifactsPayload),
-        (status = 400, description = "Malformed JSON, IP or query", body = crate::server::ErrorBody),
-        (status = 401, description = "Missing or wrong join token or node secret", body = crate::server::ErrorBody),
-        (status = 404, description = "`missing_config`: nothing will be served to this identifier", body = crate::server::ErrorBody),
-        (status = 425, description = "`not_ready`: registered, config not ready yet; retry", body = crate::server::ErrorBody),
-        (status = 500, description = "`internal`: materialisation failed", body = crate::server::ErrorBody),
+        (status = 200, description = "The payload", body = NodeArtifactsPayload),
+        (status = 400, description = "Malformed JSON, IP or query", body = ErrorBody),
+        (status = 401, description = "Missing or wrong join token or node secret", body = ErrorBody),
+        (status = 404, description = "`missing_config`: nothing will be served to this identifier", body = ErrorBody),
+        (status = 425, description = "`not_ready`: registered, config not ready yet; retry", body = ErrorBody),
+        (status = 500, description = "`internal`: materialisation failed", body = ErrorBody),
     ))]
 async fn node(
     State(routes): State<NodeRoutes>,
@@ -444,15 +395,13 @@ async fn node(
             }
             NodeAnswer::Missing => {
                 return Err(ApiError::new(
-                    StatusCode::NOT_FOUND,
-                    MISSING_CONFIG,
+                    ErrorCode::MissingConfig,
                     format!("there is no config for {id:?}"),
                 ));
             }
             NodeAnswer::Failed(_) => {
                 return Err(ApiError::new(
-                    StatusCode::INTERNAL_SERVER_ERROR,
-                    INTERNAL,
+                    ErrorCode::Internal,
                     "the server could not build this node's config; see the server log",
                 ));
             }
@@ -477,8 +426,7 @@ async fn node(
                     Ok(Ok(next)) => serving = next.clone(),
                     _ => {
                         return Err(ApiError::new(
-                            StatusCode::TOO_EARLY,
-                            NOT_READY,
+                            ErrorCode::NotReady,
                             format!("not ready: {why}"),
                         ));
                     }

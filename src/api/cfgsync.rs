@@ -1,4 +1,4 @@
-//! Wire types of the cfgsync protocol, compatible with the seed's clients and servers.
+//! The cfgsync protocol's bodies, compatible with the seed's clients and servers.
 
 use std::net::IpAddr;
 
@@ -8,12 +8,10 @@ use serde_json::Value;
 /// The payload schema version this server speaks.
 pub const SCHEMA_VERSION: u32 = 1;
 
-/// Error code: the node's config is not ready yet (425).
-pub const NOT_READY: &str = "not_ready";
-/// Error code: there is no config for this identifier (404).
-pub const MISSING_CONFIG: &str = "missing_config";
-/// Error code: a server fault (500).
-pub const INTERNAL: &str = "internal";
+/// Longest identifier, in bytes (a DNS name's length).
+pub const MAX_IDENTIFIER_LEN: usize = 253;
+/// Largest metadata, as compact JSON bytes.
+pub const MAX_METADATA_BYTES: usize = 64 * 1024;
 
 /// A node's registration, the body of both `POST /register` and `POST /node`.
 ///
@@ -100,6 +98,38 @@ impl NodeArtifactsPayload {
             epoch: None,
         }
     }
+}
+
+/// Checks an identifier: non-empty, bounded, no control characters or path separators.
+pub fn check_identifier(identifier: &str) -> Result<(), String> {
+    if identifier.is_empty() {
+        return Err("identifier must not be empty".into());
+    }
+    if identifier.len() > MAX_IDENTIFIER_LEN {
+        return Err(format!(
+            "identifier is {} bytes, over the limit of {MAX_IDENTIFIER_LEN}",
+            identifier.len()
+        ));
+    }
+    if identifier
+        .chars()
+        .any(|c| c.is_control() || c == '/' || c == '\\')
+    {
+        return Err(format!(
+            "identifier {identifier:?} contains a control character or a path separator"
+        ));
+    }
+    Ok(())
+}
+
+/// The `202` body: an addition old clients ignore.
+#[derive(Debug, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Registered {
+    /// The identifier registered.
+    pub identifier: String,
+    /// Strict mode only: the secret later calls must present (shown once).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node_secret: Option<String>,
 }
 
 #[cfg(test)]

@@ -1,0 +1,244 @@
+//! The module layering, checked on the source: every `crate::…` path in a module must point to a
+//! module it may depend on, and the modules' dependencies form no cycle.
+//!
+//! ```text
+//! foundation (backoff, clock, files, metrics, shutdown, telemetry, tls)
+//!   ← store ← api ← cfgsync, bootstrap, client ← server ← cli
+//!                    initialisers (bootstrap, cfgsync)
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::{Path, PathBuf};
+
+const FOUNDATION: &[&str] = &[
+    "backoff",
+    "clock",
+    "files",
+    "metrics",
+    "shutdown",
+    "telemetry",
+    "tls",
+];
+
+/// Each top-level module and the modules (beyond the foundation) it may use.
+fn allowed() -> BTreeMap<&'static str, Vec<&'static str>> {
+    let mut rules: BTreeMap<&str, Vec<&str>> = BTreeMap::new();
+    for module in FOUNDATION {
+        rules.insert(module, vec![]);
+    }
+    rules.insert("store", vec![]);
+    rules.insert("api", vec!["store"]);
+    rules.insert("cfgsync", vec!["api", "store"]);
+    rules.insert("bootstrap", vec!["api", "store"]);
+    rules.insert("client", vec!["api", "store"]);
+    rules.insert("initialisers", vec!["api", "store", "bootstrap", "cfgsync"]);
+    // Re-exports for third-party initialisers.
+    rules.insert("plugin", vec!["store", "bootstrap"]);
+    rules.insert("server", vec!["api", "store", "cfgsync", "bootstrap"]);
+    rules.insert(
+        "cli",
+        vec!["api", "store", "cfgsync", "bootstrap", "client", "server"],
+    );
+    rules
+}
+
+fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// The top-level module a file belongs to (`None` for the crate root and `main`).
+fn owner(root: &Path, file: &Path) -> Option<String> {
+    let relative = file.strip_prefix(root).unwrap();
+    let mut parts = relative.iter().map(|p| p.to_string_lossy().into_owned());
+    let first = parts.next()?;
+    if first == "initialisers" {
+        return Some(first);
+    }
+    let module = parts.next()?;
+    let module = module.strip_suffix(".rs").unwrap_or(&module).to_string();
+    (module != "lib" && module != "main").then_some(module)
+}
+
+/// Every top-level module named after `crate::` in `line`, including `crate::{a, b::c}`.
+fn targets(line: &str) -> Vec<String> {
+    let mut found = Vec::new();
+    let mut rest = line;
+    while let Some(at) = rest.find("crate::") {
+        // `bootsync::crate::` cannot occur; `$crate::` in a macro is not this crate's layering.
+        let before = &rest[..at];
+        rest = &rest[at + "crate::".len()..];
+        if before.ends_with('$') || before.ends_with(|c: char| c.is_alphanumeric() || c == '_') {
+            continue;
+        }
+        if let Some(group) = rest.strip_prefix('{') {
+            // Only the group's top-level items name modules: `{api::Token, store::{self, Key}}`.
+            let (mut depth, mut item) = (0, String::new());
+            for c in group.chars().chain([',']) {
+                match c {
+                    '{' => depth += 1,
+                    '}' if depth == 0 => break,
+                    '}' => depth -= 1,
+                    ',' if depth == 0 => {
+                        found.extend(leading_name(&item));
+                        item.clear();
+                        continue;
+                    }
+                    _ => {}
+                }
+                if depth == 0 {
+                    item.push(c);
+                }
+            }
+            found.extend(leading_name(&item));
+        } else {
+            found.extend(leading_name(rest));
+        }
+    }
+    found
+}
+
+/// The identifier `text` starts with, unless it is `self` or empty.
+fn leading_name(text: &str) -> Option<String> {
+    let name: String = text
+        .trim()
+        .chars()
+        .take_while(|c| c.is_alphanumeric() || *c == '_')
+        .collect();
+    (!name.is_empty() && name != "self").then_some(name)
+}
+
+/// (file, line number, from, to) for every cross-module path in the crate.
+fn edges() -> Vec<(String, usize, String, String)> {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    rust_files(&root.join("src"), &mut files);
+    rust_files(&root.join("initialisers"), &mut files);
+    let mut edges = Vec::new();
+    for file in files {
+        let Some(from) = owner(root, &file) else {
+            continue;
+        };
+        let text = std::fs::read_to_string(&file).unwrap();
+        let mut in_group = String::new();
+        for (n, line) in text.lines().enumerate() {
+            let code = line.trim_start();
+            if code.starts_with("//") {
+                continue;
+            }
+            // A `use crate::{` group may span lines: read it whole.
+            let mut whole = line.to_string();
+            if !in_group.is_empty() || (code.contains("crate::{") && !code.contains('}')) {
+                in_group.push_str(code);
+                if !code.contains('}') && !code.ends_with(';') {
+                    continue;
+                }
+                whole = std::mem::take(&mut in_group);
+            }
+            for to in targets(&whole) {
+                if to != from {
+                    let shown = file.strip_prefix(root).unwrap().display().to_string();
+                    edges.push((shown, n + 1, from.clone(), to));
+                }
+            }
+        }
+    }
+    edges
+}
+
+#[test]
+fn every_module_uses_only_the_layers_below_it() {
+    let rules = allowed();
+    let mut forbidden = Vec::new();
+    for (file, line, from, to) in edges() {
+        let Some(may) = rules.get(from.as_str()) else {
+            forbidden.push(format!(
+                "{file}: module `{from}` has no place in the layering (add it to tests/architecture.rs)"
+            ));
+            continue;
+        };
+        // Everything may use the foundation; the foundation's own rule is empty, so it may use
+        // nothing else.
+        if FOUNDATION.contains(&to.as_str()) {
+            continue;
+        }
+        if !may.contains(&to.as_str()) {
+            forbidden.push(format!(
+                "{file}:{line}: `{from}` → `{to}` is forbidden; `{from}` may use {}",
+                if may.is_empty() {
+                    "only the foundation".to_string()
+                } else {
+                    format!("{} and the foundation", may.join(", "))
+                }
+            ));
+        }
+    }
+    assert!(
+        forbidden.is_empty(),
+        "forbidden imports:\n{}",
+        forbidden.join("\n")
+    );
+}
+
+#[test]
+fn the_module_graph_has_no_cycle() {
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for (_, _, from, to) in edges() {
+        graph.entry(from).or_default().insert(to);
+    }
+    // Depth-first search with colours; a grey node reached again closes a cycle.
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        state: &mut BTreeMap<String, bool>,
+        path: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        match state.get(node) {
+            Some(true) => return None,
+            Some(false) => {
+                let start = path.iter().position(|n| n == node).unwrap();
+                let mut cycle = path[start..].to_vec();
+                cycle.push(node.to_string());
+                return Some(cycle);
+            }
+            None => {}
+        }
+        state.insert(node.to_string(), false);
+        path.push(node.to_string());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(cycle) = visit(next, graph, state, path) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        state.insert(node.to_string(), true);
+        None
+    }
+    let mut state = BTreeMap::new();
+    for node in graph.keys() {
+        if let Some(cycle) = visit(node, &graph, &mut state, &mut Vec::new()) {
+            panic!("module cycle: {}", cycle.join(" → "));
+        }
+    }
+}
+
+#[test]
+fn the_scanner_sees_grouped_and_inline_paths() {
+    assert_eq!(targets("use crate::store::{Key, Revision};"), ["store"]);
+    assert_eq!(
+        targets("use crate::{api::Token, store::{self, Key}};"),
+        ["api", "store"]
+    );
+    assert_eq!(
+        targets("    let x = crate::server::error::error_chain(&e);"),
+        ["server"]
+    );
+    assert!(targets("macro_rules! m { () => { $crate::store::Key } }").is_empty());
+    assert!(targets("use other_crate::store;").is_empty());
+}

@@ -41,13 +41,9 @@ async fn start_server(store: DynStore) -> String {
         .await
         .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(server::serve(
-        listener,
-        server::router(state, []),
-        Default::default(),
-    ));
-    url
+    // Runs for the rest of the process: the handle is not kept.
+    let running = server::spawn(state, listener, None, Default::default()).unwrap();
+    running.url().to_string()
 }
 
 fn percentile(sorted: &[f64], p: f64) -> f64 {

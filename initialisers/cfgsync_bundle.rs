@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use crate::bootstrap::{FromParams, InitContext, InitError, Initialiser};
+use crate::bootstrap::{InitContext, InitError, Initialiser};
 use crate::cfgsync::{NodeArtifactsBundle, state};
 
 /// Params of `cfgsync-bundle`.
@@ -16,16 +16,18 @@ struct Params {
     bundle_file: String,
 }
 
+/// The `cfgsync-bundle` class.
 struct CfgsyncBundle(Params);
+
+crate::register!(
+    CfgsyncBundle(Params),
+    "cfgsync-bundle",
+    "loads a static artifact bundle into cfgsync"
+);
 
 #[async_trait]
 impl Initialiser for CfgsyncBundle {
-    async fn run(
-        &self,
-        ctx: &InitContext,
-        _old: Option<&str>,
-        _new: &str,
-    ) -> Result<(), InitError> {
+    async fn run(&self, ctx: &InitContext) -> Result<(), InitError> {
         let bundle = NodeArtifactsBundle::load(&ctx.resolve(&self.0.bundle_file))?;
         let revision = state::install_bundle(ctx.store.as_ref(), &bundle).await?;
         tracing::info!(
@@ -37,36 +39,22 @@ impl Initialiser for CfgsyncBundle {
     }
 }
 
-impl FromParams for CfgsyncBundle {
-    const CLASS: &'static str = "cfgsync-bundle";
-    const SUMMARY: &'static str = "loads a static artifact bundle into cfgsync";
-    type Params = Params;
-
-    fn from_params(params: Params) -> Result<Self, String> {
-        Ok(Self(params))
-    }
-}
-
-crate::register!(CfgsyncBundle);
-
 #[cfg(test)]
 mod tests {
+    use super::super::testing::sandbox;
     use super::*;
     use crate::store::{CFGSYNC_NAMESPACE, Key};
 
     #[tokio::test]
     async fn installs_a_valid_bundle_and_refuses_an_invalid_one() {
-        let dir = tempfile::tempdir().unwrap();
-        let (ctx, store) = super::super::testing::context(dir.path());
-        std::fs::write(
-            dir.path().join("b.yaml"),
+        let (dir, ctx, store) = sandbox(&[(
+            "b.yaml",
             "nodes:\n  - identifier: n1\n    files: [{path: a, content: x}]\n",
-        )
-        .unwrap();
+        )]);
         CfgsyncBundle(Params {
             bundle_file: "b.yaml".into(),
         })
-        .run(&ctx, None, "v1")
+        .run(&ctx)
         .await
         .unwrap();
         let stored = store
@@ -82,7 +70,7 @@ mod tests {
         let err = CfgsyncBundle(Params {
             bundle_file: "bad.yaml".into(),
         })
-        .run(&ctx, Some("v1"), "v2")
+        .run(&ctx.with_flags(Some("v1"), "v2"))
         .await
         .unwrap_err();
         assert!(err.to_string().contains(".."), "{err}");

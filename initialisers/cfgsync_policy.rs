@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use crate::bootstrap::{FromParams, InitContext, InitError, Initialiser};
+use crate::bootstrap::{InitContext, InitError, Initialiser};
 use crate::cfgsync::{Policy, state};
 
 /// Params of `cfgsync-policy`.
@@ -15,16 +15,18 @@ struct Params {
     policy_file: String,
 }
 
+/// The `cfgsync-policy` class.
 struct CfgsyncPolicy(Params);
+
+crate::register!(
+    CfgsyncPolicy(Params),
+    "cfgsync-policy",
+    "installs a registration policy for cfgsync"
+);
 
 #[async_trait]
 impl Initialiser for CfgsyncPolicy {
-    async fn run(
-        &self,
-        ctx: &InitContext,
-        _old: Option<&str>,
-        _new: &str,
-    ) -> Result<(), InitError> {
+    async fn run(&self, ctx: &InitContext) -> Result<(), InitError> {
         let compiled = Policy::load(&ctx.resolve(&self.0.policy_file))?;
         let revision = state::install_policy(ctx.store.as_ref(), compiled.policy()).await?;
         tracing::info!(revision, "installed the cfgsync policy");
@@ -32,35 +34,21 @@ impl Initialiser for CfgsyncPolicy {
     }
 }
 
-impl FromParams for CfgsyncPolicy {
-    const CLASS: &'static str = "cfgsync-policy";
-    const SUMMARY: &'static str = "installs a registration policy for cfgsync";
-    type Params = Params;
-
-    fn from_params(params: Params) -> Result<Self, String> {
-        Ok(Self(params))
-    }
-}
-
-crate::register!(CfgsyncPolicy);
-
 #[cfg(test)]
 mod tests {
+    use super::super::testing::sandbox;
     use super::*;
 
     #[tokio::test]
     async fn a_template_error_fails_the_run_naming_the_file() {
-        let dir = tempfile::tempdir().unwrap();
-        let (ctx, store) = super::super::testing::context(dir.path());
-        std::fs::write(
-            dir.path().join("p.yaml"),
+        let (_dir, ctx, store) = sandbox(&[(
+            "p.yaml",
             "expect_nodes: 2\nfiles:\n  - path: a\n    template: \"{% for %}\"\n",
-        )
-        .unwrap();
+        )]);
         let err = CfgsyncPolicy(Params {
             policy_file: "p.yaml".into(),
         })
-        .run(&ctx, None, "v1")
+        .run(&ctx)
         .await
         .unwrap_err();
         assert!(

@@ -36,12 +36,7 @@ fn tail(bytes: &[u8]) -> String {
 
 #[async_trait]
 impl Initialiser for Exec {
-    async fn run(
-        &self,
-        ctx: &InitContext,
-        old_flag: Option<&str>,
-        new_flag: &str,
-    ) -> Result<(), InitError> {
+    async fn run(&self, ctx: &InitContext) -> Result<(), InitError> {
         let (program, args) = self
             .0
             .command
@@ -57,8 +52,8 @@ impl Initialiser for Exec {
         let child = command
             .args(args)
             .envs(&self.0.env)
-            .env("BOOTSYNC_OLD_FLAG", old_flag.unwrap_or(""))
-            .env("BOOTSYNC_NEW_FLAG", new_flag)
+            .env("BOOTSYNC_OLD_FLAG", ctx.old_flag().unwrap_or(""))
+            .env("BOOTSYNC_NEW_FLAG", ctx.new_flag())
             .env("BOOTSYNC_INSTANCE", &ctx.name)
             .current_dir(&cwd)
             .stdin(Stdio::null())
@@ -126,6 +121,7 @@ crate::register!(Exec);
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::sandbox;
     use serde_json::json;
 
     use super::*;
@@ -139,10 +135,9 @@ mod tests {
 
     #[tokio::test]
     async fn passes_the_old_and_new_flags_and_runs_in_the_spec_dir() {
-        let dir = tempfile::tempdir().unwrap();
-        let (ctx, _) = super::super::testing::context(dir.path());
+        let (dir, ctx, _) = sandbox(&[]);
         exec("echo \"[$BOOTSYNC_OLD_FLAG]>$BOOTSYNC_NEW_FLAG $EXTRA\" > out")
-            .run(&ctx, None, "v1")
+            .run(&ctx)
             .await
             .unwrap();
         assert_eq!(
@@ -150,7 +145,7 @@ mod tests {
             "[]>v1 x\n"
         );
         exec("echo \"$BOOTSYNC_OLD_FLAG>$BOOTSYNC_NEW_FLAG\" > out")
-            .run(&ctx, Some("v1"), "v2")
+            .run(&ctx.with_flags(Some("v1"), "v2"))
             .await
             .unwrap();
         assert_eq!(
@@ -161,10 +156,9 @@ mod tests {
 
     #[tokio::test]
     async fn a_failure_carries_the_exit_status_and_stderr_tail() {
-        let dir = tempfile::tempdir().unwrap();
-        let (ctx, _) = super::super::testing::context(dir.path());
+        let (_dir, ctx, _) = sandbox(&[]);
         let err = exec("echo migration broke >&2; exit 3")
-            .run(&ctx, None, "v1")
+            .run(&ctx)
             .await
             .unwrap_err()
             .to_string();
@@ -176,12 +170,11 @@ mod tests {
 
     #[tokio::test]
     async fn cancellation_kills_the_command() {
-        let dir = tempfile::tempdir().unwrap();
-        let (ctx, _) = super::super::testing::context(dir.path());
+        let (dir, ctx, _) = sandbox(&[]);
         let cancel = ctx.cancel.clone();
         let run = tokio::spawn(async move {
             exec("sleep 30; touch late")
-                .run(&ctx, None, "v1")
+                .run(&ctx)
                 .await
                 .map_err(|e| e.to_string())
         });

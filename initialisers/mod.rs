@@ -99,17 +99,24 @@ async fn fill(
 pub(crate) mod testing {
     //! A context over a memory store, and each class's registered constructor, for the
     //! initialisers' unit tests.
-    use std::path::Path;
     use std::sync::Arc;
 
     use serde_json::Value;
+    use tempfile::TempDir;
 
     use crate::bootstrap::{FromParams, InitContext, Initialiser, ParamsError, Registration};
     use crate::store::{DynStore, Limits, memory::MemoryStore};
 
-    pub(crate) fn context(dir: &Path) -> (InitContext, DynStore) {
+    /// A spec directory holding `files`, a context whose spec lives there (a first run for
+    /// `v1`), and the context's memory store.
+    pub(crate) fn sandbox(files: &[(&str, &str)]) -> (TempDir, InitContext, DynStore) {
+        let dir = tempfile::tempdir().unwrap();
+        for (name, text) in files {
+            std::fs::write(dir.path().join(name), text).unwrap();
+        }
         let store: DynStore = Arc::new(MemoryStore::new(Limits::default()));
-        (InitContext::for_test(store.clone(), dir), store)
+        let ctx = InitContext::for_test(store.clone(), dir.path());
+        (dir, ctx, store)
     }
 
     /// Builds `T` from params as the spec reader does.

@@ -71,12 +71,7 @@ impl NamespaceInit {
 
 #[async_trait]
 impl Initialiser for NamespaceInit {
-    async fn run(
-        &self,
-        ctx: &InitContext,
-        old_flag: Option<&str>,
-        _new_flag: &str,
-    ) -> Result<(), InitError> {
+    async fn run(&self, ctx: &InitContext) -> Result<(), InitError> {
         let params = &self.0;
         let seed = match (&params.source, &params.seed_file) {
             (Source::SeedFile, Some(file)) => super::load_seed(&ctx.resolve(file))?,
@@ -88,7 +83,7 @@ impl Initialiser for NamespaceInit {
                 template.values()
             }
         };
-        let all = old_flag.is_none() || params.overwrite;
+        let all = ctx.old_flag().is_none() || params.overwrite;
         let written = super::fill(&ctx.store, &params.namespace, &seed, all).await?;
         tracing::info!(namespace = %params.namespace, written, "filled the namespace");
         Ok(())
@@ -110,6 +105,7 @@ crate::register!(NamespaceInit);
 
 #[cfg(test)]
 mod tests {
+    use super::super::testing::sandbox;
     use serde_json::json;
 
     use super::*;
@@ -117,15 +113,14 @@ mod tests {
 
     #[tokio::test]
     async fn fails_while_the_template_is_empty_then_copies_every_type() {
-        let dir = tempfile::tempdir().unwrap();
-        let (ctx, store) = super::super::testing::context(dir.path());
+        let (_dir, ctx, store) = sandbox(&[]);
         let init = NamespaceInit(Params {
             namespace: "prod".into(),
             source: Source::Template,
             seed_file: None,
             overwrite: false,
         });
-        let err = init.run(&ctx, None, "v1").await.unwrap_err().to_string();
+        let err = init.run(&ctx).await.unwrap_err().to_string();
         assert!(err.contains("empty"), "{err}");
         store
             .put(Key::new(TEMPLATE_NAMESPACE, "flows", "a"), json!(1))
@@ -135,7 +130,7 @@ mod tests {
             .put(Key::new(TEMPLATE_NAMESPACE, "prompts", "p"), json!("hi"))
             .await
             .unwrap();
-        init.run(&ctx, None, "v1").await.unwrap();
+        init.run(&ctx).await.unwrap();
         let tree = store.namespace("prod").await.unwrap().values();
         assert_eq!(tree["flows"]["a"], json!(1));
         assert_eq!(tree["prompts"]["p"], json!("hi"));

@@ -4,7 +4,7 @@
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use crate::bootstrap::{FromParams, InitContext, InitError, Initialiser};
+use crate::bootstrap::{InitContext, InitError, Initialiser};
 use crate::store::TEMPLATE_NAMESPACE;
 
 /// Params of `template-seed`.
@@ -19,39 +19,30 @@ struct Params {
     overwrite: bool,
 }
 
+/// The `template-seed` class.
 struct TemplateSeed(Params);
+
+crate::register!(
+    TemplateSeed(Params),
+    "template-seed",
+    "fills __template__ from a seed file"
+);
 
 #[async_trait]
 impl Initialiser for TemplateSeed {
-    async fn run(
-        &self,
-        ctx: &InitContext,
-        old_flag: Option<&str>,
-        _new_flag: &str,
-    ) -> Result<(), InitError> {
+    async fn run(&self, ctx: &InitContext) -> Result<(), InitError> {
         let seed = super::load_seed(&ctx.resolve(&self.0.seed_file))?;
         // A first run writes everything; a flag change is a migration that adds what is new.
-        let all = old_flag.is_none() || self.0.overwrite;
+        let all = ctx.old_flag().is_none() || self.0.overwrite;
         let written = super::fill(&ctx.store, TEMPLATE_NAMESPACE, &seed, all).await?;
         tracing::info!(written, overwrite = all, "seeded the template");
         Ok(())
     }
 }
 
-impl FromParams for TemplateSeed {
-    const CLASS: &'static str = "template-seed";
-    const SUMMARY: &'static str = "fills __template__ from a seed file";
-    type Params = Params;
-
-    fn from_params(params: Params) -> Result<Self, String> {
-        Ok(Self(params))
-    }
-}
-
-crate::register!(TemplateSeed);
-
 #[cfg(test)]
 mod tests {
+    use super::super::testing::sandbox;
     use serde_json::json;
 
     use super::*;
@@ -59,14 +50,12 @@ mod tests {
 
     #[tokio::test]
     async fn first_run_writes_all_then_a_flag_change_adds_only_missing_keys() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(dir.path().join("seed.yaml"), "flows:\n  a: 1\n  b: 2\n").unwrap();
-        let (ctx, store) = super::super::testing::context(dir.path());
+        let (dir, ctx, store) = sandbox(&[("seed.yaml", "flows:\n  a: 1\n  b: 2\n")]);
         let init = TemplateSeed(Params {
             seed_file: "seed.yaml".into(),
             overwrite: false,
         });
-        init.run(&ctx, None, "v1").await.unwrap();
+        init.run(&ctx).await.unwrap();
         assert_eq!(
             store
                 .values(TEMPLATE_NAMESPACE, "flows")
@@ -84,7 +73,7 @@ mod tests {
             "flows:\n  a: 1\n  b: 2\n  c: 3\n",
         )
         .unwrap();
-        init.run(&ctx, Some("v1"), "v2").await.unwrap();
+        init.run(&ctx.with_flags(Some("v1"), "v2")).await.unwrap();
         let values = store.values(TEMPLATE_NAMESPACE, "flows").await.unwrap();
         assert_eq!(values["a"], json!("edited"), "an existing key is kept");
         assert_eq!(values["c"], json!(3), "a missing key is added");
@@ -92,7 +81,10 @@ mod tests {
             seed_file: "seed.yaml".into(),
             overwrite: true,
         });
-        overwrite.run(&ctx, Some("v2"), "v3").await.unwrap();
+        overwrite
+            .run(&ctx.with_flags(Some("v2"), "v3"))
+            .await
+            .unwrap();
         assert_eq!(
             store.values(TEMPLATE_NAMESPACE, "flows").await.unwrap()["a"],
             json!(1)
@@ -101,18 +93,13 @@ mod tests {
 
     #[tokio::test]
     async fn a_seed_of_the_wrong_shape_is_refused_and_writes_nothing() {
-        let dir = tempfile::tempdir().unwrap();
-        std::fs::write(
-            dir.path().join("seed.json"),
-            r#"{"flows": {"a": 1}, "bad": [1, 2]}"#,
-        )
-        .unwrap();
-        let (ctx, store) = super::super::testing::context(dir.path());
+        let files = [("seed.json", r#"{"flows": {"a": 1}, "bad": [1, 2]}"#)];
+        let (_dir, ctx, store) = sandbox(&files);
         let init = TemplateSeed(Params {
             seed_file: "seed.json".into(),
             overwrite: false,
         });
-        let err = init.run(&ctx, None, "v1").await.unwrap_err().to_string();
+        let err = init.run(&ctx).await.unwrap_err().to_string();
         assert!(
             err.contains("seed.json") && err.contains("\"bad\" is not a map"),
             "{err}"

@@ -6,7 +6,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use serde::Deserialize;
 
-use crate::bootstrap::{FromParams, InitContext, InitError, Initialiser, Phase, duration};
+use crate::bootstrap::{InitContext, InitError, Initialiser, Phase, duration};
 
 /// Params of `wait-for`.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -32,7 +32,14 @@ fn default_timeout() -> Duration {
     Duration::from_secs(60)
 }
 
+/// The `wait-for` class: a pre-gate initialiser.
 struct WaitFor(Params);
+
+crate::register!(
+    WaitFor(Params),
+    "wait-for",
+    "waits until TCP and HTTP endpoints answer (pre-gate)"
+);
 
 impl WaitFor {
     /// The endpoints that do not answer yet.
@@ -63,12 +70,7 @@ impl Initialiser for WaitFor {
         Phase::BeforeGate
     }
 
-    async fn run(
-        &self,
-        ctx: &InitContext,
-        _old: Option<&str>,
-        _new: &str,
-    ) -> Result<(), InitError> {
+    async fn run(&self, ctx: &InitContext) -> Result<(), InitError> {
         let deadline = tokio::time::Instant::now() + self.0.timeout;
         let mut pause = Duration::from_millis(100);
         loop {
@@ -93,28 +95,16 @@ impl Initialiser for WaitFor {
     }
 }
 
-impl FromParams for WaitFor {
-    const CLASS: &'static str = "wait-for";
-    const SUMMARY: &'static str = "waits until TCP and HTTP endpoints answer (pre-gate)";
-    type Params = Params;
-
-    fn from_params(params: Params) -> Result<Self, String> {
-        Ok(Self(params))
-    }
-}
-
-crate::register!(WaitFor);
-
 #[cfg(test)]
 mod tests {
+    use super::super::testing::sandbox;
     use serde_json::json;
 
     use super::*;
 
     #[tokio::test]
     async fn succeeds_against_a_listener_and_names_a_closed_port_when_it_gives_up() {
-        let dir = tempfile::tempdir().unwrap();
-        let (ctx, _) = super::super::testing::context(dir.path());
+        let (_dir, ctx, _) = sandbox(&[]);
         let open = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
         let open_addr = open.local_addr().unwrap().to_string();
         let closed_addr = {
@@ -126,13 +116,13 @@ mod tests {
             http: vec![],
             timeout: Duration::from_secs(5),
         });
-        ok.run(&ctx, None, "v1").await.unwrap();
+        ok.run(&ctx).await.unwrap();
         let bad = WaitFor(Params {
             tcp: vec![open_addr, closed_addr.clone()],
             http: vec![],
             timeout: Duration::from_millis(300),
         });
-        let err = bad.run(&ctx, None, "v1").await.unwrap_err().to_string();
+        let err = bad.run(&ctx).await.unwrap_err().to_string();
         assert!(err.contains(&closed_addr), "{err}");
     }
 

@@ -1,11 +1,21 @@
 //! bootsync brings a deployment to its configured initial state, keeps it there, and hands every
 //! node the files it needs to start.
 //!
-//! The parts, each usable on its own: [`store`] (the versioned config store), [`server`] (one
-//! HTTP server for the config API and cfgsync), [`cfgsync`] (node registration and artifact
-//! delivery), [`bootstrap`] (the reconciler), [`client`] (HTTP clients of the server's API), and
-//! [`cli`] (the `bootsync` command, also the entry point for third-party binaries that link
-//! their own initialisers).
+//! The modules form layers, each using only those below it (`tests/architecture.rs` checks it):
+//!
+//! - [`store`]: the versioned config store (SQLite, etcd, memory) and its change stream;
+//! - [`api`]: the wire contract — every request and response body, the error codes with their
+//!   typed details, tokens and header names — shared by the server and both clients;
+//! - [`cfgsync`]: node registration and delivery of one payload of files per node;
+//! - [`bootstrap`]: the reconciler — the spec, the engine, the lease, the convergence rule and
+//!   the registry of initialiser classes;
+//! - [`client`]: the `/v1` client, and [`client::RemoteStore`], the store spoken over HTTP;
+//! - [`server`]: one HTTP server over all of it, started with [`server::spawn`];
+//! - [`cli`]: the `bootsync` command, also the entry point of third-party binaries;
+//! - [`plugin`]: what a third-party initialiser needs, re-exported.
+//!
+//! Below them sit small foundations: [`backoff`], [`clock`], [`files`], [`metrics`],
+//! [`shutdown`], [`telemetry`] and [`tls`].
 
 pub mod api;
 pub mod backoff;

@@ -20,9 +20,9 @@
 //!
 //! #[async_trait]
 //! impl Initialiser for Greet {
-//!     async fn run(&self, ctx: &InitContext, _old: Option<&str>, new: &str) -> Result<(), InitError> {
+//!     async fn run(&self, ctx: &InitContext) -> Result<(), InitError> {
 //!         let key = Key::new("prod", "greetings", &self.0.who);
-//!         ctx.store.put(key, json!({"flag": new})).await?;
+//!         ctx.store.put(key, json!({"flag": ctx.new_flag()})).await?;
 //!         Ok(())
 //!     }
 //! }

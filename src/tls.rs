@@ -208,16 +208,22 @@ impl TlsListener {
         let acceptor = TlsAcceptor::from(config);
         let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
         let task = tokio::spawn(async move {
+            // Out of descriptors and the like: back off instead of spinning.
+            let mut backoff =
+                crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
             loop {
                 let Ok(permit) = permits.clone().acquire_owned().await else {
                     return;
                 };
                 let (tcp, peer) = match listener.accept().await {
-                    Ok(accepted) => accepted,
+                    Ok(accepted) => {
+                        backoff.reset();
+                        accepted
+                    }
                     Err(err) => {
-                        // Out of descriptors and the like: back off instead of spinning.
-                        tracing::warn!(error = %err, "accept failed");
-                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        let pause = backoff.fail();
+                        tracing::warn!(error = %err, retry_in = ?pause, "accept failed");
+                        tokio::time::sleep(pause).await;
                         continue;
                     }
                 };

@@ -7,8 +7,10 @@
 //!                    initialisers (bootstrap, cfgsync)
 //! ```
 
+mod support;
+
 use std::collections::{BTreeMap, BTreeSet};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 const FOUNDATION: &[&str] = &[
     "backoff",
@@ -40,17 +42,6 @@ fn allowed() -> BTreeMap<&'static str, Vec<&'static str>> {
         vec!["api", "store", "cfgsync", "bootstrap", "client", "server"],
     );
     rules
-}
-
-fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
 }
 
 /// The top-level module a file belongs to (`None` for the crate root and `main`).
@@ -114,12 +105,26 @@ fn leading_name(text: &str) -> Option<String> {
     (!name.is_empty() && name != "self").then_some(name)
 }
 
+/// The crate's top-level modules, as `src/lib.rs` declares them (so a path to a macro or a
+/// re-exported crate, like `crate::register!`, is not taken for a module).
+fn modules(root: &Path) -> BTreeSet<String> {
+    let lib = std::fs::read_to_string(root.join("src/lib.rs")).unwrap();
+    lib.lines()
+        .filter_map(|line| {
+            let line = line.trim_start().trim_start_matches("pub ");
+            let name = line.strip_prefix("mod ")?.strip_suffix(';')?;
+            Some(name.to_string())
+        })
+        .collect()
+}
+
 /// (file, line number, from, to) for every cross-module path in the crate.
 fn edges() -> Vec<(String, usize, String, String)> {
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let modules = modules(root);
     let mut files = Vec::new();
-    rust_files(&root.join("src"), &mut files);
-    rust_files(&root.join("initialisers"), &mut files);
+    support::rust_files(&root.join("src"), &mut files);
+    support::rust_files(&root.join("initialisers"), &mut files);
     let mut edges = Vec::new();
     for file in files {
         let Some(from) = owner(root, &file) else {
@@ -142,7 +147,7 @@ fn edges() -> Vec<(String, usize, String, String)> {
                 whole = std::mem::take(&mut in_group);
             }
             for to in targets(&whole) {
-                if to != from {
+                if to != from && modules.contains(&to) {
                     let shown = file.strip_prefix(root).unwrap().display().to_string();
                     edges.push((shown, n + 1, from.clone(), to));
                 }

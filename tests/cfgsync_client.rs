@@ -257,16 +257,8 @@ async fn two_clients_started_30_seconds_apart_both_succeed() {
 
 #[tokio::test]
 async fn fifty_client_processes_get_all_fifty_peers_from_a_policy_server() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("policy.yaml"),
-        "expect_nodes: 50\nfiles:\n  - path: peers.txt\n    template: \"{% for p in nodes %}{{ p.identifier }}\\n{% endfor %}\"\n",
-    )
-    .unwrap();
-    let server = support::Proc::spawn(
-        &["serve", "--store", "memory:", "--policy", "policy.yaml"],
-        dir.path(),
-    );
+    let dir = support::dir_with(&[("policy.yaml", &support::peers_policy(50))]);
+    let server = support::Proc::start(dir.path(), "serve --store memory: --policy policy.yaml");
     let mut children = Vec::new();
     for i in 0..50 {
         let out = dir.path().join(format!("node-{i}"));
@@ -309,16 +301,11 @@ async fn fifty_client_processes_get_all_fifty_peers_from_a_policy_server() {
 
 #[tokio::test]
 async fn the_library_client_long_polls_a_bootsync_server_and_sees_the_epoch() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("policy.yaml"),
+    let dir = support::dir_with(&[(
+        "policy.yaml",
         "expect_nodes: 2\nfiles:\n  - path: a.txt\n    template: \"{{ index }}\"\n",
-    )
-    .unwrap();
-    let server = support::Proc::spawn(
-        &["serve", "--store", "memory:", "--policy", "policy.yaml"],
-        dir.path(),
-    );
+    )]);
+    let server = support::Proc::start(dir.path(), "serve --store memory: --policy policy.yaml");
     let client = Arc::new(CfgsyncClient::new(&server.url).with_long_poll(Duration::from_secs(20)));
     let waiting = tokio::spawn({
         let client = client.clone();

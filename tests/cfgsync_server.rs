@@ -7,7 +7,6 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use reqwest::StatusCode;
 use serde_json::{Value, json};
 use support::Proc;
 
@@ -40,40 +39,24 @@ fn reg(id: &str, ip: &str) -> Value {
     json!({"identifier": id, "ip": ip, "metadata": {"port": 3000}})
 }
 
-async fn post(url: &str, path: &str, body: &Value) -> (StatusCode, Value) {
-    let response = bootsync::tls::plain_client()
-        .post(format!("{url}{path}"))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status();
-    let text = response.text().await.unwrap();
-    (status, serde_json::from_str(&text).unwrap_or(Value::Null))
-}
-
 #[tokio::test]
 async fn a_seed_node_gets_202_425_404_and_200_in_the_registration_model() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("policy.yaml"), POLICY_3).unwrap();
-    let server = Proc::spawn(
-        &["serve", "--store", "memory:", "--policy", "policy.yaml"],
-        dir.path(),
-    );
+    let dir = support::dir_with(&[("policy.yaml", POLICY_3)]);
+    let server = Proc::start(dir.path(), "serve --store memory: --policy policy.yaml");
     let u = server.url.as_str();
-    let (status, body) = post(u, "/node", &reg("node-a", "10.0.0.1")).await;
+    let (status, body) = support::post(u, "/node", &reg("node-a", "10.0.0.1")).await;
     assert_eq!(status, 425, "not registered: {body}");
     assert_eq!(body["code"], "not_ready");
-    let (status, _) = post(u, "/register", &reg("node-a", "10.0.0.1")).await;
+    let (status, _) = support::post(u, "/register", &reg("node-a", "10.0.0.1")).await;
     assert_eq!(status, 202);
-    let (status, body) = post(u, "/node", &reg("node-a", "10.0.0.1")).await;
+    let (status, body) = support::post(u, "/node", &reg("node-a", "10.0.0.1")).await;
     assert_eq!(
         (status.as_u16(), body["code"].as_str()),
         (425, Some("not_ready")),
         "registered, not ready"
     );
-    post(u, "/register", &reg("node-b", "10.0.0.2")).await;
-    let (status, _) = post(
+    support::post(u, "/register", &reg("node-b", "10.0.0.2")).await;
+    let (status, _) = support::post(
         u,
         "/register",
         &json!({"identifier": "node-c", "ip": "fd00::3"}),
@@ -84,7 +67,7 @@ async fn a_seed_node_gets_202_425_404_and_200_in_the_registration_model() {
         Duration::from_secs(20),
         "node-a's payload once 3 registered",
         || async {
-            let (status, body) = post(u, "/node", &reg("node-a", "10.0.0.1")).await;
+            let (status, body) = support::post(u, "/node", &reg("node-a", "10.0.0.1")).await;
             (status == 200).then_some(body)
         },
     )
@@ -109,34 +92,30 @@ async fn a_seed_node_gets_202_425_404_and_200_in_the_registration_model() {
         payload["epoch"].as_u64().is_some(),
         "the additive epoch is present"
     );
-    let (status, body) = post(u, "/register", &reg("node-late", "10.0.0.9")).await;
+    let (status, body) = support::post(u, "/register", &reg("node-late", "10.0.0.9")).await;
     assert_eq!(status, 409, "membership is frozen once ready: {body}");
     assert_eq!(body["code"], "frozen");
 }
 
 #[tokio::test]
 async fn a_seed_node_gets_its_bundle_without_registering_and_unknown_nodes_get_404() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("bundle.yaml"), BUNDLE).unwrap();
-    let server = Proc::spawn(
-        &["serve", "--store", "memory:", "--bundle", "bundle.yaml"],
-        dir.path(),
-    );
+    let dir = support::dir_with(&[("bundle.yaml", BUNDLE)]);
+    let server = Proc::start(dir.path(), "serve --store memory: --bundle bundle.yaml");
     let u = server.url.as_str();
-    let (status, body) = post(u, "/node", &reg("node-1", "10.0.0.1")).await;
+    let (status, body) = support::post(u, "/node", &reg("node-1", "10.0.0.1")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         body["files"],
         json!([{"path": "/config.yaml", "content": "id: 1"}, {"path": "deployment-settings.yaml", "content": "shared: true"}])
     );
-    let (status, _) = post(u, "/register", &reg("node-1", "10.0.0.1")).await;
+    let (status, _) = support::post(u, "/register", &reg("node-1", "10.0.0.1")).await;
     assert_eq!(status, 202);
-    let (status, body) = post(u, "/register", &reg("stranger", "10.0.0.2")).await;
+    let (status, body) = support::post(u, "/register", &reg("stranger", "10.0.0.2")).await;
     assert_eq!(
         (status.as_u16(), body["code"].as_str()),
         (404, Some("missing_config"))
     );
-    let (status, body) = post(u, "/node", &reg("stranger", "10.0.0.2")).await;
+    let (status, body) = support::post(u, "/node", &reg("stranger", "10.0.0.2")).await;
     assert_eq!(
         (status.as_u16(), body["code"].as_str()),
         (404, Some("missing_config"))
@@ -145,26 +124,21 @@ async fn a_seed_node_gets_its_bundle_without_registering_and_unknown_nodes_get_4
 
 #[tokio::test]
 async fn fifty_nodes_started_together_each_get_all_fifty_peers() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("policy.yaml"),
-        "expect_nodes: 50\nfiles:\n  - path: peers.txt\n    template: \"{% for p in nodes %}{{ p.identifier }}\\n{% endfor %}\"\n",
-    )
-    .unwrap();
+    let dir = support::dir_with(&[("policy.yaml", &support::peers_policy(50))]);
     let db = format!("sqlite:{}/x.db", dir.path().display());
-    let server = Proc::spawn(
-        &["serve", "--store", &db, "--policy", "policy.yaml"],
+    let server = Proc::start(
         dir.path(),
+        &format!("serve --store {db} --policy policy.yaml"),
     );
     let mut nodes = Vec::new();
     for i in 0..50 {
         let url = server.url.clone();
         nodes.push(tokio::spawn(async move {
             let me = reg(&format!("node-{i:02}"), &format!("10.1.0.{}", i + 1));
-            let (status, _) = post(&url, "/register", &me).await;
+            let (status, _) = support::post(&url, "/register", &me).await;
             assert_eq!(status, 202);
             // Long-poll as a bootsync client does; an old client would poll instead.
-            let (status, body) = post(&url, "/node?wait=30", &me).await;
+            let (status, body) = support::post(&url, "/node?wait=30", &me).await;
             assert_eq!(status, 200, "{body}");
             body
         }));
@@ -182,16 +156,14 @@ async fn fifty_nodes_started_together_each_get_all_fifty_peers() {
 
 #[tokio::test]
 async fn kill_9_during_a_registration_storm_loses_no_acknowledged_registration() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("policy.yaml"),
+    let dir = support::dir_with(&[(
+        "policy.yaml",
         "expect_nodes: 100000\nfiles:\n  - path: a\n    template: x\n",
-    )
-    .unwrap();
+    )]);
     let db = format!("sqlite:{}/x.db", dir.path().display());
-    let mut server = Proc::spawn(
-        &["serve", "--store", &db, "--policy", "policy.yaml"],
+    let mut server = Proc::start(
         dir.path(),
+        &format!("serve --store {db} --policy policy.yaml"),
     );
     let acked: Arc<Mutex<Vec<String>>> = Arc::default();
     let mut tasks = Vec::new();
@@ -213,21 +185,15 @@ async fn kill_9_during_a_registration_storm_loses_no_acknowledged_registration()
             }
         }));
     }
-    support::wait_for(
-        Duration::from_secs(30),
-        "300 acknowledged registrations",
-        || {
-            let n = acked.lock().unwrap().len();
-            async move { (n >= 300).then_some(()) }
-        },
-    )
+    support::kill9_when(&mut server, "300 acknowledged registrations", || {
+        acked.lock().unwrap().len() >= 300
+    })
     .await;
-    server.kill9();
     for task in tasks {
         task.await.unwrap();
     }
     let acked = acked.lock().unwrap().clone();
-    let server = Proc::spawn(&["serve", "--store", &db], dir.path());
+    let server = Proc::start(dir.path(), &format!("serve --store {db}"));
     let stored: Value = support::get(format!("{}/v1/config/__cfgsync__/registration", server.url))
         .await
         .unwrap()
@@ -244,28 +210,19 @@ async fn kill_9_during_a_registration_storm_loses_no_acknowledged_registration()
 
 #[tokio::test]
 async fn the_join_token_guards_both_routes_and_strict_mode_keeps_nodes_apart() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("join.token"), "join-secret").unwrap();
-    std::fs::write(
-        dir.path().join("policy.yaml"),
-        POLICY_3.replace("expect_nodes: 3", "expect_nodes: 2"),
-    )
-    .unwrap();
-    let server = Proc::spawn(
-        &[
-            "serve",
-            "--store",
-            "memory:",
-            "--policy",
+    let dir = support::dir_with(&[
+        ("join.token", "join-secret"),
+        (
             "policy.yaml",
-            "--join-token-file",
-            "join.token",
-            "--strict-nodes",
-        ],
+            &POLICY_3.replace("expect_nodes: 3", "expect_nodes: 2"),
+        ),
+    ]);
+    let server = Proc::start(
         dir.path(),
+        "serve --store memory: --policy policy.yaml --join-token-file join.token --strict-nodes",
     );
     let http = bootsync::tls::plain_client();
-    let (status, _) = post(&server.url, "/register", &reg("a", "10.0.0.1")).await;
+    let (status, _) = support::post(&server.url, "/register", &reg("a", "10.0.0.1")).await;
     assert_eq!(status, 401, "no join token");
     let register = |id: &'static str| {
         let http = http.clone();
@@ -323,19 +280,10 @@ async fn the_join_token_guards_both_routes_and_strict_mode_keeps_nodes_apart() {
 
 #[tokio::test]
 async fn bad_node_requests_get_clear_errors_and_change_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("policy.yaml"), POLICY_3).unwrap();
-    let server = Proc::spawn(
-        &[
-            "serve",
-            "--store",
-            "memory:",
-            "--policy",
-            "policy.yaml",
-            "--body-limit",
-            "200000",
-        ],
+    let dir = support::dir_with(&[("policy.yaml", POLICY_3)]);
+    let server = Proc::start(
         dir.path(),
+        "serve --store memory: --policy policy.yaml --body-limit 200000",
     );
     let revision = || async {
         let body: Value = support::get(format!("{}/v1/config", server.url))
@@ -478,34 +426,25 @@ async fn bad_node_requests_get_clear_errors_and_change_nothing() {
         assert!(response.json::<Value>().await.unwrap()["code"].is_string());
     }
     assert_eq!(revision().await, before, "bad input changed the store");
-    let (status, _) = post(&server.url, "/register", &reg("fine", "10.0.0.1")).await;
+    let (status, _) = support::post(&server.url, "/register", &reg("fine", "10.0.0.1")).await;
     assert_eq!(status, 202, "the server still serves");
 }
 
 #[test]
 fn a_bad_policy_or_bundle_exits_2_listing_every_problem() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("policy.yaml"),
-        "expect_nodes: 0\nfiles:\n  - path: ../x\n    template: \"{% if %}\"\n",
-    )
-    .unwrap();
-    std::fs::write(
-        dir.path().join("bundle.yaml"),
-        "nodes:\n  - identifier: a\n    files:\n      - {path: x, content: ''}\n      - {path: x, content: ''}\n",
-    )
-    .unwrap();
-    let (code, _, stderr) = support::run_cli(
-        &[
-            "serve",
-            "--store",
-            "memory:",
-            "--policy",
+    let dir = support::dir_with(&[
+        (
             "policy.yaml",
-            "--bundle",
+            "expect_nodes: 0\nfiles:\n  - path: ../x\n    template: \"{% if %}\"\n",
+        ),
+        (
             "bundle.yaml",
-        ],
+            "nodes:\n  - identifier: a\n    files:\n      - {path: x, content: ''}\n      - {path: x, content: ''}\n",
+        ),
+    ]);
+    let (code, _, stderr) = support::cli(
         dir.path(),
+        "serve --store memory: --policy policy.yaml --bundle bundle.yaml",
     );
     assert_eq!(code, 2, "{stderr}");
     for expected in ["at least 1", "'..'", "template error", "duplicate path"] {
@@ -545,7 +484,7 @@ async fn two_servers_on_one_store_share_registrations_and_payloads() {
         ));
     }
     for (i, id) in ["n1", "n2", "n3"].iter().enumerate() {
-        let (status, _) = post(
+        let (status, _) = support::post(
             &urls[i % 2],
             "/register",
             &reg(id, &format!("10.0.0.{}", i + 1)),
@@ -555,7 +494,7 @@ async fn two_servers_on_one_store_share_registrations_and_payloads() {
     }
     let mut payloads = Vec::new();
     for url in &urls {
-        let (status, body) = post(url, "/node?wait=10", &reg("n1", "10.0.0.1")).await;
+        let (status, body) = support::post(url, "/node?wait=10", &reg("n1", "10.0.0.1")).await;
         assert_eq!(status, 200, "{body}");
         payloads.push(body);
     }
@@ -616,14 +555,24 @@ async fn a_library_materializer_serves_through_build_cfgsync_router() {
         .await
         .unwrap()
     });
-    assert_eq!(post(&url, "/register", &reg("a", "10.0.0.1")).await.0, 202);
-    let (status, body) = post(&url, "/node", &reg("a", "10.0.0.1")).await;
+    assert_eq!(
+        support::post(&url, "/register", &reg("a", "10.0.0.1"))
+            .await
+            .0,
+        202
+    );
+    let (status, body) = support::post(&url, "/node", &reg("a", "10.0.0.1")).await;
     assert_eq!(
         (status.as_u16(), body["code"].as_str()),
         (425, Some("not_ready"))
     );
-    assert_eq!(post(&url, "/register", &reg("b", "10.0.0.2")).await.0, 202);
-    let (status, body) = post(&url, "/node?wait=10", &reg("b", "10.0.0.2")).await;
+    assert_eq!(
+        support::post(&url, "/register", &reg("b", "10.0.0.2"))
+            .await
+            .0,
+        202
+    );
+    let (status, body) = support::post(&url, "/node?wait=10", &reg("b", "10.0.0.2")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         body["files"][0],

@@ -7,41 +7,27 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use reqwest::StatusCode;
+use bootsync::store::Key;
+use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::Proc;
+use support::{Proc, TestServer};
 
 async fn revision(url: &str) -> u64 {
-    let body: Value = support::get(format!("{url}/v1/config"))
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let (_, body) = support::call(Method::GET, &format!("{url}/v1/config"), None, None).await;
     body["revision"].as_u64().unwrap()
 }
 
 #[tokio::test]
 async fn put_then_get_returns_the_value_with_its_revision() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite:{}/x.db", dir.path().display());
-    let server = Proc::spawn(&["serve", "--store", &db], dir.path());
-    let http = bootsync::tls::plain_client();
-    let put: Value = http
-        .put(format!("{}/v1/config/prod/flows/main", server.url))
-        .json(&json!({"enabled": true}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let server = TestServer::start().await;
+    let path = "/v1/config/prod/flows/main";
+    let (_, put) = server
+        .call(Method::PUT, path, Some(json!({"enabled": true})))
+        .await;
     let written = put["revision"]
         .as_u64()
         .expect("a write answers its revision");
-    let got = http
-        .get(format!("{}/v1/config/prod/flows/main", server.url))
-        .send()
+    let got = support::get(format!("{}{path}", server.url()))
         .await
         .unwrap();
     assert_eq!(got.status(), 200);
@@ -50,29 +36,25 @@ async fn put_then_get_returns_the_value_with_its_revision() {
     assert_eq!(body["value"], json!({"enabled": true}));
     assert_eq!(body["mod_revision"], written);
     assert_eq!(body["create_revision"], written);
-    let tree: Value = http
-        .get(format!("{}/v1/config/prod", server.url))
-        .send()
+    let (_, tree) = server.call(Method::GET, "/v1/config/prod", None).await;
+    assert_eq!(tree["types"]["flows"]["main"]["value"]["enabled"], true);
+    // The crate's own client reads the same entry back, typed.
+    let entry = server
+        .api()
+        .get(&Key::new("prod", "flows", "main"))
         .await
         .unwrap()
-        .json()
-        .await
-        .unwrap();
-    assert_eq!(tree["types"]["flows"]["main"]["value"]["enabled"], true);
+        .expect("present");
+    assert_eq!(entry.entry.mod_revision, written);
 }
 
 #[tokio::test]
 async fn a_batch_with_a_failed_precondition_is_409_naming_the_key_and_stores_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    let db = format!("sqlite:{}/x.db", dir.path().display());
-    let server = Proc::spawn(&["serve", "--store", &db], dir.path());
-    let http = bootsync::tls::plain_client();
-    http.put(format!("{}/v1/config/prod/cfg/taken", server.url))
-        .json(&1)
-        .send()
-        .await
-        .unwrap();
-    let before = revision(&server.url).await;
+    let server = TestServer::start().await;
+    server
+        .call(Method::PUT, "/v1/config/prod/cfg/taken", Some(json!(1)))
+        .await;
+    let before = revision(server.url()).await;
     let batch = json!({
         "checks": [{"namespace": "prod", "type": "cfg", "key": "taken", "expect": "absent"}],
         "ops": [
@@ -80,72 +62,52 @@ async fn a_batch_with_a_failed_precondition_is_409_naming_the_key_and_stores_not
             {"op": "put", "namespace": "other", "type": "cfg", "key": "x", "value": 3}
         ]
     });
-    let response = http
-        .post(format!("{}/v1/config", server.url))
-        .json(&batch)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(response.status(), StatusCode::CONFLICT);
-    let body: Value = response.json().await.unwrap();
+    let (status, body) = server.call(Method::POST, "/v1/config", Some(batch)).await;
+    assert_eq!(status, StatusCode::CONFLICT);
     assert_eq!(body["code"], "conflict");
     assert!(
         body["message"].as_str().unwrap().contains("prod/cfg/taken"),
         "{body}"
     );
-    assert_eq!(revision(&server.url).await, before, "nothing was committed");
-    let missing = http
-        .get(format!("{}/v1/config/prod/cfg/new", server.url))
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(missing.status(), 404);
+    // The key is a typed detail too, not only words in the message.
+    assert_eq!(
+        body["details"]["key"],
+        json!({"namespace": "prod", "type": "cfg", "key": "taken"})
+    );
+    assert_eq!(
+        revision(server.url()).await,
+        before,
+        "nothing was committed"
+    );
+    let (missing, _) = server
+        .call(Method::GET, "/v1/config/prod/cfg/new", None)
+        .await;
+    assert_eq!(missing, 404);
 }
 
 #[tokio::test]
 async fn reserved_namespaces_never_appear_on_the_public_change_stream() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Proc::spawn(&["serve", "--store", "memory:"], dir.path());
-    let http = bootsync::tls::plain_client();
-    let from = revision(&server.url).await;
-    http.put(format!("{}/v1/config/__system__/init-state/x", server.url))
-        .json(&"v1")
-        .send()
-        .await
-        .unwrap();
-    let visible: Value = http
-        .put(format!("{}/v1/config/prod/flows/main", server.url))
-        .json(&1)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let changes: Value = http
-        .get(format!("{}/v1/changes?from={from}&timeout=5", server.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let server = TestServer::start().await;
+    let from = revision(server.url()).await;
+    server
+        .call(
+            Method::PUT,
+            "/v1/config/__system__/init-state/x",
+            Some(json!("v1")),
+        )
+        .await;
+    let (_, visible) = server
+        .call(Method::PUT, "/v1/config/prod/flows/main", Some(json!(1)))
+        .await;
+    let changes_path = format!("/v1/changes?from={from}&timeout=5");
+    let (_, changes) = server.call(Method::GET, &changes_path, None).await;
     let events = changes["events"].as_array().unwrap();
     assert_eq!(events.len(), 1, "only the public write: {changes}");
     assert_eq!(events[0]["revision"], visible["revision"]);
     assert_eq!(events[0]["changes"], json!({"flows": ["prod"]}));
     assert!(!changes.to_string().contains("__system__"));
-    let internal: Value = http
-        .get(format!(
-            "{}/v1/changes?from={from}&internal=true",
-            server.url
-        ))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let internal_path = format!("/v1/changes?from={from}&internal=true");
+    let (_, internal) = server.call(Method::GET, &internal_path, None).await;
     assert!(
         internal.to_string().contains("__system__"),
         "internal watchers see it: {internal}"
@@ -154,25 +116,14 @@ async fn reserved_namespaces_never_appear_on_the_public_change_stream() {
 
 #[tokio::test]
 async fn a_long_poll_returns_as_soon_as_a_change_commits() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Proc::spawn(&["serve", "--store", "memory:"], dir.path());
-    let from = revision(&server.url).await;
-    let url = server.url.clone();
-    let poll = tokio::spawn(async move {
-        support::get(format!("{url}/v1/changes?from={from}&timeout=60"))
-            .await
-            .unwrap()
-            .json::<Value>()
-            .await
-            .unwrap()
-    });
-    bootsync::tls::plain_client()
-        .put(format!("{}/v1/config/prod/cfg/a", server.url))
-        .json(&1)
-        .send()
-        .await
-        .unwrap();
-    let body = tokio::time::timeout(Duration::from_secs(30), poll)
+    let server = TestServer::start().await;
+    let from = revision(server.url()).await;
+    let url = format!("{}/v1/changes?from={from}&timeout=60", server.url());
+    let poll = tokio::spawn(async move { support::call(Method::GET, &url, None, None).await });
+    server
+        .call(Method::PUT, "/v1/config/prod/cfg/a", Some(json!(1)))
+        .await;
+    let (_, body) = tokio::time::timeout(Duration::from_secs(30), poll)
         .await
         .expect("the long-poll was not woken by the write")
         .unwrap();
@@ -183,7 +134,7 @@ async fn a_long_poll_returns_as_soon_as_a_change_commits() {
 async fn kill_9_then_restart_keeps_every_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite:{}/x.db", dir.path().display());
-    let mut server = Proc::spawn(&["serve", "--store", &db], dir.path());
+    let mut server = Proc::start(dir.path(), &format!("serve --store {db}"));
     let acked: Arc<Mutex<BTreeMap<String, u64>>> = Arc::default();
     let http = bootsync::tls::plain_client();
     let mut writers = Vec::new();
@@ -210,21 +161,17 @@ async fn kill_9_then_restart_keeps_every_acknowledged_write() {
             }
         }));
     }
-    support::wait_for(
-        Duration::from_secs(30),
+    support::kill9_when(
+        &mut server,
         "200 acknowledged writes before the crash",
-        || {
-            let n = acked.lock().unwrap().len();
-            async move { (n >= 200).then_some(()) }
-        },
+        || acked.lock().unwrap().len() >= 200,
     )
     .await;
-    server.kill9();
     for writer in writers {
         writer.await.unwrap();
     }
     let acked = acked.lock().unwrap().clone();
-    let server = Proc::spawn(&["serve", "--store", &db], dir.path());
+    let server = Proc::start(dir.path(), &format!("serve --store {db}"));
     let stored: Value = http
         .get(format!("{}/v1/config/prod/load", server.url))
         .send()
@@ -272,21 +219,10 @@ fn case(
 
 #[tokio::test]
 async fn bad_input_gets_the_json_error_shape_and_changes_nothing() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("admin.token"), "admin-secret\n").unwrap();
-    let server = Proc::spawn(
-        &[
-            "serve",
-            "--store",
-            "memory:",
-            "--admin-token-file",
-            "admin.token",
-            "--body-limit",
-            "65536",
-            "--max-value-bytes",
-            "1024",
-        ],
+    let dir = support::dir_with(&[("admin.token", "admin-secret\n")]);
+    let server = Proc::start(
         dir.path(),
+        "serve --store memory: --admin-token-file admin.token --body-limit 65536 --max-value-bytes 1024",
     );
     let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
     let big_value = format!("\"{}\"", "v".repeat(2000));
@@ -535,7 +471,7 @@ async fn bad_input_gets_the_json_error_shape_and_changes_nothing() {
 #[tokio::test]
 async fn the_config_cli_puts_gets_lists_and_deletes() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Proc::spawn(&["serve", "--store", "memory:"], dir.path());
+    let server = Proc::start(dir.path(), "serve --store memory:");
     let s = server.url.as_str();
     let (code, out, err) = support::run_cli(
         &[
@@ -552,27 +488,14 @@ async fn the_config_cli_puts_gets_lists_and_deletes() {
     );
     assert_eq!(code, 0, "{err}");
     let written: Value = serde_json::from_str(&out).unwrap();
-    let (code, out, _) = support::run_cli(
-        &["config", "get", "--server", s, "prod", "cfg", "a"],
-        dir.path(),
-    );
+    let (code, out, _) = support::cli(dir.path(), &format!("config get --server {s} prod cfg a"));
     assert_eq!(code, 0);
     let got: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(got["value"], json!({"x": 1}));
     assert_eq!(got["mod_revision"], written["revision"]);
-    let (code, _, err) = support::run_cli(
-        &[
-            "config",
-            "put",
-            "--server",
-            s,
-            "--if-absent",
-            "prod",
-            "cfg",
-            "a",
-            "2",
-        ],
+    let (code, _, err) = support::cli(
         dir.path(),
+        &format!("config put --server {s} --if-absent prod cfg a 2"),
     );
     assert_eq!(code, 1, "a failed precondition is a runtime failure");
     assert!(err.contains("prod/cfg/a"), "{err}");
@@ -583,24 +506,18 @@ async fn the_config_cli_puts_gets_lists_and_deletes() {
         dir.path(),
     );
     assert_eq!(code, 2, "bad input is a usage error: {err}");
-    let (code, out, _) = support::run_cli(
-        &["config", "list", "--server", s, "prod", "cfg"],
-        dir.path(),
-    );
+    let (code, out, _) = support::cli(dir.path(), &format!("config list --server {s} prod cfg"));
     assert_eq!(code, 0);
     assert_eq!(
         serde_json::from_str::<Value>(&out).unwrap(),
         json!({"a": {"x": 1}})
     );
-    let (code, _, _) = support::run_cli(
-        &["config", "delete", "--server", s, "prod", "cfg", "a"],
+    let (code, _, _) = support::cli(
         dir.path(),
+        &format!("config delete --server {s} prod cfg a"),
     );
     assert_eq!(code, 0);
-    let (code, _, err) = support::run_cli(
-        &["config", "get", "--server", s, "prod", "cfg", "a"],
-        dir.path(),
-    );
+    let (code, _, err) = support::cli(dir.path(), &format!("config get --server {s} prod cfg a"));
     assert_eq!(code, 1);
     assert!(err.contains("no value"), "{err}");
 }

@@ -89,41 +89,36 @@ async fn one_member_down_fails_nothing_two_down_fails_fast_and_recovery_needs_no
     }
 }
 
-const POLICY: &str = "expect_nodes: 3\nfiles:\n  - path: peers.txt\n    template: \"{% for p in nodes %}{{ p.identifier }}={{ p.ip }}\\n{% endfor %}\"\n";
-
-async fn post(url: &str, path: &str, body: &Value) -> (u16, Value) {
-    let response = bootsync::tls::plain_client()
-        .post(format!("{url}{path}"))
-        .json(body)
-        .send()
-        .await
-        .unwrap();
-    let status = response.status().as_u16();
-    (status, response.json().await.unwrap_or(Value::Null))
+/// A spec with one `exec` step running `script` per flag, on a fast cadence.
+fn exec_spec(name: &str, flag: &str, script: &str) -> String {
+    format!(
+        "cadence: {{ gate_backoff: 1s, retry: 1s, steady: 300s }}\ninitialisers:\n  - {{ class: exec, name: {name}, flag: {flag}, params: {{ command: [sh, -c, '{script}'] }} }}\n"
+    )
 }
+
+const POLICY: &str = "expect_nodes: 3\nfiles:\n  - path: peers.txt\n    template: \"{% for p in nodes %}{{ p.identifier }}={{ p.ip }}\\n{% endfor %}\"\n";
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_servers_on_one_etcd_register_through_either_and_serve_identical_payloads() {
     let Some(cluster) = cluster(3).await else {
         return;
     };
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("policy.yaml"), POLICY).unwrap();
+    let dir = support::dir_with(&[("policy.yaml", POLICY)]);
     let url = cluster.store_url("shared");
-    let a = Proc::spawn(
-        &["serve", "--store", &url, "--policy", "policy.yaml"],
+    let a = Proc::start(
         dir.path(),
+        &format!("serve --store {url} --policy policy.yaml"),
     );
-    let b = Proc::spawn(&["serve", "--store", &url], dir.path());
+    let b = Proc::start(dir.path(), &format!("serve --store {url}"));
     for (i, server) in [&a, &b, &a].iter().enumerate() {
         let me = json!({"identifier": format!("n{i}"), "ip": format!("10.0.0.{}", i + 1)});
-        assert_eq!(post(&server.url, "/register", &me).await.0, 202);
+        assert_eq!(support::post(&server.url, "/register", &me).await.0, 202);
     }
     let mut payloads = Vec::new();
     for server in [&a, &b] {
         for i in 0..3 {
             let me = json!({"identifier": format!("n{i}"), "ip": format!("10.0.0.{}", i + 1)});
-            let (status, body) = post(&server.url, "/node?wait=20", &me).await;
+            let (status, body) = support::post(&server.url, "/node?wait=20", &me).await;
             assert_eq!(status, 200, "{body}");
             payloads.push((i, body));
         }
@@ -155,11 +150,7 @@ async fn the_reconciler_backs_off_without_quorum_and_converges_once_it_returns()
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let spec = |flag: &str| {
-        format!(
-            "cadence: {{ gate_backoff: 1s, retry: 1s, steady: 300s }}\ninitialisers:\n  - {{ class: exec, name: step, flag: {flag}, params: {{ command: [sh, -c, 'echo $BOOTSYNC_NEW_FLAG >> step.log'] }} }}\n"
-        )
-    };
+    let spec = |flag: &str| exec_spec("step", flag, "echo $BOOTSYNC_NEW_FLAG >> step.log");
     std::fs::write(dir.path().join("spec.yaml"), spec("v1")).unwrap();
     let server = Proc::spawn(
         &["serve", "--store", &cluster.store_url("reconciler")],
@@ -170,12 +161,7 @@ async fn the_reconciler_backs_off_without_quorum_and_converges_once_it_returns()
         dir.path(),
     );
     let flag = |url: String| async move {
-        let body: Value = support::get(format!("{url}/v1/config/__system__/init-state"))
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let body = support::fetch_json(format!("{url}/v1/config/__system__/init-state")).await?;
         body["entries"]["step"]["value"]
             .as_str()
             .map(str::to_string)
@@ -244,47 +230,27 @@ async fn replicas_across_two_servers_on_etcd_run_each_flag_once_and_hand_over() 
         return;
     };
     let dir = tempfile::tempdir().unwrap();
-    let spec = |flag: &str| {
-        format!(
-            "cadence: {{ gate_backoff: 1s, retry: 1s, steady: 300s }}\ninitialisers:\n  - {{ class: exec, name: counted, flag: {flag}, params: {{ command: [sh, -c, 'echo start $BOOTSYNC_NEW_FLAG >> count.log; if [ $BOOTSYNC_NEW_FLAG = v2 ]; then sleep 4; fi; echo done $BOOTSYNC_NEW_FLAG >> count.log'] }} }}\n"
-        )
-    };
+    let script = "echo start $BOOTSYNC_NEW_FLAG >> count.log; if [ $BOOTSYNC_NEW_FLAG = v2 ]; then sleep 4; fi; echo done $BOOTSYNC_NEW_FLAG >> count.log";
+    let spec = |flag: &str| exec_spec("counted", flag, script);
     std::fs::write(dir.path().join("spec.yaml"), spec("v1")).unwrap();
     let url = cluster.store_url("replicas");
     let servers = [
-        Proc::spawn(&["serve", "--store", &url], dir.path()),
-        Proc::spawn(&["serve", "--store", &url], dir.path()),
+        Proc::start(dir.path(), &format!("serve --store {url}")),
+        Proc::start(dir.path(), &format!("serve --store {url}")),
     ];
     let mut replicas: Vec<Proc> = (0..3)
         .map(|i| {
             let holder = format!("replica-{i}");
             let server = servers[i % 2].url.clone();
-            Proc::spawn_bootstrap(
-                &[
-                    "bootstrap",
-                    "--spec",
-                    "spec.yaml",
-                    "--server",
-                    &server,
-                    "--holder-id",
-                    &holder,
-                    "--lease-ttl",
-                    "2s",
-                ],
-                dir.path(),
-            )
+            support::replica(dir.path(), &server, &holder)
         })
         .collect();
     let log = || std::fs::read_to_string(dir.path().join("count.log")).unwrap_or_default();
     let stored = |flag: &'static str| {
         let url = servers[0].url.clone();
         async move {
-            let body: Value = support::get(format!("{url}/v1/config/__system__/init-state"))
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let body =
+                support::fetch_json(format!("{url}/v1/config/__system__/init-state")).await?;
             (body["entries"]["counted"]["value"] == flag).then_some(())
         }
     };

@@ -55,12 +55,11 @@ async fn seed_style_client(http: reqwest::Client, url: String, me: Value) -> Res
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_clients_that_give_up_after_a_second_are_all_served_in_a_growing_cluster() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("policy.yaml"), GROWING).unwrap();
+    let dir = support::dir_with(&[("policy.yaml", GROWING)]);
     let db = format!("sqlite:{}/store.db", dir.path().display());
-    let proc = support::Proc::spawn(
-        &["serve", "--store", &db, "--policy", "policy.yaml"],
+    let proc = support::Proc::start(
         dir.path(),
+        &format!("serve --store {db} --policy policy.yaml"),
     );
     let http = bootsync::tls::plain_client();
     let mut clients = Vec::new();
@@ -113,10 +112,7 @@ shared_files:
     template: "{{ node_ips | join('\n') }}{% for i in range(400) %}\nfiller line {{ i }}{% endfor %}"
 "#;
     std::fs::write(dir.path().join("policy.yaml"), policy).unwrap();
-    let proc = support::Proc::spawn(
-        &["serve", "--store", "memory:", "--policy", "policy.yaml"],
-        dir.path(),
-    );
+    let proc = support::Proc::start(dir.path(), "serve --store memory: --policy policy.yaml");
     let http = bootsync::tls::plain_client();
     for i in 0..3 {
         let r = http
@@ -175,14 +171,13 @@ shared_files:
 
 #[tokio::test]
 async fn a_restart_with_many_registrations_serves_every_one_of_them() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("policy.yaml"), GROWING).unwrap();
+    let dir = support::dir_with(&[("policy.yaml", GROWING)]);
     let db = format!("sqlite:{}/store.db", dir.path().display());
     let n = 2_000;
     {
-        let proc = support::Proc::spawn(
-            &["serve", "--store", &db, "--policy", "policy.yaml"],
+        let proc = support::Proc::start(
             dir.path(),
+            &format!("serve --store {db} --policy policy.yaml"),
         );
         let http = bootsync::tls::plain_client();
         let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -211,9 +206,9 @@ async fn a_restart_with_many_registrations_serves_every_one_of_them() {
     }
     // Restarted on the same file: the server listens before it has read the registrations
     // (start-up time is a benchmark figure, B7); a long-poll waits for the state.
-    let proc = support::Proc::spawn(
-        &["serve", "--store", &db, "--policy", "policy.yaml"],
+    let proc = support::Proc::start(
         dir.path(),
+        &format!("serve --store {db} --policy policy.yaml"),
     );
     let http = bootsync::tls::plain_client();
     let last = registration(n - 1);

@@ -48,19 +48,10 @@ fn rss_kb(pid: u32) -> u64 {
 
 #[test]
 fn an_open_admin_api_on_the_network_is_refused() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("join"), "join-token-0123456789abcdef").unwrap();
-    let (code, _, stderr) = support::run_cli(
-        &[
-            "serve",
-            "--store",
-            "memory:",
-            "--listen",
-            "0.0.0.0:0",
-            "--join-token-file",
-            "join",
-        ],
+    let dir = support::dir_with(&[("join", "join-token-0123456789abcdef")]);
+    let (code, _, stderr) = support::cli(
         dir.path(),
+        "serve --store memory: --listen 0.0.0.0:0 --join-token-file join",
     );
     assert_ne!(code, 0, "{stderr}");
     assert!(stderr.contains("--admin-token-file"), "{stderr}");
@@ -162,7 +153,7 @@ async fn hostile_templates_fail_only_their_own_node() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_of_odd_methods_leaves_the_metrics_small() {
     let dir = tempfile::tempdir().unwrap();
-    let server = support::Proc::spawn(&["serve", "--store", "memory:"], dir.path());
+    let server = support::Proc::start(dir.path(), "serve --store memory:");
     let http = bootsync::tls::plain_client();
     let mut tasks = Vec::new();
     for worker in 0..16 {
@@ -193,7 +184,7 @@ async fn a_flood_of_odd_methods_leaves_the_metrics_small() {
 #[tokio::test]
 async fn a_bundle_written_through_v1_with_a_hostile_path_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let server = support::Proc::spawn(&["serve", "--store", "memory:"], dir.path());
+    let server = support::Proc::start(dir.path(), "serve --store memory:");
     let url = &server.url;
     let at = format!("{url}/v1/config/__cfgsync__/bundle/current");
     let bundle = json!({"nodes": [{"identifier": "n1", "files": [{"path": "..\\..\\x", "content": "evil"}, {"path": "./a", "content": "x"}]}]});
@@ -259,19 +250,9 @@ async fn stalled_connections_are_closed_and_long_polls_are_not() {
     let dir = tempfile::tempdir().unwrap();
     let policy = json!({"expect_nodes": 2, "files": [{"path": "f", "template": "x"}]});
     std::fs::write(dir.path().join("policy.json"), policy.to_string()).unwrap();
-    let server = support::Proc::spawn(
-        &[
-            "serve",
-            "--store",
-            "memory:",
-            "--policy",
-            "policy.json",
-            "--header-timeout",
-            "1s",
-            "--body-timeout",
-            "1s",
-        ],
+    let server = support::Proc::start(
         dir.path(),
+        "serve --store memory: --policy policy.json --header-timeout 1s --body-timeout 1s",
     );
     let addr = server.url.trim_start_matches("http://").to_string();
     let connect = || tokio::net::TcpStream::connect(addr.clone());
@@ -316,17 +297,9 @@ async fn stalled_connections_are_closed_and_long_polls_are_not() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn at_the_connection_cap_healthz_still_answers() {
     let dir = tempfile::tempdir().unwrap();
-    let server = support::Proc::spawn(
-        &[
-            "serve",
-            "--store",
-            "memory:",
-            "--max-connections",
-            "20",
-            "--header-timeout",
-            "60s",
-        ],
+    let server = support::Proc::start(
         dir.path(),
+        "serve --store memory: --max-connections 20 --header-timeout 60s",
     );
     let addr = server.url.trim_start_matches("http://").to_string();
     let mut idle = Vec::new();
@@ -420,15 +393,9 @@ async fn caps_and_freeze_hold_under_a_storm_of_concurrent_registrations() {
     let dir = tempfile::tempdir().unwrap();
     let capped = json!({"expect_nodes": 5000, "max_registrations": 100, "files": [{"path": "f", "template": "{% for p in peers %}{{ p.ip }}{% endfor %}"}]});
     std::fs::write(dir.path().join("capped.json"), capped.to_string()).unwrap();
-    let server = support::Proc::spawn(
-        &[
-            "serve",
-            "--store",
-            "sqlite:capped.db",
-            "--policy",
-            "capped.json",
-        ],
+    let server = support::Proc::start(
         dir.path(),
+        "serve --store sqlite:capped.db --policy capped.json",
     );
     let (accepted, refused) = storm(&server.url, 1000, json!({})).await;
     assert_eq!(accepted, 100);
@@ -471,10 +438,7 @@ async fn caps_and_freeze_hold_under_a_storm_of_concurrent_registrations() {
 
     let frozen = json!({"expect_nodes": 2, "freeze_on_ready": true, "files": [{"path": "f", "template": "x"}]});
     std::fs::write(dir.path().join("frozen.json"), frozen.to_string()).unwrap();
-    let server = support::Proc::spawn(
-        &["serve", "--store", "memory:", "--policy", "frozen.json"],
-        dir.path(),
-    );
+    let server = support::Proc::start(dir.path(), "serve --store memory: --policy frozen.json");
     let (accepted, refused) = storm(&server.url, 8, json!({})).await;
     assert_eq!(accepted, 2, "{refused:?}");
     assert!(refused.iter().all(|c| c == "frozen"), "{refused:?}");
@@ -482,10 +446,7 @@ async fn caps_and_freeze_hold_under_a_storm_of_concurrent_registrations() {
     drop(server);
 
     // The operator's default cap and metadata budget apply with no policy at all.
-    let server = support::Proc::spawn(
-        &["serve", "--store", "memory:", "--max-registrations", "30"],
-        dir.path(),
-    );
+    let server = support::Proc::start(dir.path(), "serve --store memory: --max-registrations 30");
     let (accepted, refused) = storm(&server.url, 60, json!({})).await;
     assert_eq!(accepted, 30);
     assert!(
@@ -495,10 +456,7 @@ async fn caps_and_freeze_hold_under_a_storm_of_concurrent_registrations() {
     assert_eq!(stored_registrations(&server.url).await, 30);
     drop(server);
 
-    let server = support::Proc::spawn(
-        &["serve", "--store", "memory:", "--metadata-budget", "100000"],
-        dir.path(),
-    );
+    let server = support::Proc::start(dir.path(), "serve --store memory: --metadata-budget 100000");
     let big = json!({"blob": "x".repeat(30_000)});
     let mut outcomes = Vec::new();
     for id in ["a", "a", "b", "c", "d", "e"] {
@@ -545,15 +503,9 @@ async fn strict_mode_covers_bundle_nodes_and_records_from_before_it() {
     let bundle =
         "nodes:\n  - identifier: n1\n    files:\n      - path: a.txt\n        content: one\n";
     std::fs::write(dir.path().join("bundle.yaml"), bundle).unwrap();
-    let plain = support::Proc::spawn(
-        &[
-            "serve",
-            "--store",
-            "sqlite:store.db",
-            "--bundle",
-            "bundle.yaml",
-        ],
+    let plain = support::Proc::start(
         dir.path(),
+        "serve --store sqlite:store.db --bundle bundle.yaml",
     );
     let home = client_from("127.0.0.1");
     assert_eq!(
@@ -562,10 +514,7 @@ async fn strict_mode_covers_bundle_nodes_and_records_from_before_it() {
     );
     drop(plain);
 
-    let strict = support::Proc::spawn(
-        &["serve", "--store", "sqlite:store.db", "--strict-nodes"],
-        dir.path(),
-    );
+    let strict = support::Proc::start(dir.path(), "serve --store sqlite:store.db --strict-nodes");
     let url = &strict.url;
     // The bundle node with a pre-strict record, and one that never registered: no payload
     // without a secret.

@@ -31,7 +31,7 @@ fn operations(doc: &Value) -> BTreeSet<(String, String)> {
 #[tokio::test]
 async fn the_document_is_valid_openapi_3_1_and_every_operation_reaches_a_handler() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Proc::spawn(&["serve", "--store", "memory:"], dir.path());
+    let server = Proc::start(dir.path(), "serve --store memory:");
     let doc = document(&server).await;
 
     let meta: Value = serde_json::from_str(
@@ -97,7 +97,7 @@ fn routes_in(markdown: &str) -> BTreeSet<(String, String)> {
 #[tokio::test]
 async fn every_route_the_specs_name_is_described() {
     let dir = tempfile::tempdir().unwrap();
-    let server = Proc::spawn(&["serve", "--store", "memory:"], dir.path());
+    let server = Proc::start(dir.path(), "serve --store memory:");
     let described = operations(&document(&server).await);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut named = BTreeSet::new();
@@ -117,26 +117,14 @@ async fn every_route_the_specs_name_is_described() {
     );
 }
 
-/// Walks `dir` for `.rs` files.
-fn rust_files(dir: &Path, out: &mut Vec<std::path::PathBuf>) {
-    for entry in std::fs::read_dir(dir).unwrap() {
-        let path = entry.unwrap().path();
-        if path.is_dir() {
-            rust_files(&path, out);
-        } else if path.extension().is_some_and(|e| e == "rs") {
-            out.push(path);
-        }
-    }
-}
-
 #[test]
 fn no_route_is_registered_outside_the_described_routers() {
     // Handlers become routes either through `routes!(...)` (described) or through axum's
     // method routers and services (not described). The second kind must not exist.
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut files = Vec::new();
-    rust_files(&root.join("src"), &mut files);
-    rust_files(&root.join("initialisers"), &mut files);
+    support::rust_files(&root.join("src"), &mut files);
+    support::rust_files(&root.join("initialisers"), &mut files);
     assert!(files.len() > 20);
     let mut offenders = Vec::new();
     for file in files {

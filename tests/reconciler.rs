@@ -60,8 +60,7 @@ fn record(name: &str, flag: &str) -> String {
 
 #[tokio::test]
 async fn run_converges_out_of_order_steps_in_one_wake_and_a_bumped_flag_reruns_only_that_step() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("seed.yaml"), "settings:\n  a: 1\n").unwrap();
+    let dir = support::dir_with(&[("seed.yaml", "settings:\n  a: 1\n")]);
     let steps = |record_flag: &str| {
         format!(
             "initialisers:\n  - {{ class: namespace-init, name: prod, flag: v1, params: {{ namespace: prod }} }}\n  - {{ class: template-seed, name: template, flag: v1, params: {{ seed_file: seed.yaml }} }}\n{}",
@@ -70,7 +69,7 @@ async fn run_converges_out_of_order_steps_in_one_wake_and_a_bumped_flag_reruns_o
     };
     write_spec(dir.path(), &steps("v1"));
     let db = format!("sqlite:{}/x.db", dir.path().display());
-    let server = Proc::spawn(&["run", "--spec", "spec.yaml", "--store", &db], dir.path());
+    let server = Proc::start(dir.path(), &format!("run --spec spec.yaml --store {db}"));
     // `prod` is first in the spec but converges last, in the same wake's extra pass.
     wait_flag(&server.url, "prod", "v1").await;
     let stored = flags(&server.url).await;
@@ -112,10 +111,7 @@ async fn run_converges_out_of_order_steps_in_one_wake_and_a_bumped_flag_reruns_o
 async fn an_invalid_spec_on_sighup_keeps_the_old_one() {
     let dir = tempfile::tempdir().unwrap();
     write_spec(dir.path(), &format!("initialisers:\n{}", record("a", "v1")));
-    let server = Proc::spawn(
-        &["run", "--spec", "spec.yaml", "--store", "memory:"],
-        dir.path(),
-    );
+    let server = Proc::start(dir.path(), "run --spec spec.yaml --store memory:");
     wait_flag(&server.url, "a", "v1").await;
     std::fs::write(
         dir.path().join("spec.yaml"),
@@ -154,10 +150,7 @@ async fn a_failing_and_a_hanging_step_do_not_stop_the_others_and_show_in_status(
             record("fine", "v1")
         ),
     );
-    let server = Proc::spawn(
-        &["run", "--spec", "spec.yaml", "--store", "memory:"],
-        dir.path(),
-    );
+    let server = Proc::start(dir.path(), "run --spec spec.yaml --store memory:");
     wait_flag(&server.url, "fine", "v1").await;
     let status = support::wait_for(
         Duration::from_secs(30),
@@ -198,22 +191,15 @@ async fn a_failing_and_a_hanging_step_do_not_stop_the_others_and_show_in_status(
             .contains("timed out")
     );
     assert_eq!(status["converged"], false);
-    let (code, out, _) = support::run_cli(&["status", "--server", &server.url], dir.path());
+    let (code, out, _) = support::cli(dir.path(), &format!("status --server {}", server.url));
     assert_eq!(code, 0);
     assert!(
         out.contains("migration exploded"),
         "the status table shows the error: {out}"
     );
-    let (code, _, err) = support::run_cli(
-        &[
-            "status",
-            "--server",
-            &server.url,
-            "--wait",
-            "--timeout",
-            "2s",
-        ],
+    let (code, _, err) = support::cli(
         dir.path(),
+        &format!("status --server {} --wait --timeout 2s", server.url),
     );
     assert_eq!(code, 3, "status --wait gives up while not converged: {err}");
     assert!(err.contains("broken"), "it says what it waits for: {err}");
@@ -289,24 +275,11 @@ async fn three_replicas_run_each_step_once_per_flag_and_a_standby_takes_over_fro
     };
     write_spec(dir.path(), &counted("v1"));
     let db = format!("sqlite:{}/x.db", dir.path().display());
-    let server = Proc::spawn(&["serve", "--store", &db], dir.path());
+    let server = Proc::start(dir.path(), &format!("serve --store {db}"));
     let mut replicas: Vec<Proc> = (0..3)
         .map(|i| {
             let holder = format!("replica-{i}");
-            Proc::spawn_bootstrap(
-                &[
-                    "bootstrap",
-                    "--spec",
-                    "spec.yaml",
-                    "--server",
-                    &server.url,
-                    "--holder-id",
-                    &holder,
-                    "--lease-ttl",
-                    "2s",
-                ],
-                dir.path(),
-            )
+            support::replica(dir.path(), &server.url, &holder)
         })
         .collect();
     wait_flag(&server.url, "counted", "v1").await;
@@ -387,13 +360,11 @@ async fn kill_9_during_a_step_stores_no_flag_and_a_restart_runs_it_again() {
 
 #[test]
 fn check_reports_every_problem_and_exits_2() {
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(
-        dir.path().join("bad.yaml"),
+    let dir = support::dir_with(&[(
+        "bad.yaml",
         "initialisers:\n  - { class: exec, name: a, flag: v1, params: { command: [\"true\"], colour: red } }\n  - { class: nope, name: a, flag: v1 }\n  - { name: c }\n",
-    )
-    .unwrap();
-    let (code, out, _) = support::run_cli(&["check", "--spec", "bad.yaml"], dir.path());
+    )]);
+    let (code, out, _) = support::cli(dir.path(), "check --spec bad.yaml");
     assert_eq!(code, 2, "{out}");
     for expected in [
         "initialisers[0] (a)",
@@ -410,7 +381,7 @@ fn check_reports_every_problem_and_exits_2() {
         format!("initialisers:\n{}", record("a", "v1")),
     )
     .unwrap();
-    let (code, out, _) = support::run_cli(&["check", "--spec", "good.yaml"], dir.path());
+    let (code, out, _) = support::cli(dir.path(), "check --spec good.yaml");
     assert_eq!(code, 0, "{out}");
 }
 
@@ -421,10 +392,7 @@ async fn plan_shows_what_would_run_and_why() {
         dir.path(),
         &format!("initialisers:\n{}{}", record("a", "v1"), record("b", "v1")),
     );
-    let server = Proc::spawn(
-        &["run", "--spec", "spec.yaml", "--store", "memory:"],
-        dir.path(),
-    );
+    let server = Proc::start(dir.path(), "run --spec spec.yaml --store memory:");
     wait_flag(&server.url, "b", "v1").await;
     write_spec(
         dir.path(),
@@ -435,9 +403,9 @@ async fn plan_shows_what_would_run_and_why() {
             record("c", "v1")
         ),
     );
-    let (code, out, err) = support::run_cli(
-        &["plan", "--spec", "spec.yaml", "--server", &server.url],
+    let (code, out, err) = support::cli(
         dir.path(),
+        &format!("plan --spec spec.yaml --server {}", server.url),
     );
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("a: up to date at v1"), "{out}");
@@ -474,18 +442,14 @@ async fn the_admin_token_never_reaches_the_logs_even_at_trace_level() {
         // The reconciler's own requests carry the token; so do these, right and wrong.
         let http = bootsync::tls::plain_client();
         support::wait_for(Duration::from_secs(60), "step stored", || async {
-            let body: Value = http
-                .get(format!(
+            let body: Value = support::json_of(
+                http.get(format!(
                     "{}/v1/config/__system__/init-state/step",
                     server.url
                 ))
-                .bearer_auth(token)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+                .bearer_auth(token),
+            )
+            .await?;
             (body["value"] == "v1").then_some(())
         })
         .await;
@@ -497,15 +461,12 @@ async fn the_admin_token_never_reaches_the_logs_even_at_trace_level() {
             .await
             .unwrap();
         assert_eq!(wrong.status(), 401);
-        let (code, _, _) = support::run_cli(
-            &[
-                "status",
-                "--server",
-                &server.url,
-                "--admin-token-file",
-                "admin.token",
-            ],
+        let (code, _, _) = support::cli(
             dir.path(),
+            &format!(
+                "status --server {} --admin-token-file admin.token",
+                server.url
+            ),
         );
         assert_eq!(code, 0);
         let log = server.stderr();

@@ -142,7 +142,7 @@ fn what_the_spec_schema_rejects_bootsync_check_rejects_too() {
     let path = dir.path().join("spec.yaml");
     std::fs::write(&path, good).unwrap();
     assert!(spec.is_valid(&yaml(&path)), "the good spec validates");
-    let (code, _, err) = support::run_cli(&["check", "--spec", "spec.yaml"], dir.path());
+    let (code, _, err) = support::cli(dir.path(), "check --spec spec.yaml");
     assert_eq!(code, 0, "{err}");
     for (what, text) in bad {
         std::fs::write(&path, text).unwrap();
@@ -150,7 +150,7 @@ fn what_the_spec_schema_rejects_bootsync_check_rejects_too() {
             !spec.is_valid(&yaml(&path)),
             "the schema accepts a spec with {what}"
         );
-        let (code, _, _) = support::run_cli(&["check", "--spec", "spec.yaml"], dir.path());
+        let (code, _, _) = support::cli(dir.path(), "check --spec spec.yaml");
         assert_eq!(code, 2, "bootsync check accepts a spec with {what}");
     }
 }

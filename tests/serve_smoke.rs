@@ -4,12 +4,18 @@ mod support;
 
 use std::time::Duration;
 
+/// `serve` on a memory store, once `/healthz` has answered 200.
+async fn healthy_server(dir: &std::path::Path) -> support::Proc {
+    let proc = support::Proc::start(dir, "serve --store memory:");
+    let health = support::get(format!("{}/healthz", proc.url)).await.unwrap();
+    assert_eq!(health.status(), 200);
+    proc
+}
+
 #[tokio::test]
 async fn serve_starts_on_an_ephemeral_port_and_is_healthy() {
     let dir = tempfile::tempdir().unwrap();
-    let proc = support::Proc::spawn(&["serve", "--store", "memory:"], dir.path());
-    let health = support::get(format!("{}/healthz", proc.url)).await.unwrap();
-    assert_eq!(health.status(), 200);
+    let proc = healthy_server(dir.path()).await;
     let ready = support::get(format!("{}/readyz", proc.url)).await.unwrap();
     assert_eq!(ready.status(), 200);
     let body: serde_json::Value = ready.json().await.unwrap();
@@ -25,7 +31,7 @@ async fn serve_starts_on_an_ephemeral_port_and_is_healthy() {
 #[tokio::test]
 async fn sigterm_stops_the_server_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut proc = support::Proc::spawn(&["serve", "--store", "memory:"], dir.path());
+    let mut proc = support::Proc::start(dir.path(), "serve --store memory:");
     proc.signal("TERM");
     assert_eq!(proc.wait_exit(Duration::from_secs(15)), Some(0));
 }
@@ -33,10 +39,7 @@ async fn sigterm_stops_the_server_cleanly() {
 #[test]
 fn a_non_loopback_listen_without_a_join_token_is_refused() {
     let dir = tempfile::tempdir().unwrap();
-    let (code, _, stderr) = support::run_cli(
-        &["serve", "--store", "memory:", "--listen", "0.0.0.0:0"],
-        dir.path(),
-    );
+    let (code, _, stderr) = support::cli(dir.path(), "serve --store memory: --listen 0.0.0.0:0");
     assert_ne!(code, 0);
     assert!(stderr.contains("--join-token-file"), "stderr: {stderr}");
 }
@@ -45,9 +48,7 @@ fn a_non_loopback_listen_without_a_join_token_is_refused() {
 async fn log_lines_written_to_a_file_carry_no_colour_escapes() {
     let dir = tempfile::tempdir().unwrap();
     // Proc sends stderr to a file: exactly what journald, `kubectl logs` or CI capture.
-    let proc = support::Proc::spawn(&["serve", "--store", "memory:"], dir.path());
-    let health = support::get(format!("{}/healthz", proc.url)).await.unwrap();
-    assert_eq!(health.status(), 200);
+    let proc = healthy_server(dir.path()).await;
     let log = proc.stderr();
     assert!(
         log.contains("INFO"),

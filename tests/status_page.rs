@@ -95,15 +95,8 @@ async fn wait_until_failed(url: &str, token: &str) {
         Duration::from_secs(60),
         "migrate-db to have failed and seed-users to be stored",
         || async {
-            let status: serde_json::Value = http
-                .get(format!("{url}/v1/status"))
-                .bearer_auth(token)
-                .send()
-                .await
-                .ok()?
-                .json()
-                .await
-                .ok()?;
+            let status: serde_json::Value =
+                support::json_of(http.get(format!("{url}/v1/status")).bearer_auth(token)).await?;
             let list = status["initialisers"].as_array()?;
             let failed = list
                 .iter()
@@ -120,21 +113,11 @@ async fn wait_until_failed(url: &str, token: &str) {
 #[tokio::test]
 async fn the_page_shows_a_failed_initialiser_in_a_real_browser() {
     let Some(browser) = chromium() else { return };
-    let dir = tempfile::tempdir().unwrap();
-    std::fs::write(dir.path().join("spec.yaml"), SPEC).unwrap();
-    std::fs::write(dir.path().join("admin.token"), "page-t0ken\n").unwrap();
+    let dir = support::dir_with(&[("spec.yaml", SPEC), ("admin.token", "page-t0ken\n")]);
     let db = format!("sqlite:{}/x.db", dir.path().display());
-    let server = Proc::spawn(
-        &[
-            "run",
-            "--spec",
-            "spec.yaml",
-            "--store",
-            &db,
-            "--admin-token-file",
-            "admin.token",
-        ],
+    let server = Proc::start(
         dir.path(),
+        &format!("run --spec spec.yaml --store {db} --admin-token-file admin.token"),
     );
     wait_until_failed(&server.url, "page-t0ken").await;
 

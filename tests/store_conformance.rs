@@ -32,14 +32,10 @@ async fn remote_store() -> DynStore {
     .await
     .unwrap();
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    // The server lives as long as the test's runtime.
-    tokio::spawn(server::serve(
-        listener,
-        server::router(state, []),
-        Default::default(),
-    ));
-    Arc::new(RemoteStore::new(ApiClient::new(url)).with_poll(std::time::Duration::from_secs(5)))
+    // The server lives as long as the test's runtime: the handle is not kept.
+    let running = server::spawn(state, listener, None, Default::default()).unwrap();
+    let client = ApiClient::new(running.url());
+    Arc::new(RemoteStore::new(client).with_poll(std::time::Duration::from_secs(5)))
 }
 
 /// A store on its own single-member etcd, which lives exactly as long as the store.

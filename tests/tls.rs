@@ -81,43 +81,23 @@ async fn the_cli_and_the_node_client_work_over_https_with_the_ca_and_fail_withou
         dir.path(),
     );
     assert_eq!(code, 0, "{out}{err}");
-    let (code, out, err) = support::run_cli(
-        &[
-            "config",
-            "get",
-            "--server",
-            &server.url,
-            "--ca-cert",
-            ca,
-            "prod",
-            "cfg",
-            "a",
-        ],
+    let (code, out, err) = support::cli(
         dir.path(),
+        &format!(
+            "config get --server {} --ca-cert {} prod cfg a",
+            server.url, ca
+        ),
     );
     assert_eq!(code, 0, "{err}");
     let entry: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(entry["value"]["x"], 1);
 
-    let (code, _, err) = support::run_cli(
-        &[
-            "client",
-            "--server",
-            &server.url,
-            "--ca-cert",
-            ca,
-            "--identifier",
-            "node-a",
-            "--ip",
-            "10.0.0.1",
-            "--route",
-            "/config.yaml=node.yaml",
-            "--output-dir",
-            ".",
-            "--timeout",
-            "20s",
-        ],
+    let (code, _, err) = support::cli(
         dir.path(),
+        &format!(
+            "client --server {} --ca-cert {} --identifier node-a --ip 10.0.0.1 --route /config.yaml=node.yaml --output-dir . --timeout 20s",
+            server.url, ca
+        ),
     );
     assert_eq!(code, 0, "{err}");
     assert_eq!(
@@ -126,27 +106,18 @@ async fn the_cli_and_the_node_client_work_over_https_with_the_ca_and_fail_withou
     );
 
     // Without the CA the certificate is refused, clearly and within the timeout.
-    let (code, _, err) = support::run_cli(
-        &["config", "get", "--server", &server.url, "prod", "cfg", "a"],
+    let (code, _, err) = support::cli(
         dir.path(),
+        &format!("config get --server {} prod cfg a", server.url),
     );
     assert_ne!(code, 0);
     assert!(err.to_lowercase().contains("certificate"), "{err}");
-    let (code, _, err) = support::run_cli(
-        &[
-            "client",
-            "--server",
-            &server.url,
-            "--identifier",
-            "node-a",
-            "--ip",
-            "10.0.0.1",
-            "--output-dir",
-            ".",
-            "--timeout",
-            "2s",
-        ],
+    let (code, _, err) = support::cli(
         dir.path(),
+        &format!(
+            "client --server {} --identifier node-a --ip 10.0.0.1 --output-dir . --timeout 2s",
+            server.url
+        ),
     );
     assert_eq!(code, 3, "{err}");
     assert!(err.to_lowercase().contains("certificate"), "{err}");
@@ -163,19 +134,12 @@ async fn the_cli_and_the_node_client_work_over_https_with_the_ca_and_fail_withou
         "plain HTTP was served: {answer:?}"
     );
     // And the server still serves HTTPS after that.
-    let (code, _, err) = support::run_cli(
-        &[
-            "config",
-            "get",
-            "--server",
-            &server.url,
-            "--ca-cert",
-            ca,
-            "prod",
-            "cfg",
-            "a",
-        ],
+    let (code, _, err) = support::cli(
         dir.path(),
+        &format!(
+            "config get --server {} --ca-cert {} prod cfg a",
+            server.url, ca
+        ),
     );
     assert_eq!(code, 0, "{err}");
 }
@@ -202,17 +166,11 @@ async fn run_over_https_converges_through_its_own_listener() {
         .build()
         .unwrap();
     support::wait_for(Duration::from_secs(30), "hello stored at v1", || async {
-        let body: Value = http
-            .get(format!(
-                "{}/v1/config/__system__/init-state/hello",
-                server.url
-            ))
-            .send()
-            .await
-            .ok()?
-            .json()
-            .await
-            .ok()?;
+        let body: Value = support::json_of(http.get(format!(
+            "{}/v1/config/__system__/init-state/hello",
+            server.url
+        )))
+        .await?;
         (body["value"] == "v1").then_some(())
     })
     .await;
@@ -224,17 +182,9 @@ fn tls_flag_mistakes_are_clear_and_name_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
     let cert = pki.cert.to_str().unwrap();
-    let (code, _, err) = support::run_cli(
-        &[
-            "serve",
-            "--store",
-            "memory:",
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            cert,
-        ],
+    let (code, _, err) = support::cli(
         dir.path(),
+        &format!("serve --store memory: --listen 127.0.0.1:0 --tls-cert {cert}"),
     );
     assert_eq!(code, 2, "{err}");
     assert!(err.contains("--tls-key"), "{err}");
@@ -267,19 +217,11 @@ fn tls_flag_mistakes_are_clear_and_name_what_is_wrong() {
         KeyPair::generate().unwrap().serialize_pem(),
     )
     .unwrap();
-    let (code, _, err) = support::run_cli(
-        &[
-            "serve",
-            "--store",
-            "memory:",
-            "--listen",
-            "127.0.0.1:0",
-            "--tls-cert",
-            cert,
-            "--tls-key",
-            "other.key",
-        ],
+    let (code, _, err) = support::cli(
         dir.path(),
+        &format!(
+            "serve --store memory: --listen 127.0.0.1:0 --tls-cert {cert} --tls-key other.key"
+        ),
     );
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("other.key"), "{err}");

@@ -56,6 +56,14 @@ impl NodeRegistration {
     }
 }
 
+/// Query of `POST /node`: unknown parameters are ignored, as the seed's server does.
+#[derive(Debug, Default, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct NodeQuery {
+    /// Seconds to hold the request until the payload is ready (an addition).
+    pub wait: Option<u64>,
+}
+
 /// One delivered file.
 #[derive(
     Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema, schemars::JsonSchema,

@@ -42,6 +42,24 @@ pub struct StatusBody {
     pub cfgsync: CfgsyncSummary,
 }
 
+/// The body of `GET /healthz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Health {
+    /// Always `ok`.
+    pub status: String,
+}
+
+/// The body of `GET /readyz`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Ready {
+    /// Always `ready` (an unready store answers 503 with the error body).
+    pub status: String,
+    /// The store backend.
+    pub backend: String,
+    /// The store's revision.
+    pub revision: Revision,
+}
+
 /// cfgsync's part of `/v1/status`.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CfgsyncSummary {

@@ -32,13 +32,8 @@ pub trait Initialiser: Send + Sync + 'static {
         Phase::AfterGate
     }
 
-    /// Does the work. `old_flag` is `None` on a first run.
-    async fn run(
-        &self,
-        ctx: &InitContext,
-        old_flag: Option<&str>,
-        new_flag: &str,
-    ) -> Result<(), InitError>;
+    /// Does the work; `ctx` says which flag it runs for, and the flag stored before.
+    async fn run(&self, ctx: &InitContext) -> Result<(), InitError>;
 }
 
 /// What an initialiser can reach while it runs. Built per wake and dropped after it, so an
@@ -59,9 +54,32 @@ pub struct InitContext {
     pub cancel: CancellationToken,
     /// The spec file's directory; relative paths in params resolve against it.
     pub spec_dir: PathBuf,
+    /// The flag stored after the last success; `None` on a first run.
+    pub old_flag: Option<String>,
+    /// The flag this run is for.
+    pub new_flag: String,
 }
 
 impl InitContext {
+    /// The flag stored after the last success; `None` on a first run.
+    pub fn old_flag(&self) -> Option<&str> {
+        self.old_flag.as_deref()
+    }
+
+    /// The flag this run is for.
+    pub fn new_flag(&self) -> &str {
+        &self.new_flag
+    }
+
+    /// The same context for a run from `old` to `new`.
+    pub fn with_flags(&self, old: Option<&str>, new: &str) -> Self {
+        Self {
+            old_flag: old.map(str::to_string),
+            new_flag: new.to_string(),
+            ..self.clone()
+        }
+    }
+
     /// Resolves a path from params against the spec file's directory.
     pub fn resolve(&self, path: impl AsRef<Path>) -> PathBuf {
         let path = path.as_ref();
@@ -76,7 +94,8 @@ impl InitContext {
 #[cfg(any(test, feature = "test-util"))]
 impl InitContext {
     /// A context for unit-testing an initialiser: instance name `test`, the given store and
-    /// spec directory, a server URL nothing listens on, and a fresh cancellation token.
+    /// spec directory, a server URL nothing listens on, a fresh cancellation token, and a
+    /// first run for flag `v1` (see [`InitContext::with_flags`]).
     /// (Behind the `test-util` feature.)
     pub fn for_test(store: DynStore, spec_dir: impl Into<PathBuf>) -> Self {
         Self {
@@ -87,6 +106,8 @@ impl InitContext {
             http: crate::tls::plain_client(),
             cancel: CancellationToken::new(),
             spec_dir: spec_dir.into(),
+            old_flag: None,
+            new_flag: "v1".into(),
         }
     }
 
@@ -103,6 +124,8 @@ impl std::fmt::Debug for InitContext {
             .field("name", &self.name)
             .field("server_url", &self.server_url)
             .field("spec_dir", &self.spec_dir)
+            .field("old_flag", &self.old_flag)
+            .field("new_flag", &self.new_flag)
             .finish_non_exhaustive()
     }
 }

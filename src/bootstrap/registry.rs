@@ -96,10 +96,25 @@ fn params_schema<P: JsonSchema>(generator: &mut SchemaGenerator) -> Schema {
     generator.subschema_for::<P>()
 }
 
-/// Registers an initialiser class that implements [`FromParams`], from any crate linked into
-/// the binary: `bootsync::register!(CreateAdmin);`.
+/// Registers an initialiser class, from any crate linked into the binary.
+///
+/// - `register!(CreateAdmin);` for a type that implements [`FromParams`];
+/// - `register!(Greet(Params), "example.greet", "stores a greeting");` for a newtype over its
+///   params that needs no check beyond their shape: it implements [`FromParams`] too.
 #[macro_export]
 macro_rules! register {
+    ($initialiser:ident($params:ty), $class:literal, $summary:literal) => {
+        impl $crate::bootstrap::FromParams for $initialiser {
+            const CLASS: &'static str = $class;
+            const SUMMARY: &'static str = $summary;
+            type Params = $params;
+
+            fn from_params(params: $params) -> ::std::result::Result<Self, ::std::string::String> {
+                ::std::result::Result::Ok($initialiser(params))
+            }
+        }
+        $crate::register!($initialiser);
+    };
     ($initialiser:ty) => {
         $crate::inventory::submit! {
             $crate::bootstrap::Registration::of::<$initialiser>()

@@ -6,11 +6,11 @@ use axum::Json;
 use axum::extract::State;
 use axum::http::header;
 use axum::response::IntoResponse;
-use serde_json::{Value, json};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::{ApiError, AppState};
+use crate::api::status::{Health, Ready};
 
 /// How long `/readyz` waits for the store before calling it unavailable.
 const READY_TIMEOUT: Duration = Duration::from_secs(2);
@@ -24,25 +24,27 @@ pub(super) fn api() -> OpenApiRouter<AppState> {
 
 /// The process is alive and answering.
 #[utoipa::path(get, path = "/healthz", tag = "health",
-    responses((status = 200, description = "Alive", body = Object, example = json!({"status": "ok"}))))]
-async fn healthz() -> Json<Value> {
-    Json(json!({"status": "ok"}))
+    responses((status = 200, description = "Alive", body = Health, example = json!({"status": "ok"}))))]
+async fn healthz() -> Json<Health> {
+    Json(Health {
+        status: "ok".into(),
+    })
 }
 
 /// The store answered within 2 s.
 #[utoipa::path(get, path = "/readyz", tag = "health",
     responses(
-        (status = 200, description = "The store answers", body = Object,
+        (status = 200, description = "The store answers", body = Ready,
             example = json!({"status": "ready", "backend": "sqlite", "revision": 42})),
         (status = 503, description = "The store is not reachable", body = crate::api::ErrorBody),
     ))]
-async fn readyz(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+async fn readyz(State(state): State<AppState>) -> Result<Json<Ready>, ApiError> {
     match tokio::time::timeout(READY_TIMEOUT, state.store.revision()).await {
-        Ok(Ok(revision)) => Ok(Json(json!({
-            "status": "ready",
-            "backend": state.store.backend(),
-            "revision": revision,
-        }))),
+        Ok(Ok(revision)) => Ok(Json(Ready {
+            status: "ready".into(),
+            backend: state.store.backend().into(),
+            revision,
+        })),
         Ok(Err(err)) => Err(ApiError::unavailable(format!("store not ready: {err}"))),
         Err(_) => Err(ApiError::unavailable(format!(
             "store did not answer within {READY_TIMEOUT:?}"

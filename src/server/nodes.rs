@@ -10,7 +10,6 @@ use axum::extract::{FromRef, FromRequestParts, Query, State};
 use axum::http::request::Parts;
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
@@ -19,7 +18,8 @@ use super::auth;
 use super::{ApiError, ApiJson};
 use crate::api::auth::constant_time_eq;
 use crate::api::cfgsync::{
-    MAX_METADATA_BYTES, NodeArtifactsPayload, NodeRegistration, Registered, check_identifier,
+    MAX_METADATA_BYTES, NodeArtifactsPayload, NodeQuery, NodeRegistration, Registered,
+    check_identifier,
 };
 use crate::api::{ErrorBody, ErrorCode, NODE_SECRET_HEADER, Token};
 use crate::cfgsync::admission::{self, Refusal};
@@ -288,14 +288,6 @@ async fn register(
     Err(ApiError::conflict(
         "the registration kept racing with concurrent registrations of the same identifier; retry",
     ))
-}
-
-/// Query of `POST /node`: unknown parameters are ignored, as the seed's server does.
-#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
-#[into_params(parameter_in = Query)]
-struct NodeQuery {
-    /// Seconds to hold the request until the payload is ready (an addition).
-    wait: Option<u64>,
 }
 
 /// This node's files once its config is ready; `?wait=` holds the request until then.

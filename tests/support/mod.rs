@@ -224,3 +224,89 @@ pub async fn call(
     let text = response.text().await.unwrap_or_default();
     (status, serde_json::from_str(&text).unwrap_or_default())
 }
+
+/// `POST base+path` with a JSON body; the status and the body (`Null` when not JSON).
+pub async fn post(
+    base: &str,
+    path: &str,
+    body: &serde_json::Value,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    call(
+        reqwest::Method::POST,
+        &format!("{base}{path}"),
+        None,
+        Some(body.clone()),
+    )
+    .await
+}
+
+/// The JSON answer to `request`; `None` on any failure, for conditions polled with
+/// [`wait_for`].
+pub async fn json_of(request: reqwest::RequestBuilder) -> Option<serde_json::Value> {
+    request.send().await.ok()?.json().await.ok()
+}
+
+/// `GET url` as JSON; `None` on any failure.
+pub async fn fetch_json(url: impl reqwest::IntoUrl) -> Option<serde_json::Value> {
+    json_of(bootsync::tls::plain_client().get(url)).await
+}
+
+/// Runs `bootsync` with `line` split on whitespace (no quoting: arguments with spaces go
+/// through [`run_cli`]); answers (exit code, stdout, stderr).
+pub fn cli(dir: &Path, line: &str) -> (i32, String, String) {
+    run_cli(&line.split_whitespace().collect::<Vec<_>>(), dir)
+}
+
+impl Proc {
+    /// [`Proc::spawn`] with `line` split on whitespace.
+    pub fn start(dir: &Path, line: &str) -> Proc {
+        Proc::spawn(&line.split_whitespace().collect::<Vec<_>>(), dir)
+    }
+}
+
+/// A temporary directory holding `files` (name, text).
+pub fn dir_with(files: &[(&str, &str)]) -> tempfile::TempDir {
+    let dir = tempfile::tempdir().expect("a temporary directory");
+    for (name, text) in files {
+        std::fs::write(dir.path().join(name), text).expect("write a test file");
+    }
+    dir
+}
+
+/// A policy for `n` nodes whose one file, `peers.txt`, lists every node's identifier.
+pub fn peers_policy(n: usize) -> String {
+    format!(
+        "expect_nodes: {n}\nfiles:\n  - path: peers.txt\n    template: \"{{% for p in nodes %}}{{{{ p.identifier }}}}\\n{{% endfor %}}\"\n"
+    )
+}
+
+/// Waits (up to 30 s) until `ready` holds, then kills `server` with SIGKILL: a crash at a
+/// moment when acknowledged work is known to exist.
+pub async fn kill9_when(server: &mut Proc, what: &str, ready: impl Fn() -> bool) {
+    wait_for(Duration::from_secs(30), what, || {
+        let done = ready();
+        async move { done.then_some(()) }
+    })
+    .await;
+    server.kill9();
+}
+
+/// Every `.rs` file below `dir`.
+pub fn rust_files(dir: &Path, out: &mut Vec<PathBuf>) {
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.is_dir() {
+            rust_files(&path, out);
+        } else if path.extension().is_some_and(|e| e == "rs") {
+            out.push(path);
+        }
+    }
+}
+
+/// A `bootsync bootstrap` replica of `spec.yaml` in `dir` against `server`, named `holder`, on a
+/// 2 s lease (so a standby takes over quickly).
+pub fn replica(dir: &Path, server: &str, holder: &str) -> Proc {
+    let line =
+        format!("bootstrap --spec spec.yaml --server {server} --holder-id {holder} --lease-ttl 2s");
+    Proc::spawn_bootstrap(&line.split_whitespace().collect::<Vec<_>>(), dir)
+}

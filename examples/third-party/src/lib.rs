@@ -19,17 +19,12 @@ pub struct CreateAdmin(Params);
 
 #[async_trait]
 impl Initialiser for CreateAdmin {
-    async fn run(
-        &self,
-        ctx: &InitContext,
-        _old: Option<&str>,
-        new_flag: &str,
-    ) -> Result<(), InitError> {
+    async fn run(&self, ctx: &InitContext) -> Result<(), InitError> {
         let key = Key::new(&self.0.namespace, "users", &self.0.user);
         if ctx.store.get(&key).await?.is_some() {
             return Ok(());
         }
-        let value = json!({"role": "admin", "created_by_flag": new_flag});
+        let value = json!({"role": "admin", "created_by_flag": ctx.new_flag()});
         ctx.store
             .apply(
                 Batch::new()
@@ -80,8 +75,14 @@ mod tests {
     async fn it_creates_the_admin_once_and_leaves_it_on_a_flag_bump() {
         let store: DynStore = Arc::new(MemoryStore::new(Limits::default()));
         let ctx = InitContext::for_test(store.clone(), ".");
-        admin("root").run(&ctx, None, "v1").await.unwrap();
-        admin("root").run(&ctx, Some("v1"), "v2").await.unwrap();
+        admin("root")
+            .run(&ctx.with_flags(None, "v1"))
+            .await
+            .unwrap();
+        admin("root")
+            .run(&ctx.with_flags(Some("v1"), "v2"))
+            .await
+            .unwrap();
         let entry = store
             .get(&Key::new("prod", "users", "root"))
             .await

@@ -2,7 +2,7 @@
 //! stored flag in one round trip, and runs what is behind its flag under the lease; it ends in
 //! an explicit [`Outcome`], from which the next wake is computed.
 //!
-//! Each mechanism has its own file: [`gate`] (are the services up), `lease_guard` (the lease
+//! Each mechanism has its own file: `gate` (are the services up), `lease_guard` (the lease
 //! while a wake holds it), `run` (one initialiser under its timeout, panics caught), `watcher`
 //! (wakes the loop when someone else changes `__system__`) and `metrics`.
 
@@ -523,7 +523,7 @@ impl Engine {
 
     /// Runs an initialiser under its timeout with panics caught.
     async fn run_guarded(&self, entry: &Entry, old_flag: Option<&str>) -> run::Ran {
-        run::run_guarded(entry, old_flag, |cancel| InitContext {
+        run::run_guarded(entry, |cancel| InitContext {
             name: entry.name.clone(),
             span: tracing::Span::current(),
             store: self.store.clone(),
@@ -531,6 +531,8 @@ impl Engine {
             http: self.options.http.clone(),
             cancel,
             spec_dir: self.spec.dir.clone(),
+            old_flag: old_flag.map(str::to_string),
+            new_flag: entry.flag.clone(),
         })
         .await
     }

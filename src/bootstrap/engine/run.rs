@@ -57,17 +57,15 @@ pub(super) type Ran = Result<(), RunOutcome>;
 /// timeout.
 pub(super) async fn run_guarded(
     entry: &Entry,
-    old_flag: Option<&str>,
     context: impl FnOnce(CancellationToken) -> InitContext,
 ) -> Ran {
     let cancel = CancellationToken::new();
     let ctx = context(cancel.clone());
     let initialiser = entry.initialiser.clone();
-    let (old, new) = (old_flag.map(str::to_string), entry.flag.clone());
     let mut task = tokio::spawn(
         async move {
             initialiser
-                .run(&ctx, old.as_deref(), &new)
+                .run(&ctx)
                 .await
                 .map_err(|err| error_chain(err.as_ref()))
         }

@@ -49,9 +49,12 @@ struct Probe {
 
 #[async_trait]
 impl Initialiser for Probe {
-    async fn run(&self, ctx: &InitContext, old: Option<&str>, _new: &str) -> Result<(), InitError> {
+    async fn run(&self, ctx: &InitContext) -> Result<(), InitError> {
         self.runs.fetch_add(1, Ordering::SeqCst);
-        self.old_flags.lock().unwrap().push(old.map(str::to_string));
+        self.old_flags
+            .lock()
+            .unwrap()
+            .push(ctx.old_flag().map(str::to_string));
         let ready = Key::new("prod", "cfg", "ready");
         match self.behaviour {
             Behaviour::Ok => Ok(()),
@@ -352,15 +355,27 @@ async fn a_standby_runs_nothing_while_another_holds_the_lease() {
     assert!((59..=60).contains(&sleep.as_secs()), "{sleep:?}");
 }
 
-/// A store on which another replica finishes `a` at v1 and releases the lease in the gap
-/// between this replica's read of the flags and its taking of the lease.
-struct FinishedElsewhere {
+/// A memory store with two scripted faults: while `down` is set, listing fails as an
+/// unreachable etcd does; with `finish_elsewhere` set, another replica stores `a` at v1 (once)
+/// in the gap between this replica's read of the flags and its taking of the lease.
+struct Scripted {
     inner: MemoryStore,
-    done: AtomicBool,
+    down: AtomicBool,
+    finish_elsewhere: AtomicBool,
+}
+
+impl Default for Scripted {
+    fn default() -> Self {
+        Self {
+            inner: MemoryStore::new(Limits::default()),
+            down: AtomicBool::new(false),
+            finish_elsewhere: AtomicBool::new(false),
+        }
+    }
 }
 
 #[async_trait]
-impl Store for FinishedElsewhere {
+impl Store for Scripted {
     fn backend(&self) -> &'static str {
         "memory"
     }
@@ -368,7 +383,7 @@ impl Store for FinishedElsewhere {
         self.inner.revision().await
     }
     async fn get(&self, key: &Key) -> Result<Option<crate::store::Entry>, crate::store::Error> {
-        if *key == lease::lease_key() && !self.done.swap(true, Ordering::SeqCst) {
+        if *key == lease::lease_key() && self.finish_elsewhere.swap(false, Ordering::SeqCst) {
             let flag = status::key(INIT_STATE, "a");
             self.inner.put(flag, json!("v1")).await?;
         }
@@ -376,16 +391,19 @@ impl Store for FinishedElsewhere {
     }
     async fn list(
         &self,
-        namespace: &str,
+        ns: &str,
         kind: &str,
     ) -> Result<crate::store::Listing, crate::store::Error> {
-        self.inner.list(namespace, kind).await
+        if self.down.load(Ordering::SeqCst) {
+            return Err(crate::store::Error::Unavailable("no leader".into()));
+        }
+        self.inner.list(ns, kind).await
     }
     async fn namespace(
         &self,
-        namespace: &str,
+        ns: &str,
     ) -> Result<crate::store::NamespaceTree, crate::store::Error> {
-        self.inner.namespace(namespace).await
+        self.inner.namespace(ns).await
     }
     async fn namespaces(&self) -> Result<Vec<String>, crate::store::Error> {
         self.inner.namespaces().await
@@ -404,9 +422,9 @@ impl Store for FinishedElsewhere {
 
 #[tokio::test(start_paused = true)]
 async fn a_step_finished_by_another_replica_before_the_lease_was_taken_does_not_run_again() {
-    let store: DynStore = Arc::new(FinishedElsewhere {
-        inner: MemoryStore::new(Limits::default()),
-        done: AtomicBool::new(false),
+    let store: DynStore = Arc::new(Scripted {
+        finish_elsewhere: AtomicBool::new(true),
+        ..Scripted::default()
     });
     let mut h = harness_on(store, vec![("a", "v1", Behaviour::Ok)]);
     assert_eq!(h.engine.wake().await, Outcome::Converged);
@@ -482,59 +500,11 @@ async fn a_lost_lease_ends_the_wake_before_anything_else_runs() {
     );
 }
 
-/// A memory store whose reads fail while `down` is set, as an unreachable etcd does.
-struct Flaky {
-    inner: MemoryStore,
-    down: AtomicBool,
-}
-
-#[async_trait]
-impl Store for Flaky {
-    fn backend(&self) -> &'static str {
-        "memory"
-    }
-    async fn revision(&self) -> Result<Revision, crate::store::Error> {
-        self.inner.revision().await
-    }
-    async fn get(&self, key: &Key) -> Result<Option<crate::store::Entry>, crate::store::Error> {
-        self.inner.get(key).await
-    }
-    async fn list(
-        &self,
-        namespace: &str,
-        kind: &str,
-    ) -> Result<crate::store::Listing, crate::store::Error> {
-        if self.down.load(Ordering::SeqCst) {
-            return Err(crate::store::Error::Unavailable("no leader".into()));
-        }
-        self.inner.list(namespace, kind).await
-    }
-    async fn namespace(
-        &self,
-        namespace: &str,
-    ) -> Result<crate::store::NamespaceTree, crate::store::Error> {
-        self.inner.namespace(namespace).await
-    }
-    async fn namespaces(&self) -> Result<Vec<String>, crate::store::Error> {
-        self.inner.namespaces().await
-    }
-    async fn apply(&self, batch: Batch) -> Result<Revision, crate::store::Error> {
-        self.inner.apply(batch).await
-    }
-    async fn watch(
-        &self,
-        from: Revision,
-        filter: crate::store::WatchFilter,
-    ) -> Result<crate::store::Watch, crate::store::Error> {
-        self.inner.watch(from, filter).await
-    }
-}
-
 #[tokio::test(start_paused = true)]
 async fn an_unavailable_store_is_not_a_closed_gate_and_does_not_rerun_pre_gate_steps() {
-    let flaky = Arc::new(Flaky {
-        inner: MemoryStore::new(Limits::default()),
+    let flaky = Arc::new(Scripted {
         down: AtomicBool::new(true),
+        ..Scripted::default()
     });
     let store: DynStore = flaky.clone();
     let mut h = harness_on(store, vec![("a", "v1", Behaviour::Ok)]);
@@ -570,7 +540,7 @@ impl Initialiser for Early {
     fn phase(&self) -> crate::bootstrap::Phase {
         crate::bootstrap::Phase::BeforeGate
     }
-    async fn run(&self, _: &InitContext, _: Option<&str>, _: &str) -> Result<(), InitError> {
+    async fn run(&self, _: &InitContext) -> Result<(), InitError> {
         self.0.fetch_add(1, Ordering::SeqCst);
         Ok(())
     }

@@ -813,6 +813,7 @@ async fn b5() -> Value {
         lease_ttl: Duration::from_secs(15),
         server_url: url,
         http,
+        history_len: bootsync::api::system::DEFAULT_HISTORY_LEN,
     };
     let mut engine = Engine::new(spec, counting.clone(), gate, options, None);
     assert_eq!(

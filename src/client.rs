@@ -12,6 +12,7 @@ use serde_json::Value;
 
 use crate::api::Token;
 use crate::api::config::{ChangesBody, EntryBody, Namespaces, Written};
+use crate::api::status::HistoryBody;
 use crate::api::{ErrorBody, ErrorCode};
 use crate::store::{
     self, Batch, ChangeEvent, Entry, Key, Listing, NamespaceTree, Revision, Store, Watch,
@@ -226,6 +227,15 @@ impl ApiClient {
             .await
     }
 
+    /// `GET /v1/history`, or one initialiser's with `name`.
+    pub async fn history(&self, name: Option<&str>) -> Result<HistoryBody, Error> {
+        let path = match name {
+            Some(name) => format!("/v1/history?name={}", segment(name)),
+            None => "/v1/history".to_string(),
+        };
+        self.send(&path, self.request(Method::GET, &path)).await
+    }
+
     /// One long-poll of `/v1/changes`: events after `from`, held up to `wait`.
     pub async fn changes<E: DeserializeOwned>(
         &self,
@@ -313,7 +323,7 @@ impl From<Error> for store::Error {
             Error::Unreachable { url, source } => {
                 store::Error::Unavailable(format!("cannot reach {url}: {source}"))
             }
-            Error::Status { body, .. } => body.into_store_error(),
+            Error::Status { status, body, .. } => body.into_store_error(status),
             err @ Error::Decode { .. } => {
                 store::Error::backend("decoding the server's answer", err)
             }

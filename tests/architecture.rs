@@ -111,11 +111,43 @@ fn modules(root: &Path) -> BTreeSet<String> {
     let lib = std::fs::read_to_string(root.join("src/lib.rs")).unwrap();
     lib.lines()
         .filter_map(|line| {
-            let line = line.trim_start().trim_start_matches("pub ");
+            let line = line
+                .trim_start()
+                .trim_start_matches("pub(crate) ")
+                .trim_start_matches("pub ");
             let name = line.strip_prefix("mod ")?.strip_suffix(';')?;
             Some(name.to_string())
         })
         .collect()
+}
+
+/// (line number, module) for every `crate::` path in a file's text, comments skipped. A
+/// `use crate::{…}` group that spans lines is read whole, nested groups included.
+fn paths_in(text: &str) -> Vec<(usize, String)> {
+    let depth = |s: &str| s.matches('{').count() as i64 - s.matches('}').count() as i64;
+    let mut found = Vec::new();
+    let mut group = String::new();
+    let mut group_line = 0;
+    for (n, line) in text.lines().enumerate() {
+        let code = line.trim_start();
+        if code.starts_with("//") {
+            continue;
+        }
+        if group.is_empty() && !(code.contains("crate::{") && depth(code) > 0) {
+            found.extend(targets(code).into_iter().map(|to| (n + 1, to)));
+            continue;
+        }
+        if group.is_empty() {
+            group_line = n + 1;
+        }
+        group.push_str(code);
+        group.push(' ');
+        if depth(&group) <= 0 {
+            let whole = std::mem::take(&mut group);
+            found.extend(targets(&whole).into_iter().map(|to| (group_line, to)));
+        }
+    }
+    found
 }
 
 /// (file, line number, from, to) for every cross-module path in the crate.
@@ -131,26 +163,10 @@ fn edges() -> Vec<(String, usize, String, String)> {
             continue;
         };
         let text = std::fs::read_to_string(&file).unwrap();
-        let mut in_group = String::new();
-        for (n, line) in text.lines().enumerate() {
-            let code = line.trim_start();
-            if code.starts_with("//") {
-                continue;
-            }
-            // A `use crate::{` group may span lines: read it whole.
-            let mut whole = line.to_string();
-            if !in_group.is_empty() || (code.contains("crate::{") && !code.contains('}')) {
-                in_group.push_str(code);
-                if !code.contains('}') && !code.ends_with(';') {
-                    continue;
-                }
-                whole = std::mem::take(&mut in_group);
-            }
-            for to in targets(&whole) {
-                if to != from && modules.contains(&to) {
-                    let shown = file.strip_prefix(root).unwrap().display().to_string();
-                    edges.push((shown, n + 1, from.clone(), to));
-                }
+        for (line, to) in paths_in(&text) {
+            if to != from && modules.contains(&to) {
+                let shown = file.strip_prefix(root).unwrap().display().to_string();
+                edges.push((shown, line, from.clone(), to));
             }
         }
     }
@@ -231,6 +247,13 @@ fn the_module_graph_has_no_cycle() {
             panic!("module cycle: {}", cycle.join(" → "));
         }
     }
+}
+
+#[test]
+fn the_scanner_reads_a_group_spanning_lines_whole() {
+    let text = "use std::fmt;\nuse crate::{\n    api::{ErrorBody, ErrorCode},\n    server::X,\n};\n// crate::cli in a comment\nfn f() { crate::store::g() }\n";
+    let found: Vec<String> = paths_in(text).into_iter().map(|(_, to)| to).collect();
+    assert_eq!(found, ["api", "server", "store"]);
 }
 
 #[test]

@@ -477,3 +477,88 @@ async fn the_admin_token_never_reaches_the_logs_even_at_trace_level() {
         );
     }
 }
+
+/// The start times of `name`'s recorded runs, oldest first, and their results.
+async fn runs_of(url: &str, name: &str) -> Option<Vec<(u64, String)>> {
+    let body = support::fetch_json(format!("{url}/v1/history")).await?;
+    let runs = body["initialisers"][name].as_array()?;
+    Some(
+        runs.iter()
+            .map(|r| {
+                let started = r["started_ms"].as_u64().unwrap();
+                (started, r["result"].as_str().unwrap().to_string())
+            })
+            .collect(),
+    )
+}
+
+#[tokio::test]
+async fn the_history_keeps_exactly_n_runs_per_initialiser_in_order_across_kill_9() {
+    let spec = "cadence: { retry: 100ms, max_backoff: 200ms }\ninitialisers:\n  - { class: exec, name: flaky, flag: v1, params: { command: [sh, -c, 'echo no such table >&2; exit 3'] } }\n  - { class: exec, name: fine, flag: v1, params: { command: ['true'] } }\n";
+    let dir = support::dir_with(&[("spec.yaml", spec)]);
+    let db = format!("sqlite:{}/x.db", dir.path().display());
+    let line = format!("run --spec spec.yaml --store {db} --history-len 4");
+    let mut server = Proc::start(dir.path(), &line);
+    // Six failures at least: more runs than the history keeps.
+    let status = |url: String| async move {
+        let body = support::fetch_json(format!("{url}/v1/status")).await?;
+        let flaky = body["initialisers"]
+            .as_array()?
+            .iter()
+            .find(|i| i["name"] == "flaky")?;
+        (flaky["last_run"]["attempts"].as_u64()? >= 6).then_some(())
+    };
+    support::wait_for(Duration::from_secs(60), "six runs of flaky", || {
+        status(server.url.clone())
+    })
+    .await;
+    let before = runs_of(&server.url, "flaky").await.unwrap();
+    assert_eq!(before.len(), 4, "exactly N runs: {before:?}");
+    assert!(
+        before.windows(2).all(|w| w[0].0 <= w[1].0),
+        "in order: {before:?}"
+    );
+    assert!(
+        before.iter().all(|(_, result)| result == "failed"),
+        "{before:?}"
+    );
+    let fine = runs_of(&server.url, "fine").await.unwrap();
+    assert_eq!(fine.len(), 1, "it ran once and converged: {fine:?}");
+    assert_eq!(fine[0].1, "succeeded");
+
+    server.kill9();
+    let server = Proc::start(dir.path(), &line);
+    let newest = before.last().unwrap().0;
+    let after = support::wait_for(Duration::from_secs(60), "a run after the restart", || {
+        let url = server.url.clone();
+        async move {
+            let runs = runs_of(&url, "flaky").await?;
+            (runs.last()?.0 > newest).then_some(runs)
+        }
+    })
+    .await;
+    assert_eq!(after.len(), 4, "still exactly N after kill -9: {after:?}");
+    assert!(
+        after.windows(2).all(|w| w[0].0 <= w[1].0),
+        "in order: {after:?}"
+    );
+    assert_eq!(
+        runs_of(&server.url, "fine").await.unwrap(),
+        fine,
+        "the converged step did not run again"
+    );
+
+    let (code, out, err) = support::cli(
+        dir.path(),
+        &format!("history --server {} flaky", server.url),
+    );
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.lines().count(), 5, "a header and four runs: {out}");
+    assert!(
+        out.lines()
+            .skip(1)
+            .all(|l| l.contains("flaky") && l.contains("failed")),
+        "{out}"
+    );
+    assert!(out.contains("no such table"), "the error's cause: {out}");
+}

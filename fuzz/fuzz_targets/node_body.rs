@@ -2,7 +2,7 @@
 #![no_main]
 
 use bootsync::cfgsync::NodeRegistration;
-use bootsync::cfgsync::http::validate_registration;
+use bootsync::server::nodes::validate_registration;
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {

@@ -200,7 +200,8 @@ impl ErrorBody {
     }
 
     /// The error a server answered with `status` and `text`: its body when it is the JSON error
-    /// shape, else a body made from the status (an old peer or a proxy in between).
+    /// shape, else a body with the code [`ErrorCode::Unknown`] (a proxy in between, or the
+    /// wrong server), so nothing reads a bare 404 as "absent".
     pub fn from_answer(status: StatusCode, text: &str) -> Self {
         serde_json::from_str(text).unwrap_or_else(|_| {
             let message = if text.trim().is_empty() {
@@ -208,7 +209,7 @@ impl ErrorBody {
             } else {
                 text.trim().to_string()
             };
-            Self::new(ErrorCode::for_status(status), message)
+            Self::new(ErrorCode::Unknown, message)
         })
     }
 
@@ -217,14 +218,19 @@ impl ErrorBody {
         self.code.status()
     }
 
-    /// The store error a server answered with, rebuilt from the code and details: exactly the
-    /// error the server's store returned, for every variant a client can act on.
-    pub fn into_store_error(self) -> store::Error {
+    /// The store error a server answered with `status`, rebuilt from the code and details:
+    /// exactly the error the server's store raised, for every variant a client can act on. A
+    /// body without details (an older server) or with a code this build does not know is read
+    /// by its status, as before details existed.
+    pub fn into_store_error(self, status: StatusCode) -> store::Error {
         let ErrorBody {
-            code,
+            mut code,
             message,
             details: d,
         } = self;
+        if code == ErrorCode::Unknown {
+            code = ErrorCode::for_status(status);
+        }
         match (code, *d) {
             (
                 ErrorCode::BadRequest,
@@ -271,9 +277,32 @@ impl ErrorBody {
                 compacted,
             },
             (ErrorCode::Unavailable, d) => store::Error::Unavailable(d.reason.unwrap_or(message)),
+            // An older server's words, without details.
+            (ErrorCode::Conflict, _) => store::Error::Conflict {
+                key: named_key(&message, "precondition failed on ", ": ")
+                    .unwrap_or_else(|| Key::new("unknown", "unknown", "unknown")),
+                reason: message,
+            },
+            (ErrorCode::Compacted, _) => store::Error::Compacted {
+                requested: 0,
+                compacted: 0,
+            },
+            (ErrorCode::TooLarge, d) => store::Error::TooLarge {
+                key: named_key(&message, "value for ", " is ")
+                    .unwrap_or_else(|| Key::new("unknown", "unknown", "unknown")),
+                size: 0,
+                limit: d.limit.unwrap_or_default() as usize,
+            },
             (code, _) => store::Error::backend("calling the server", format!("{code}: {message}")),
         }
     }
+}
+
+/// The `ns/type/key` an older server's message names between `before` and `after`.
+fn named_key(message: &str, before: &str, after: &str) -> Option<Key> {
+    let (named, _) = message.strip_prefix(before)?.split_once(after)?;
+    let mut parts = named.splitn(3, '/');
+    Some(Key::new(parts.next()?, parts.next()?, parts.next()?))
 }
 
 impl From<&store::Error> for ErrorBody {
@@ -358,6 +387,44 @@ mod tests {
         }
         let newer: ErrorCode = serde_json::from_str("\"from_the_future\"").unwrap();
         assert_eq!(newer, ErrorCode::Unknown);
+    }
+
+    #[test]
+    fn an_older_servers_words_still_make_the_store_error_a_client_acts_on() {
+        let body: ErrorBody = serde_json::from_str(
+            r#"{"code":"conflict","message":"precondition failed on __system__/lease/reconciler: expected 4"}"#,
+        )
+        .unwrap();
+        match body.into_store_error(StatusCode::CONFLICT) {
+            store::Error::Conflict { key, .. } => {
+                assert_eq!(key, Key::new("__system__", "lease", "reconciler"));
+            }
+            other => panic!("{other:?}"),
+        }
+        let gone = ErrorBody::from_answer(
+            StatusCode::GONE,
+            "{\"code\":\"compacted\",\"message\":\"x\"}",
+        );
+        assert!(matches!(
+            gone.into_store_error(StatusCode::GONE),
+            store::Error::Compacted { .. }
+        ));
+        // A code from a newer server is read by its status.
+        let newer = ErrorBody::from_answer(
+            StatusCode::SERVICE_UNAVAILABLE,
+            r#"{"code":"warming_up","message":"soon"}"#,
+        );
+        assert!(matches!(
+            newer.into_store_error(StatusCode::SERVICE_UNAVAILABLE),
+            store::Error::Unavailable(_)
+        ));
+    }
+
+    #[test]
+    fn a_bare_404_is_not_taken_for_an_absent_key() {
+        let body = ErrorBody::from_answer(StatusCode::NOT_FOUND, "<html>nginx</html>");
+        assert_eq!(body.code, ErrorCode::Unknown);
+        assert!(body.message.contains("nginx"));
     }
 
     #[test]

@@ -3,7 +3,9 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::system::Status;
+use std::collections::BTreeMap;
+
+use super::system::{HistoryEntry, Status};
 use crate::store::Revision;
 
 /// One initialiser as `/v1/status` reports it.
@@ -91,4 +93,21 @@ pub struct RenderFailure {
     pub epoch: Revision,
     /// Why (a template error, fuel, the deadline or the output limit).
     pub reason: String,
+}
+
+/// Query of `GET /v1/history`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::IntoParams)]
+#[into_params(parameter_in = Query)]
+pub struct HistoryQuery {
+    /// Only this initialiser.
+    pub name: Option<String>,
+}
+
+/// The body of `GET /v1/history`: each initialiser's last runs, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HistoryBody {
+    /// Store revision read.
+    pub revision: Revision,
+    /// Instance name → its runs, oldest first.
+    pub initialisers: BTreeMap<String, Vec<HistoryEntry>>,
 }

@@ -92,3 +92,97 @@ pub struct WantedSpec {
 pub fn key(kind: &str, name: &str) -> Key {
     Key::new(SYSTEM_NAMESPACE, kind, name)
 }
+
+/// Type of the run histories (key = instance name, value = [`History`]).
+pub const INIT_HISTORY: &str = "init-history";
+/// Runs kept per initialiser unless the reconciler is told otherwise (`--history-len`).
+pub const DEFAULT_HISTORY_LEN: usize = 50;
+/// The longest error kept in a history entry, in bytes (its tail: the cause is at the end).
+pub const HISTORY_ERROR_BYTES: usize = 2048;
+
+/// One finished run of an initialiser.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct HistoryEntry {
+    /// When it started, Unix ms.
+    pub started_ms: u64,
+    /// When it ended, Unix ms.
+    pub finished_ms: u64,
+    /// How long it took.
+    pub duration_ms: u64,
+    /// How it ended: `succeeded`, `failed`, `timed_out`, `panicked` or `state_write_failed`.
+    pub result: String,
+    /// The flag stored before the run (`None` on a first run).
+    pub old_flag: Option<String>,
+    /// The flag it ran for.
+    pub flag: String,
+    /// The tail of its error, when it did not succeed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+    /// The reconciler that ran it.
+    pub holder: String,
+}
+
+/// The `init-history` record of one instance: its last runs, oldest first.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct History {
+    /// The runs, oldest first, at most the reconciler's history length.
+    pub runs: Vec<HistoryEntry>,
+}
+
+impl History {
+    /// Appends `entry`, keeping the newest `len` runs.
+    pub fn push(&mut self, entry: HistoryEntry, len: usize) {
+        self.runs.push(entry);
+        let excess = self.runs.len().saturating_sub(len.max(1));
+        self.runs.drain(..excess);
+    }
+}
+
+/// The tail of `error` that fits in [`HISTORY_ERROR_BYTES`], cut at a character boundary.
+pub fn error_tail(error: &str) -> String {
+    if error.len() <= HISTORY_ERROR_BYTES {
+        return error.to_string();
+    }
+    let mut start = error.len() - HISTORY_ERROR_BYTES;
+    while !error.is_char_boundary(start) {
+        start += 1;
+    }
+    format!("…{}", &error[start..])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn run(n: u64) -> HistoryEntry {
+        HistoryEntry {
+            started_ms: n,
+            finished_ms: n + 1,
+            duration_ms: 1,
+            result: "failed".into(),
+            old_flag: None,
+            flag: "v1".into(),
+            error: None,
+            holder: "h".into(),
+        }
+    }
+
+    #[test]
+    fn a_history_keeps_the_newest_runs_in_order() {
+        let mut history = History::default();
+        for n in 0..7 {
+            history.push(run(n), 3);
+        }
+        let kept: Vec<u64> = history.runs.iter().map(|r| r.started_ms).collect();
+        assert_eq!(kept, [4, 5, 6]);
+    }
+
+    #[test]
+    fn an_error_tail_keeps_the_end_on_a_character_boundary() {
+        let long = format!("{}é cause", "x".repeat(HISTORY_ERROR_BYTES));
+        let tail = error_tail(&long);
+        assert!(tail.ends_with("é cause"));
+        assert!(tail.len() <= HISTORY_ERROR_BYTES + "…".len());
+        assert_eq!(error_tail("short"), "short");
+    }
+}

@@ -379,18 +379,18 @@ impl<T: JsonSchema> JsonSchema for Field<T> {
     }
 }
 
-/// Text with something in it (surrounding whitespace is ignored).
+/// Text that is not blank, kept exactly as written (a stored flag or state key written with a
+/// trailing space must still match).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Text(pub String);
 
 impl<'de> Deserialize<'de> for Text {
     fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
         let text = String::deserialize(deserializer)?;
-        let trimmed = text.trim();
-        if trimmed.is_empty() {
+        if text.trim().is_empty() {
             return Err(serde::de::Error::custom("must be a non-empty string"));
         }
-        Ok(Text(trimmed.to_string()))
+        Ok(Text(text))
     }
 }
 

@@ -15,6 +15,7 @@ use super::serve::{Preload, ServerArgs, start_server};
 use super::{EXIT_GAVE_UP, EXIT_OK, EXIT_USAGE};
 use crate::api::Token;
 use crate::api::status::StatusBody;
+use crate::api::system::DEFAULT_HISTORY_LEN;
 use crate::api::system::{INIT_STATE, INIT_STATUS, Status};
 use crate::bootstrap::{Engine, EngineOptions, Facts, HttpGate, Registry, Spec, assess, duration};
 use crate::client::{ApiClient, RemoteStore};
@@ -32,6 +33,9 @@ pub(crate) struct ReconcilerArgs {
     /// How long the reconciler lease lasts without renewal.
     #[arg(long, default_value = "15s", value_parser = duration::parse, env = "BOOTSYNC_LEASE_TTL")]
     pub(crate) lease_ttl: Duration,
+    /// Runs kept per initialiser in its history (`bootsync history`).
+    #[arg(long, default_value_t = DEFAULT_HISTORY_LEN, value_parser = clap::value_parser!(usize), env = "BOOTSYNC_HISTORY_LEN")]
+    pub(crate) history_len: usize,
 }
 
 /// Flags of `bootsync run`.
@@ -172,6 +176,7 @@ async fn reconcile(
         lease_ttl: args.lease_ttl,
         server_url: server_url.to_string(),
         http,
+        history_len: args.history_len.max(1),
     };
     tracing::info!(holder = %options.holder, initialisers = spec.entries.len(), "reconciler starting");
     let engine = Engine::new(spec, store, gate, options, metrics.as_deref());

@@ -5,6 +5,7 @@ mod bootstrap;
 mod client;
 mod completions;
 mod config;
+mod history;
 mod report;
 mod schema;
 mod serve;
@@ -52,6 +53,8 @@ pub enum Command {
     Plan(bootstrap::PlanArgs),
     /// Show initialisers, registrations and readiness; optionally wait until converged.
     Status(bootstrap::StatusArgs),
+    /// Each initialiser's last runs: when, which flags, how it ended, why it failed.
+    History(history::HistoryArgs),
     /// Node side: register, wait, fetch and write this node's files.
     Client(client::ClientArgs),
     /// Operate the config store from a shell.
@@ -95,6 +98,7 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Check(args) => bootstrap::check(args).await,
         Command::Plan(args) => bootstrap::plan(args).await,
         Command::Status(args) => bootstrap::status(args).await,
+        Command::History(args) => history::run(args).await,
         Command::Client(args) => client::run(args).await,
         Command::Config(command) => config::run(command).await,
         Command::Schema(args) => schema::run(args),

@@ -2,8 +2,7 @@
 
 use std::time::Duration;
 
-use axum::extract::{FromRequestParts, Query, State};
-use axum::http::request::Parts;
+use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{IntoResponse, Response};
 use serde::Serialize;
@@ -11,6 +10,7 @@ use serde_json::Value;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::error::{ApiPath, ApiQuery};
 use super::{ApiError, ApiJson, AppState};
 use crate::api::REVISION_HEADER;
 use crate::api::config::{
@@ -26,39 +26,6 @@ pub(super) fn api() -> OpenApiRouter<AppState> {
         .routes(routes!(get_type))
         .routes(routes!(get_entry, put_entry, delete_entry))
         .routes(routes!(changes))
-}
-
-/// Path parameters decoded with the JSON error shape on failure.
-struct ApiPath<T>(T);
-
-impl<S, T> FromRequestParts<S> for ApiPath<T>
-where
-    T: serde::de::DeserializeOwned + Send,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let axum::extract::Path(value) =
-            axum::extract::Path::<T>::from_request_parts(parts, state).await?;
-        Ok(ApiPath(value))
-    }
-}
-
-/// Query parameters decoded with the JSON error shape on failure.
-struct ApiQuery<T>(T);
-
-impl<S, T> FromRequestParts<S> for ApiQuery<T>
-where
-    T: serde::de::DeserializeOwned + Send,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Query(value) = Query::<T>::from_request_parts(parts, state).await?;
-        Ok(ApiQuery(value))
-    }
 }
 
 fn with_revision(revision: Revision, body: impl Serialize) -> Response {

@@ -10,11 +10,11 @@ use base64::Engine as _;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::status::collect;
+use super::status::{collect, read_history};
 use super::{ApiError, AppState};
-use crate::api::status::{InitialiserStatus, StatusBody};
+use crate::api::status::{HistoryBody, InitialiserStatus, StatusBody};
 use crate::api::system::State as RunState;
-use crate::clock::now_ms;
+use crate::clock::{now_ms, utc};
 
 /// Registrations listed on the page; the rest are counted.
 const MAX_LISTED: usize = 200;
@@ -62,7 +62,9 @@ async fn page(State(state): State<AppState>, headers: HeaderMap) -> Response {
                 })
                 .collect();
             registrations.sort_by(|a, b| a.identifier.cmp(&b.identifier));
-            Html(render(&body, &registrations, now_ms())).into_response()
+            // A history that cannot be read leaves the section out, not the page.
+            let history = read_history(&state).await.unwrap_or_default();
+            Html(render(&body, &history, &registrations, now_ms())).into_response()
         }
         Err(err) => {
             let status = err.status();
@@ -114,26 +116,47 @@ fn escape(text: &str) -> String {
     out
 }
 
-/// `2026-11-22 10:04:05 UTC` from Unix milliseconds.
-fn utc(ms: u64) -> String {
-    let secs = ms / 1000;
-    let (days, rest) = (secs / 86_400, secs % 86_400);
-    // Civil date from days since 1970-01-01 (the proleptic Gregorian calendar).
-    let z = days as i64 + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let day = doy - (153 * mp + 2) / 5 + 1;
-    let month = if mp < 10 { mp + 3 } else { mp - 9 };
-    let year = yoe + era * 400 + i64::from(month <= 2);
-    format!(
-        "{year:04}-{month:02}-{day:02} {:02}:{:02}:{:02} UTC",
-        rest / 3600,
-        rest % 3600 / 60,
-        rest % 60
-    )
+/// Runs listed under "Recent runs", newest first.
+const RECENT_RUNS: usize = 10;
+
+/// The newest runs of every initialiser, from their histories.
+fn recent_runs(out: &mut String, history: &HistoryBody, now: u64) {
+    let mut runs: Vec<_> = history
+        .initialisers
+        .iter()
+        .flat_map(|(name, runs)| runs.iter().map(move |run| (name, run)))
+        .collect();
+    if runs.is_empty() {
+        return;
+    }
+    runs.sort_by_key(|(_, run)| std::cmp::Reverse(run.started_ms));
+    out.push_str(
+        "<h2>Recent runs</h2><table id=runs><tr><th>Started</th><th>Name</th><th>Flag</th>\
+         <th>Result</th><th>Took</th><th>Error</th></tr>",
+    );
+    for (name, run) in runs.into_iter().take(RECENT_RUNS) {
+        let class = if run.result == "succeeded" {
+            "ok"
+        } else {
+            "bad"
+        };
+        let _ = write!(
+            out,
+            "<tr><td title=\"{}\">{}</td><td>{}</td><td>{} → {}</td><td class={class}>{}</td>\
+             <td>{} ms</td><td>{}</td></tr>",
+            utc(run.started_ms),
+            ago(run.started_ms, now),
+            escape(name),
+            escape(run.old_flag.as_deref().unwrap_or("—")),
+            escape(&run.flag),
+            escape(&run.result),
+            run.duration_ms,
+            run.error
+                .as_deref()
+                .map_or(String::new(), |e| format!("<pre>{}</pre>", escape(e))),
+        );
+    }
+    out.push_str("</table>");
 }
 
 /// `42 s ago`, `3 min ago`, `2 h ago`, `5 d ago`.
@@ -166,7 +189,12 @@ font-weight:bold}.run{color:#8a5a00}pre{margin:0;white-space:pre-wrap;max-width:
 .badge{padding:.1em .5em;border-radius:.3em;background:#eee}";
 
 /// The whole page.
-fn render(status: &StatusBody, registrations: &[Registration], now: u64) -> String {
+fn render(
+    status: &StatusBody,
+    history: &HistoryBody,
+    registrations: &[Registration],
+    now: u64,
+) -> String {
     let cfgsync = &status.cfgsync;
     let mut out = String::with_capacity(8 * 1024);
     let (word, class) = if status.converged {
@@ -235,6 +263,7 @@ fn render(status: &StatusBody, registrations: &[Registration], now: u64) -> Stri
         }
         out.push_str("</table>");
     }
+    recent_runs(&mut out, history, now);
     let serving = if cfgsync.policy {
         if cfgsync.ready {
             "ready (policy)"
@@ -320,20 +349,33 @@ mod tests {
             initialisers: vec![failed("exit 1: <script>alert(1)</script>")],
             cfgsync: Default::default(),
         };
-        let html = render(&status, &[], 1_700_000_042_000);
+        let history = HistoryBody {
+            revision: 7,
+            initialisers: [(
+                "migrate<1>".to_string(),
+                vec![crate::api::system::HistoryEntry {
+                    started_ms: 1_700_000_000_000,
+                    finished_ms: 1_700_000_000_250,
+                    duration_ms: 250,
+                    result: "failed".into(),
+                    old_flag: Some("v1".into()),
+                    flag: "v2".into(),
+                    error: Some("<b>boom</b>".into()),
+                    holder: "h".into(),
+                }],
+            )]
+            .into(),
+        };
+        let html = render(&status, &history, &[], 1_700_000_042_000);
+        assert!(html.contains("<table id=runs>"), "{html}");
+        assert!(html.contains("&lt;b&gt;boom&lt;/b&gt;"), "{html}");
+        assert!(html.contains("v1 → v2"), "{html}");
         assert!(!html.contains("<script>"), "{html}");
         assert!(html.contains("exit 1: &lt;script&gt;alert(1)&lt;/script&gt;"));
         assert!(html.contains("migrate&lt;1&gt;"));
         assert!(html.contains("class=bad>failed"));
         assert!(html.contains("42 s ago"));
         assert!(html.contains("2023-11-14 22:13:20 UTC"));
-    }
-
-    #[test]
-    fn utc_dates_cross_leap_years_and_centuries() {
-        assert_eq!(utc(0), "1970-01-01 00:00:00 UTC");
-        assert_eq!(utc(951_782_400_000), "2000-02-29 00:00:00 UTC");
-        assert_eq!(utc(4_107_542_399_000), "2100-02-28 23:59:59 UTC");
     }
 
     #[test]

@@ -9,14 +9,69 @@ use axum::http::HeaderMap;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::error::ApiQuery;
 use super::{ApiError, AppState};
-use crate::api::status::{CfgsyncSummary, InitialiserStatus, StatusBody};
-use crate::api::system::{INIT_SPEC, INIT_STATE, INIT_STATUS, SPEC_KEY, Status, WantedSpec};
+use crate::api::status::{
+    CfgsyncSummary, HistoryBody, HistoryQuery, InitialiserStatus, StatusBody,
+};
+use crate::api::system::{
+    History, INIT_HISTORY, INIT_SPEC, INIT_STATE, INIT_STATUS, SPEC_KEY, Status, WantedSpec,
+};
 use crate::bootstrap::{Facts, assess};
 use crate::store::SYSTEM_NAMESPACE;
 
 pub(super) fn api() -> OpenApiRouter<AppState> {
-    OpenApiRouter::new().routes(routes!(status))
+    OpenApiRouter::new()
+        .routes(routes!(status))
+        .routes(routes!(history))
+}
+
+/// Each initialiser's last runs, oldest first (`?name=` for one).
+#[utoipa::path(get, path = "/v1/history", tag = "status",
+    params(HistoryQuery),
+    security((), ("admin" = [])),
+    responses(
+        (status = 200, description = "The runs", body = HistoryBody),
+        (status = 401, description = "Missing or wrong admin token (when one is configured)", body = crate::api::ErrorBody),
+        (status = 404, description = "`name` has no history", body = crate::api::ErrorBody),
+    ))]
+async fn history(
+    State(state): State<AppState>,
+    headers: HeaderMap,
+    ApiQuery(query): ApiQuery<HistoryQuery>,
+) -> Result<Json<HistoryBody>, ApiError> {
+    state.require_admin(&headers)?;
+    let body = read_history(&state).await?;
+    match query.name {
+        None => Ok(Json(body)),
+        Some(name) => {
+            let runs =
+                body.initialisers.get(&name).cloned().ok_or_else(|| {
+                    ApiError::not_found(format!("no runs are recorded for {name:?}"))
+                })?;
+            Ok(Json(HistoryBody {
+                revision: body.revision,
+                initialisers: BTreeMap::from([(name, runs)]),
+            }))
+        }
+    }
+}
+
+/// Every initialiser's history, in one store round trip.
+pub(super) async fn read_history(state: &AppState) -> Result<HistoryBody, ApiError> {
+    let listing = state.store.list(SYSTEM_NAMESPACE, INIT_HISTORY).await?;
+    let initialisers = listing
+        .entries
+        .into_iter()
+        .filter_map(|(name, entry)| {
+            let history: History = serde_json::from_value(entry.value).ok()?;
+            Some((name, history.runs))
+        })
+        .collect();
+    Ok(HistoryBody {
+        revision: listing.revision,
+        initialisers,
+    })
 }
 
 /// Every initialiser's wanted and stored flag, state and last run; cfgsync readiness.

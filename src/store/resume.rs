@@ -111,6 +111,7 @@ impl ResumableWatch {
                 Resumed::Reset { .. } => unreachable!("deliver yields events"),
             },
             Some(Err(err)) => {
+                tracing::warn!(watcher = self.what, error = %err, "watch failed; resuming");
                 self.forget(&err);
                 None
             }
@@ -141,18 +142,19 @@ impl ResumableWatch {
         Ok(Resumed::Reset { revision, tree })
     }
 
-    /// Drops the broken stream; compacted history also drops the position, so the next item
-    /// is a reset.
+    /// Drops the broken stream. Compacted history, or a change the backend cannot decode (a
+    /// foreign value written under the store's root, say), also drops the position: reading
+    /// the same events again would fail the same way, so the next item is a fresh read.
     fn forget(&mut self, err: &Error) {
         self.stream = None;
-        if matches!(err, Error::Compacted { .. }) {
+        if matches!(err, Error::Compacted { .. } | Error::Backend { .. }) {
             self.from = None;
         }
     }
 
     async fn pause(&mut self, err: &Error) {
         self.forget(err);
-        if self.from.is_none() && matches!(err, Error::Compacted { .. }) {
+        if matches!(err, Error::Compacted { .. }) {
             // Nothing to wait for: history is gone, read afresh at once.
             tracing::info!(watcher = self.what, error = %err, "history compacted; starting over");
             return;

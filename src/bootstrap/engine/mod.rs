@@ -33,7 +33,8 @@ use super::InitContext;
 use super::assess::{Facts, assess};
 use super::spec::{Cadence, Entry, Spec};
 use crate::api::system::{
-    self as status, INIT_SPEC, INIT_STATE, INIT_STATUS, SPEC_KEY, State, Status, Wanted, WantedSpec,
+    self as status, History, HistoryEntry, INIT_HISTORY, INIT_SPEC, INIT_STATE, INIT_STATUS,
+    SPEC_KEY, State, Status, Wanted, WantedSpec, error_tail,
 };
 use crate::backoff::Backoff;
 use crate::clock::now_ms;
@@ -107,6 +108,8 @@ pub struct EngineOptions {
     pub server_url: String,
     /// HTTP client for initialisers (carries the admin token when configured).
     pub http: reqwest::Client,
+    /// Runs kept per initialiser in `__system__/init-history`.
+    pub history_len: usize,
 }
 
 /// The reconciler.
@@ -186,10 +189,45 @@ impl Engine {
     }
 
     async fn put_status(&self, name: &str, status: &Status) {
-        let batch = Batch::new().put(status::key(INIT_STATUS, name), json!(status));
+        self.record(name, Batch::new(), status).await;
+    }
+
+    /// Writes `status` (and whatever `batch` already holds) in one batch.
+    async fn record(&self, name: &str, batch: Batch, status: &Status) {
+        let batch = batch.put(status::key(INIT_STATUS, name), json!(status));
         if let Err(err) = self.write(batch).await {
             tracing::warn!(initialiser = name, error = %err, "cannot record status");
         }
+    }
+
+    /// `batch` with the run that `status` records appended to `name`'s history, so the history
+    /// changes in the same batch as the flag and the status. A history that cannot be read is
+    /// left alone rather than replaced by this one run.
+    async fn with_history(&self, batch: Batch, name: &str, status: &Status, result: &str) -> Batch {
+        let key = status::key(INIT_HISTORY, name);
+        let mut history: History = match self.store.get(&key).await {
+            Ok(None) => History::default(),
+            Ok(Some(stored)) => serde_json::from_value(stored.value).unwrap_or_default(),
+            Err(err) => {
+                tracing::warn!(initialiser = name, error = %err, "cannot read the run history; this run is not added to it");
+                return batch;
+            }
+        };
+        let finished_ms = status.finished_ms.unwrap_or(status.started_ms);
+        history.push(
+            HistoryEntry {
+                started_ms: status.started_ms,
+                finished_ms,
+                duration_ms: status.duration_ms.unwrap_or_default(),
+                result: result.to_string(),
+                old_flag: status.old_flag.clone(),
+                flag: status.flag.clone(),
+                error: status.last_error.as_deref().map(error_tail),
+                holder: status.holder.clone(),
+            },
+            self.options.history_len,
+        );
+        batch.put(key, json!(history))
     }
 
     /// The initialisers that wait for the gate, in spec order.
@@ -214,8 +252,20 @@ impl Engine {
         .behind()
     }
 
-    /// One wake, as `bootstrap.md` "One wake" describes.
+    /// One wake, as `bootstrap.md` "One wake" describes. The outage backoff grows with each
+    /// wake the gate or the store cuts short, and starts over after one that was not.
     pub async fn wake(&mut self) -> Outcome {
+        let outcome = self.wake_once().await;
+        if !matches!(
+            outcome,
+            Outcome::GateClosed { .. } | Outcome::StoreUnavailable { .. }
+        ) {
+            self.outage.reset();
+        }
+        outcome
+    }
+
+    async fn wake_once(&mut self) -> Outcome {
         self.run_pre_gate().await;
         if let Err(why) = self.gate.check().await {
             return self.gate_closed(why);
@@ -225,7 +275,6 @@ impl Engine {
             Ok(stored) => stored,
             Err(err) => return self.store_unavailable("reading the stored flags", &err),
         };
-        self.outage.reset();
         if !self.spec_written {
             self.write_wanted().await;
         }
@@ -446,7 +495,13 @@ impl Engine {
                 status.state = State::Succeeded;
                 status.consecutive_failures = 0;
                 status.succeeded_params_hash = Some(entry.params_hash.clone());
-                match self.store_flag(entry, previous, &status, guard).await {
+                let history = self
+                    .with_history(Batch::new(), &entry.name, &status, "succeeded")
+                    .await;
+                match self
+                    .store_flag(entry, previous, &status, history, guard)
+                    .await
+                {
                     Ok(revision) => RunOutcome::Succeeded(revision),
                     Err(err) => RunOutcome::StateWriteFailed(err.to_string()),
                 }
@@ -476,7 +531,10 @@ impl Engine {
         }
         status.last_error = outcome.error();
         tracing::warn!(parent: &span, result = outcome.label(), error = status.last_error.as_deref().unwrap_or(""), attempt = attempts, "did not converge; it runs again");
-        self.put_status(&entry.name, &status).await;
+        let history = self
+            .with_history(Batch::new(), &entry.name, &status, outcome.label())
+            .await;
+        self.record(&entry.name, history, &status).await;
         if let Some(track) = self.tracks.get_mut(&entry.name) {
             track.due = Instant::now() + track.backoff.fail();
         }
@@ -489,6 +547,7 @@ impl Engine {
         entry: &Entry,
         previous: Option<&(String, Revision)>,
         status: &Status,
+        history: Batch,
         guard: &LeaseGuard,
     ) -> Result<Revision, store::Error> {
         let mut fence = guard.fence().await;
@@ -503,12 +562,14 @@ impl Engine {
             Some((_, revision)) => Precondition::ModRevision(*revision),
             None => Precondition::Absent,
         };
-        let batch = Batch::new()
-            .check(state_key.clone(), expect)
+        // The lease check first: when both fail, the conflict names the lease, and the wake
+        // learns it lost the lease rather than only that the flag moved.
+        let batch = history
             .check(
                 super::lease::lease_key(),
                 Precondition::ModRevision(lease_revision),
             )
+            .check(state_key.clone(), expect)
             .put(state_key, json!(entry.flag))
             .put(status::key(INIT_STATUS, &entry.name), json!(status));
         let written = self.write(batch).await;

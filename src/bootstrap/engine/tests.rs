@@ -140,6 +140,7 @@ fn harness_on(store: DynStore, entries: Vec<(&str, &str, Behaviour)>) -> Harness
         lease_ttl: Duration::from_secs(15),
         server_url: "http://127.0.0.1:9".into(),
         http: crate::tls::plain_client(),
+        history_len: 3,
     };
     Harness {
         engine: Engine::new(spec, store.clone(), gate.clone(), options, None),
@@ -556,4 +557,55 @@ fn pre_gate_entry(name: &str, runs: Arc<AtomicUsize>) -> Entry {
         params_hash: params_hash(&json!({})),
         initialiser: Arc::new(Early(runs)),
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn every_run_lands_in_a_bounded_history_with_its_flag_and_status() {
+    let mut h = harness(vec![
+        ("fails", "v1", Behaviour::Fail),
+        ("ok", "v1", Behaviour::Ok),
+    ]);
+    for _ in 0..5 {
+        if let Outcome::Pending(due) = h.engine.wake().await {
+            tokio::time::advance(due - Instant::now()).await;
+        }
+    }
+    let history = |name: &'static str| {
+        let store = h.store.clone();
+        async move {
+            let entry = store
+                .get(&status::key(INIT_HISTORY, name))
+                .await
+                .unwrap()
+                .expect("a history");
+            serde_json::from_value::<History>(entry.value).unwrap().runs
+        }
+    };
+    let failed = history("fails").await;
+    let attempts = h.status("fails").await.attempts;
+    assert!(
+        attempts > 3,
+        "more runs ({attempts}) than the history keeps"
+    );
+    assert_eq!(failed.len(), 3, "the newest three runs");
+    assert!(
+        failed
+            .windows(2)
+            .all(|w| w[0].started_ms <= w[1].started_ms)
+    );
+    assert!(failed.iter().all(|r| r.result == "failed"));
+    assert!(
+        failed[2]
+            .error
+            .as_deref()
+            .unwrap()
+            .contains("deliberate failure")
+    );
+    let ok = history("ok").await;
+    assert_eq!(ok.len(), 1, "it ran once");
+    assert_eq!(
+        (ok[0].result.as_str(), ok[0].old_flag.as_deref()),
+        ("succeeded", None)
+    );
+    assert_eq!(ok[0].flag, "v1");
 }

@@ -873,17 +873,32 @@ async fn idle() -> Value {
             .and_then(|s| s.parse().ok())
             .unwrap_or(60),
     );
+    // `BOOTSYNC_IDLE_WATCHERS=3`: that many `client --watch` nodes stay connected throughout.
+    let watchers: usize = std::env::var("BOOTSYNC_IDLE_WATCHERS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
     let dir = tempfile::tempdir().unwrap();
+    let mut spec = root.join("examples/quickstart.yaml");
+    if watchers > 0 {
+        // The quickstart, with a policy expecting exactly the watching nodes.
+        let copy = dir.path().join("quickstart");
+        std::fs::create_dir_all(&copy).unwrap();
+        for file in ["template.yaml", "policy.yaml"] {
+            let text =
+                std::fs::read_to_string(root.join("examples/quickstart").join(file)).unwrap();
+            let text = text.replace("expect_nodes: 2", &format!("expect_nodes: {watchers}"));
+            std::fs::write(copy.join(file), text).unwrap();
+        }
+        spec = dir.path().join("quickstart.yaml");
+        std::fs::copy(root.join("examples/quickstart.yaml"), &spec).unwrap();
+    }
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let http = bootsync::tls::plain_client();
     let started = Instant::now();
     let mut child = std::process::Command::new(&binary)
-        .args([
-            "run",
-            "--spec",
-            &root.join("examples/quickstart.yaml").display().to_string(),
-        ])
+        .args(["run", "--spec", &spec.display().to_string()])
         .args([
             "--store",
             &format!("sqlite:{}/store.db", dir.path().display()),
@@ -910,9 +925,49 @@ async fn idle() -> Value {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    let mut nodes = Vec::new();
+    for i in 0..watchers {
+        let out = dir.path().join(format!("node-{i}"));
+        nodes.push(
+            std::process::Command::new(&binary)
+                .args([
+                    "client",
+                    "--server",
+                    &url,
+                    "--identifier",
+                    &format!("node-{i}"),
+                ])
+                .args(["--ip", &format!("10.0.0.{}", i + 1), "--watch", "--quiet"])
+                .args(["--output-dir", &out.display().to_string()])
+                .args([
+                    "--route",
+                    &format!("/config.yaml={}/config.yaml", out.display()),
+                ])
+                .stdout(std::process::Stdio::null())
+                .stderr(std::process::Stdio::null())
+                .spawn()
+                .unwrap(),
+        );
+    }
+    for i in 0..watchers {
+        let written = dir.path().join(format!("node-{i}/config.yaml"));
+        let deadline = Instant::now() + Duration::from_secs(60);
+        while !written.exists() {
+            if Instant::now() >= deadline {
+                // Stop what was started before saying so.
+                for node in nodes.iter_mut().chain([&mut child]) {
+                    let _ = node.kill();
+                    let _ = node.wait();
+                }
+                panic!("node-{i} never wrote its files");
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
     // Let start-up settle, then measure only the idle window.
     tokio::time::sleep(Duration::from_secs(2)).await;
     let (_, cpu_before) = proc_stat(child.id());
+    let nodes_before: Vec<f64> = nodes.iter().map(|n| proc_stat(n.id()).1).collect();
     let mut peak_rss = 0;
     let idle_started = Instant::now();
     while idle_started.elapsed() < window {
@@ -920,16 +975,33 @@ async fn idle() -> Value {
         peak_rss = peak_rss.max(proc_stat(child.id()).0);
     }
     let (rss, cpu_after) = proc_stat(child.id());
+    let node_stats: Vec<(u64, f64)> = nodes.iter().map(|n| proc_stat(n.id())).collect();
+    let node_rss = node_stats.iter().map(|(rss, _)| *rss).max().unwrap_or(0);
+    let node_cpu = node_stats
+        .iter()
+        .zip(&nodes_before)
+        .map(|((_, after), before)| after - before)
+        .fold(0.0, f64::max);
+    for mut node in nodes {
+        let _ = node.kill();
+        let _ = node.wait();
+    }
     let _ = child.kill();
     let _ = child.wait();
     let cpu = cpu_after - cpu_before;
+    if watchers > 0 {
+        println!(
+            "B4 with {watchers} watching nodes: each watcher RSS {:.1} MB, CPU {node_cpu:.2} s at most",
+            node_rss as f64 / 1024.0
+        );
+    }
     println!(
         "B7 start-up to /healthz: {:.1} ms;  B4 idle over {window:?}: RSS {:.1} MB (peak {:.1} MB), CPU {cpu:.2} s",
         startup.as_secs_f64() * 1000.0,
         rss as f64 / 1024.0,
         peak_rss as f64 / 1024.0
     );
-    json!({"startup_ms": startup.as_secs_f64() * 1000.0, "idle_secs": window.as_secs(), "rss_mb": rss as f64 / 1024.0, "peak_rss_mb": peak_rss as f64 / 1024.0, "cpu_secs": cpu})
+    json!({"startup_ms": startup.as_secs_f64() * 1000.0, "idle_secs": window.as_secs(), "rss_mb": rss as f64 / 1024.0, "peak_rss_mb": peak_rss as f64 / 1024.0, "cpu_secs": cpu, "watchers": watchers, "watcher_rss_mb": node_rss as f64 / 1024.0, "watcher_cpu_secs": node_cpu})
 }
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]

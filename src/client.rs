@@ -11,6 +11,7 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 
 use crate::api::Token;
+use crate::api::cfgsync::{NodesBody, ReplaceRequest};
 use crate::api::config::{ChangesBody, EntryBody, Namespaces, Written};
 use crate::api::status::HistoryBody;
 use crate::api::{ErrorBody, ErrorCode};
@@ -225,6 +226,38 @@ impl ApiClient {
     pub async fn status<T: DeserializeOwned>(&self) -> Result<T, Error> {
         self.send("/v1/status", self.request(Method::GET, "/v1/status"))
             .await
+    }
+
+    /// `GET /v1/nodes`: every registered node.
+    pub async fn nodes(&self) -> Result<NodesBody, Error> {
+        self.send("/v1/nodes", self.request(Method::GET, "/v1/nodes"))
+            .await
+    }
+
+    /// `DELETE /v1/nodes/{id}`: removes a node.
+    pub async fn remove_node(&self, identifier: &str) -> Result<Revision, Error> {
+        let path = format!("/v1/nodes/{}", segment(identifier));
+        let written: Written = self
+            .send(&path, self.request(Method::DELETE, &path))
+            .await?;
+        Ok(written.revision)
+    }
+
+    /// `POST /v1/nodes/{old}/replace`: `new` takes `old`'s place.
+    pub async fn replace_node(
+        &self,
+        old: &str,
+        new: &str,
+        ip: Option<std::net::IpAddr>,
+    ) -> Result<Revision, Error> {
+        let path = format!("/v1/nodes/{}/replace", segment(old));
+        let request = ReplaceRequest {
+            identifier: new.to_string(),
+            ip,
+        };
+        let builder = self.request(Method::POST, &path).json(&request);
+        let written: Written = self.send(&path, builder).await?;
+        Ok(written.revision)
     }
 
     /// `GET /v1/history`, or one initialiser's with `name`.

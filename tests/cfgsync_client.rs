@@ -24,6 +24,8 @@ struct SeedServer {
     expected: usize,
     registered: Arc<Mutex<BTreeSet<String>>>,
     files: Value,
+    /// How many `/node` requests it answered.
+    asked: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 async fn seed_register(State(s): State<SeedServer>, Json(body): Json<Value>) -> StatusCode {
@@ -35,6 +37,7 @@ async fn seed_register(State(s): State<SeedServer>, Json(body): Json<Value>) -> 
 }
 
 async fn seed_node(State(s): State<SeedServer>, Json(body): Json<Value>) -> Response {
+    s.asked.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
     let registered = s.registered.lock().unwrap();
     if registered.len() < s.expected || !registered.contains(body["identifier"].as_str().unwrap()) {
         return (StatusCode::TOO_EARLY, "config not ready").into_response();
@@ -43,10 +46,20 @@ async fn seed_node(State(s): State<SeedServer>, Json(body): Json<Value>) -> Resp
 }
 
 async fn seed_server(expected: usize, files: Value) -> String {
+    seed_server_counting(expected, files).await.0
+}
+
+/// A seed server, and the count of `/node` requests it answered.
+async fn seed_server_counting(
+    expected: usize,
+    files: Value,
+) -> (String, Arc<std::sync::atomic::AtomicUsize>) {
+    let asked = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let state = SeedServer {
         expected,
         registered: Arc::default(),
         files,
+        asked: asked.clone(),
     };
     let app = axum::Router::new()
         .route("/register", post(seed_register))
@@ -55,7 +68,7 @@ async fn seed_server(expected: usize, files: Value) -> String {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    url
+    (url, asked)
 }
 
 fn client_args<'a>(server: &'a str, id: &'a str, out: &'a str, timeout: &'a str) -> Vec<&'a str> {
@@ -487,4 +500,38 @@ async fn a_redirect_to_another_host_is_refused() {
         0,
         "the other host was reached"
     );
+}
+
+/// An old server cannot hold a request or tell epochs apart: `--watch` must not spin on it.
+#[tokio::test]
+async fn watch_backs_off_against_a_server_that_answers_at_once() {
+    use std::sync::atomic::Ordering;
+    let (url, asked) =
+        seed_server_counting(1, json!([{"path": "a.txt", "content": "old server"}])).await;
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().display().to_string();
+    let mut args = client_args(&url, "node-a", &out, "30s");
+    args.push("--watch");
+    let mut watch = support::Proc::spawn_bootstrap(&args, dir.path());
+    support::wait_for(Duration::from_secs(30), "the first write", || async {
+        dir.path().join("a.txt").exists().then_some(())
+    })
+    .await;
+    let at_write = asked.load(Ordering::SeqCst);
+    let window = tokio::time::Instant::now();
+    support::wait_for(Duration::from_secs(30), "it keeps asking", || async {
+        (asked.load(Ordering::SeqCst) >= at_write + 3).then_some(())
+    })
+    .await;
+    // Pauses of at least 0.8 s, 1.6 s, 3.2 s, … (1 s doubling, ±20 %): few asks in the window.
+    let asks = asked.load(Ordering::SeqCst) - at_write;
+    let elapsed = window.elapsed().as_secs_f64();
+    assert!(
+        elapsed >= 0.8 * 1.0 + 0.8 * 2.0 - 0.1,
+        "three asks took {elapsed:.2} s"
+    );
+    assert!(asks <= 4, "{asks} asks in {elapsed:.2} s");
+    assert!(watch.child_alive(), "it keeps watching");
+    watch.signal("TERM");
+    assert_eq!(watch.wait_exit(Duration::from_secs(15)), Some(0));
 }

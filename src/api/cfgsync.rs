@@ -62,6 +62,57 @@ impl NodeRegistration {
 pub struct NodeQuery {
     /// Seconds to hold the request until the payload is ready (an addition).
     pub wait: Option<u64>,
+    /// Only a payload of a newer epoch than this: the request is held (up to `wait`) until
+    /// there is one, and answers 204 if none came (an addition, for `client --watch`).
+    pub after: Option<u64>,
+}
+
+/// One registered node, as `GET /v1/nodes` lists it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NodeInfo {
+    /// Its identifier.
+    pub identifier: String,
+    /// The IP it registered with.
+    pub ip: String,
+    /// Its `index` in the current epoch's member list (`None` before the set is ready, or for a
+    /// node a named set does not serve).
+    pub index: Option<usize>,
+    /// First registration, Unix ms.
+    pub first_seen_ms: u64,
+    /// Latest registration, Unix ms.
+    pub last_seen_ms: u64,
+    /// The newest epoch this server handed it (since the server started).
+    pub fetched_epoch: Option<u64>,
+    /// Whether it has fetched the current epoch.
+    pub current: bool,
+    /// The node it replaced, if it was placed by `nodes replace`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
+}
+
+/// The body of `GET /v1/nodes`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct NodesBody {
+    /// The store revision the view reflects.
+    pub revision: u64,
+    /// The current epoch, once the set is ready.
+    pub epoch: Option<u64>,
+    /// Every registered node, in member order.
+    pub nodes: Vec<NodeInfo>,
+    /// Identifiers an operator removed that have not registered again.
+    pub removed: Vec<String>,
+}
+
+/// The body of `POST /v1/nodes/{id}/replace`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct ReplaceRequest {
+    /// The new node's identifier.
+    pub identifier: String,
+    /// The new node's IP (default: the old node's), so peers learn it in the same epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub ip: Option<IpAddr>,
 }
 
 /// One delivered file.

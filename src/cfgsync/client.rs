@@ -72,6 +72,17 @@ pub enum FetchOutcome {
     NotReady(String),
 }
 
+/// What one [`CfgsyncClient::fetch_newer`] found.
+#[derive(Debug, Clone)]
+pub enum WatchOutcome {
+    /// A payload: newer, or (from a server that does not hold) perhaps the same epoch.
+    Payload(NodeArtifactsPayload),
+    /// 204: nothing newer came within the wait.
+    Unchanged,
+    /// 425: the set is not ready (the server's message).
+    NotReady(String),
+}
+
 /// What the client reports while it waits.
 #[derive(Debug, Clone)]
 pub struct Progress {
@@ -231,6 +242,42 @@ impl CfgsyncClient {
                 let text = small_text(response).await;
                 let message = serde_json::from_str::<ErrorBody>(&text).map_or(text, |b| b.message);
                 Ok(FetchOutcome::NotReady(message))
+            }
+            _ => Err(Self::refused(url, response).await),
+        }
+    }
+
+    /// One `POST /node?wait=…&after=EPOCH`: a payload of an epoch newer than `after`, held by
+    /// the server up to `wait` until there is one. A server that does not know `after` answers
+    /// at once with what it has; the caller tells that apart by the epoch.
+    pub async fn fetch_newer(
+        &self,
+        registration: &NodeRegistration,
+        after: Option<u64>,
+        wait: Duration,
+    ) -> Result<WatchOutcome, ClientError> {
+        let mut path = format!("/node?wait={}", wait.as_secs());
+        if let Some(epoch) = after {
+            path.push_str(&format!("&after={epoch}"));
+        }
+        let url = format!("{}{path}", self.base);
+        let response = self
+            .post(&path, registration, wait + Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(unreachable(&url))?;
+        match response.status() {
+            StatusCode::OK => {
+                let body = read_limited(&url, response, self.max_payload_bytes).await?;
+                serde_json::from_slice::<NodeArtifactsPayload>(&body)
+                    .map(WatchOutcome::Payload)
+                    .map_err(|source| ClientError::BadPayload { url, source })
+            }
+            StatusCode::NO_CONTENT => Ok(WatchOutcome::Unchanged),
+            StatusCode::TOO_EARLY => {
+                let text = small_text(response).await;
+                let message = serde_json::from_str::<ErrorBody>(&text).map_or(text, |b| b.message);
+                Ok(WatchOutcome::NotReady(message))
             }
             _ => Err(Self::refused(url, response).await),
         }

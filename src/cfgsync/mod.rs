@@ -10,6 +10,7 @@ pub mod client;
 pub mod escape;
 pub mod gzip;
 
+pub mod lifecycle;
 pub mod materialize;
 pub mod node;
 pub mod output;

@@ -21,6 +21,7 @@ use super::admission::{Admission, AdmissionLimits};
 use super::bundle::NodeArtifactsBundle;
 use super::escape::push_json_str;
 use super::gzip::{self, Piece};
+use super::lifecycle::REMOVED;
 use super::materialize::{
     NodeArtifactsCatalog, RegistrationSnapshot, RegistrationSnapshotMaterializer,
 };
@@ -28,6 +29,7 @@ use super::policy::{CompiledPolicy, OnNewIp, Policy, RenderLimits, Scope};
 use super::render::{DEFAULT_CACHE_BYTES, RenderCache, RenderPool, Weigh};
 use super::state::{BUNDLE, CURRENT, POLICY, REGISTRATION, RegistrationRecord};
 use super::{ArtifactFile, NodeRegistration};
+use crate::api::cfgsync::{NodeInfo, NodesBody};
 use crate::api::status::RenderFailure;
 use crate::api::{ErrorBody, ErrorCode};
 use crate::backoff::Backoff;
@@ -283,14 +285,25 @@ impl std::fmt::Debug for Epoch {
 }
 
 impl Epoch {
-    /// The members in identifier order, with what templates see of them (built once).
+    /// The members in order (identifier order, except that a replacement takes the place of
+    /// the node it replaced), with what templates see of them (built once).
     fn scope(&self, policy: &CompiledPolicy) -> Arc<Scope> {
         self.scope
             .get_or_init(|| {
+                let mut members: Vec<&RegistrationRecord> = self
+                    .registrations
+                    .values()
+                    .filter(|r| policy.serves(&r.identifier))
+                    .map(Arc::as_ref)
+                    .collect();
+                if members.iter().any(|r| r.slot.is_some()) {
+                    members.sort_by(|a, b| {
+                        (a.order(), a.identifier.as_str()).cmp(&(b.order(), b.identifier.as_str()))
+                    });
+                }
                 Arc::new(Scope::new(
-                    self.registrations
-                        .values()
-                        .filter(|r| policy.serves(&r.identifier))
+                    members
+                        .into_iter()
                         .map(|r| (r.identifier.as_str(), r.ip, &r.metadata)),
                 ))
             })
@@ -401,6 +414,8 @@ pub struct Serving {
     bundle_epoch: Revision,
     policy: Option<CompiledPolicy>,
     readiness: Readiness,
+    /// Identifiers removed by an operator and not registered again.
+    removed: Arc<std::collections::BTreeSet<Arc<str>>>,
 }
 
 /// What `/node` answers for one identifier.
@@ -412,6 +427,8 @@ pub enum NodeAnswer {
     NotReady(&'static str),
     /// 404: no config for this identifier.
     Missing,
+    /// 409: an operator removed this node from a frozen set.
+    Frozen,
     /// 500: this node's payload could not be built (the reason is logged).
     Failed(Arc<str>),
 }
@@ -508,6 +525,60 @@ pub struct Service {
     failures: Arc<RenderFailures>,
     /// Where registrations are admitted and stored.
     pub admission: Admission,
+    /// The epoch each node was last served, since this process started.
+    fetched: std::sync::Mutex<HashMap<String, Revision>>,
+}
+
+impl Service {
+    /// Notes that `identifier` was served its payload of `epoch`.
+    pub fn note_fetched(&self, identifier: &str, epoch: Revision) {
+        let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+        match fetched.get_mut(identifier) {
+            Some(last) => *last = (*last).max(epoch),
+            None => {
+                fetched.insert(identifier.to_string(), epoch);
+            }
+        }
+    }
+
+    /// Every registered node in member order, with its index in the current epoch and the
+    /// epoch it was last served.
+    pub fn nodes(&self, serving: &Serving) -> NodesBody {
+        let epoch = match &serving.readiness {
+            Readiness::Epoch(epoch) => Some(epoch.clone()),
+            _ => None,
+        };
+        let scope = epoch.as_ref().and_then(|e| match &e.source {
+            Source::Policy(policy) => Some(e.scope(policy)),
+            Source::Custom(_) => None,
+        });
+        let fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+        let current = serving.epoch();
+        let mut nodes: Vec<NodeInfo> = serving
+            .registrations
+            .values()
+            .map(|r| {
+                let fetched_epoch = fetched.get(r.identifier.as_str()).copied();
+                NodeInfo {
+                    identifier: r.identifier.clone(),
+                    ip: r.ip.to_string(),
+                    index: scope.as_ref().and_then(|s| s.index_of(&r.identifier)),
+                    first_seen_ms: r.first_seen_ms,
+                    last_seen_ms: r.last_seen_ms,
+                    fetched_epoch,
+                    current: current.is_some() && fetched_epoch == current,
+                    replaces: r.replaces.clone(),
+                }
+            })
+            .collect();
+        nodes.sort_by_key(|n| (n.index.unwrap_or(usize::MAX), n.identifier.clone()));
+        NodesBody {
+            revision: serving.revision,
+            epoch: current,
+            nodes,
+            removed: serving.removed.iter().map(|id| id.to_string()).collect(),
+        }
+    }
 }
 
 /// Renders that failed: a count for `/metrics`, and the last one for `/v1/status`.
@@ -568,6 +639,7 @@ impl Service {
             gzipped: RenderCache::new(budget / 2),
             failures: Arc::default(),
             admission,
+            fetched: Default::default(),
         });
         tokio::spawn(watcher(
             store,
@@ -642,6 +714,21 @@ impl Service {
             Readiness::Absent if serving.bundle.is_some() => return NodeAnswer::Missing,
             Readiness::Absent => {
                 return NodeAnswer::NotReady("no bundle or policy is installed yet");
+            }
+            // Removed by an operator: never a stale payload, and no wait for a registration
+            // that is not coming.
+            _ if !serving.registrations.contains_key(identifier)
+                && serving.removed.contains(identifier) =>
+            {
+                let freezes = serving
+                    .policy
+                    .as_ref()
+                    .is_some_and(|p| p.policy().freeze_on_ready);
+                return if freezes {
+                    NodeAnswer::Frozen
+                } else {
+                    NodeAnswer::Missing
+                };
             }
             _ if !serving.registrations.contains_key(identifier) => {
                 return NodeAnswer::NotReady("this identifier has not registered");
@@ -759,6 +846,7 @@ impl Service {
 struct View {
     revision: Revision,
     registrations: Registrations,
+    removed: Arc<std::collections::BTreeSet<Arc<str>>>,
     bundle: Option<(Value, Revision)>,
     policy: Option<(Value, Revision)>,
     custom: Option<Arc<dyn RegistrationSnapshotMaterializer>>,
@@ -781,6 +869,7 @@ impl View {
         Self {
             revision: 0,
             registrations: Registrations::new(),
+            removed: Arc::default(),
             bundle: None,
             policy: None,
             custom,
@@ -804,6 +893,12 @@ impl View {
             }
         }
         self.registrations = registrations;
+        self.removed = Arc::new(
+            tree.types
+                .get(REMOVED)
+                .map(|markers| markers.keys().map(|id| Arc::from(id.as_str())).collect())
+                .unwrap_or_default(),
+        );
         self.bundle = tree
             .types
             .get(BUNDLE)
@@ -854,6 +949,12 @@ impl View {
                         self.named_present = self.named_present.saturating_sub(1);
                     }
                 }
+                (REMOVED, Some(_)) => {
+                    Arc::make_mut(&mut self.removed).insert(Arc::from(key.key.as_str()));
+                }
+                (REMOVED, None) => {
+                    Arc::make_mut(&mut self.removed).remove(key.key.as_str());
+                }
                 (BUNDLE, value) if key.key == CURRENT => {
                     self.bundle = value.clone().map(|v| (v, event.revision));
                     self.dirty_bundle = true;
@@ -884,6 +985,7 @@ impl View {
         next.revision = self.revision;
         next.loaded = true;
         next.registrations = self.registrations.clone();
+        next.removed = self.removed.clone();
         if self.dirty_bundle {
             next.bundle_epoch = self.bundle.as_ref().map_or(0, |(_, epoch)| *epoch);
             next.bundle = self

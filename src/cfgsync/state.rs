@@ -40,6 +40,20 @@ pub struct RegistrationRecord {
     /// SHA-256 (hex) of the node's secret in strict mode; the secret itself is never stored.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub secret_sha256: Option<String>,
+    /// Where the node sorts among the members, when it is not its identifier: a replacement
+    /// takes the place (and so the `index`) of the node it replaced.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub slot: Option<String>,
+    /// The node this one replaced (`bootsync nodes replace`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaces: Option<String>,
+}
+
+impl RegistrationRecord {
+    /// The key members are ordered by: the slot it took over, else its identifier.
+    pub fn order(&self) -> &str {
+        self.slot.as_deref().unwrap_or(&self.identifier)
+    }
 }
 
 /// The key of a node's registration.

@@ -62,6 +62,14 @@ pub struct ClientArgs {
     /// Output format of the final report on stdout.
     #[arg(long, value_enum, default_value_t = Output::Text)]
     output: Output,
+    /// After the first write, keep the files current: wait for each newer epoch, write it
+    /// all-or-nothing, and run `--on-change`; runs until SIGTERM.
+    #[arg(long)]
+    watch: bool,
+    /// With --watch: a shell command run after each write that changed files, with
+    /// `BOOTSYNC_CHANGED_PATHS` (newline-separated), `BOOTSYNC_EPOCH` and `BOOTSYNC_IDENTIFIER`.
+    #[arg(long, requires = "watch", value_name = "CMD")]
+    on_change: Option<String>,
 }
 
 pub(super) async fn run(args: ClientArgs) -> anyhow::Result<u8> {
@@ -139,6 +147,21 @@ pub(super) async fn run(args: ClientArgs) -> anyhow::Result<u8> {
     }
     .await;
     match result {
+        Ok((payload, files)) if args.watch => {
+            report.progress(
+                "written",
+                &format!("wrote {} file(s); watching for newer epochs", files.len()),
+                serde_json::json!({"epoch": payload.epoch, "files": files.len()}),
+            );
+            let watch = super::watch::Watch {
+                client: &client,
+                registration: &registration,
+                outputs: &outputs,
+                on_change: args.on_change.as_deref(),
+                report: &report,
+            };
+            Ok(watch.run(payload, crate::shutdown::on_signals()).await)
+        }
         Ok((payload, files)) => {
             match args.output {
                 Output::Json => println!(

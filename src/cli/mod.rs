@@ -6,9 +6,11 @@ mod client;
 mod completions;
 mod config;
 mod history;
+mod nodes;
 mod report;
 mod schema;
 mod serve;
+mod watch;
 
 use std::process::ExitCode;
 
@@ -57,6 +59,9 @@ pub enum Command {
     History(history::HistoryArgs),
     /// Node side: register, wait, fetch and write this node's files.
     Client(client::ClientArgs),
+    /// The registered nodes: list, remove, replace.
+    #[command(subcommand)]
+    Nodes(nodes::NodesCommand),
     /// Operate the config store from a shell.
     #[command(subcommand)]
     Config(config::ConfigCommand),
@@ -100,6 +105,7 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Status(args) => bootstrap::status(args).await,
         Command::History(args) => history::run(args).await,
         Command::Client(args) => client::run(args).await,
+        Command::Nodes(command) => nodes::run(command).await,
         Command::Config(command) => config::run(command).await,
         Command::Schema(args) => schema::run(args),
         Command::Completions(args) => Ok(completions::run(args)),

@@ -5,6 +5,7 @@ pub mod config_api;
 pub mod conn;
 pub mod error;
 mod health;
+mod lifecycle;
 pub mod nodes;
 pub mod openapi;
 mod page;

@@ -122,15 +122,18 @@ fn check_secret(record: &RegistrationRecord, headers: &HeaderMap) -> Result<(), 
 }
 
 /// Whether a registration from `peer` may take over `record`, which has no secret: same IP,
-/// sent from the host that registered it.
+/// sent from the host that registered it. A replacement the operator placed (`nodes replace`,
+/// no sender recorded) is taken by the first registration from the IP the operator named.
 fn claims(
     record: &RegistrationRecord,
     registration: &NodeRegistration,
     peer: Option<SocketAddr>,
 ) -> bool {
     let from = |stored: &str| stored.parse::<SocketAddr>().ok().map(|a| a.ip());
+    let placed = record.replaces.is_some() && record.peer.is_none();
     record.ip == registration.ip
-        && peer.is_some_and(|peer| record.peer.as_deref().and_then(from) == Some(peer.ip()))
+        && (placed
+            || peer.is_some_and(|peer| record.peer.as_deref().and_then(from) == Some(peer.ip())))
 }
 
 /// Attempts to record a registration before giving up on concurrent writers of the same node.
@@ -230,6 +233,9 @@ async fn register(
             last_seen_ms: now,
             peer: peer.map(|p| p.to_string()),
             secret_sha256,
+            // A replacement keeps the place it took over.
+            slot: existing_record.as_ref().and_then(|r| r.slot.clone()),
+            replaces: existing_record.as_ref().and_then(|r| r.replaces.clone()),
         };
         let expect = match &existing {
             Some(entry) => Precondition::ModRevision(entry.mod_revision),
@@ -298,6 +304,7 @@ async fn register(
     security((), ("join" = [])),
     responses(
         (status = 200, description = "The payload", body = NodeArtifactsPayload),
+        (status = 204, description = "`?after=EPOCH`: no newer epoch came within the wait"),
         (status = 400, description = "Malformed JSON, IP or query", body = ErrorBody),
         (status = 401, description = "Missing or wrong join token or node secret", body = ErrorBody),
         (status = 404, description = "`missing_config`: nothing will be served to this identifier", body = ErrorBody),
@@ -364,7 +371,19 @@ async fn node(
     loop {
         let answer = service.answer(&serving, id).await;
         match answer {
+            NodeAnswer::Ready(body) if query.after.is_some_and(|after| body.epoch <= after) => {
+                // The node has this epoch already (`--watch`): hold for a newer one until the
+                // wait ends, then say there is nothing new.
+                let changes = changes.get_or_insert_with(|| service.subscribe());
+                changes.mark_unchanged();
+                let newer = changes.wait_for(|s| s.revision > serving.revision);
+                match tokio::time::timeout_at(deadline, newer).await {
+                    Ok(Ok(next)) => serving = next.clone(),
+                    _ => return Ok(StatusCode::NO_CONTENT.into_response()),
+                }
+            }
             NodeAnswer::Ready(body) => {
+                service.note_fetched(id, body.epoch);
                 if gzip && let Some(compressed) = service.gzip(id, &body).await {
                     return Ok((
                         [
@@ -389,6 +408,12 @@ async fn node(
                 return Err(ApiError::new(
                     ErrorCode::MissingConfig,
                     format!("there is no config for {id:?}"),
+                ));
+            }
+            NodeAnswer::Frozen => {
+                return Err(ApiError::new(
+                    ErrorCode::Frozen,
+                    format!("{id:?} was removed from a frozen set; it is not a member"),
                 ));
             }
             NodeAnswer::Failed(_) => {

@@ -25,6 +25,7 @@ use super::AppState;
         (name = "config", description = "The config store: entries, namespaces, batches, changes"),
         (name = "cfgsync", description = "The node protocol, wire-compatible with cfgsync"),
         (name = "status", description = "Reconciler and cfgsync state"),
+        (name = "nodes", description = "Registered nodes: list, remove, replace"),
         (name = "health", description = "Liveness, readiness and metrics"),
         (name = "meta", description = "This description"),
     ),
@@ -63,6 +64,7 @@ pub(super) fn api() -> OpenApiRouter<AppState> {
         .merge(super::status::api())
         .merge(super::page::api())
         .merge(super::nodes::api())
+        .merge(super::lifecycle::api())
         .routes(routes!(openapi_json))
 }
 

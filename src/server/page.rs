@@ -59,6 +59,7 @@ async fn page(State(state): State<AppState>, headers: HeaderMap) -> Response {
                     identifier: r.identifier.clone(),
                     ip: r.ip.to_string(),
                     last_seen_ms: r.last_seen_ms,
+                    replaces: r.replaces.clone(),
                 })
                 .collect();
             registrations.sort_by(|a, b| a.identifier.cmp(&b.identifier));
@@ -98,6 +99,8 @@ struct Registration {
     identifier: String,
     ip: String,
     last_seen_ms: u64,
+    /// The node it replaced (`nodes replace`).
+    replaces: Option<String>,
 }
 
 /// Escapes text for HTML element content and attribute values.
@@ -286,8 +289,12 @@ fn render(
         for r in registrations.iter().take(MAX_LISTED) {
             let _ = write!(
                 out,
-                "<tr><td>{}</td><td>{}</td><td title=\"{}\">{}</td></tr>",
+                "<tr><td>{}{}</td><td>{}</td><td title=\"{}\">{}</td></tr>",
                 escape(&r.identifier),
+                r.replaces.as_deref().map_or(String::new(), |old| format!(
+                    " <span class=run>(replaced {})</span>",
+                    escape(old)
+                )),
                 escape(&r.ip),
                 utc(r.last_seen_ms),
                 ago(r.last_seen_ms, now)

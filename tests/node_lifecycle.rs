@@ -1,0 +1,298 @@
+//! Living with a deployment: replacing and removing nodes, and `client --watch` keeping a
+//! node's files current, with the real binary.
+
+mod support;
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use support::Proc;
+
+const FROZEN_3: &str = "expect_nodes: 3\nfreeze_on_ready: true\nfiles:\n  - path: index.txt\n    template: \"{{ index }}\"\n  - path: peers.txt\n    template: \"{% for p in nodes %}{{ p.identifier }}={{ p.ip }}\\n{% endfor %}\"\n";
+
+/// A node that writes its files once and exits.
+fn fetch_once(dir: &Path, url: &str, id: &str, ip: &str) {
+    let out = dir.join(id);
+    let line = format!(
+        "client --server {url} --identifier {id} --ip {ip} --output-dir {} --quiet",
+        out.display()
+    );
+    let (code, _, err) = support::cli(dir, &line);
+    assert_eq!(code, 0, "{id}: {err}");
+}
+
+/// A node that keeps its files current and appends each epoch its hook saw to `ID.hook`.
+fn watcher(dir: &Path, url: &str, id: &str, ip: &str) -> Proc {
+    let out = dir.join(id).display().to_string();
+    let hook = format!("echo $BOOTSYNC_EPOCH >> {id}.hook");
+    Proc::spawn_bootstrap(
+        &[
+            "client",
+            "--server",
+            url,
+            "--identifier",
+            id,
+            "--ip",
+            ip,
+            "--output-dir",
+            &out,
+            "--watch",
+            "--on-change",
+            &hook,
+        ],
+        dir,
+    )
+}
+
+fn read(dir: &Path, file: &str) -> String {
+    std::fs::read_to_string(dir.join(file)).unwrap_or_default()
+}
+
+async fn nodes(url: &str) -> Value {
+    support::fetch_json(format!("{url}/v1/nodes"))
+        .await
+        .unwrap()
+}
+
+async fn revision(url: &str) -> u64 {
+    support::fetch_json(format!("{url}/v1/config"))
+        .await
+        .unwrap()["revision"]
+        .as_u64()
+        .unwrap()
+}
+
+#[tokio::test]
+async fn a_replacement_in_a_frozen_set_keeps_the_index_and_each_survivor_rewrites_once() {
+    let dir = support::dir_with(&[("policy.yaml", FROZEN_3)]);
+    let d = dir.path();
+    let db = format!("sqlite:{}/x.db", d.display());
+    let server = Proc::start(d, &format!("serve --store {db} --policy policy.yaml"));
+    let url = server.url.clone();
+    let b = watcher(d, &url, "node-b", "10.0.0.2");
+    let c = watcher(d, &url, "node-c", "10.0.0.3");
+    fetch_once(d, &url, "node-a", "10.0.0.1");
+    support::wait_for(
+        Duration::from_secs(60),
+        "both watchers wrote three peers",
+        || async {
+            let written = ["node-b", "node-c"]
+                .iter()
+                .all(|id| read(d, &format!("{id}/peers.txt")).lines().count() == 3);
+            written.then_some(())
+        },
+    )
+    .await;
+    assert_eq!(read(d, "node-a/index.txt"), "0");
+    let first_epoch = nodes(&url).await["epoch"].as_u64().unwrap();
+
+    // Bad input first: an unknown node, and an identifier that is taken, change nothing.
+    let before = revision(&url).await;
+    let (code, _, err) = support::cli(d, &format!("nodes replace --server {url} node-q node-z"));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("no node \"node-q\" is registered"), "{err}");
+    let (code, _, err) = support::cli(d, &format!("nodes replace --server {url} node-b node-c"));
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("\"node-c\" is already registered"), "{err}");
+    assert_eq!(
+        revision(&url).await,
+        before,
+        "refused changes wrote nothing"
+    );
+
+    // node-a failed: node-z takes its place. It sorts last, yet gets index 0.
+    let line = format!("nodes replace --server {url} node-a node-z --ip 10.0.0.26");
+    let (code, out, err) = support::cli(d, &line);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("node-z replaced node-a"), "{out}");
+    fetch_once(d, &url, "node-z", "10.0.0.26");
+    assert_eq!(read(d, "node-z/index.txt"), "0", "the old index");
+    assert!(read(d, "node-z/peers.txt").starts_with("node-z=10.0.0.26\n"));
+
+    let settled = support::wait_for(
+        Duration::from_secs(60),
+        "both survivors at the new epoch",
+        || async {
+            let body = nodes(&url).await;
+            let current = body["nodes"]
+                .as_array()?
+                .iter()
+                .filter(|n| n["identifier"] != "node-z")
+                .all(|n| n["current"] == true);
+            let hooked = ["node-b", "node-c"]
+                .iter()
+                .all(|id| !read(d, &format!("{id}.hook")).is_empty());
+            (current && hooked).then_some(body)
+        },
+    )
+    .await;
+    let epoch = settled["epoch"].as_u64().unwrap();
+    assert!(epoch > first_epoch);
+    let order: Vec<&str> = settled["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|n| n["identifier"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        order,
+        ["node-z", "node-b", "node-c"],
+        "member order, by index"
+    );
+    for id in ["node-b", "node-c"] {
+        let peers = read(d, &format!("{id}/peers.txt"));
+        assert_eq!(
+            peers, "node-z=10.0.0.26\nnode-b=10.0.0.2\nnode-c=10.0.0.3\n",
+            "{id}"
+        );
+        // One new epoch, one hook run: node-z's own registration changed nothing peers see.
+        assert_eq!(read(d, &format!("{id}.hook")), format!("{epoch}\n"), "{id}");
+    }
+
+    // The replaced node is out of a frozen set: 409, never a stale payload.
+    let (status, body) = support::post(
+        &url,
+        "/node",
+        &json!({"identifier": "node-a", "ip": "10.0.0.1"}),
+    )
+    .await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "frozen");
+    drop((b, c));
+}
+
+#[tokio::test]
+async fn a_removed_node_gets_404_and_the_list_says_so() {
+    let policy = "expect_nodes: 2\nfiles:\n  - path: peers.txt\n    template: \"{% for p in nodes %}{{ p.identifier }}\\n{% endfor %}\"\n";
+    let dir = support::dir_with(&[("policy.yaml", policy)]);
+    let d = dir.path();
+    let server = Proc::start(d, "serve --store memory: --policy policy.yaml");
+    let url = server.url.clone();
+    fetch_once_both(d, &url).await;
+    let (code, out, err) = support::cli(d, &format!("nodes remove --server {url} node-b"));
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("removed node-b"), "{out}");
+    let (status, body) = support::post(
+        &url,
+        "/node",
+        &json!({"identifier": "node-b", "ip": "10.0.0.2"}),
+    )
+    .await;
+    assert_eq!(status, 404, "{body}");
+    assert_eq!(body["code"], "missing_config");
+    let listed = nodes(&url).await;
+    assert_eq!(listed["nodes"].as_array().unwrap().len(), 1);
+    assert_eq!(listed["removed"], json!(["node-b"]));
+    let (code, out, _) = support::cli(d, &format!("nodes list --server {url}"));
+    assert_eq!(code, 0);
+    assert!(out.contains("node-a") && !out.contains("node-b "), "{out}");
+    let (code, _, err) = support::cli(d, &format!("nodes remove --server {url} node-b"));
+    assert_eq!(code, 1, "removing it twice is refused: {err}");
+}
+
+async fn fetch_once_both(d: &Path, url: &str) {
+    let (a, b) = (d.to_path_buf(), d.to_path_buf());
+    let (ua, ub) = (url.to_string(), url.to_string());
+    let ta = tokio::task::spawn_blocking(move || fetch_once(&a, &ua, "node-a", "10.0.0.1"));
+    let tb = tokio::task::spawn_blocking(move || fetch_once(&b, &ub, "node-b", "10.0.0.2"));
+    ta.await.unwrap();
+    tb.await.unwrap();
+}
+
+#[tokio::test]
+async fn watch_survives_a_server_restart_and_registers_again() {
+    let policy = "expect_nodes: 1\nfiles:\n  - path: peers.txt\n    template: \"{% for p in nodes %}{{ p.identifier }}\\n{% endfor %}\"\n";
+    let dir = support::dir_with(&[("policy.yaml", policy)]);
+    let d = dir.path();
+    let mut server = Proc::start(d, "serve --store memory: --policy policy.yaml");
+    let url = server.url.clone();
+    let port = url.rsplit(':').next().unwrap().to_string();
+    let mut watch = watcher(d, &url, "node-a", "10.0.0.1");
+    support::wait_for(Duration::from_secs(60), "the first write", || async {
+        (read(d, "node-a/peers.txt") == "node-a\n").then_some(())
+    })
+    .await;
+
+    // The server dies and comes back empty (a memory store): the watcher must register again.
+    server.kill9();
+    let line = format!("serve --store memory: --policy policy.yaml --listen 127.0.0.1:{port}");
+    let server = Proc::start(d, &line);
+    support::wait_for(
+        Duration::from_secs(90),
+        "node-a registered again",
+        || async {
+            let body = support::fetch_json(format!("{}/v1/nodes", server.url)).await?;
+            (body["nodes"][0]["identifier"] == "node-a").then_some(())
+        },
+    )
+    .await;
+    // A change after the restart reaches it: a second node joins the peer list.
+    fetch_once(d, &server.url, "node-b", "10.0.0.2");
+    support::wait_for(Duration::from_secs(90), "the new peer list", || async {
+        (read(d, "node-a/peers.txt") == "node-a\nnode-b\n").then_some(())
+    })
+    .await;
+    support::wait_for(
+        Duration::from_secs(30),
+        "the hook for the change",
+        || async { (!read(d, "node-a.hook").is_empty()).then_some(()) },
+    )
+    .await;
+    assert!(watch.child_alive(), "the watcher kept running");
+    watch.signal("TERM");
+    assert_eq!(
+        watch.wait_exit(Duration::from_secs(15)),
+        Some(0),
+        "SIGTERM ends it cleanly"
+    );
+}
+
+#[tokio::test]
+async fn a_failing_hook_is_reported_and_runs_again_at_the_next_epoch_with_the_files_written() {
+    let policy = "expect_nodes: 1\nfiles:\n  - path: peers.txt\n    template: \"{% for p in nodes %}{{ p.identifier }}\\n{% endfor %}\"\n";
+    let dir = support::dir_with(&[("policy.yaml", policy)]);
+    let d = dir.path();
+    let server = Proc::start(d, "serve --store memory: --policy policy.yaml");
+    let url = server.url.clone();
+    let out = d.join("node-a").display().to_string();
+    let watch = Proc::spawn_bootstrap(
+        &[
+            "client",
+            "--server",
+            &url,
+            "--identifier",
+            "node-a",
+            "--ip",
+            "10.0.0.1",
+            "--output-dir",
+            &out,
+            "--watch",
+            "--on-change",
+            "echo $BOOTSYNC_EPOCH >> failing.hook; exit 7",
+        ],
+        d,
+    );
+    support::wait_for(Duration::from_secs(60), "the first write", || async {
+        (read(d, "node-a/peers.txt") == "node-a\n").then_some(())
+    })
+    .await;
+    for (joiner, ip, expected, runs) in [
+        ("node-b", "10.0.0.2", "node-a\nnode-b\n", 1),
+        ("node-c", "10.0.0.3", "node-a\nnode-b\nnode-c\n", 2),
+    ] {
+        fetch_once(d, &url, joiner, ip);
+        support::wait_for(
+            Duration::from_secs(60),
+            "the rewrite and its hook",
+            || async {
+                let hooked = read(d, "failing.hook").lines().count() == runs;
+                (read(d, "node-a/peers.txt") == expected && hooked).then_some(())
+            },
+        )
+        .await;
+    }
+    let log = watch.stderr();
+    assert!(log.contains("--on-change exit status: 7"), "{log}");
+    assert!(log.contains("runs again at the next epoch"), "{log}");
+}

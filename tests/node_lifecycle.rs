@@ -24,8 +24,18 @@ fn fetch_once(dir: &Path, url: &str, id: &str, ip: &str) {
 
 /// A node that keeps its files current and appends each epoch its hook saw to `ID.hook`.
 fn watcher(dir: &Path, url: &str, id: &str, ip: &str) -> Proc {
+    watcher_with(
+        dir,
+        url,
+        id,
+        ip,
+        &format!("echo $BOOTSYNC_EPOCH >> {id}.hook"),
+    )
+}
+
+/// A node that keeps its files current and runs `hook` on each change.
+fn watcher_with(dir: &Path, url: &str, id: &str, ip: &str, hook: &str) -> Proc {
     let out = dir.join(id).display().to_string();
-    let hook = format!("echo $BOOTSYNC_EPOCH >> {id}.hook");
     Proc::spawn_bootstrap(
         &[
             "client",
@@ -39,7 +49,7 @@ fn watcher(dir: &Path, url: &str, id: &str, ip: &str) -> Proc {
             &out,
             "--watch",
             "--on-change",
-            &hook,
+            hook,
         ],
         dir,
     )
@@ -122,7 +132,7 @@ async fn a_replacement_in_a_frozen_set_keeps_the_index_and_each_survivor_rewrite
                 .all(|n| n["current"] == true);
             let hooked = ["node-b", "node-c"]
                 .iter()
-                .all(|id| !read(d, &format!("{id}.hook")).is_empty());
+                .all(|id| read(d, &format!("{id}.hook")).lines().count() == 2);
             (current && hooked).then_some(body)
         },
     )
@@ -146,19 +156,21 @@ async fn a_replacement_in_a_frozen_set_keeps_the_index_and_each_survivor_rewrite
             peers, "node-z=10.0.0.26\nnode-b=10.0.0.2\nnode-c=10.0.0.3\n",
             "{id}"
         );
-        // One new epoch, one hook run: node-z's own registration changed nothing peers see.
-        assert_eq!(read(d, &format!("{id}.hook")), format!("{epoch}\n"), "{id}");
+        // The first write's run, then one for the one new epoch: node-z's own registration
+        // changed nothing peers see.
+        let hook = read(d, &format!("{id}.hook"));
+        assert_eq!(hook, format!("{first_epoch}\n{epoch}\n"), "{id}");
     }
 
-    // The replaced node is out of a frozen set: 409, never a stale payload.
-    let (status, body) = support::post(
-        &url,
-        "/node",
-        &json!({"identifier": "node-a", "ip": "10.0.0.1"}),
-    )
-    .await;
+    // The replaced node is out of a frozen set: 409, never a stale payload; and it cannot
+    // register again into the slot its replacement holds.
+    let node_a = json!({"identifier": "node-a", "ip": "10.0.0.1"});
+    let (status, body) = support::post(&url, "/node", &node_a).await;
     assert_eq!(status, 409, "{body}");
     assert_eq!(body["code"], "frozen");
+    let (status, body) = support::post(&url, "/register", &node_a).await;
+    assert_eq!(status, 409, "{body}");
+    assert_eq!(body["code"], "replaced");
     drop((b, c));
 }
 
@@ -236,7 +248,7 @@ async fn watch_survives_a_server_restart_and_registers_again() {
     support::wait_for(
         Duration::from_secs(30),
         "the hook for the change",
-        || async { (!read(d, "node-a.hook").is_empty()).then_some(()) },
+        || async { (read(d, "node-a.hook").lines().count() == 2).then_some(()) },
     )
     .await;
     assert!(watch.child_alive(), "the watcher kept running");
@@ -277,9 +289,10 @@ async fn a_failing_hook_is_reported_and_runs_again_at_the_next_epoch_with_the_fi
         (read(d, "node-a/peers.txt") == "node-a\n").then_some(())
     })
     .await;
+    // The first write ran it once (and it failed); each new epoch runs it again.
     for (joiner, ip, expected, runs) in [
-        ("node-b", "10.0.0.2", "node-a\nnode-b\n", 1),
-        ("node-c", "10.0.0.3", "node-a\nnode-b\nnode-c\n", 2),
+        ("node-b", "10.0.0.2", "node-a\nnode-b\n", 2),
+        ("node-c", "10.0.0.3", "node-a\nnode-b\nnode-c\n", 3),
     ] {
         fetch_once(d, &url, joiner, ip);
         support::wait_for(

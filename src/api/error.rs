@@ -48,6 +48,8 @@ pub enum ErrorCode {
     MetadataBudget,
     /// 409 (cfgsync, strict): a record stored before strict mode, claimed from elsewhere.
     UnclaimedRecord,
+    /// 409 (cfgsync): an operator replaced this node by another; it cannot register again.
+    Replaced,
     /// A code this build does not know (a newer server); the status tells what it means.
     #[serde(other)]
     Unknown,
@@ -67,7 +69,8 @@ impl ErrorCode {
             | Self::IpChanged
             | Self::RegistrationCap
             | Self::MetadataBudget
-            | Self::UnclaimedRecord => StatusCode::CONFLICT,
+            | Self::UnclaimedRecord
+            | Self::Replaced => StatusCode::CONFLICT,
             Self::Compacted => StatusCode::GONE,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
@@ -119,6 +122,7 @@ impl ErrorCode {
             Self::RegistrationCap => "registration_cap",
             Self::MetadataBudget => "metadata_budget",
             Self::UnclaimedRecord => "unclaimed_record",
+            Self::Replaced => "replaced",
             Self::Unknown => "unknown",
         }
     }
@@ -379,6 +383,7 @@ mod tests {
             ErrorCode::RegistrationCap,
             ErrorCode::MetadataBudget,
             ErrorCode::UnclaimedRecord,
+            ErrorCode::Replaced,
         ];
         for code in codes {
             let wire = serde_json::to_value(code).unwrap();

@@ -99,6 +99,9 @@ pub const INIT_HISTORY: &str = "init-history";
 pub const DEFAULT_HISTORY_LEN: usize = 50;
 /// The longest error kept in a history entry, in bytes (its tail: the cause is at the end).
 pub const HISTORY_ERROR_BYTES: usize = 2048;
+/// The most a history may hold, as JSON bytes: the oldest runs go first past it, so the record
+/// always fits the store's value limit (1 MiB by default) and its batch with the flag succeeds.
+pub const HISTORY_MAX_BYTES: usize = 256 * 1024;
 
 /// One finished run of an initialiser.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
@@ -130,11 +133,17 @@ pub struct History {
 }
 
 impl History {
-    /// Appends `entry`, keeping the newest `len` runs.
+    /// Appends `entry`, keeping the newest `len` runs, and fewer when they would pass
+    /// [`HISTORY_MAX_BYTES`].
     pub fn push(&mut self, entry: HistoryEntry, len: usize) {
         self.runs.push(entry);
         let excess = self.runs.len().saturating_sub(len.max(1));
         self.runs.drain(..excess);
+        let size = |r: &HistoryEntry| serde_json::to_vec(r).map_or(0, |v| v.len() + 1);
+        let mut total: usize = self.runs.iter().map(size).sum();
+        while total > HISTORY_MAX_BYTES && self.runs.len() > 1 {
+            total -= size(&self.runs.remove(0));
+        }
     }
 }
 
@@ -175,6 +184,23 @@ mod tests {
         }
         let kept: Vec<u64> = history.runs.iter().map(|r| r.started_ms).collect();
         assert_eq!(kept, [4, 5, 6]);
+    }
+
+    #[test]
+    fn a_history_stays_under_its_byte_bound_whatever_its_length() {
+        let mut history = History::default();
+        for n in 0..500 {
+            let mut entry = run(n);
+            entry.error = Some(error_tail(&"e".repeat(5000)));
+            history.push(entry, 1000);
+        }
+        let bytes = serde_json::to_vec(&history).unwrap().len();
+        assert!(bytes <= HISTORY_MAX_BYTES + 64, "{bytes}");
+        assert_eq!(
+            history.runs.last().unwrap().started_ms,
+            499,
+            "the newest kept"
+        );
     }
 
     #[test]

@@ -225,26 +225,12 @@ impl CfgsyncClient {
         } else {
             format!("/node?wait={}", wait.as_secs())
         };
-        let url = format!("{}{path}", self.base);
-        let response = self
-            .post(&path, registration, wait + Duration::from_secs(30))
-            .send()
-            .await
-            .map_err(unreachable(&url))?;
-        match response.status() {
-            StatusCode::OK => {
-                let body = read_limited(&url, response, self.max_payload_bytes).await?;
-                serde_json::from_slice::<NodeArtifactsPayload>(&body)
-                    .map(FetchOutcome::Ready)
-                    .map_err(|source| ClientError::BadPayload { url, source })
-            }
-            StatusCode::TOO_EARLY => {
-                let text = small_text(response).await;
-                let message = serde_json::from_str::<ErrorBody>(&text).map_or(text, |b| b.message);
-                Ok(FetchOutcome::NotReady(message))
-            }
-            _ => Err(Self::refused(url, response).await),
-        }
+        Ok(match self.ask_node(&path, registration, wait).await? {
+            WatchOutcome::Payload(payload) => FetchOutcome::Ready(payload),
+            WatchOutcome::NotReady(message) => FetchOutcome::NotReady(message),
+            // Only asked for with `after`; a server that says it anyway has nothing yet.
+            WatchOutcome::Unchanged => FetchOutcome::NotReady("nothing to serve yet".into()),
+        })
     }
 
     /// One `POST /node?wait=…&after=EPOCH`: a payload of an epoch newer than `after`, held by
@@ -260,9 +246,19 @@ impl CfgsyncClient {
         if let Some(epoch) = after {
             path.push_str(&format!("&after={epoch}"));
         }
+        self.ask_node(&path, registration, wait).await
+    }
+
+    /// One `POST` of `path` (a `/node` query), its answer read within the payload limit.
+    async fn ask_node(
+        &self,
+        path: &str,
+        registration: &NodeRegistration,
+        wait: Duration,
+    ) -> Result<WatchOutcome, ClientError> {
         let url = format!("{}{path}", self.base);
         let response = self
-            .post(&path, registration, wait + Duration::from_secs(30))
+            .post(path, registration, wait + Duration::from_secs(30))
             .send()
             .await
             .map_err(unreachable(&url))?;

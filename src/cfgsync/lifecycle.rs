@@ -8,7 +8,8 @@ use serde::{Deserialize, Serialize};
 use serde_json::json;
 
 use super::admission::ledger_key;
-use super::state::{RegistrationRecord, registration_key};
+use super::policy::Policy;
+use super::state::{CURRENT, POLICY, RegistrationRecord, registration_key};
 use crate::api::cfgsync::check_identifier;
 use crate::clock::now_ms;
 use crate::store::{self, Batch, CFGSYNC_NAMESPACE, Key, Precondition, Revision, Store};
@@ -94,6 +95,15 @@ pub async fn replace(
         )));
     }
     let (record, revision) = registered(store, old).await?;
+    let policy = store
+        .get(&Key::new(CFGSYNC_NAMESPACE, POLICY, CURRENT))
+        .await?
+        .and_then(|entry| serde_json::from_value::<Policy>(entry.value).ok());
+    if policy.is_some_and(|p| p.expect_identifiers.is_some()) {
+        return Err(LifecycleError::Invalid(
+            "the policy names its members (`expect_identifiers`): a new identifier is not one of them; change the policy instead".into(),
+        ));
+    }
     let now = now_ms();
     let replacement = RegistrationRecord {
         identifier: new.to_string(),

@@ -414,8 +414,9 @@ pub struct Serving {
     bundle_epoch: Revision,
     policy: Option<CompiledPolicy>,
     readiness: Readiness,
-    /// Identifiers removed by an operator and not registered again.
-    removed: Arc<std::collections::BTreeSet<Arc<str>>>,
+    /// Identifiers removed by an operator (whether or not registered again since), and for
+    /// each whether it was replaced by another node.
+    removed: Arc<std::collections::BTreeMap<Arc<str>, bool>>,
 }
 
 /// What `/node` answers for one identifier.
@@ -482,6 +483,12 @@ impl Serving {
     /// Whether a registration source (policy or materializer) is installed.
     pub fn has_materializer(&self) -> bool {
         !matches!(self.readiness, Readiness::Absent)
+    }
+
+    /// Whether an operator replaced `identifier` by another node (it may not register again).
+    pub fn was_replaced(&self, identifier: &str) -> bool {
+        self.removed.get(identifier).copied().unwrap_or(false)
+            && !self.registrations.contains_key(identifier)
     }
 
     /// Whether the bundle names `identifier`; `None` when no bundle is installed.
@@ -576,7 +583,12 @@ impl Service {
             revision: serving.revision,
             epoch: current,
             nodes,
-            removed: serving.removed.iter().map(|id| id.to_string()).collect(),
+            removed: serving
+                .removed
+                .keys()
+                .filter(|id| !serving.registrations.contains_key(id.as_ref()))
+                .map(|id| id.to_string())
+                .collect(),
         }
     }
 }
@@ -718,7 +730,7 @@ impl Service {
             // Removed by an operator: never a stale payload, and no wait for a registration
             // that is not coming.
             _ if !serving.registrations.contains_key(identifier)
-                && serving.removed.contains(identifier) =>
+                && serving.removed.contains_key(identifier) =>
             {
                 let freezes = serving
                     .policy
@@ -846,7 +858,7 @@ impl Service {
 struct View {
     revision: Revision,
     registrations: Registrations,
-    removed: Arc<std::collections::BTreeSet<Arc<str>>>,
+    removed: Arc<std::collections::BTreeMap<Arc<str>, bool>>,
     bundle: Option<(Value, Revision)>,
     policy: Option<(Value, Revision)>,
     custom: Option<Arc<dyn RegistrationSnapshotMaterializer>>,
@@ -896,7 +908,12 @@ impl View {
         self.removed = Arc::new(
             tree.types
                 .get(REMOVED)
-                .map(|markers| markers.keys().map(|id| Arc::from(id.as_str())).collect())
+                .map(|markers| {
+                    markers
+                        .iter()
+                        .map(|(id, e)| (Arc::from(id.as_str()), replaced(&e.value)))
+                        .collect()
+                })
                 .unwrap_or_default(),
         );
         self.bundle = tree
@@ -949,8 +966,9 @@ impl View {
                         self.named_present = self.named_present.saturating_sub(1);
                     }
                 }
-                (REMOVED, Some(_)) => {
-                    Arc::make_mut(&mut self.removed).insert(Arc::from(key.key.as_str()));
+                (REMOVED, Some(value)) => {
+                    Arc::make_mut(&mut self.removed)
+                        .insert(Arc::from(key.key.as_str()), replaced(value));
                 }
                 (REMOVED, None) => {
                     Arc::make_mut(&mut self.removed).remove(key.key.as_str());
@@ -958,6 +976,9 @@ impl View {
                 (BUNDLE, value) if key.key == CURRENT => {
                     self.bundle = value.clone().map(|v| (v, event.revision));
                     self.dirty_bundle = true;
+                    // A node moved between the bundle and the policy must see a newer epoch,
+                    // never an older one (a watcher waits for a newer one).
+                    self.dirty_catalog = true;
                 }
                 (POLICY, value) if key.key == CURRENT => {
                     self.policy = value.clone().map(|v| (v, event.revision));
@@ -1036,6 +1057,11 @@ impl View {
         self.last = next.clone();
         next
     }
+}
+
+/// Whether a removal marker says the node was replaced by another.
+fn replaced(marker: &Value) -> bool {
+    marker.get("replaced_by").is_some_and(|by| !by.is_null())
 }
 
 fn decode_registration(id: &str, value: &Value) -> Option<Arc<RegistrationRecord>> {

@@ -34,8 +34,8 @@ pub(crate) struct ReconcilerArgs {
     #[arg(long, default_value = "15s", value_parser = duration::parse, env = "BOOTSYNC_LEASE_TTL")]
     pub(crate) lease_ttl: Duration,
     /// Runs kept per initialiser in its history (`bootsync history`).
-    #[arg(long, default_value_t = DEFAULT_HISTORY_LEN, value_parser = clap::value_parser!(usize), env = "BOOTSYNC_HISTORY_LEN")]
-    pub(crate) history_len: usize,
+    #[arg(long, default_value_t = DEFAULT_HISTORY_LEN as u64, value_parser = clap::value_parser!(u64).range(1..=1000), env = "BOOTSYNC_HISTORY_LEN")]
+    pub(crate) history_len: u64,
 }
 
 /// Flags of `bootsync run`.
@@ -176,7 +176,7 @@ async fn reconcile(
         lease_ttl: args.lease_ttl,
         server_url: server_url.to_string(),
         http,
-        history_len: args.history_len.max(1),
+        history_len: args.history_len as usize,
     };
     tracing::info!(holder = %options.holder, initialisers = spec.entries.len(), "reconciler starting");
     let engine = Engine::new(spec, store, gate, options, metrics.as_deref());

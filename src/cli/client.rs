@@ -160,7 +160,9 @@ pub(super) async fn run(args: ClientArgs) -> anyhow::Result<u8> {
                 on_change: args.on_change.as_deref(),
                 report: &report,
             };
-            Ok(watch.run(payload, crate::shutdown::on_signals()).await)
+            Ok(watch
+                .run(payload, &files, crate::shutdown::on_signals())
+                .await)
         }
         Ok((payload, files)) => {
             match args.output {

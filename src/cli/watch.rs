@@ -2,15 +2,15 @@
 //! request is held at the server until a newer epoch exists; the new set is written
 //! all-or-nothing, then `--on-change` runs with the changed paths in its environment.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::time::Duration;
 
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::EXIT_OK;
 use super::report::Reporter;
+use super::{EXIT_FAILURE, EXIT_OK};
 use crate::api::ErrorCode;
 use crate::backoff::Backoff;
 use crate::cfgsync::client::{CfgsyncClient, ClientError, WatchOutcome};
@@ -29,8 +29,14 @@ pub(super) struct Watch<'a> {
 }
 
 impl Watch<'_> {
-    /// Watches from `first` (just written) until `shutdown`.
-    pub(super) async fn run(&self, first: NodeArtifactsPayload, shutdown: CancellationToken) -> u8 {
+    /// Watches from `first` (just written to `written`) until `shutdown`. The hook runs for the
+    /// first write too, so a watcher that restarted reloads what it may have changed.
+    pub(super) async fn run(
+        &self,
+        first: NodeArtifactsPayload,
+        written: &[PathBuf],
+        shutdown: CancellationToken,
+    ) -> u8 {
         let mut current = first;
         // Spaces the requests to a server that does not hold them, or that is not there.
         let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
@@ -38,6 +44,11 @@ impl Watch<'_> {
         // After registering again, the server may be a new one whose epochs started over:
         // its current payload is taken as it is, whatever its epoch.
         let mut resync = false;
+        // Files changed since the hook last succeeded: a failed hook sees them again.
+        let mut pending: BTreeSet<String> =
+            written.iter().map(|p| p.display().to_string()).collect();
+        self.hook(&mut pending, current.epoch.unwrap_or_default())
+            .await;
         loop {
             resync |= register;
             let step = async {
@@ -61,10 +72,10 @@ impl Watch<'_> {
                     if newer(&current, &next) || (resync && differs(&current, &next)) =>
                 {
                     register = false;
-                    resync = false;
                     backoff.reset();
-                    if self.apply(&current, &next).await {
+                    if self.apply(&current, &next, &mut pending).await {
                         current = next;
+                        resync = false;
                         None
                     } else {
                         // Not written: the same epoch is asked for again, after a pause.
@@ -79,6 +90,11 @@ impl Watch<'_> {
                 }
                 // A server that ignores `after` answers at once with what the node has.
                 Ok((WatchOutcome::Payload(_), took)) if took < Duration::from_secs(1) => {
+                    register = false;
+                    Some(backoff.fail())
+                }
+                // A 204 that came at once: a server that will not hold (`--node-wait-max 0`).
+                Ok((WatchOutcome::Unchanged, took)) if took < Duration::from_secs(1) => {
                     register = false;
                     Some(backoff.fail())
                 }
@@ -101,6 +117,16 @@ impl Watch<'_> {
                     self.note("registering", &format!("registering again: {message}"));
                     register = true;
                     Some(backoff.fail())
+                }
+                // Out for good: replaced by another node, or removed from a frozen set.
+                Err(
+                    err @ ClientError::Refused {
+                        code: ErrorCode::Replaced | ErrorCode::Frozen,
+                        ..
+                    },
+                ) => {
+                    self.note("error", &format!("error: {err}; no longer watching"));
+                    return EXIT_FAILURE;
                 }
                 Err(err @ ClientError::Unreachable { .. }) => {
                     self.note("waiting", &crate::telemetry::error_chain(&err));
@@ -129,7 +155,12 @@ impl Watch<'_> {
 
     /// Writes `next` all-or-nothing and runs the hook for what changed; `false` when nothing
     /// could be written.
-    async fn apply(&self, current: &NodeArtifactsPayload, next: &NodeArtifactsPayload) -> bool {
+    async fn apply(
+        &self,
+        current: &NodeArtifactsPayload,
+        next: &NodeArtifactsPayload,
+        pending: &mut BTreeSet<String>,
+    ) -> bool {
         let written = match self.outputs.write_all(&next.files) {
             Ok(written) => written,
             Err(err) => {
@@ -147,15 +178,30 @@ impl Watch<'_> {
             &format!("epoch {epoch}: {} file(s) changed", changed.len()),
             json!({"epoch": epoch, "changed": changed}),
         );
-        if let (Some(command), false) = (self.on_change, changed.is_empty()) {
-            self.run_hook(command, &changed, epoch).await;
-        }
+        pending.extend(changed);
+        self.hook(pending, epoch).await;
         true
+    }
+
+    /// Runs the hook for `pending` (when there is a hook and anything is pending), and forgets
+    /// them once it succeeded.
+    async fn hook(&self, pending: &mut BTreeSet<String>, epoch: u64) {
+        let Some(command) = self.on_change else {
+            pending.clear();
+            return;
+        };
+        if pending.is_empty() {
+            return;
+        }
+        let paths: Vec<String> = pending.iter().cloned().collect();
+        if self.run_hook(command, &paths, epoch).await {
+            pending.clear();
+        }
     }
 
     /// Runs `command` with `sh -c`; a failure is reported and the hook runs again at the next
     /// epoch (the files stay written).
-    async fn run_hook(&self, command: &str, changed: &[String], epoch: u64) {
+    async fn run_hook(&self, command: &str, changed: &[String], epoch: u64) -> bool {
         let status = tokio::process::Command::new("sh")
             .arg("-c")
             .arg(command)
@@ -165,13 +211,14 @@ impl Watch<'_> {
             .status()
             .await;
         match status {
-            Ok(status) if status.success() => {}
+            Ok(status) if status.success() => return true,
             Ok(status) => self.note(
                 "hook_failed",
                 &format!("--on-change {status}; the files stay written and it runs again at the next epoch"),
             ),
             Err(err) => self.note("hook_failed", &format!("--on-change could not start: {err}")),
         }
+        false
     }
 }
 

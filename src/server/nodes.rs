@@ -1,6 +1,6 @@
 //! The node routes, `POST /register` and `POST /node`, wire-compatible with the seed.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -131,9 +131,14 @@ fn claims(
 ) -> bool {
     let from = |stored: &str| stored.parse::<SocketAddr>().ok().map(|a| a.ip());
     let placed = record.replaces.is_some() && record.peer.is_none();
+    let sender = |ip: IpAddr| peer.is_some_and(|peer| peer.ip() == ip);
     record.ip == registration.ip
-        && (placed
-            || peer.is_some_and(|peer| record.peer.as_deref().and_then(from) == Some(peer.ip())))
+        && if placed {
+            // Only the machine at the IP the operator named, not anyone claiming it.
+            sender(record.ip)
+        } else {
+            record.peer.as_deref().and_then(from).is_some_and(sender)
+        }
 }
 
 /// Attempts to record a registration before giving up on concurrent writers of the same node.
@@ -149,7 +154,7 @@ const REGISTER_ATTEMPTS: usize = 4;
         (status = 400, description = "Malformed JSON or IP", body = ErrorBody),
         (status = 401, description = "Missing or wrong join token or node secret", body = ErrorBody),
         (status = 403, description = "Strict mode: the node secret belongs to another identifier", body = ErrorBody),
-        (status = 409, description = "Refused by the policy (frozen, full, or a new IP with `on_new_ip: reject`)", body = ErrorBody),
+        (status = 409, description = "Refused by the policy (frozen, full, or a new IP with `on_new_ip: reject`), or `replaced` by another node", body = ErrorBody),
         (status = 413, description = "Body or metadata too large", body = ErrorBody),
         (status = 415, description = "Not `application/json`", body = ErrorBody),
         (status = 422, description = "Invalid identifier or a missing field", body = ErrorBody),
@@ -171,6 +176,16 @@ async fn register(
     if !loaded.loaded {
         return Err(ApiError::unavailable(
             "the server is still loading its state; retry",
+        ));
+    }
+    // Its replacement holds its place: registering again would put two nodes in one slot.
+    if loaded.was_replaced(&registration.identifier) {
+        return Err(ApiError::new(
+            ErrorCode::Replaced,
+            format!(
+                "{:?} was replaced by another node; it cannot register again under this identifier",
+                registration.identifier
+            ),
         ));
     }
     for attempt in 0..REGISTER_ATTEMPTS {
@@ -374,6 +389,7 @@ async fn node(
             NodeAnswer::Ready(body) if query.after.is_some_and(|after| body.epoch <= after) => {
                 // The node has this epoch already (`--watch`): hold for a newer one until the
                 // wait ends, then say there is nothing new.
+                service.note_fetched(id, body.epoch);
                 let changes = changes.get_or_insert_with(|| service.subscribe());
                 changes.mark_unchanged();
                 let newer = changes.wait_for(|s| s.revision > serving.revision);

@@ -207,7 +207,13 @@ impl Engine {
         let key = status::key(INIT_HISTORY, name);
         let mut history: History = match self.store.get(&key).await {
             Ok(None) => History::default(),
-            Ok(Some(stored)) => serde_json::from_value(stored.value).unwrap_or_default(),
+            Ok(Some(stored)) => match serde_json::from_value(stored.value) {
+                Ok(history) => history,
+                Err(err) => {
+                    tracing::warn!(initialiser = name, error = %err, "the stored run history does not decode; this run is not added to it");
+                    return batch;
+                }
+            },
             Err(err) => {
                 tracing::warn!(initialiser = name, error = %err, "cannot read the run history; this run is not added to it");
                 return batch;

@@ -19,12 +19,6 @@ struct Params {
 /// The `cfgsync-bundle` class.
 struct CfgsyncBundle(Params);
 
-crate::register!(
-    CfgsyncBundle(Params),
-    "cfgsync-bundle",
-    "loads a static artifact bundle into cfgsync"
-);
-
 #[async_trait]
 impl Initialiser for CfgsyncBundle {
     async fn run(&self, ctx: &InitContext) -> Result<(), InitError> {
@@ -38,6 +32,12 @@ impl Initialiser for CfgsyncBundle {
         Ok(())
     }
 }
+
+crate::register!(
+    CfgsyncBundle(Params),
+    "cfgsync-bundle",
+    "loads a static artifact bundle"
+);
 
 #[cfg(test)]
 mod tests {

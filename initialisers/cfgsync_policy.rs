@@ -18,12 +18,6 @@ struct Params {
 /// The `cfgsync-policy` class.
 struct CfgsyncPolicy(Params);
 
-crate::register!(
-    CfgsyncPolicy(Params),
-    "cfgsync-policy",
-    "installs a registration policy for cfgsync"
-);
-
 #[async_trait]
 impl Initialiser for CfgsyncPolicy {
     async fn run(&self, ctx: &InitContext) -> Result<(), InitError> {
@@ -33,6 +27,12 @@ impl Initialiser for CfgsyncPolicy {
         Ok(())
     }
 }
+
+crate::register!(
+    CfgsyncPolicy(Params),
+    "cfgsync-policy",
+    "installs a cfgsync registration policy"
+);
 
 #[cfg(test)]
 mod tests {

@@ -22,12 +22,6 @@ struct Params {
 /// The `template-seed` class.
 struct TemplateSeed(Params);
 
-crate::register!(
-    TemplateSeed(Params),
-    "template-seed",
-    "fills __template__ from a seed file"
-);
-
 #[async_trait]
 impl Initialiser for TemplateSeed {
     async fn run(&self, ctx: &InitContext) -> Result<(), InitError> {
@@ -39,6 +33,12 @@ impl Initialiser for TemplateSeed {
         Ok(())
     }
 }
+
+crate::register!(
+    TemplateSeed(Params),
+    "template-seed",
+    "fills __template__ from a seed file"
+);
 
 #[cfg(test)]
 mod tests {

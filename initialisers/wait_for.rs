@@ -35,12 +35,6 @@ fn default_timeout() -> Duration {
 /// The `wait-for` class: a pre-gate initialiser.
 struct WaitFor(Params);
 
-crate::register!(
-    WaitFor(Params),
-    "wait-for",
-    "waits until TCP and HTTP endpoints answer (pre-gate)"
-);
-
 impl WaitFor {
     /// The endpoints that do not answer yet.
     async fn missing(&self, http: &reqwest::Client) -> Vec<String> {
@@ -94,6 +88,12 @@ impl Initialiser for WaitFor {
         }
     }
 }
+
+crate::register!(
+    WaitFor(Params),
+    "wait-for",
+    "waits for TCP and HTTP endpoints (pre-gate)"
+);
 
 #[cfg(test)]
 mod tests {

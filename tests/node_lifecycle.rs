@@ -11,6 +11,20 @@ use support::Proc;
 
 const FROZEN_3: &str = "expect_nodes: 3\nfreeze_on_ready: true\nfiles:\n  - path: index.txt\n    template: \"{{ index }}\"\n  - path: peers.txt\n    template: \"{% for p in nodes %}{{ p.identifier }}={{ p.ip }}\\n{% endfor %}\"\n";
 
+/// A policy for `n` nodes whose `peers.txt` names every node, one per line.
+fn peer_names(n: usize) -> String {
+    format!(
+        "expect_nodes: {n}\nfiles:\n  - path: peers.txt\n    template: \"{{% for p in nodes %}}{{{{ p.identifier }}}}\\n{{% endfor %}}\"\n"
+    )
+}
+
+/// `serve` on a memory store with the [`peer_names`] policy for `n` nodes, in a new directory.
+fn serving(n: usize) -> (tempfile::TempDir, Proc) {
+    let dir = support::dir_with(&[("policy.yaml", &peer_names(n))]);
+    let server = Proc::start(dir.path(), "serve --store memory: --policy policy.yaml");
+    (dir, server)
+}
+
 /// A node that writes its files once and exits.
 fn fetch_once(dir: &Path, url: &str, id: &str, ip: &str) {
     let out = dir.join(id);
@@ -176,11 +190,8 @@ async fn a_replacement_in_a_frozen_set_keeps_the_index_and_each_survivor_rewrite
 
 #[tokio::test]
 async fn a_removed_node_gets_404_and_the_list_says_so() {
-    let policy = "expect_nodes: 2\nfiles:\n  - path: peers.txt\n    template: \"{% for p in nodes %}{{ p.identifier }}\\n{% endfor %}\"\n";
-    let dir = support::dir_with(&[("policy.yaml", policy)]);
-    let d = dir.path();
-    let server = Proc::start(d, "serve --store memory: --policy policy.yaml");
-    let url = server.url.clone();
+    let (dir, server) = serving(2);
+    let (d, url) = (dir.path(), server.url.clone());
     fetch_once_both(d, &url).await;
     let (code, out, err) = support::cli(d, &format!("nodes remove --server {url} node-b"));
     assert_eq!(code, 0, "{err}");
@@ -214,11 +225,8 @@ async fn fetch_once_both(d: &Path, url: &str) {
 
 #[tokio::test]
 async fn watch_survives_a_server_restart_and_registers_again() {
-    let policy = "expect_nodes: 1\nfiles:\n  - path: peers.txt\n    template: \"{% for p in nodes %}{{ p.identifier }}\\n{% endfor %}\"\n";
-    let dir = support::dir_with(&[("policy.yaml", policy)]);
-    let d = dir.path();
-    let mut server = Proc::start(d, "serve --store memory: --policy policy.yaml");
-    let url = server.url.clone();
+    let (dir, mut server) = serving(1);
+    let (d, url) = (dir.path(), server.url.clone());
     let port = url.rsplit(':').next().unwrap().to_string();
     let mut watch = watcher(d, &url, "node-a", "10.0.0.1");
     support::wait_for(Duration::from_secs(60), "the first write", || async {
@@ -262,11 +270,8 @@ async fn watch_survives_a_server_restart_and_registers_again() {
 
 #[tokio::test]
 async fn a_failing_hook_is_reported_and_runs_again_at_the_next_epoch_with_the_files_written() {
-    let policy = "expect_nodes: 1\nfiles:\n  - path: peers.txt\n    template: \"{% for p in nodes %}{{ p.identifier }}\\n{% endfor %}\"\n";
-    let dir = support::dir_with(&[("policy.yaml", policy)]);
-    let d = dir.path();
-    let server = Proc::start(d, "serve --store memory: --policy policy.yaml");
-    let url = server.url.clone();
+    let (dir, server) = serving(1);
+    let (d, url) = (dir.path(), server.url.clone());
     let out = d.join("node-a").display().to_string();
     let watch = Proc::spawn_bootstrap(
         &[

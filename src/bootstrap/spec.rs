@@ -394,20 +394,6 @@ impl<'de> Deserialize<'de> for Text {
     }
 }
 
-impl JsonSchema for Text {
-    fn inline_schema() -> bool {
-        true
-    }
-
-    fn schema_name() -> Cow<'static, str> {
-        "Text".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({"type": "string", "pattern": "\\S"})
-    }
-}
-
 /// An instance name: the key its records are stored under.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Name(pub String);
@@ -417,24 +403,6 @@ impl<'de> Deserialize<'de> for Name {
         let Text(name) = Text::deserialize(deserializer)?;
         crate::store::validate_key(&name).map_err(serde::de::Error::custom)?;
         Ok(Name(name))
-    }
-}
-
-impl JsonSchema for Name {
-    fn inline_schema() -> bool {
-        true
-    }
-
-    fn schema_name() -> Cow<'static, str> {
-        "Name".into()
-    }
-
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({
-            "type": "string",
-            "pattern": "\\S",
-            "maxLength": crate::store::MAX_KEY_LEN,
-        })
     }
 }
 
@@ -453,19 +421,32 @@ impl<'de> Deserialize<'de> for Flag {
     }
 }
 
-impl JsonSchema for Flag {
-    fn inline_schema() -> bool {
-        true
-    }
+/// `JsonSchema` for a value the schema shows inline, as `schema`.
+macro_rules! inline_schema {
+    ($ty:ty, $name:literal, $schema:tt) => {
+        impl JsonSchema for $ty {
+            fn inline_schema() -> bool {
+                true
+            }
 
-    fn schema_name() -> Cow<'static, str> {
-        "Flag".into()
-    }
+            fn schema_name() -> Cow<'static, str> {
+                $name.into()
+            }
 
-    fn json_schema(_: &mut SchemaGenerator) -> Schema {
-        json_schema!({"type": ["string", "number"], "pattern": "\\S"})
-    }
+            fn json_schema(_: &mut SchemaGenerator) -> Schema {
+                json_schema!($schema)
+            }
+        }
+    };
 }
+
+inline_schema!(Text, "Text", {"type": "string", "pattern": "\\S"});
+inline_schema!(Name, "Name", {
+    "type": "string",
+    "pattern": "\\S",
+    "maxLength": crate::store::MAX_KEY_LEN,
+});
+inline_schema!(Flag, "Flag", {"type": ["string", "number"], "pattern": "\\S"});
 
 /// A duration longer than zero, written as text: `500ms`, `15s`, `2m`, `1h30m`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

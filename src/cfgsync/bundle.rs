@@ -45,12 +45,8 @@ impl NodeArtifactsBundle {
         let mut problems = Vec::new();
         let mut shared = BTreeSet::new();
         for (i, file) in self.shared_files.iter().enumerate() {
-            if let Err(p) = check_canonical_payload_path(&file.path) {
-                problems.push(format!("shared_files[{i}]: {p}"));
-            }
-            if !shared.insert(file.path.as_str()) {
-                problems.push(format!("shared_files[{i}]: duplicate path {:?}", file.path));
-            }
+            let at = format!("shared_files[{i}]");
+            check_path(&at, &file.path, &mut shared, &mut problems);
         }
         let mut identifiers = BTreeSet::new();
         for (n, node) in self.nodes.iter().enumerate() {
@@ -63,12 +59,13 @@ impl NodeArtifactsBundle {
             }
             let mut paths = BTreeSet::new();
             for (f, file) in node.files.iter().enumerate() {
-                if let Err(p) = check_canonical_payload_path(&file.path) {
-                    problems.push(format!("{at}.files[{f}]: {p}"));
-                }
-                if !paths.insert(file.path.as_str()) {
-                    problems.push(format!("{at}.files[{f}]: duplicate path {:?}", file.path));
-                } else if shared.contains(file.path.as_str()) {
+                let new = check_path(
+                    &format!("{at}.files[{f}]"),
+                    &file.path,
+                    &mut paths,
+                    &mut problems,
+                );
+                if new && shared.contains(file.path.as_str()) {
                     problems.push(format!(
                         "{at}.files[{f}]: path {:?} is also a shared file",
                         file.path
@@ -82,6 +79,24 @@ impl NodeArtifactsBundle {
             Err(problems)
         }
     }
+}
+
+/// Reports `path` at `at` when it is not canonical or repeats one in `seen`; answers whether it
+/// was new.
+fn check_path<'a>(
+    at: &str,
+    path: &'a str,
+    seen: &mut BTreeSet<&'a str>,
+    problems: &mut Vec<String>,
+) -> bool {
+    if let Err(p) = check_canonical_payload_path(path) {
+        problems.push(format!("{at}: {p}"));
+    }
+    let new = seen.insert(path);
+    if !new {
+        problems.push(format!("{at}: duplicate path {path:?}"));
+    }
+    new
 }
 
 #[cfg(test)]

@@ -122,6 +122,13 @@ pub struct StatusArgs {
     quiet: bool,
 }
 
+/// The spec at `path`, or `None` after printing every problem with it.
+fn spec_or_say_why(path: &Path) -> Option<Spec> {
+    load_spec(path)
+        .map_err(|report| eprintln!("error: {report}"))
+        .ok()
+}
+
 fn load_spec(path: &Path) -> Result<Spec, String> {
     let registry = Registry::collect()?;
     Spec::load(path, &registry).map_err(|e| e.to_string())
@@ -198,12 +205,8 @@ async fn reconcile(
 }
 
 pub(super) async fn run(args: RunArgs) -> anyhow::Result<u8> {
-    let spec = match load_spec(&args.reconciler.spec) {
-        Ok(spec) => spec,
-        Err(report) => {
-            eprintln!("error: {report}");
-            return Ok(EXIT_USAGE);
-        }
+    let Some(spec) = spec_or_say_why(&args.reconciler.spec) else {
+        return Ok(EXIT_USAGE);
     };
     let shutdown = crate::shutdown::on_signals();
     let tracker = TaskTracker::new();
@@ -261,12 +264,8 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<u8> {
 }
 
 pub(super) async fn bootstrap(args: BootstrapArgs) -> anyhow::Result<u8> {
-    let spec = match load_spec(&args.reconciler.spec) {
-        Ok(spec) => spec,
-        Err(report) => {
-            eprintln!("error: {report}");
-            return Ok(EXIT_USAGE);
-        }
+    let Some(spec) = spec_or_say_why(&args.reconciler.spec) else {
+        return Ok(EXIT_USAGE);
     };
     let token = args
         .remote
@@ -314,12 +313,8 @@ pub(super) async fn check(args: CheckArgs) -> anyhow::Result<u8> {
 }
 
 pub(super) async fn plan(args: PlanArgs) -> anyhow::Result<u8> {
-    let spec = match load_spec(&args.spec) {
-        Ok(spec) => spec,
-        Err(report) => {
-            eprintln!("error: {report}");
-            return Ok(EXIT_USAGE);
-        }
+    let Some(spec) = spec_or_say_why(&args.spec) else {
+        return Ok(EXIT_USAGE);
     };
     let client = args.remote.client()?;
     let stored = client.list(SYSTEM_NAMESPACE, INIT_STATE).await?;

@@ -56,26 +56,12 @@ pub enum ConfigCommand {
     /// Print one entry (value and revisions) as JSON.
     Get {
         #[command(flatten)]
-        remote: Remote,
-        /// Namespace.
-        namespace: String,
-        /// Type.
-        #[arg(value_name = "TYPE")]
-        kind: String,
-        /// Key.
-        key: String,
+        entry: EntryArgs,
     },
     /// Store one JSON value (`-` reads it from stdin).
     Put {
         #[command(flatten)]
-        remote: Remote,
-        /// Namespace.
-        namespace: String,
-        /// Type.
-        #[arg(value_name = "TYPE")]
-        kind: String,
-        /// Key.
-        key: String,
+        entry: EntryArgs,
         /// The value as JSON, or `-` for stdin.
         value: String,
         /// Only if the key was last modified at this revision.
@@ -88,14 +74,7 @@ pub enum ConfigCommand {
     /// Delete one key.
     Delete {
         #[command(flatten)]
-        remote: Remote,
-        /// Namespace.
-        namespace: String,
-        /// Type.
-        #[arg(value_name = "TYPE")]
-        kind: String,
-        /// Key.
-        key: String,
+        entry: EntryArgs,
     },
     /// List namespaces, a namespace's types and keys, or one type's entries.
     List {
@@ -120,6 +99,26 @@ pub enum ConfigCommand {
     },
 }
 
+/// The server and the address of one entry.
+#[derive(Debug, Args)]
+pub struct EntryArgs {
+    #[command(flatten)]
+    remote: Remote,
+    /// Namespace.
+    namespace: String,
+    /// Type.
+    #[arg(value_name = "TYPE")]
+    kind: String,
+    /// Key.
+    key: String,
+}
+
+impl EntryArgs {
+    fn key(&self) -> Key {
+        Key::new(&self.namespace, &self.kind, &self.key)
+    }
+}
+
 fn print(value: &impl serde::Serialize) -> anyhow::Result<()> {
     println!("{}", serde_json::to_string_pretty(value)?);
     Ok(())
@@ -127,23 +126,15 @@ fn print(value: &impl serde::Serialize) -> anyhow::Result<()> {
 
 pub(super) async fn run(command: ConfigCommand) -> anyhow::Result<u8> {
     match command {
-        ConfigCommand::Get {
-            remote,
-            namespace,
-            kind,
-            key,
-        } => {
-            let key = Key::new(namespace, kind, key);
-            match remote.client()?.get(&key).await? {
+        ConfigCommand::Get { entry } => {
+            let key = entry.key();
+            match entry.remote.client()?.get(&key).await? {
                 Some(body) => print(&body)?,
                 None => anyhow::bail!("no value at {key}"),
             }
         }
         ConfigCommand::Put {
-            remote,
-            namespace,
-            kind,
-            key,
+            entry,
             value,
             if_revision,
             if_absent,
@@ -166,26 +157,18 @@ pub(super) async fn run(command: ConfigCommand) -> anyhow::Result<u8> {
                     return Ok(EXIT_USAGE);
                 }
             };
-            let key = Key::new(namespace, kind, key);
+            let key = entry.key();
             let mut batch = Batch::new();
             if if_absent {
                 batch = batch.check(key.clone(), Precondition::Absent);
             } else if let Some(revision) = if_revision {
                 batch = batch.check(key.clone(), Precondition::ModRevision(revision));
             }
-            let revision = remote.client()?.apply(&batch.put(key, value)).await?;
+            let revision = entry.remote.client()?.apply(&batch.put(key, value)).await?;
             print(&serde_json::json!({ "revision": revision }))?;
         }
-        ConfigCommand::Delete {
-            remote,
-            namespace,
-            kind,
-            key,
-        } => {
-            let revision = remote
-                .client()?
-                .delete(&Key::new(namespace, kind, key))
-                .await?;
+        ConfigCommand::Delete { entry } => {
+            let revision = entry.remote.client()?.delete(&entry.key()).await?;
             print(&serde_json::json!({ "revision": revision }))?;
         }
         ConfigCommand::List {

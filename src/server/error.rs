@@ -3,7 +3,7 @@
 
 use axum::Json;
 use axum::extract::rejection::{JsonRejection, PathRejection, QueryRejection};
-use axum::extract::{FromRequest, FromRequestParts, Query, Request};
+use axum::extract::{FromRequest, FromRequestParts, Path, Query, Request};
 use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
@@ -174,38 +174,40 @@ where
     }
 }
 
-/// Path parameters decoded with the JSON error shape on failure.
-pub(super) struct ApiPath<T>(pub(super) T);
+/// An axum extractor whose rejection answers with the JSON error shape.
+macro_rules! with_json_rejection {
+    ($(#[$doc:meta])* $name:ident, $inner:ident) => {
+        $(#[$doc])*
+        pub(super) struct $name<T>(pub(super) T);
 
-impl<S, T> FromRequestParts<S> for ApiPath<T>
-where
-    T: serde::de::DeserializeOwned + Send,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
+        impl<S, T> FromRequestParts<S> for $name<T>
+        where
+            T: serde::de::DeserializeOwned + Send,
+            S: Send + Sync,
+        {
+            type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let axum::extract::Path(value) =
-            axum::extract::Path::<T>::from_request_parts(parts, state).await?;
-        Ok(ApiPath(value))
-    }
+            async fn from_request_parts(
+                parts: &mut Parts,
+                state: &S,
+            ) -> Result<Self, Self::Rejection> {
+                let $inner(value) = $inner::<T>::from_request_parts(parts, state).await?;
+                Ok($name(value))
+            }
+        }
+    };
 }
 
-/// Query parameters decoded with the JSON error shape on failure.
-pub(super) struct ApiQuery<T>(pub(super) T);
-
-impl<S, T> FromRequestParts<S> for ApiQuery<T>
-where
-    T: serde::de::DeserializeOwned + Send,
-    S: Send + Sync,
-{
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        let Query(value) = Query::<T>::from_request_parts(parts, state).await?;
-        Ok(ApiQuery(value))
-    }
-}
+with_json_rejection!(
+    /// Path parameters decoded with the JSON error shape on failure.
+    ApiPath,
+    Path
+);
+with_json_rejection!(
+    /// Query parameters decoded with the JSON error shape on failure.
+    ApiQuery,
+    Query
+);
 
 /// Fallback for unknown routes.
 pub async fn not_found_route() -> ApiError {

@@ -10,7 +10,7 @@ use base64::Engine as _;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
-use super::status::{collect, read_history};
+use super::status::collect;
 use super::{ApiError, AppState};
 use crate::api::status::{HistoryBody, InitialiserStatus, StatusBody};
 use crate::api::system::State as RunState;
@@ -51,7 +51,7 @@ async fn page(State(state): State<AppState>, headers: HeaderMap) -> Response {
         }
     }
     match collect(&state).await {
-        Ok(body) => {
+        Ok((body, history)) => {
             let serving = state.cfgsync.current();
             let mut registrations: Vec<Registration> = serving
                 .registration_records()
@@ -63,8 +63,6 @@ async fn page(State(state): State<AppState>, headers: HeaderMap) -> Response {
                 })
                 .collect();
             registrations.sort_by(|a, b| a.identifier.cmp(&b.identifier));
-            // A history that cannot be read leaves the section out, not the page.
-            let history = read_history(&state).await.unwrap_or_default();
             Html(render(&body, &history, &registrations, now_ms())).into_response()
         }
         Err(err) => {

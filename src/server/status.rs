@@ -18,7 +18,7 @@ use crate::api::system::{
     History, INIT_HISTORY, INIT_SPEC, INIT_STATE, INIT_STATUS, SPEC_KEY, Status, WantedSpec,
 };
 use crate::bootstrap::{Facts, assess};
-use crate::store::SYSTEM_NAMESPACE;
+use crate::store::{Entry, Revision, SYSTEM_NAMESPACE};
 
 pub(super) fn api() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
@@ -58,20 +58,24 @@ async fn history(
 }
 
 /// Every initialiser's history, in one store round trip.
-pub(super) async fn read_history(state: &AppState) -> Result<HistoryBody, ApiError> {
+async fn read_history(state: &AppState) -> Result<HistoryBody, ApiError> {
     let listing = state.store.list(SYSTEM_NAMESPACE, INIT_HISTORY).await?;
-    let initialisers = listing
-        .entries
-        .into_iter()
+    Ok(history_of(listing.revision, &listing.entries))
+}
+
+/// The histories among `entries` (an `init-history` listing), read at `revision`.
+fn history_of(revision: Revision, entries: &BTreeMap<String, Entry>) -> HistoryBody {
+    let initialisers = entries
+        .iter()
         .filter_map(|(name, entry)| {
-            let history: History = serde_json::from_value(entry.value).ok()?;
-            Some((name, history.runs))
+            let history: History = serde_json::from_value(entry.value.clone()).ok()?;
+            Some((name.clone(), history.runs))
         })
         .collect();
-    Ok(HistoryBody {
-        revision: listing.revision,
+    HistoryBody {
+        revision,
         initialisers,
-    })
+    }
 }
 
 /// Every initialiser's wanted and stored flag, state and last run; cfgsync readiness.
@@ -86,13 +90,18 @@ async fn status(
     headers: HeaderMap,
 ) -> Result<Json<StatusBody>, ApiError> {
     state.require_admin(&headers)?;
-    Ok(Json(collect(&state).await?))
+    Ok(Json(collect(&state).await?.0))
 }
 
-/// Reads the status from `__system__` and the cfgsync view (one store round trip).
-pub(super) async fn collect(state: &AppState) -> Result<StatusBody, ApiError> {
+/// Reads the status and the run histories from `__system__` (one store round trip), and
+/// cfgsync's summary from its view.
+pub(super) async fn collect(state: &AppState) -> Result<(StatusBody, HistoryBody), ApiError> {
     let tree = state.store.namespace(SYSTEM_NAMESPACE).await?;
     let empty = BTreeMap::new();
+    let history = history_of(
+        tree.revision,
+        tree.types.get(INIT_HISTORY).unwrap_or(&empty),
+    );
     let stored = tree.types.get(INIT_STATE).unwrap_or(&empty);
     let records = tree.types.get(INIT_STATUS).unwrap_or(&empty);
     let wanted: Option<WantedSpec> = tree
@@ -157,7 +166,7 @@ pub(super) async fn collect(state: &AppState) -> Result<StatusBody, ApiError> {
     }
     let serving = state.cfgsync.current();
     let converged = wanted.is_some() && initialisers.iter().all(|i| i.converged);
-    Ok(StatusBody {
+    let status = StatusBody {
         revision: tree.revision,
         backend: state.store.backend().to_string(),
         converged,
@@ -172,5 +181,6 @@ pub(super) async fn collect(state: &AppState) -> Result<StatusBody, ApiError> {
             render_failures: state.cfgsync.render_failures().count.get(),
             last_render_failure: state.cfgsync.render_failures().last(),
         },
-    })
+    };
+    Ok((status, history))
 }

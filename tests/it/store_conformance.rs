@@ -1,7 +1,6 @@
 //! The store conformance suite on every backend, plus SQLite's durability across reopen.
 
-mod common;
-mod support;
+use crate::support;
 
 use std::sync::Arc;
 
@@ -75,29 +74,29 @@ impl Store for EtcdBacked {
 }
 
 #[cfg(feature = "etcd")]
-async fn etcd_store() -> Option<DynStore> {
+async fn etcd_store() -> DynStore {
     let cluster = tokio::task::spawn_blocking(|| support::etcd::EtcdCluster::start(1))
         .await
-        .unwrap()?;
+        .unwrap();
     let store = bootsync::store::etcd::EtcdStore::open(
         &cluster.store_url("conformance"),
         Limits::default(),
     )
     .await
     .unwrap();
-    Some(Arc::new(EtcdBacked {
+    Arc::new(EtcdBacked {
         store,
         _cluster: cluster,
-    }))
+    })
 }
 
-conformance!(memory, memory_store());
+crate::conformance!(memory, memory_store());
 #[cfg(feature = "etcd")]
-conformance!(optional etcd, etcd_store());
-conformance!(remote, remote_store());
-conformance!(sqlite, sqlite_store());
+crate::conformance!(etcd, etcd_store(), needs = etcd);
+crate::conformance!(remote, remote_store());
+crate::conformance!(sqlite, sqlite_store());
 
-#[tokio::test]
+#[it::test]
 async fn sqlite_reopen_keeps_every_acknowledged_write_and_its_history() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.db");
@@ -138,7 +137,7 @@ async fn sqlite_reopen_keeps_every_acknowledged_write_and_its_history() {
     assert_eq!(event.revision, revs[10], "history survives a reopen");
 }
 
-#[tokio::test]
+#[it::test]
 async fn sqlite_watch_before_the_retained_history_is_compacted() {
     let dir = tempfile::tempdir().unwrap();
     let options = SqliteOptions {
@@ -171,7 +170,7 @@ async fn sqlite_watch_before_the_retained_history_is_compacted() {
     assert!(reopened.watch(18, WatchFilter::All).await.is_ok());
 }
 
-#[tokio::test]
+#[it::test]
 async fn a_bad_sqlite_location_is_a_clear_error() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("plain-file");
@@ -186,7 +185,7 @@ async fn a_bad_sqlite_location_is_a_clear_error() {
     assert!(err.to_string().contains("plain-file"), "{err}");
 }
 
-#[tokio::test]
+#[it::test]
 async fn a_second_opener_of_one_sqlite_file_is_refused_while_the_first_holds_it() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("store.db");

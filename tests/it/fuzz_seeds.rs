@@ -30,7 +30,7 @@ fn text(bytes: &[u8]) -> &str {
     std::str::from_utf8(bytes).unwrap()
 }
 
-#[test]
+#[it::test]
 fn node_body_seeds_are_accepted_or_refused_as_named() {
     for (name, bytes) in seeds("node_body") {
         let decoded = serde_json::from_slice::<NodeRegistration>(&bytes);
@@ -42,7 +42,7 @@ fn node_body_seeds_are_accepted_or_refused_as_named() {
     }
 }
 
-#[test]
+#[it::test]
 fn spec_seeds_give_a_spec_or_every_problem() {
     let registry = Registry::collect().unwrap();
     for (name, bytes) in seeds("spec_file") {
@@ -57,7 +57,7 @@ fn spec_seeds_give_a_spec_or_every_problem() {
     }
 }
 
-#[test]
+#[it::test]
 fn bundle_and_policy_seeds_validate_unless_hostile() {
     for (name, bytes) in seeds("bundle_file") {
         let bundle: NodeArtifactsBundle = parse_text(Path::new(&name), text(&bytes)).unwrap();
@@ -70,7 +70,7 @@ fn bundle_and_policy_seeds_validate_unless_hostile() {
     }
 }
 
-#[test]
+#[it::test]
 fn payload_path_seeds_resolve_only_inside_the_root_or_to_a_route() {
     let dir = tempfile::tempdir().unwrap();
     let root = dir.path().join("root");

@@ -1,14 +1,14 @@
 //! TLS end to end: a CA and a server certificate made in the test, the real server on HTTPS,
 //! and every kind of client trusting it through `--ca-cert` — or refusing it without.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::support::Proc;
 use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
 use serde_json::Value;
-use support::Proc;
 
 struct Pki {
     ca: PathBuf,
@@ -50,7 +50,7 @@ fn tls_args(pki: &Pki) -> [&str; 4] {
 const BUNDLE: &str =
     "nodes:\n  - identifier: node-a\n    files: [{ path: /config.yaml, content: \"id: a\\n\" }]\n";
 
-#[tokio::test]
+#[it::test]
 async fn the_cli_and_the_node_client_work_over_https_with_the_ca_and_fail_without_it() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
@@ -144,7 +144,7 @@ async fn the_cli_and_the_node_client_work_over_https_with_the_ca_and_fail_withou
     assert_eq!(code, 0, "{err}");
 }
 
-#[tokio::test]
+#[it::test]
 async fn run_over_https_converges_through_its_own_listener() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());
@@ -177,7 +177,7 @@ async fn run_over_https_converges_through_its_own_listener() {
     drop(server);
 }
 
-#[test]
+#[it::test]
 fn tls_flag_mistakes_are_clear_and_name_what_is_wrong() {
     let dir = tempfile::tempdir().unwrap();
     let pki = pki(dir.path());

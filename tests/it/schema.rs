@@ -1,7 +1,7 @@
 //! `bootsync schema`: the committed schemas under `specs/schema/` match the code, every example
 //! file in the repository validates, and what the schema rejects the parser rejects too.
 
-mod support;
+use crate::support;
 
 use std::path::{Path, PathBuf};
 
@@ -29,7 +29,7 @@ fn yaml(path: &Path) -> Value {
         .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
 }
 
-#[test]
+#[it::test]
 fn the_committed_schemas_match_the_code() {
     for document in DOCUMENTS {
         let path = root().join(format!("specs/schema/{document}.schema.json"));
@@ -71,7 +71,7 @@ fn yaml_files(dir: &Path, out: &mut Vec<PathBuf>) {
     }
 }
 
-#[test]
+#[it::test]
 fn every_example_file_validates_against_its_schema() {
     let validators: Vec<(&str, jsonschema::Validator)> =
         DOCUMENTS.iter().map(|d| (*d, validator(d))).collect();
@@ -103,7 +103,7 @@ fn every_example_file_validates_against_its_schema() {
     }
 }
 
-#[test]
+#[it::test]
 fn what_the_spec_schema_rejects_bootsync_check_rejects_too() {
     let spec = validator("spec");
     let dir = tempfile::tempdir().unwrap();

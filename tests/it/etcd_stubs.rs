@@ -4,7 +4,7 @@
 
 use std::path::Path;
 
-#[test]
+#[it::test]
 fn committed_etcd_stubs_match_the_proto() {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("src/store/etcd");
     let descriptors = protox::compile(["rpc.proto"], [&dir]).expect("rpc.proto compiles");

@@ -1,6 +1,6 @@
 //! The real binary starts, announces its port, and answers health checks.
 
-mod support;
+use crate::support;
 
 use std::time::Duration;
 
@@ -12,7 +12,7 @@ async fn healthy_server(dir: &std::path::Path) -> support::Proc {
     proc
 }
 
-#[tokio::test]
+#[it::test]
 async fn serve_starts_on_an_ephemeral_port_and_is_healthy() {
     let dir = tempfile::tempdir().unwrap();
     let proc = healthy_server(dir.path()).await;
@@ -28,7 +28,7 @@ async fn serve_starts_on_an_ephemeral_port_and_is_healthy() {
     assert_eq!(body["code"], "not_found");
 }
 
-#[tokio::test]
+#[it::test]
 async fn sigterm_stops_the_server_cleanly() {
     let dir = tempfile::tempdir().unwrap();
     let mut proc = support::Proc::start(dir.path(), "serve --store memory:");
@@ -36,7 +36,7 @@ async fn sigterm_stops_the_server_cleanly() {
     assert_eq!(proc.wait_exit(Duration::from_secs(15)), Some(0));
 }
 
-#[test]
+#[it::test]
 fn a_non_loopback_listen_without_a_join_token_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let (code, _, stderr) = support::cli(dir.path(), "serve --store memory: --listen 0.0.0.0:0");
@@ -44,7 +44,7 @@ fn a_non_loopback_listen_without_a_join_token_is_refused() {
     assert!(stderr.contains("--join-token-file"), "stderr: {stderr}");
 }
 
-#[tokio::test]
+#[it::test]
 async fn log_lines_written_to_a_file_carry_no_colour_escapes() {
     let dir = tempfile::tempdir().unwrap();
     // Proc sends stderr to a file: exactly what journald, `kubectl logs` or CI capture.

@@ -1,13 +1,13 @@
 //! Living with a deployment: replacing and removing nodes, and `client --watch` keeping a
 //! node's files current, with the real binary.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::Proc;
 use serde_json::{Value, json};
-use support::Proc;
 
 const FROZEN_3: &str = "expect_nodes: 3\nfreeze_on_ready: true\nfiles:\n  - path: index.txt\n    template: \"{{ index }}\"\n  - path: peers.txt\n    template: \"{% for p in nodes %}{{ p.identifier }}={{ p.ip }}\\n{% endfor %}\"\n";
 
@@ -87,7 +87,7 @@ async fn revision(url: &str) -> u64 {
         .unwrap()
 }
 
-#[tokio::test]
+#[it::test]
 async fn a_replacement_in_a_frozen_set_keeps_the_index_and_each_survivor_rewrites_once() {
     let dir = support::dir_with(&[("policy.yaml", FROZEN_3)]);
     let d = dir.path();
@@ -188,7 +188,7 @@ async fn a_replacement_in_a_frozen_set_keeps_the_index_and_each_survivor_rewrite
     drop((b, c));
 }
 
-#[tokio::test]
+#[it::test]
 async fn a_removed_node_gets_404_and_the_list_says_so() {
     let (dir, server) = serving(2);
     let (d, url) = (dir.path(), server.url.clone());
@@ -223,7 +223,7 @@ async fn fetch_once_both(d: &Path, url: &str) {
     tb.await.unwrap();
 }
 
-#[tokio::test]
+#[it::test]
 async fn watch_survives_a_server_restart_and_registers_again() {
     let (dir, mut server) = serving(1);
     let (d, url) = (dir.path(), server.url.clone());
@@ -268,7 +268,7 @@ async fn watch_survives_a_server_restart_and_registers_again() {
     );
 }
 
-#[tokio::test]
+#[it::test]
 async fn a_failing_hook_is_reported_and_runs_again_at_the_next_epoch_with_the_files_written() {
     let (dir, server) = serving(1);
     let (d, url) = (dir.path(), server.url.clone());

@@ -1,12 +1,12 @@
 //! `/v1/openapi.json`: a valid OpenAPI 3.1 document that describes every route the server has.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use crate::support::Proc;
 use serde_json::Value;
-use support::Proc;
 
 async fn document(server: &Proc) -> Value {
     let response = support::get(format!("{}/v1/openapi.json", server.url))
@@ -28,7 +28,7 @@ fn operations(doc: &Value) -> BTreeSet<(String, String)> {
     out
 }
 
-#[tokio::test]
+#[it::test]
 async fn the_document_is_valid_openapi_3_1_and_every_operation_reaches_a_handler() {
     let dir = tempfile::tempdir().unwrap();
     let server = Proc::start(dir.path(), "serve --store memory:");
@@ -94,7 +94,7 @@ fn routes_in(markdown: &str) -> BTreeSet<(String, String)> {
     out
 }
 
-#[tokio::test]
+#[it::test]
 async fn every_route_the_specs_name_is_described() {
     let dir = tempfile::tempdir().unwrap();
     let server = Proc::start(dir.path(), "serve --store memory:");
@@ -117,7 +117,7 @@ async fn every_route_the_specs_name_is_described() {
     );
 }
 
-#[test]
+#[it::test]
 fn no_route_is_registered_outside_the_described_routers() {
     // Handlers become routes either through `routes!(...)` (described) or through axum's
     // method routers and services (not described). The second kind must not exist.

@@ -1,16 +1,16 @@
 //! The status page in a real headless Chromium: it loads from the real server, shows a failed
 //! initialiser's error, and a screenshot of it is kept under the target directory.
 //!
-//! Without Chromium the tests print a SKIP line; `BOOTSYNC_REQUIRE_BROWSER=1` (set by CI) turns
-//! that into a failure.
+//! Without Chromium the harness reports the test as ignored; `BOOTSYNC_REQUIRE_BROWSER=1` (set
+//! by CI) runs it anyway, so a missing browser fails.
 
-mod support;
+use crate::support;
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use support::Proc;
+use crate::support::Proc;
 
 const SPEC: &str = "cadence: { gate_backoff: 1s, retry: 1s, steady: 300s, max_backoff: 2s }
 initialisers:
@@ -23,30 +23,6 @@ initialisers:
     flag: v3
     params: { command: [sh, -c, 'echo \"schema <v3> migration exploded\" >&2; exit 4'] }
 ";
-
-/// The Chromium binary, or `None` (after a SKIP line) when the machine has none.
-fn chromium() -> Option<PathBuf> {
-    let found = std::env::var_os("BOOTSYNC_CHROMIUM")
-        .map(PathBuf::from)
-        .into_iter()
-        .chain(
-            [
-                "/usr/bin/chromium",
-                "/usr/bin/chromium-browser",
-                "/usr/bin/google-chrome",
-            ]
-            .map(PathBuf::from),
-        )
-        .find(|p| p.is_file());
-    if found.is_none() {
-        assert!(
-            std::env::var("BOOTSYNC_REQUIRE_BROWSER").as_deref() != Ok("1"),
-            "BOOTSYNC_REQUIRE_BROWSER=1 but no Chromium was found (apt-get install chromium)"
-        );
-        eprintln!("SKIP: no Chromium found; install Debian's chromium to run the browser tests");
-    }
-    found
-}
 
 /// Runs headless Chromium on `url` with `what` (`--dump-dom` or `--screenshot=...`), bounded
 /// in time; returns its stdout.
@@ -110,9 +86,9 @@ async fn wait_until_failed(url: &str, token: &str) {
     .await;
 }
 
-#[tokio::test]
+#[it::test(needs = browser)]
 async fn the_page_shows_a_failed_initialiser_in_a_real_browser() {
-    let Some(browser) = chromium() else { return };
+    let browser = crate::harness::chromium().expect("the harness checked for Chromium");
     let dir = support::dir_with(&[("spec.yaml", SPEC), ("admin.token", "page-t0ken\n")]);
     let db = format!("sqlite:{}/x.db", dir.path().display());
     let server = Proc::start(

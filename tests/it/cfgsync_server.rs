@@ -1,14 +1,14 @@
 //! cfgsync as seed-protocol nodes meet it: plain JSON over HTTP against the real binary, in
 //! both serving models, plus crash durability, tokens, strict mode and bad input.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::Proc;
 use serde_json::{Value, json};
-use support::Proc;
 
 const POLICY_3: &str = r#"
 expect_nodes: 3
@@ -39,7 +39,7 @@ fn reg(id: &str, ip: &str) -> Value {
     json!({"identifier": id, "ip": ip, "metadata": {"port": 3000}})
 }
 
-#[tokio::test]
+#[it::test]
 async fn a_seed_node_gets_202_425_404_and_200_in_the_registration_model() {
     let dir = support::dir_with(&[("policy.yaml", POLICY_3)]);
     let server = Proc::start(dir.path(), "serve --store memory: --policy policy.yaml");
@@ -97,7 +97,7 @@ async fn a_seed_node_gets_202_425_404_and_200_in_the_registration_model() {
     assert_eq!(body["code"], "frozen");
 }
 
-#[tokio::test]
+#[it::test]
 async fn a_seed_node_gets_its_bundle_without_registering_and_unknown_nodes_get_404() {
     let dir = support::dir_with(&[("bundle.yaml", BUNDLE)]);
     let server = Proc::start(dir.path(), "serve --store memory: --bundle bundle.yaml");
@@ -122,7 +122,7 @@ async fn a_seed_node_gets_its_bundle_without_registering_and_unknown_nodes_get_4
     );
 }
 
-#[tokio::test]
+#[it::test]
 async fn fifty_nodes_started_together_each_get_all_fifty_peers() {
     let dir = support::dir_with(&[("policy.yaml", &support::peers_policy(50))]);
     let db = format!("sqlite:{}/x.db", dir.path().display());
@@ -154,7 +154,7 @@ async fn fifty_nodes_started_together_each_get_all_fifty_peers() {
     }
 }
 
-#[tokio::test]
+#[it::test]
 async fn kill_9_during_a_registration_storm_loses_no_acknowledged_registration() {
     let dir = support::dir_with(&[(
         "policy.yaml",
@@ -208,7 +208,7 @@ async fn kill_9_during_a_registration_storm_loses_no_acknowledged_registration()
     }
 }
 
-#[tokio::test]
+#[it::test]
 async fn the_join_token_guards_both_routes_and_strict_mode_keeps_nodes_apart() {
     let dir = support::dir_with(&[
         ("join.token", "join-secret"),
@@ -278,7 +278,7 @@ async fn the_join_token_guards_both_routes_and_strict_mode_keeps_nodes_apart() {
     );
 }
 
-#[tokio::test]
+#[it::test]
 async fn bad_node_requests_get_clear_errors_and_change_nothing() {
     let dir = support::dir_with(&[("policy.yaml", POLICY_3)]);
     let server = Proc::start(
@@ -430,7 +430,7 @@ async fn bad_node_requests_get_clear_errors_and_change_nothing() {
     assert_eq!(status, 202, "the server still serves");
 }
 
-#[test]
+#[it::test]
 fn a_bad_policy_or_bundle_exits_2_listing_every_problem() {
     let dir = support::dir_with(&[
         (
@@ -455,7 +455,7 @@ fn a_bad_policy_or_bundle_exits_2_listing_every_problem() {
     }
 }
 
-#[tokio::test]
+#[it::test]
 async fn two_servers_on_one_store_share_registrations_and_payloads() {
     use bootsync::server::{self, AppState, ServerOptions};
     use std::sync::Arc;
@@ -529,7 +529,7 @@ impl bootsync::cfgsync::NodeArtifactsMaterializer for NeedsTwo {
     }
 }
 
-#[tokio::test]
+#[it::test]
 async fn a_library_materializer_serves_through_build_cfgsync_router() {
     use std::sync::Arc;
     let store: bootsync::store::DynStore = Arc::new(bootsync::store::memory::MemoryStore::new(

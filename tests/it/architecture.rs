@@ -7,7 +7,7 @@
 //!                    initialisers (bootstrap, cfgsync)
 //! ```
 
-mod support;
+use crate::support;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
@@ -173,7 +173,7 @@ fn edges() -> Vec<(String, usize, String, String)> {
     edges
 }
 
-#[test]
+#[it::test]
 fn every_module_uses_only_the_layers_below_it() {
     let rules = allowed();
     let mut forbidden = Vec::new();
@@ -207,7 +207,7 @@ fn every_module_uses_only_the_layers_below_it() {
     );
 }
 
-#[test]
+#[it::test]
 fn the_module_graph_has_no_cycle() {
     let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
     for (_, _, from, to) in edges() {
@@ -249,14 +249,14 @@ fn the_module_graph_has_no_cycle() {
     }
 }
 
-#[test]
+#[it::test]
 fn the_scanner_reads_a_group_spanning_lines_whole() {
     let text = "use std::fmt;\nuse crate::{\n    api::{ErrorBody, ErrorCode},\n    server::X,\n};\n// crate::cli in a comment\nfn f() { crate::store::g() }\n";
     let found: Vec<String> = paths_in(text).into_iter().map(|(_, to)| to).collect();
     assert_eq!(found, ["api", "server", "store"]);
 }
 
-#[test]
+#[it::test]
 fn the_scanner_sees_grouped_and_inline_paths() {
     assert_eq!(targets("use crate::store::{Key, Revision};"), ["store"]);
     assert_eq!(

@@ -1,6 +1,6 @@
 //! The store conformance suite: every backend must pass every case unchanged.
 //!
-//! Each case takes a fresh, empty store. `tests/store_conformance.rs` stamps the cases per
+//! Each case takes a fresh, empty store. `store_conformance.rs` stamps the cases per
 //! backend with `conformance!`, so a failing test is named `backend::case`.
 #![allow(dead_code, unreachable_pub, missing_docs)]
 
@@ -14,58 +14,46 @@ fn k(ns: &str, ty: &str, key: &str) -> Key {
     Key::new(ns, ty, key)
 }
 
-/// Generates one `#[tokio::test]` per case for a backend, given an async factory expression:
-/// `conformance!(name, factory())` for a backend that is always there, or
-/// `conformance!(optional name, factory())` when the factory returns `Option<DynStore>` and
-/// `None` means "not available here" (etcd without the binary).
+/// Generates one test per case for a backend, given an async factory expression:
+/// `conformance!(name, factory())`, or `conformance!(name, factory(), needs = etcd)` for a
+/// backend that needs a program the harness checks for.
 #[macro_export]
 macro_rules! conformance {
-    ($backend:ident, $factory:expr) => {
+    ($backend:ident, $factory:expr $(, needs = $need:ident)?) => {
         mod $backend {
             #[allow(unused_imports)]
             use super::*;
-            $crate::conformance!(@list required $factory);
+            $crate::conformance!(@cases ($($need)?) $factory;
+                put_then_get_returns_value_and_revisions,
+                modify_keeps_create_revision_and_bumps_mod_revision,
+                delete_removes_and_bumps_revision,
+                list_namespace_and_namespaces_see_every_entry,
+                revisions_strictly_increase_under_concurrent_writers,
+                batch_spans_namespaces_atomically,
+                failed_precondition_changes_nothing_and_names_the_key,
+                absent_and_mod_revision_preconditions_hold,
+                watch_replays_from_a_revision_then_streams_live,
+                public_filter_never_shows_reserved_namespaces,
+                namespace_filter_shows_one_namespace,
+                invalid_writes_change_nothing,
+                json_values_round_trip
+            );
         }
     };
-    (optional $backend:ident, $factory:expr) => {
-        mod $backend {
-            #[allow(unused_imports)]
-            use super::*;
-            $crate::conformance!(@list optional $factory);
-        }
-    };
-    // The one list of cases.
-    (@list $mode:ident $factory:expr) => {
-        $crate::conformance!(@$mode $factory;
-            put_then_get_returns_value_and_revisions,
-            modify_keeps_create_revision_and_bumps_mod_revision,
-            delete_removes_and_bumps_revision,
-            list_namespace_and_namespaces_see_every_entry,
-            revisions_strictly_increase_under_concurrent_writers,
-            batch_spans_namespaces_atomically,
-            failed_precondition_changes_nothing_and_names_the_key,
-            absent_and_mod_revision_preconditions_hold,
-            watch_replays_from_a_revision_then_streams_live,
-            public_filter_never_shows_reserved_namespaces,
-            namespace_filter_shows_one_namespace,
-            invalid_writes_change_nothing,
-            json_values_round_trip
-        );
-    };
-    (@required $factory:expr; $($case:ident),* $(,)?) => {
+    (@cases () $factory:expr; $($case:ident),* $(,)?) => {
         $(
-            #[tokio::test]
+            #[it::test]
             async fn $case() {
                 let store: bootsync::store::DynStore = ($factory).await;
                 $crate::conformance!(@run store, $case);
             }
         )*
     };
-    (@optional $factory:expr; $($case:ident),* $(,)?) => {
+    (@cases ($need:ident) $factory:expr; $($case:ident),* $(,)?) => {
         $(
-            #[tokio::test]
+            #[it::test(needs = $need)]
             async fn $case() {
-                let Some(store): Option<bootsync::store::DynStore> = ($factory).await else { return };
+                let store: bootsync::store::DynStore = ($factory).await;
                 $crate::conformance!(@run store, $case);
             }
         )*
@@ -73,7 +61,7 @@ macro_rules! conformance {
     (@run $store:ident, $case:ident) => {
         tokio::time::timeout(
             std::time::Duration::from_secs(60),
-            $crate::common::store_suite::$case($store),
+            $crate::support::store_suite::$case($store),
         )
         .await
         .expect(concat!(stringify!($case), " hung: a store call never answered"))

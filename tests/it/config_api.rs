@@ -1,23 +1,23 @@
 //! The foundation as a user meets it: the real `bootsync serve` on SQLite, the `/v1` API, the
 //! change stream, crash durability, bad input and tokens.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
+use crate::support::{Proc, TestServer};
 use bootsync::store::Key;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
-use support::{Proc, TestServer};
 
 async fn revision(url: &str) -> u64 {
     let (_, body) = support::call(Method::GET, &format!("{url}/v1/config"), None, None).await;
     body["revision"].as_u64().unwrap()
 }
 
-#[tokio::test]
+#[it::test]
 async fn put_then_get_returns_the_value_with_its_revision() {
     let server = TestServer::start().await;
     let path = "/v1/config/prod/flows/main";
@@ -48,7 +48,7 @@ async fn put_then_get_returns_the_value_with_its_revision() {
     assert_eq!(entry.entry.mod_revision, written);
 }
 
-#[tokio::test]
+#[it::test]
 async fn a_batch_with_a_failed_precondition_is_409_naming_the_key_and_stores_nothing() {
     let server = TestServer::start().await;
     server
@@ -85,7 +85,7 @@ async fn a_batch_with_a_failed_precondition_is_409_naming_the_key_and_stores_not
     assert_eq!(missing, 404);
 }
 
-#[tokio::test]
+#[it::test]
 async fn reserved_namespaces_never_appear_on_the_public_change_stream() {
     let server = TestServer::start().await;
     let from = revision(server.url()).await;
@@ -114,7 +114,7 @@ async fn reserved_namespaces_never_appear_on_the_public_change_stream() {
     );
 }
 
-#[tokio::test]
+#[it::test]
 async fn a_long_poll_returns_as_soon_as_a_change_commits() {
     let server = TestServer::start().await;
     let from = revision(server.url()).await;
@@ -130,7 +130,7 @@ async fn a_long_poll_returns_as_soon_as_a_change_commits() {
     assert_eq!(body["events"].as_array().unwrap().len(), 1);
 }
 
-#[tokio::test]
+#[it::test]
 async fn kill_9_then_restart_keeps_every_acknowledged_write() {
     let dir = tempfile::tempdir().unwrap();
     let db = format!("sqlite:{}/x.db", dir.path().display());
@@ -217,7 +217,7 @@ fn case(
     }
 }
 
-#[tokio::test]
+#[it::test]
 async fn bad_input_gets_the_json_error_shape_and_changes_nothing() {
     let dir = support::dir_with(&[("admin.token", "admin-secret\n")]);
     let server = Proc::start(
@@ -468,7 +468,7 @@ async fn bad_input_gets_the_json_error_shape_and_changes_nothing() {
     );
 }
 
-#[tokio::test]
+#[it::test]
 async fn the_config_cli_puts_gets_lists_and_deletes() {
     let dir = tempfile::tempdir().unwrap();
     let server = Proc::start(dir.path(), "serve --store memory:");

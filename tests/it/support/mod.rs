@@ -187,6 +187,7 @@ impl Proc {
     }
 }
 pub mod etcd;
+pub mod store_suite;
 
 impl Proc {
     /// Whether the process is still running.

@@ -2,17 +2,15 @@
 //! the reconciler's lease and flag writes rely on a `Conflict` from a remote store being the
 //! conflict the server's store raised.
 
-mod support;
-
 use std::sync::{Arc, Mutex};
 
+use crate::support::TestServer;
 use async_trait::async_trait;
 use bootsync::store::memory::MemoryStore;
 use bootsync::store::{
     Batch, DynStore, Entry, Error, Key, Limits, Listing, NamespaceTree, Revision, Store, Watch,
     WatchFilter,
 };
-use support::TestServer;
 
 /// A real store whose next write to `prod`, or watch from [`PLANTED_FROM`], fails with the
 /// error the test planted. The server's own readers and writers (cfgsync) are left alone.
@@ -106,7 +104,7 @@ async fn server() -> (TestServer, Arc<Planted>) {
     (TestServer::on_store(store).await, planted)
 }
 
-#[tokio::test]
+#[it::test]
 async fn every_store_error_comes_back_equal_from_a_write_and_from_a_watch() {
     let (server, planted) = server().await;
     let remote = server.remote_store();
@@ -131,7 +129,7 @@ async fn every_store_error_comes_back_equal_from_a_write_and_from_a_watch() {
     server.stop().await;
 }
 
-#[tokio::test]
+#[it::test]
 async fn a_backend_fault_is_reported_without_its_detail() {
     let (server, planted) = server().await;
     *planted.next.lock().unwrap() = Some(Error::backend(

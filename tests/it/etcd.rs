@@ -3,28 +3,26 @@
 
 #![cfg(feature = "etcd")]
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use crate::support::Proc;
+use crate::support::etcd::EtcdCluster;
 use bootsync::store::etcd::EtcdStore;
 use bootsync::store::{Key, Limits, Store, StoreExt};
 use serde_json::{Value, json};
-use support::Proc;
-use support::etcd::EtcdCluster;
 
-async fn cluster(size: usize) -> Option<EtcdCluster> {
+async fn cluster(size: usize) -> EtcdCluster {
     tokio::task::spawn_blocking(move || EtcdCluster::start(size))
         .await
         .unwrap()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[it::test(multi_thread, needs = etcd)]
 async fn one_member_down_fails_nothing_two_down_fails_fast_and_recovery_needs_no_reopen() {
-    let Some(mut cluster) = cluster(3).await else {
-        return;
-    };
+    let mut cluster = cluster(3).await;
     let store = EtcdStore::open(&cluster.store_url("faults"), Limits::default())
         .await
         .unwrap();
@@ -98,11 +96,9 @@ fn exec_spec(name: &str, flag: &str, script: &str) -> String {
 
 const POLICY: &str = "expect_nodes: 3\nfiles:\n  - path: peers.txt\n    template: \"{% for p in nodes %}{{ p.identifier }}={{ p.ip }}\\n{% endfor %}\"\n";
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[it::test(multi_thread, needs = etcd)]
 async fn two_servers_on_one_etcd_register_through_either_and_serve_identical_payloads() {
-    let Some(cluster) = cluster(3).await else {
-        return;
-    };
+    let cluster = cluster(3).await;
     let dir = support::dir_with(&[("policy.yaml", POLICY)]);
     let url = cluster.store_url("shared");
     let a = Proc::start(
@@ -144,11 +140,9 @@ async fn two_servers_on_one_etcd_register_through_either_and_serve_identical_pay
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[it::test(multi_thread, needs = etcd)]
 async fn the_reconciler_backs_off_without_quorum_and_converges_once_it_returns() {
-    let Some(mut cluster) = cluster(3).await else {
-        return;
-    };
+    let mut cluster = cluster(3).await;
     let dir = tempfile::tempdir().unwrap();
     let spec = |flag: &str| exec_spec("step", flag, "echo $BOOTSYNC_NEW_FLAG >> step.log");
     std::fs::write(dir.path().join("spec.yaml"), spec("v1")).unwrap();
@@ -224,11 +218,9 @@ async fn the_reconciler_backs_off_without_quorum_and_converges_once_it_returns()
     );
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[it::test(multi_thread, needs = etcd)]
 async fn replicas_across_two_servers_on_etcd_run_each_flag_once_and_hand_over() {
-    let Some(cluster) = cluster(3).await else {
-        return;
-    };
+    let cluster = cluster(3).await;
     let dir = tempfile::tempdir().unwrap();
     let script = "echo start $BOOTSYNC_NEW_FLAG >> count.log; if [ $BOOTSYNC_NEW_FLAG = v2 ]; then sleep 4; fi; echo done $BOOTSYNC_NEW_FLAG >> count.log";
     let spec = |flag: &str| exec_spec("counted", flag, script);

@@ -1,7 +1,7 @@
 //! Hostile input against the real server: each test reproduces an attack and asserts the
 //! answer the server gives now (see the security table in `specs/security.md`).
 
-mod support;
+use crate::support;
 
 use std::time::{Duration, Instant};
 
@@ -46,7 +46,7 @@ fn rss_kb(pid: u32) -> u64 {
         .unwrap()
 }
 
-#[test]
+#[it::test]
 fn an_open_admin_api_on_the_network_is_refused() {
     let dir = support::dir_with(&[("join", "join-token-0123456789abcdef")]);
     let (code, _, stderr) = support::cli(
@@ -61,7 +61,7 @@ fn an_open_admin_api_on_the_network_is_refused() {
 /// Templates that run forever, write without end or read a peer's bad data fail their own
 /// node's payload promptly; the others are served, memory stays bounded, SIGTERM works and a
 /// restart listens at once.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[it::test(multi_thread)]
 async fn hostile_templates_fail_only_their_own_node() {
     let dir = tempfile::tempdir().unwrap();
     let template = r#"{% if node.identifier == "spin" %}{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}{% elif node.identifier == "flood" %}{% for a in range(100000) %}{% for b in range(100000) %}xxxxxxxxxxxxxxxxxxxxxxxxxxxxxxxx{% endfor %}{% endfor %}{% elif node.identifier == "bad" %}{{ node.metadata.port + 1 }}{% elif node.identifier == "nosy" %}{{ debug() }}{% endif %}ok {{ node.identifier }}"#;
@@ -150,7 +150,7 @@ async fn hostile_templates_fail_only_their_own_node() {
 }
 
 /// Every distinct method token used to become a permanent metric series.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[it::test(multi_thread)]
 async fn a_flood_of_odd_methods_leaves_the_metrics_small() {
     let dir = tempfile::tempdir().unwrap();
     let server = support::Proc::start(dir.path(), "serve --store memory:");
@@ -181,7 +181,7 @@ async fn a_flood_of_odd_methods_leaves_the_metrics_small() {
 
 /// A bundle written straight into the store through `/v1` is checked as a bundle file would
 /// be: a hostile path is refused with every problem listed, and nothing is stored or served.
-#[tokio::test]
+#[it::test]
 async fn a_bundle_written_through_v1_with_a_hostile_path_is_refused() {
     let dir = tempfile::tempdir().unwrap();
     let server = support::Proc::start(dir.path(), "serve --store memory:");
@@ -244,7 +244,7 @@ async fn closed_within(stream: &mut tokio::net::TcpStream, within: Duration) {
 
 /// Slowloris, silent and body-less connections are closed after their timeout, while a
 /// long-poll held longer than that timeout completes.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[it::test(multi_thread)]
 async fn stalled_connections_are_closed_and_long_polls_are_not() {
     use tokio::io::AsyncWriteExt;
     let dir = tempfile::tempdir().unwrap();
@@ -294,7 +294,7 @@ async fn stalled_connections_are_closed_and_long_polls_are_not() {
 
 /// With every connection slot held by idle connections, `/healthz` still answers and other
 /// routes say 503.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[it::test(multi_thread)]
 async fn at_the_connection_cap_healthz_still_answers() {
     let dir = tempfile::tempdir().unwrap();
     let server = support::Proc::start(
@@ -388,7 +388,7 @@ async fn storm_of(url: &str, prefix: &str, n: usize, metadata: Value) -> (usize,
 
 /// Caps and freeze are decided in the store batch that stores the registration, so a storm
 /// of concurrent registrations cannot slip past them while the server's view lags.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[it::test(multi_thread)]
 async fn caps_and_freeze_hold_under_a_storm_of_concurrent_registrations() {
     let dir = tempfile::tempdir().unwrap();
     let capped = json!({"expect_nodes": 5000, "max_registrations": 100, "files": [{"path": "f", "template": "{% for p in peers %}{{ p.ip }}{% endfor %}"}]});
@@ -497,7 +497,7 @@ async fn register_from(http: &reqwest::Client, url: &str, id: &str, ip: &str) ->
 
 /// Strict mode covers bundle nodes that never registered, and records stored before it was
 /// turned on cannot be taken over from another address or with another IP.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[it::test(multi_thread)]
 async fn strict_mode_covers_bundle_nodes_and_records_from_before_it() {
     let dir = tempfile::tempdir().unwrap();
     let bundle =
@@ -552,7 +552,7 @@ async fn strict_mode_covers_bundle_nodes_and_records_from_before_it() {
 
 /// Memory follows what is stored: registrations with large metadata cost the server a small
 /// multiple of their stored size, before and after a restart.
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[it::test(multi_thread)]
 async fn memory_per_registration_stays_near_its_stored_size() {
     let dir = tempfile::tempdir().unwrap();
     let policy = json!({"expect_nodes": 1, "files": [{"path": "f", "template": "{{ node.identifier }} of {{ nodes | length }}"}]});

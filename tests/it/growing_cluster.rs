@@ -2,7 +2,7 @@
 //! restart with many registrations listens before it has read them, and a gzip client gets the
 //! same payload compressed.
 
-mod support;
+use crate::support;
 
 use std::io::Read;
 use std::sync::Arc;
@@ -53,7 +53,7 @@ async fn seed_style_client(http: reqwest::Client, url: String, me: Value) -> Res
     Err(format!("gave up after 5 tries; last answer: {last}"))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[it::test(multi_thread)]
 async fn old_clients_that_give_up_after_a_second_are_all_served_in_a_growing_cluster() {
     let dir = support::dir_with(&[("policy.yaml", GROWING)]);
     let db = format!("sqlite:{}/store.db", dir.path().display());
@@ -99,7 +99,7 @@ async fn old_clients_that_give_up_after_a_second_are_all_served_in_a_growing_clu
     );
 }
 
-#[tokio::test]
+#[it::test]
 async fn a_gzip_client_gets_the_same_payload_compressed_and_an_old_client_gets_plain_json() {
     let dir = tempfile::tempdir().unwrap();
     let policy = r#"
@@ -169,7 +169,7 @@ shared_files:
     }
 }
 
-#[tokio::test]
+#[it::test]
 async fn a_restart_with_many_registrations_serves_every_one_of_them() {
     let dir = support::dir_with(&[("policy.yaml", GROWING)]);
     let db = format!("sqlite:{}/store.db", dir.path().display());

@@ -1,13 +1,13 @@
 //! The reconciler as an operator runs it: `bootsync run` and `bootsync bootstrap` processes,
 //! real SQLite, SIGHUP, kill -9, and several replicas on one server.
 
-mod support;
+use crate::support;
 
 use std::path::Path;
 use std::time::Duration;
 
+use crate::support::Proc;
 use serde_json::Value;
-use support::Proc;
 
 const FAST: &str = "cadence: { gate_backoff: 1s, retry: 1s, steady: 300s, max_backoff: 2s }\n";
 
@@ -58,7 +58,7 @@ fn record(name: &str, flag: &str) -> String {
     )
 }
 
-#[tokio::test]
+#[it::test]
 async fn run_converges_out_of_order_steps_in_one_wake_and_a_bumped_flag_reruns_only_that_step() {
     let dir = support::dir_with(&[("seed.yaml", "settings:\n  a: 1\n")]);
     let steps = |record_flag: &str| {
@@ -107,7 +107,7 @@ async fn run_converges_out_of_order_steps_in_one_wake_and_a_bumped_flag_reruns_o
     assert_eq!(status["converged"], true);
 }
 
-#[tokio::test]
+#[it::test]
 async fn an_invalid_spec_on_sighup_keeps_the_old_one() {
     let dir = tempfile::tempdir().unwrap();
     write_spec(dir.path(), &format!("initialisers:\n{}", record("a", "v1")));
@@ -140,7 +140,7 @@ async fn an_invalid_spec_on_sighup_keeps_the_old_one() {
     assert_eq!(health.status(), 200);
 }
 
-#[tokio::test]
+#[it::test]
 async fn a_failing_and_a_hanging_step_do_not_stop_the_others_and_show_in_status() {
     let dir = tempfile::tempdir().unwrap();
     write_spec(
@@ -264,7 +264,7 @@ async fn a_failing_and_a_hanging_step_do_not_stop_the_others_and_show_in_status(
     assert!(lines[0].contains("\"gave_up\""), "{err}");
 }
 
-#[tokio::test]
+#[it::test]
 async fn three_replicas_run_each_step_once_per_flag_and_a_standby_takes_over_from_a_killed_holder()
 {
     let dir = tempfile::tempdir().unwrap();
@@ -321,7 +321,7 @@ async fn three_replicas_run_each_step_once_per_flag_and_a_standby_takes_over_fro
     );
 }
 
-#[tokio::test]
+#[it::test]
 async fn kill_9_during_a_step_stores_no_flag_and_a_restart_runs_it_again() {
     let dir = tempfile::tempdir().unwrap();
     write_spec(
@@ -358,7 +358,7 @@ async fn kill_9_during_a_step_stores_no_flag_and_a_restart_runs_it_again() {
     );
 }
 
-#[test]
+#[it::test]
 fn check_reports_every_problem_and_exits_2() {
     let dir = support::dir_with(&[(
         "bad.yaml",
@@ -385,7 +385,7 @@ fn check_reports_every_problem_and_exits_2() {
     assert_eq!(code, 0, "{out}");
 }
 
-#[tokio::test]
+#[it::test]
 async fn plan_shows_what_would_run_and_why() {
     let dir = tempfile::tempdir().unwrap();
     write_spec(
@@ -413,7 +413,7 @@ async fn plan_shows_what_would_run_and_why() {
     assert!(out.contains("c: will run, (none) → v1"), "{out}");
 }
 
-#[tokio::test]
+#[it::test]
 async fn the_admin_token_never_reaches_the_logs_even_at_trace_level() {
     let dir = tempfile::tempdir().unwrap();
     let token = "adm1n-t0ken-that-must-not-leak";
@@ -492,7 +492,7 @@ async fn runs_of(url: &str, name: &str) -> Option<Vec<(u64, String)>> {
     )
 }
 
-#[tokio::test]
+#[it::test]
 async fn the_history_keeps_exactly_n_runs_per_initialiser_in_order_across_kill_9() {
     let spec = "cadence: { retry: 100ms, max_backoff: 200ms }\ninitialisers:\n  - { class: exec, name: flaky, flag: v1, params: { command: [sh, -c, 'echo no such table >&2; exit 3'] } }\n  - { class: exec, name: fine, flag: v1, params: { command: ['true'] } }\n";
     let dir = support::dir_with(&[("spec.yaml", spec)]);

@@ -1,7 +1,7 @@
 //! `bootsync client` and the library client against an old seed-style server (no long-poll, no
 //! epoch, plain-text errors) and against bootsync itself.
 
-mod support;
+use crate::support;
 
 use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
@@ -88,7 +88,7 @@ fn client_args<'a>(server: &'a str, id: &'a str, out: &'a str, timeout: &'a str)
     ]
 }
 
-#[tokio::test]
+#[it::test]
 async fn the_library_client_gets_files_from_a_seed_server() {
     let url = seed_server(1, json!([{"path": "/config.yaml", "content": "id: a"}, {"path": "deployment-settings.yaml", "content": "n: 1"}])).await;
     let dir = tempfile::tempdir().unwrap();
@@ -110,7 +110,7 @@ async fn the_library_client_gets_files_from_a_seed_server() {
     );
 }
 
-#[tokio::test]
+#[it::test]
 async fn the_binary_writes_routed_files_from_a_seed_server_and_exits_0() {
     let url = seed_server(1, json!([{"path": "/config.yaml", "content": "id: a"}, {"path": "peers/list.txt", "content": "a"}])).await;
     let dir = tempfile::tempdir().unwrap();
@@ -142,7 +142,7 @@ async fn the_binary_writes_routed_files_from_a_seed_server_and_exits_0() {
     assert_eq!(report["files"].as_array().unwrap().len(), 2);
 }
 
-#[tokio::test]
+#[it::test]
 async fn the_binary_gives_up_with_exit_3_against_a_server_that_is_never_ready() {
     let url = seed_server(99, json!([])).await;
     let dir = tempfile::tempdir().unwrap();
@@ -201,7 +201,7 @@ async fn the_binary_gives_up_with_exit_3_against_a_server_that_is_never_ready() 
     assert!(stderr.contains("\"gave_up\""), "{stderr}");
 }
 
-#[tokio::test]
+#[it::test]
 async fn a_hostile_payload_is_refused_and_nothing_is_written() {
     let dir = tempfile::tempdir().unwrap();
     let outside = tempfile::tempdir().unwrap();
@@ -238,17 +238,27 @@ async fn a_hostile_payload_is_refused_and_nothing_is_written() {
     }
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn two_clients_started_30_seconds_apart_both_succeed() {
-    let url = seed_server(2, json!([{"path": "a.txt", "content": "ready"}])).await;
+#[it::test(multi_thread)]
+async fn two_clients_started_far_apart_both_succeed() {
+    let (url, asked) =
+        seed_server_counting(2, json!([{"path": "a.txt", "content": "ready"}])).await;
     let dir = tempfile::tempdir().unwrap();
     let first = tokio::task::spawn_blocking({
         let (url, dir) = (url.clone(), dir.path().to_path_buf());
         move || support::run_cli(&client_args(&url, "first", "first", "120s"), &dir)
     });
-    // The point of this test is a real gap: an old server cannot long-poll, so the first
-    // client must keep polling with backoff for half a minute without giving up.
-    tokio::time::sleep(Duration::from_secs(30)).await;
+    // An old server cannot long-poll: the first client must keep polling, backing off to its
+    // cap, long past the seed client's five tries, without giving up. Eight asks span the
+    // whole backoff ladder (250 ms doubling to 5 s).
+    support::wait_for(
+        Duration::from_secs(60),
+        "eight polls by the first client",
+        || {
+            let asked = asked.load(std::sync::atomic::Ordering::SeqCst);
+            async move { (asked >= 8).then_some(()) }
+        },
+    )
+    .await;
     assert!(
         !first.is_finished(),
         "the first client finished before the set was complete"
@@ -268,7 +278,7 @@ async fn two_clients_started_30_seconds_apart_both_succeed() {
     assert!(dir.path().join("first/a.txt").exists() && dir.path().join("second/a.txt").exists());
 }
 
-#[tokio::test]
+#[it::test]
 async fn fifty_client_processes_get_all_fifty_peers_from_a_policy_server() {
     let dir = support::dir_with(&[("policy.yaml", &support::peers_policy(50))]);
     let server = support::Proc::start(dir.path(), "serve --store memory: --policy policy.yaml");
@@ -312,7 +322,7 @@ async fn fifty_client_processes_get_all_fifty_peers_from_a_policy_server() {
     }
 }
 
-#[tokio::test]
+#[it::test]
 async fn the_library_client_long_polls_a_bootsync_server_and_sees_the_epoch() {
     let dir = support::dir_with(&[(
         "policy.yaml",
@@ -354,7 +364,7 @@ async fn the_library_client_long_polls_a_bootsync_server_and_sees_the_epoch() {
 /// Staging symlinks planted under the names the client once used cannot redirect its write:
 /// the client waits (the set is not ready), the attacker plants links for its PID, then the
 /// set becomes ready.
-#[tokio::test]
+#[it::test]
 async fn planted_staging_symlinks_change_nothing_outside_the_output_folder() {
     let url = seed_server(2, json!([{"path": "fine.txt", "content": "ours"}])).await;
     let dir = tempfile::tempdir().unwrap();
@@ -406,7 +416,7 @@ async fn planted_staging_symlinks_change_nothing_outside_the_output_folder() {
     );
 }
 
-#[tokio::test]
+#[it::test]
 async fn an_oversized_payload_writes_nothing() {
     let big = "x".repeat(2 << 20);
     let url = seed_server(
@@ -432,7 +442,7 @@ async fn an_oversized_payload_writes_nothing() {
 
 /// A server that accepts connections and never answers cannot hold the client past
 /// `--timeout`.
-#[tokio::test]
+#[it::test]
 async fn the_timeout_holds_against_a_server_that_never_answers() {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let url = format!("http://{}", listener.local_addr().unwrap());
@@ -458,7 +468,7 @@ async fn the_timeout_holds_against_a_server_that_never_answers() {
 
 /// A redirect to another origin is refused, so the registration (and a strict-mode secret)
 /// never reaches a host the operator did not name.
-#[tokio::test]
+#[it::test]
 async fn a_redirect_to_another_host_is_refused() {
     let hits = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let elsewhere = {
@@ -503,7 +513,7 @@ async fn a_redirect_to_another_host_is_refused() {
 }
 
 /// An old server cannot hold a request or tell epochs apart: `--watch` must not spin on it.
-#[tokio::test]
+#[it::test]
 async fn watch_backs_off_against_a_server_that_answers_at_once() {
     use std::sync::atomic::Ordering;
     let (url, asked) =

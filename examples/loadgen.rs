@@ -457,7 +457,7 @@ async fn seed_table(n: usize) -> Value {
 /// The cost per peer of each way a template can list peers, rendering one node's file at
 /// `n` members (in process, one thread): what `specs/cfgsync.md` quotes.
 fn template_forms(n: usize) -> Value {
-    use bootsync::cfgsync::policy::Scope;
+    use bootsync::cfgsync::template::Scope;
     let forms = [
         (
             "loop over peers, p.ip",

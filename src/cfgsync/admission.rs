@@ -2,68 +2,45 @@
 //! frozen membership are decided against a ledger in the store and written in the same batch
 //! as the registrations they admit, never against the server's lagging view.
 //!
-//! The ledger (`__cfgsync__/admission/current`) counts registrations, the registered members
-//! of a named set, and the bytes of their metadata. One task per server takes registrations
-//! as they come, decides each in order against the ledger, and writes the admitted ones with
-//! the updated ledger as one batch guarded by the ledger's revision and the policy's. Under a
-//! storm one batch carries many registrations, so this costs one store commit per batch, as
-//! the store's own group commit did. Another server writing meanwhile makes the guard fail;
-//! the task then reads the ledger again and decides again, so no cap is ever overshot.
+//! The ledger (`__cfgsync__/admission/current`, see [`Ledger`]) counts registrations, the
+//! registered members of a named set, and the bytes of their metadata. One task per server
+//! takes registrations as they come, decides each in order against the ledger, and writes the
+//! admitted ones with the updated ledger as one batch guarded by the ledger's revision and the
+//! policy's. Under a storm one batch carries many registrations, so this costs one store
+//! commit per batch. Another server writing meanwhile makes the guard fail; the task then
+//! reads the ledger again and decides again, so no cap is ever overshot.
 
 use std::collections::HashSet;
 
-use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::sync::{mpsc, oneshot};
 
 use super::policy::Policy;
-use super::state::{CURRENT, POLICY, REGISTRATION};
+use super::state::{Ledger, REGISTRATION, ledger_key, metadata_bytes, policy_key, removed_key};
 use crate::store::{self, Batch, CFGSYNC_NAMESPACE, DynStore, Key, Precondition, Revision};
-
-/// Type of the admission ledger (key [`CURRENT`]).
-pub const ADMISSION: &str = "admission";
 
 /// Default cap on registrations when neither the policy nor the operator sets a lower one.
 pub const DEFAULT_MAX_REGISTRATIONS: usize = 20_000;
 /// Default budget for all registrations' metadata together, in bytes.
 pub const DEFAULT_METADATA_BUDGET: usize = 256 << 20;
 
-/// Registrations packed into one batch at most (each needs a check and a put).
-const MAX_PER_BATCH: usize = 400;
-
-/// The ledger's key.
-pub fn ledger_key() -> Key {
-    Key::new(CFGSYNC_NAMESPACE, ADMISSION, CURRENT)
-}
-
-/// What the ledger counts.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Ledger {
-    /// Registrations stored.
-    pub registrations: u64,
-    /// Of those, members of the policy's named set (when it has one).
-    pub named: u64,
-    /// Bytes of their metadata as stored (compact JSON).
-    pub metadata_bytes: u64,
-    /// The policy revision `named` was counted under: another policy means another named
-    /// set, so the ledger is counted afresh.
-    #[serde(default)]
-    pub policy_revision: Option<Revision>,
-}
+/// Registrations packed into one batch at most (each needs two checks and a put).
+const MAX_PER_BATCH: usize = 300;
 
 /// One registration waiting for admission.
 #[derive(Debug)]
 pub struct Proposal {
-    /// The registration's key.
-    pub key: Key,
+    /// The node's identifier.
+    pub identifier: String,
     /// `Absent` for a node the store does not hold, else the revision it was read at.
     pub expect: Precondition,
+    /// The node's removal marker as it was read: a replacement committed meanwhile (which
+    /// writes the marker) makes the registration decide again instead of slipping past it.
+    pub marker: Precondition,
     /// The record to store.
     pub record: Value,
     /// Bytes of the new metadata, and of the metadata it replaces (0 for a new node).
     pub metadata_bytes: (u64, u64),
-    /// Where the answer goes: the revision the registration was stored at, or why not.
-    pub reply: oneshot::Sender<Result<Revision, Refusal>>,
 }
 
 /// Why a registration was not stored.
@@ -75,7 +52,7 @@ pub enum Refusal {
     Budget(usize),
     /// Membership is frozen since the set became ready.
     Frozen,
-    /// The registration's own key changed since it was read: decide again.
+    /// The registration's own key or marker changed since it was read: decide again.
     Raced,
     /// The store failed.
     Store(String),
@@ -99,10 +76,12 @@ impl Default for AdmissionLimits {
     }
 }
 
+type Reply = oneshot::Sender<Result<Revision, Refusal>>;
+
 /// The handle registrations are admitted through.
 #[derive(Debug, Clone)]
 pub struct Admission {
-    queue: mpsc::Sender<Proposal>,
+    queue: mpsc::Sender<(Proposal, Reply)>,
 }
 
 impl Admission {
@@ -113,28 +92,14 @@ impl Admission {
         Self { queue }
     }
 
-    /// Admits and stores `proposal`'s registration, or says why not.
-    pub async fn submit(
-        &self,
-        key: Key,
-        expect: Precondition,
-        record: Value,
-        metadata_bytes: (u64, u64),
-    ) -> Result<Revision, Refusal> {
+    /// Admits and stores `proposal`'s registration: the revision it was stored at, or why not.
+    pub async fn submit(&self, proposal: Proposal) -> Result<Revision, Refusal> {
+        let stopped = || Refusal::Store("the admission task has stopped".into());
         let (reply, answer) = oneshot::channel();
-        let proposal = Proposal {
-            key,
-            expect,
-            record,
-            metadata_bytes,
-            reply,
-        };
-        if self.queue.send(proposal).await.is_err() {
-            return Err(Refusal::Store("the admission task has stopped".into()));
+        if self.queue.send((proposal, reply)).await.is_err() {
+            return Err(stopped());
         }
-        answer
-            .await
-            .unwrap_or_else(|_| Err(Refusal::Store("the admission task has stopped".into())))
+        answer.await.unwrap_or_else(|_| Err(stopped()))
     }
 }
 
@@ -142,48 +107,41 @@ impl Admission {
 #[derive(Debug, Default)]
 struct Rules {
     revision: Option<Revision>,
-    max_registrations: Option<usize>,
-    /// `Some(n)`: frozen once `n` are registered (count policy with `freeze_on_ready`).
-    freeze_at_count: Option<u64>,
-    /// The named set, and whether it freezes once complete.
-    named: Option<(HashSet<String>, bool)>,
+    policy: Option<Policy>,
+    /// `expect_identifiers` as a set: asked once per registration.
+    named: HashSet<String>,
 }
 
 impl Rules {
-    fn from_policy(revision: Option<Revision>, policy: Option<Policy>) -> Self {
-        let Some(policy) = policy else {
-            return Self {
-                revision,
-                ..Self::default()
-            };
-        };
-        let freeze = policy.freeze_on_ready;
+    fn new(revision: Option<Revision>, policy: Option<Policy>) -> Self {
+        let named = policy
+            .as_ref()
+            .and_then(|p| p.expect_identifiers.clone())
+            .unwrap_or_default()
+            .into_iter()
+            .collect();
         Self {
             revision,
-            max_registrations: policy.max_registrations,
-            freeze_at_count: policy
-                .expect_nodes
-                .filter(|_| freeze && policy.expect_identifiers.is_none())
-                .map(|n| n as u64),
-            named: policy
-                .expect_identifiers
-                .map(|ids| (ids.into_iter().collect(), freeze)),
+            policy,
+            named,
         }
     }
 
     fn is_named(&self, identifier: &str) -> bool {
-        self.named
-            .as_ref()
-            .is_some_and(|(ids, _)| ids.contains(identifier))
+        self.named.contains(identifier)
+    }
+
+    fn cap(&self, limits: AdmissionLimits) -> usize {
+        let policy = self.policy.as_ref().and_then(|p| p.max_registrations);
+        policy.map_or(limits.max_registrations, |p| {
+            p.min(limits.max_registrations)
+        })
     }
 
     fn frozen(&self, ledger: &Ledger) -> bool {
-        if let Some(n) = self.freeze_at_count
-            && ledger.registrations >= n
-        {
-            return true;
-        }
-        matches!(&self.named, Some((ids, true)) if ledger.named >= ids.len() as u64)
+        self.policy.as_ref().is_some_and(|policy| {
+            policy.is_frozen(ledger.registrations as usize, ledger.named as usize)
+        })
     }
 }
 
@@ -195,11 +153,8 @@ struct Known {
 }
 
 async fn read(store: &DynStore) -> Result<Known, store::Error> {
-    let policy_entry = store
-        .get(&Key::new(CFGSYNC_NAMESPACE, POLICY, CURRENT))
-        .await?;
-    let rules = match policy_entry {
-        Some(entry) => Rules::from_policy(
+    let rules = match store.get(&policy_key()).await? {
+        Some(entry) => Rules::new(
             Some(entry.mod_revision),
             serde_json::from_value(entry.value).ok(),
         ),
@@ -207,14 +162,14 @@ async fn read(store: &DynStore) -> Result<Known, store::Error> {
     };
     let (ledger, ledger_revision) = match store.get(&ledger_key()).await? {
         Some(entry) => match serde_json::from_value::<Ledger>(entry.value) {
-            Ok(ledger) if ledger.policy_revision == rules.revision => {
+            Ok(ledger) if !ledger.stale && ledger.policy_revision == rules.revision => {
                 (ledger, Some(entry.mod_revision))
             }
-            // Undecodable, or counted under another policy: count afresh, still guarded by
-            // the revision it was read at.
+            // Stale, undecodable, or counted under another policy: count afresh, still guarded
+            // by the revision it was read at, so a write racing the count fails the guard.
             _ => (recount(store, &rules).await?, Some(entry.mod_revision)),
         },
-        // None yet, or removed by a `/v1` write to the registrations: count them afresh.
+        // A store that never had one.
         None => (recount(store, &rules).await?, None),
     };
     Ok(Known {
@@ -238,17 +193,13 @@ async fn recount(store: &DynStore, rules: &Rules) -> Result<Ledger, store::Error
     Ok(ledger)
 }
 
-/// Bytes of metadata as compact JSON (`null` and absent count as nothing).
-pub fn metadata_bytes(metadata: Option<&Value>) -> u64 {
-    match metadata {
-        None | Some(Value::Null) => 0,
-        Some(value) => crate::store::encoded_len(value) as u64,
-    }
-}
-
-async fn admit(store: DynStore, limits: AdmissionLimits, mut proposals: mpsc::Receiver<Proposal>) {
+async fn admit(
+    store: DynStore,
+    limits: AdmissionLimits,
+    mut proposals: mpsc::Receiver<(Proposal, Reply)>,
+) {
     let mut known: Option<Known> = None;
-    let mut pending: Vec<Proposal> = Vec::new();
+    let mut pending: Vec<(Proposal, Reply)> = Vec::new();
     loop {
         if pending.is_empty() {
             match proposals.recv().await {
@@ -267,8 +218,8 @@ async fn admit(store: DynStore, limits: AdmissionLimits, mut proposals: mpsc::Re
             None => match read(&store).await {
                 Ok(state) => (state, true),
                 Err(err) => {
-                    for proposal in pending.drain(..) {
-                        let _ = proposal.reply.send(Err(Refusal::Store(err.to_string())));
+                    for (_, reply) in pending.drain(..) {
+                        let _ = reply.send(Err(Refusal::Store(err.to_string())));
                     }
                     continue;
                 }
@@ -289,31 +240,25 @@ async fn decide_and_write(
     limits: AdmissionLimits,
     state: Known,
     fresh: bool,
-    pending: &mut Vec<Proposal>,
+    pending: &mut Vec<(Proposal, Reply)>,
 ) -> Option<Known> {
-    let cap = state
-        .rules
-        .max_registrations
-        .map_or(limits.max_registrations, |p| {
-            p.min(limits.max_registrations)
-        });
+    let cap = state.rules.cap(limits) as u64;
     let mut ledger = state.ledger;
     let mut admitted = Vec::new();
     let mut seen = HashSet::new();
     let mut queue = std::mem::take(pending).into_iter();
-    while let Some(proposal) = queue.next() {
+    while let Some((proposal, reply)) = queue.next() {
         let new = matches!(proposal.expect, Precondition::Absent);
-        let identifier = proposal.key.key.clone();
-        if !seen.insert(identifier.clone()) {
+        if !seen.insert(proposal.identifier.clone()) {
             // Two registrations of one node in one batch: the second read its precondition
             // before the first is written, so it would fail the next batch for everyone;
-            // its handler reads again and retries instead.
-            let _ = proposal.reply.send(Err(Refusal::Raced));
+            // its caller reads again and retries instead.
+            let _ = reply.send(Err(Refusal::Raced));
             continue;
         }
         let (bytes, replaced) = proposal.metadata_bytes;
-        let refusal = if new && ledger.registrations >= cap as u64 {
-            Some(Refusal::Cap(cap))
+        let refusal = if new && ledger.registrations >= cap {
+            Some(Refusal::Cap(cap as usize))
         } else if new && state.rules.frozen(&ledger) {
             Some(Refusal::Frozen)
         } else if (ledger.metadata_bytes + bytes).saturating_sub(replaced)
@@ -328,50 +273,44 @@ async fn decide_and_write(
             if !fresh {
                 // Decide again on what the store holds now.
                 pending.extend(admitted);
-                pending.push(proposal);
+                pending.push((proposal, reply));
                 pending.extend(queue);
                 return None;
             }
-            let _ = proposal.reply.send(Err(refusal));
+            let _ = reply.send(Err(refusal));
             continue;
         }
         if new {
             ledger.registrations += 1;
-            ledger.named += u64::from(state.rules.is_named(&identifier));
+            ledger.named += u64::from(state.rules.is_named(&proposal.identifier));
         }
         ledger.metadata_bytes = (ledger.metadata_bytes + bytes).saturating_sub(replaced);
-        admitted.push(proposal);
+        admitted.push((proposal, reply));
     }
     if admitted.is_empty() {
         return Some(Known { ledger, ..state });
     }
-    let mut batch = Batch::new();
-    batch = batch.check(
-        ledger_key(),
-        state
-            .ledger_revision
-            .map_or(Precondition::Absent, Precondition::ModRevision),
-    );
-    batch = batch.check(
-        Key::new(CFGSYNC_NAMESPACE, POLICY, CURRENT),
-        state
-            .rules
-            .revision
-            .map_or(Precondition::Absent, Precondition::ModRevision),
-    );
-    for proposal in &admitted {
+    let guard = |revision: Option<Revision>| {
+        revision.map_or(Precondition::Absent, Precondition::ModRevision)
+    };
+    let mut batch = Batch::new()
+        .check(ledger_key(), guard(state.ledger_revision))
+        .check(policy_key(), guard(state.rules.revision));
+    for (proposal, _) in &admitted {
+        let key = super::state::registration_key(&proposal.identifier);
         batch = batch
-            .check(proposal.key.clone(), proposal.expect)
-            .put(proposal.key.clone(), proposal.record.clone());
+            .check(key.clone(), proposal.expect)
+            .check(removed_key(&proposal.identifier), proposal.marker)
+            .put(key, proposal.record.clone());
     }
-    batch = batch.put(
+    let batch = batch.put(
         ledger_key(),
         serde_json::to_value(ledger).expect("the ledger always serialises"),
     );
     match store.apply(batch).await {
         Ok(revision) => {
-            for proposal in admitted {
-                let _ = proposal.reply.send(Ok(revision));
+            for (_, reply) in admitted {
+                let _ = reply.send(Ok(revision));
             }
             Some(Known {
                 ledger,
@@ -380,22 +319,200 @@ async fn decide_and_write(
             })
         }
         Err(store::Error::Conflict { key, .. }) => {
-            // A registration's own key moved: only that one is decided again by its handler;
-            // the ledger or the policy moved: everyone is decided again on a fresh read.
-            for proposal in admitted {
-                if proposal.key == key {
-                    let _ = proposal.reply.send(Err(Refusal::Raced));
+            // A registration's own key or marker moved: only that one is decided again by its
+            // caller; the ledger or the policy moved: everyone is decided again on a fresh read.
+            for (proposal, reply) in admitted {
+                if owns(&proposal, &key) {
+                    let _ = reply.send(Err(Refusal::Raced));
                 } else {
-                    pending.push(proposal);
+                    pending.push((proposal, reply));
                 }
             }
             None
         }
         Err(err) => {
-            for proposal in admitted {
-                let _ = proposal.reply.send(Err(Refusal::Store(err.to_string())));
+            for (_, reply) in admitted {
+                let _ = reply.send(Err(Refusal::Store(err.to_string())));
             }
             None
         }
+    }
+}
+
+/// Whether `key` is one of the keys `proposal` alone is guarded on.
+fn owns(proposal: &Proposal, key: &Key) -> bool {
+    key.namespace == CFGSYNC_NAMESPACE
+        && key.key == proposal.identifier
+        && (key.kind == REGISTRATION || key.kind == super::state::REMOVED)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use serde_json::json;
+
+    use super::*;
+    use crate::cfgsync::state::{Removal, registration_key};
+    use crate::store::memory::MemoryStore;
+    use crate::store::{Limits, StoreExt};
+
+    fn memory() -> DynStore {
+        Arc::new(MemoryStore::new(Limits::default()))
+    }
+
+    fn proposal(id: &str, metadata: Value) -> Proposal {
+        let bytes = metadata_bytes(Some(&metadata));
+        Proposal {
+            identifier: id.to_string(),
+            expect: Precondition::Absent,
+            marker: Precondition::Absent,
+            record: json!({"identifier": id, "ip": "10.0.0.1", "metadata": metadata,
+                           "first_seen_ms": 1, "last_seen_ms": 1}),
+            metadata_bytes: (bytes, 0),
+        }
+    }
+
+    async fn ledger(store: &DynStore) -> Ledger {
+        let entry = store.get(&ledger_key()).await.unwrap().unwrap();
+        serde_json::from_value(entry.value).unwrap()
+    }
+
+    #[tokio::test]
+    async fn the_cap_admits_exactly_that_many_under_a_storm() {
+        let store = memory();
+        let limits = AdmissionLimits {
+            max_registrations: 5,
+            ..AdmissionLimits::default()
+        };
+        let admission = Admission::start(store.clone(), limits);
+        let answers = futures_util::future::join_all(
+            (0..40).map(|i| admission.submit(proposal(&format!("n{i}"), Value::Null))),
+        )
+        .await;
+        let stored = answers.iter().filter(|a| a.is_ok()).count();
+        assert_eq!(stored, 5, "{answers:?}");
+        assert!(
+            answers
+                .iter()
+                .filter(|a| a.is_err())
+                .all(|a| a == &Err(Refusal::Cap(5)))
+        );
+        let listed = store.list(CFGSYNC_NAMESPACE, REGISTRATION).await.unwrap();
+        assert_eq!(listed.entries.len(), 5);
+        assert_eq!(ledger(&store).await.registrations, 5);
+    }
+
+    #[tokio::test]
+    async fn a_count_policy_that_freezes_refuses_new_nodes_once_ready() {
+        let store = memory();
+        let policy = json!({"expect_nodes": 2, "freeze_on_ready": true,
+                            "files": [{"path": "a", "template": "x"}]});
+        store.put(policy_key(), policy).await.unwrap();
+        let admission = Admission::start(store.clone(), AdmissionLimits::default());
+        for id in ["a", "b"] {
+            admission.submit(proposal(id, Value::Null)).await.unwrap();
+        }
+        assert_eq!(
+            admission.submit(proposal("c", Value::Null)).await,
+            Err(Refusal::Frozen)
+        );
+    }
+
+    #[tokio::test]
+    async fn the_metadata_budget_counts_what_is_stored() {
+        let store = memory();
+        let limits = AdmissionLimits {
+            metadata_budget: 100,
+            ..AdmissionLimits::default()
+        };
+        let admission = Admission::start(store.clone(), limits);
+        let forty = json!("x".repeat(38));
+        admission
+            .submit(proposal("a", forty.clone()))
+            .await
+            .unwrap();
+        admission
+            .submit(proposal("b", forty.clone()))
+            .await
+            .unwrap();
+        assert_eq!(
+            admission.submit(proposal("c", forty)).await,
+            Err(Refusal::Budget(100))
+        );
+        assert_eq!(ledger(&store).await.metadata_bytes, 80);
+    }
+
+    #[tokio::test]
+    async fn a_stale_ledger_is_counted_afresh_and_a_write_during_the_count_fails_its_guard() {
+        let store = memory();
+        let admission = Admission::start(store.clone(), AdmissionLimits::default());
+        for id in ["a", "b", "c"] {
+            admission.submit(proposal(id, Value::Null)).await.unwrap();
+        }
+        // An operator removes two nodes outside admission: the ledger is marked stale.
+        let batch = Batch::new()
+            .delete(registration_key("a"))
+            .delete(registration_key("b"))
+            .put(ledger_key(), Ledger::stale());
+        store.apply(batch).await.unwrap();
+        // A fresh task (as after a restart) counts the one left, then adds one.
+        let admission = Admission::start(store.clone(), AdmissionLimits::default());
+        admission.submit(proposal("d", Value::Null)).await.unwrap();
+        let counted = ledger(&store).await;
+        assert_eq!((counted.registrations, counted.stale), (2, false));
+
+        // The guard is the ledger's mod revision: a stale mark put after the count was read
+        // makes the batch fail rather than store the count taken before it.
+        let known = read(&store).await.unwrap();
+        store
+            .apply(
+                Batch::new()
+                    .delete(registration_key("c"))
+                    .put(ledger_key(), Ledger::stale()),
+            )
+            .await
+            .unwrap();
+        let mut pending = Vec::new();
+        let (reply, answer) = oneshot::channel();
+        pending.push((proposal("e", Value::Null), reply));
+        let next = decide_and_write(
+            &store,
+            AdmissionLimits::default(),
+            known,
+            true,
+            &mut pending,
+        )
+        .await;
+        assert!(next.is_none(), "decided again on a fresh read");
+        assert_eq!(pending.len(), 1, "the proposal waits for that read");
+        drop(answer);
+        assert!(
+            ledger(&store).await.stale,
+            "nothing overwrote the stale mark"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_replacement_committed_after_the_read_makes_the_registration_decide_again() {
+        let store = memory();
+        let admission = Admission::start(store.clone(), AdmissionLimits::default());
+        // The registration was read with no marker; a replacement then wrote one.
+        let marker = Removal {
+            removed_ms: 1,
+            replaced_by: Some("z".into()),
+        };
+        store
+            .put(removed_key("old"), serde_json::to_value(marker).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(
+            admission.submit(proposal("old", Value::Null)).await,
+            Err(Refusal::Raced)
+        );
+        assert!(
+            store.get(&registration_key("old")).await.unwrap().is_none(),
+            "the replaced node was not stored again"
+        );
     }
 }

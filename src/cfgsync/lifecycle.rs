@@ -1,37 +1,18 @@
 //! Node lifecycle: removing a registration, and replacing a node by another that takes its
 //! place (its `index` and its position in every peer list). Each is one store batch, which also
-//! drops the admission ledger so the cap and the budget are counted afresh.
+//! marks the admission ledger stale so the cap and the budget are counted afresh.
 
 use std::net::IpAddr;
 
-use serde::{Deserialize, Serialize};
 use serde_json::json;
 
-use super::admission::ledger_key;
 use super::policy::Policy;
-use super::state::{CURRENT, POLICY, RegistrationRecord, registration_key};
+use super::state::{
+    Ledger, RegistrationRecord, Removal, ledger_key, policy_key, registration_key, removed_key,
+};
 use crate::api::cfgsync::check_identifier;
 use crate::clock::now_ms;
-use crate::store::{self, Batch, CFGSYNC_NAMESPACE, Key, Precondition, Revision, Store};
-
-/// Type of the removal markers (key = the removed identifier): `/node` answers such a node
-/// 404 `missing_config` (409 `frozen` in a frozen set) until it registers again.
-pub const REMOVED: &str = "removed";
-
-/// The key of `identifier`'s removal marker.
-pub fn removed_key(identifier: &str) -> Key {
-    Key::new(CFGSYNC_NAMESPACE, REMOVED, identifier)
-}
-
-/// A removal marker.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Removal {
-    /// When, Unix ms.
-    pub removed_ms: u64,
-    /// The node that took its place, for a replacement.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub replaced_by: Option<String>,
-}
+use crate::store::{self, Batch, Precondition, Revision, Store};
 
 /// Why a lifecycle change was refused; nothing was written.
 #[derive(Debug, thiserror::Error)]
@@ -75,7 +56,7 @@ pub async fn remove(store: &dyn Store, identifier: &str) -> Result<Revision, Lif
         .check(key.clone(), Precondition::ModRevision(revision))
         .delete(key)
         .put(removed_key(identifier), json!(marker))
-        .delete(ledger_key());
+        .put(ledger_key(), Ledger::stale());
     Ok(store.apply(batch).await?)
 }
 
@@ -96,7 +77,7 @@ pub async fn replace(
     }
     let (record, revision) = registered(store, old).await?;
     let policy = store
-        .get(&Key::new(CFGSYNC_NAMESPACE, POLICY, CURRENT))
+        .get(&policy_key())
         .await?
         .and_then(|entry| serde_json::from_value::<Policy>(entry.value).ok());
     if policy.is_some_and(|p| p.expect_identifiers.is_some()) {
@@ -128,7 +109,7 @@ pub async fn replace(
         .put(new_key.clone(), json!(replacement))
         .put(removed_key(old), json!(marker))
         .delete(removed_key(new))
-        .delete(ledger_key());
+        .put(ledger_key(), Ledger::stale());
     match store.apply(batch).await {
         Ok(revision) => Ok(revision),
         Err(store::Error::Conflict { key, .. }) if key == new_key => {

@@ -7,17 +7,21 @@
 pub mod admission;
 pub mod bundle;
 pub mod client;
+mod epoch;
 pub mod escape;
 pub mod gzip;
-
 pub mod lifecycle;
 pub mod materialize;
 pub mod node;
 pub mod output;
+pub mod payload;
 pub mod policy;
+pub mod registration;
 pub mod render;
 pub mod service;
 pub mod state;
+pub mod template;
+pub mod view;
 
 pub use crate::api::cfgsync::{ArtifactFile, NodeArtifactsPayload, NodeRegistration};
 pub use crate::files::FileError;
@@ -32,4 +36,6 @@ pub use node::{
 };
 pub use output::{ArtifactOutputMap, OutputError};
 pub use policy::{CompiledPolicy, Policy};
-pub use service::{Service, ServiceOptions};
+pub use registration::RegisterError;
+pub use service::{NodeAnswer, Served, Service, ServiceOptions};
+pub use view::Serving;

@@ -13,6 +13,9 @@ use std::sync::{Arc, RwLock};
 
 use tokio::sync::OnceCell;
 
+use crate::api::status::RenderFailure;
+use crate::store::Revision;
+
 /// Default budget of [`RenderCache`]: enough for hundreds of peer-list payloads at 10 000
 /// nodes, small beside the registrations themselves.
 pub const DEFAULT_CACHE_BYTES: usize = 64 << 20;
@@ -213,6 +216,30 @@ where
             false
         });
         ring.retain(|key| matches!(slots.get(key), Some(Slot::Ready { .. })));
+    }
+}
+
+/// Renders that failed: a count for `/metrics`, and the last one for `/v1/status`.
+#[derive(Debug, Default)]
+pub struct RenderFailures {
+    /// Failed renders since start (each node and epoch counted once: failures are cached).
+    pub count: prometheus_client::metrics::counter::Counter,
+    last: std::sync::Mutex<Option<RenderFailure>>,
+}
+
+impl RenderFailures {
+    pub(super) fn note(&self, identifier: &str, epoch: Revision, reason: &str) {
+        self.count.inc();
+        *self.last.lock().unwrap_or_else(|e| e.into_inner()) = Some(RenderFailure {
+            identifier: identifier.to_string(),
+            epoch,
+            reason: reason.to_string(),
+        });
+    }
+
+    /// The most recent failure.
+    pub fn last(&self) -> Option<RenderFailure> {
+        self.last.lock().unwrap_or_else(|e| e.into_inner()).clone()
     }
 }
 

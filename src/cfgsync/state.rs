@@ -1,6 +1,14 @@
-//! cfgsync's serving state in the reserved `__cfgsync__` namespace of the store: registrations,
-//! the bundle and the policy. Everything a server knows lives here, so restarts lose nothing
-//! and several servers on one store agree.
+//! cfgsync's serving state in the reserved `__cfgsync__` namespace: every kind, key and record
+//! lives here. Everything a server knows is stored, so restarts lose nothing and several
+//! servers on one store agree.
+//!
+//! | kind | key | record |
+//! | --- | --- | --- |
+//! | `registration` | node identifier | [`RegistrationRecord`] |
+//! | `removed` | node identifier | [`Removal`] (an operator removed or replaced the node) |
+//! | `bundle` | `current` | [`NodeArtifactsBundle`] |
+//! | `policy` | `current` | [`Policy`] |
+//! | `admission` | `current` | [`Ledger`], kept by the server's admission task |
 
 use std::net::IpAddr;
 
@@ -9,16 +17,46 @@ use serde_json::Value;
 
 use super::bundle::NodeArtifactsBundle;
 use super::policy::Policy;
-use crate::store::{self, CFGSYNC_NAMESPACE, Key, Revision, Store, StoreExt};
+use crate::api::cfgsync::MAX_METADATA_BYTES;
+use crate::store::{self, Batch, CFGSYNC_NAMESPACE, Key, Op, Revision, Store, StoreExt};
 
-/// Type of registration records (key = node identifier).
+/// Kind of registration records (key = node identifier).
 pub const REGISTRATION: &str = "registration";
-/// Type of the installed bundle (key [`CURRENT`]).
+/// Kind of removal markers (key = the removed identifier).
+pub const REMOVED: &str = "removed";
+/// Kind of the installed bundle (key [`CURRENT`]).
 pub const BUNDLE: &str = "bundle";
-/// Type of the installed policy (key [`CURRENT`]).
+/// Kind of the installed policy (key [`CURRENT`]).
 pub const POLICY: &str = "policy";
-/// The key of the one installed bundle or policy.
+/// Kind of the admission ledger (key [`CURRENT`]).
+pub const ADMISSION: &str = "admission";
+/// The key of the one installed bundle, policy or ledger.
 pub const CURRENT: &str = "current";
+
+/// The key of a node's registration.
+pub fn registration_key(identifier: &str) -> Key {
+    Key::new(CFGSYNC_NAMESPACE, REGISTRATION, identifier)
+}
+
+/// The key of `identifier`'s removal marker.
+pub fn removed_key(identifier: &str) -> Key {
+    Key::new(CFGSYNC_NAMESPACE, REMOVED, identifier)
+}
+
+/// The key of the installed policy.
+pub fn policy_key() -> Key {
+    Key::new(CFGSYNC_NAMESPACE, POLICY, CURRENT)
+}
+
+/// The key of the installed bundle.
+pub fn bundle_key() -> Key {
+    Key::new(CFGSYNC_NAMESPACE, BUNDLE, CURRENT)
+}
+
+/// The key of the admission ledger.
+pub fn ledger_key() -> Key {
+    Key::new(CFGSYNC_NAMESPACE, ADMISSION, CURRENT)
+}
 
 /// A stored registration.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -54,11 +92,69 @@ impl RegistrationRecord {
     pub fn order(&self) -> &str {
         self.slot.as_deref().unwrap_or(&self.identifier)
     }
+
+    /// Whether templates would see a difference between this record and `other`.
+    pub fn looks_the_same_as(&self, other: &RegistrationRecord) -> bool {
+        self.ip == other.ip && self.metadata == other.metadata
+    }
 }
 
-/// The key of a node's registration.
-pub fn registration_key(identifier: &str) -> Key {
-    Key::new(CFGSYNC_NAMESPACE, REGISTRATION, identifier)
+/// A removal marker: `/node` answers such a node 404 `missing_config` (409 `frozen` in a
+/// frozen set) until it registers again; a replaced node cannot register again.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Removal {
+    /// When, Unix ms.
+    pub removed_ms: u64,
+    /// The node that took its place, for a replacement.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub replaced_by: Option<String>,
+}
+
+impl Removal {
+    /// Whether a stored marker says its node was replaced by another.
+    pub fn says_replaced(marker: &Value) -> bool {
+        marker.get("replaced_by").is_some_and(|by| !by.is_null())
+    }
+}
+
+/// What the admission ledger counts. It is never deleted: a write that changes registrations
+/// outside the admission task marks it [`stale`](Ledger::stale) with a put, so every guard on
+/// it is a mod revision and a recount racing such a write fails its guard.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Ledger {
+    /// Registrations stored.
+    pub registrations: u64,
+    /// Of those, members of the policy's named set (when it has one).
+    pub named: u64,
+    /// Bytes of their metadata as stored (compact JSON).
+    pub metadata_bytes: u64,
+    /// The policy revision `named` was counted under: another policy means another named
+    /// set, so the ledger is counted afresh.
+    #[serde(default)]
+    pub policy_revision: Option<Revision>,
+    /// Set by writes that bypass admission (node removal and replacement, `/v1`): the counts
+    /// are unknown and must be taken afresh.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub stale: bool,
+}
+
+impl Ledger {
+    /// The marker a bypassing write puts: count afresh.
+    pub fn stale() -> Value {
+        serde_json::to_value(Ledger {
+            stale: true,
+            ..Ledger::default()
+        })
+        .expect("the ledger always serialises")
+    }
+}
+
+/// Bytes of metadata as compact JSON (`null` and absent count as nothing).
+pub fn metadata_bytes(metadata: Option<&Value>) -> u64 {
+    match metadata {
+        None | Some(Value::Null) => 0,
+        Some(value) => store::encoded_len(value) as u64,
+    }
 }
 
 /// Installs a bundle, replacing any previous one as a whole.
@@ -68,27 +164,54 @@ pub async fn install_bundle(
 ) -> Result<Revision, store::Error> {
     let value = serde_json::to_value(bundle)
         .map_err(|e| store::Error::backend("encoding the bundle", e))?;
-    store
-        .put(Key::new(CFGSYNC_NAMESPACE, BUNDLE, CURRENT), value)
-        .await
+    store.put(bundle_key(), value).await
 }
 
 /// Installs a registration policy, replacing any previous one.
 pub async fn install_policy(store: &dyn Store, policy: &Policy) -> Result<Revision, store::Error> {
     let value = serde_json::to_value(policy)
         .map_err(|e| store::Error::backend("encoding the policy", e))?;
-    store
-        .put(Key::new(CFGSYNC_NAMESPACE, POLICY, CURRENT), value)
-        .await
+    store.put(policy_key(), value).await
 }
 
-/// Checks a value written straight into `__cfgsync__` (through `/v1`) as the server would
-/// check the same thing loaded from a file: a bundle or policy is validated whole, a
-/// registration must decode and name its own key. Every problem is listed.
-pub fn check_write(key: &Key, value: &serde_json::Value) -> Result<(), Vec<String>> {
-    if key.namespace != CFGSYNC_NAMESPACE {
-        return Ok(());
+/// Checks a batch written straight into the store (through `/v1`) as the server would check
+/// the same things loaded from files, and guards what it bypasses: a bundle or policy is
+/// validated whole, a registration must decode, name its own key and keep its metadata within
+/// the limit, and the ledger is the server's alone. A batch that touches registrations also
+/// marks the ledger stale in the same commit, so caps keep holding. Every problem is listed.
+pub fn guard_direct_write(batch: Batch) -> Result<Batch, Vec<String>> {
+    let mut problems = Vec::new();
+    let mut touches_registrations = false;
+    for op in &batch.ops {
+        let key = op.key();
+        if key.namespace != CFGSYNC_NAMESPACE {
+            continue;
+        }
+        if key.kind == ADMISSION {
+            problems.push(format!(
+                "{key}: the admission ledger is kept by the server; write the registrations and it is counted afresh"
+            ));
+            continue;
+        }
+        touches_registrations |= key.kind == REGISTRATION;
+        if let Op::Put { key, value } = op
+            && let Err(mut found) = check_value(key, value)
+        {
+            problems.append(&mut found);
+        }
     }
+    if !problems.is_empty() {
+        return Err(problems);
+    }
+    Ok(if touches_registrations {
+        batch.put(ledger_key(), Ledger::stale())
+    } else {
+        batch
+    })
+}
+
+/// Checks one value bound for `__cfgsync__` (see [`guard_direct_write`]).
+fn check_value(key: &Key, value: &Value) -> Result<(), Vec<String>> {
     fn decode<T: serde::de::DeserializeOwned>(key: &Key, value: &Value) -> Result<T, Vec<String>> {
         serde_json::from_value(value.clone()).map_err(|err| vec![format!("{key}: {err}")])
     }
@@ -97,18 +220,83 @@ pub fn check_write(key: &Key, value: &serde_json::Value) -> Result<(), Vec<Strin
         POLICY => decode::<Policy>(key, value)?.compile().map(|_| ()),
         REGISTRATION => {
             let record: RegistrationRecord = decode(key, value)?;
-            if record.identifier == key.key {
-                Ok(())
-            } else {
-                Err(vec![format!(
+            let mut problems = Vec::new();
+            if record.identifier != key.key {
+                problems.push(format!(
                     "{key}: the record names {:?}, not its own key",
                     record.identifier
-                )])
+                ));
+            }
+            let size = metadata_bytes(Some(&record.metadata));
+            if size > MAX_METADATA_BYTES as u64 {
+                problems.push(format!(
+                    "{key}: metadata is {size} bytes, over the limit of {MAX_METADATA_BYTES}"
+                ));
+            }
+            if problems.is_empty() {
+                Ok(())
+            } else {
+                Err(problems)
             }
         }
-        super::admission::ADMISSION => Err(vec![format!(
-            "{key}: the admission ledger is kept by the server; delete it to have it counted afresh"
-        )]),
         _ => Ok(()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use serde_json::json;
+
+    use super::*;
+
+    fn record(id: &str, metadata: Value) -> Value {
+        json!({"identifier": id, "ip": "10.0.0.1", "metadata": metadata,
+               "first_seen_ms": 1, "last_seen_ms": 1})
+    }
+
+    #[test]
+    fn a_direct_registration_write_marks_the_ledger_stale_in_the_same_batch() {
+        let batch = Batch::new().put(registration_key("a"), record("a", json!({})));
+        let guarded = guard_direct_write(batch).unwrap();
+        let ledger = guarded.ops.iter().find(|op| op.key() == &ledger_key());
+        assert!(
+            matches!(ledger, Some(Op::Put { value, .. }) if value["stale"] == true),
+            "{guarded:?}"
+        );
+        let unrelated = Batch::new().put(Key::new("prod", "cfg", "a"), json!(1));
+        assert_eq!(guard_direct_write(unrelated).unwrap().ops.len(), 1);
+    }
+
+    #[test]
+    fn the_ledger_cannot_be_written_or_deleted_directly() {
+        for batch in [
+            Batch::new().put(ledger_key(), json!({"registrations": 0})),
+            Batch::new().delete(ledger_key()),
+        ] {
+            let problems = guard_direct_write(batch).unwrap_err();
+            assert!(problems[0].contains("kept by the server"), "{problems:?}");
+        }
+    }
+
+    #[test]
+    fn every_problem_of_a_direct_write_is_listed() {
+        let big = json!({"blob": "x".repeat(MAX_METADATA_BYTES)});
+        let batch = Batch::new()
+            .put(registration_key("a"), record("b", json!({})))
+            .put(registration_key("c"), record("c", big))
+            .put(policy_key(), json!({"expect_nodes": 0}));
+        let problems = guard_direct_write(batch).unwrap_err();
+        assert!(
+            problems.iter().any(|p| p.contains("names \"b\"")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("over the limit")),
+            "{problems:?}"
+        );
+        assert!(
+            problems.iter().any(|p| p.contains("at least 1")),
+            "{problems:?}"
+        );
     }
 }

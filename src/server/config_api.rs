@@ -10,6 +10,7 @@ use serde_json::Value;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::auth::{Admin, IsAdmin};
 use super::error::{ApiPath, ApiQuery};
 use super::{ApiError, ApiJson, AppState};
 use crate::api::REVISION_HEADER;
@@ -37,9 +38,9 @@ fn with_revision(revision: Revision, body: impl Serialize) -> Response {
 }
 
 /// Reserved namespaces are readable and writable only with the admin token.
-fn guard_namespace(state: &AppState, headers: &HeaderMap, namespace: &str) -> Result<(), ApiError> {
+fn guard_namespace(admin: IsAdmin, namespace: &str) -> Result<(), ApiError> {
     if is_reserved(namespace) {
-        state.require_admin(headers)?;
+        admin.require()?;
     }
     Ok(())
 }
@@ -50,12 +51,12 @@ fn guard_namespace(state: &AppState, headers: &HeaderMap, namespace: &str) -> Re
     responses((status = 200, description = "Namespaces", body = Namespaces, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer")))))]
 async fn list_namespaces(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    IsAdmin(admin): IsAdmin,
 ) -> Result<Response, ApiError> {
     let revision = state.store.revision().await?;
     let mut namespaces = state.store.namespaces().await?;
     // Without the admin token the reserved namespaces are not even named.
-    if state.require_admin(&headers).is_err() {
+    if !admin {
         namespaces.retain(|ns| !is_reserved(ns));
     }
     Ok(with_revision(
@@ -78,10 +79,10 @@ async fn list_namespaces(
     ))]
 async fn get_namespace(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    admin: IsAdmin,
     ApiPath(ns): ApiPath<String>,
 ) -> Result<Response, ApiError> {
-    guard_namespace(&state, &headers, &ns)?;
+    guard_namespace(admin, &ns)?;
     let tree = state.store.namespace(&ns).await?;
     Ok(with_revision(
         tree.revision,
@@ -104,10 +105,10 @@ async fn get_namespace(
     ))]
 async fn get_type(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    admin: IsAdmin,
     ApiPath((ns, kind)): ApiPath<(String, String)>,
 ) -> Result<Response, ApiError> {
-    guard_namespace(&state, &headers, &ns)?;
+    guard_namespace(admin, &ns)?;
     let listing = state.store.list(&ns, &kind).await?;
     Ok(with_revision(
         listing.revision,
@@ -134,10 +135,10 @@ async fn get_type(
     ))]
 async fn get_entry(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    admin: IsAdmin,
     ApiPath((ns, kind, key)): ApiPath<(String, String, String)>,
 ) -> Result<Response, ApiError> {
-    guard_namespace(&state, &headers, &ns)?;
+    guard_namespace(admin, &ns)?;
     let key = Key::new(ns, kind, key);
     let revision = state.store.revision().await?;
     let entry = state
@@ -201,21 +202,17 @@ fn precondition(headers: &HeaderMap) -> Result<Option<Precondition>, ApiError> {
     ))]
 async fn put_entry(
     State(state): State<AppState>,
+    _: Admin,
     headers: HeaderMap,
     ApiPath((ns, kind, key)): ApiPath<(String, String, String)>,
     ApiJson(value): ApiJson<Value>,
 ) -> Result<Response, ApiError> {
-    state.require_admin(&headers)?;
     let key = Key::new(ns, kind, key);
-    check_cfgsync_write(&key, &value)?;
     let mut batch = Batch::new();
     if let Some(expect) = precondition(&headers)? {
         batch = batch.check(key.clone(), expect);
     }
-    let revision = state
-        .store
-        .apply(recount_admission(batch.put(key, value)))
-        .await?;
+    let revision = state.store.apply(guarded(batch.put(key, value))?).await?;
     Ok(with_revision(revision, Written { revision }))
 }
 
@@ -232,10 +229,10 @@ async fn put_entry(
     ))]
 async fn delete_entry(
     State(state): State<AppState>,
+    _: Admin,
     headers: HeaderMap,
     ApiPath((ns, kind, key)): ApiPath<(String, String, String)>,
 ) -> Result<Response, ApiError> {
-    state.require_admin(&headers)?;
     let key = Key::new(ns, kind, key);
     // Delete only what exists: the precondition makes "absent" a clean 404 without a race.
     let expect = match precondition(&headers)? {
@@ -245,12 +242,8 @@ async fn delete_entry(
             None => return Err(ApiError::not_found(format!("no value at {key}"))),
         },
     };
-    let revision = state
-        .store
-        .apply(recount_admission(
-            Batch::new().check(key.clone(), expect).delete(key),
-        ))
-        .await?;
+    let batch = Batch::new().check(key.clone(), expect).delete(key);
+    let revision = state.store.apply(guarded(batch)?).await?;
     Ok(with_revision(revision, Written { revision }))
 }
 
@@ -267,39 +260,19 @@ async fn delete_entry(
     ))]
 async fn apply_batch(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     ApiJson(batch): ApiJson<Batch>,
 ) -> Result<Response, ApiError> {
-    state.require_admin(&headers)?;
-    for op in &batch.ops {
-        if let crate::store::Op::Put { key, value } = op {
-            check_cfgsync_write(key, value)?;
-        }
-    }
-    let revision = state.store.apply(recount_admission(batch)).await?;
+    let revision = state.store.apply(guarded(batch)?).await?;
     Ok(with_revision(revision, Written { revision }))
 }
 
-/// A bundle, policy or registration written into `__cfgsync__` is checked as a file would be
-/// (422 listing every problem), so nothing the server would refuse to serve gets stored.
-fn check_cfgsync_write(key: &Key, value: &serde_json::Value) -> Result<(), ApiError> {
-    crate::cfgsync::state::check_write(key, value)
+/// A batch written into `__cfgsync__` is checked as files would be (422 listing every problem),
+/// so nothing the server would refuse to serve gets stored, and one that writes registrations
+/// marks the admission ledger stale in the same commit, so caps keep holding.
+fn guarded(batch: Batch) -> Result<Batch, ApiError> {
+    crate::cfgsync::state::guard_direct_write(batch)
         .map_err(|problems| ApiError::unprocessable(problems.join("; ")))
-}
-
-/// A batch that writes registrations directly also drops cfgsync's admission ledger, in the
-/// same commit: the next registration counts the stored ones afresh, so caps keep holding.
-fn recount_admission(batch: Batch) -> Batch {
-    let touches = batch.ops.iter().any(|op| {
-        let key = op.key();
-        key.namespace == crate::store::CFGSYNC_NAMESPACE
-            && key.kind == crate::cfgsync::state::REGISTRATION
-    });
-    if touches {
-        batch.delete(crate::cfgsync::admission::ledger_key())
-    } else {
-        batch
-    }
 }
 
 /// Most events returned by one long-poll answer.
@@ -318,11 +291,11 @@ const MAX_EVENTS: usize = 1000;
     ))]
 async fn changes(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    admin: IsAdmin,
     ApiQuery(query): ApiQuery<ChangesQuery>,
 ) -> Result<Response, ApiError> {
     if query.internal {
-        state.require_admin(&headers)?;
+        admin.require()?;
     }
     let filter = if query.internal {
         WatchFilter::All

@@ -3,10 +3,10 @@
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::HeaderMap;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::auth::Admin;
 use super::error::ApiPath;
 use super::{ApiError, ApiJson, AppState};
 use crate::api::cfgsync::{NodesBody, ReplaceRequest};
@@ -56,11 +56,7 @@ impl From<LifecycleError> for ApiError {
         (status = 200, description = "The nodes", body = NodesBody),
         (status = 401, description = "Missing or wrong admin token", body = crate::api::ErrorBody),
     ))]
-async fn list(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Json<NodesBody>, ApiError> {
-    state.require_admin(&headers)?;
+async fn list(State(state): State<AppState>, _: Admin) -> Result<Json<NodesBody>, ApiError> {
     let serving = state.cfgsync.current();
     Ok(Json(state.cfgsync.nodes(&serving)))
 }
@@ -77,10 +73,9 @@ async fn list(
     ))]
 async fn remove(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     ApiPath(id): ApiPath<String>,
 ) -> Result<Json<Written>, ApiError> {
-    state.require_admin(&headers)?;
     let revision = lifecycle::remove(state.store.as_ref(), &id).await?;
     tracing::info!(identifier = %id, revision, "node removed");
     Ok(Json(Written { revision }))
@@ -101,11 +96,10 @@ async fn remove(
     ))]
 async fn replace(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     ApiPath(id): ApiPath<String>,
     ApiJson(request): ApiJson<ReplaceRequest>,
 ) -> Result<Json<Written>, ApiError> {
-    state.require_admin(&headers)?;
     let revision =
         lifecycle::replace(state.store.as_ref(), &id, &request.identifier, request.ip).await?;
     tracing::info!(old = %id, new = %request.identifier, revision, "node replaced");

@@ -127,10 +127,15 @@ impl AppState {
             started: Instant::now(),
         })
     }
+}
 
-    /// Requires the admin token when one is configured.
-    pub fn require_admin(&self, headers: &axum::http::HeaderMap) -> Result<(), ApiError> {
-        auth::require(self.options.admin_token.as_ref(), headers, "admin")
+impl auth::Tokens for AppState {
+    fn admin_token(&self) -> Option<&Token> {
+        self.options.admin_token.as_ref()
+    }
+
+    fn join_token(&self) -> Option<&Token> {
+        self.options.join_token.as_ref()
     }
 }
 

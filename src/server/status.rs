@@ -5,10 +5,10 @@ use std::collections::BTreeMap;
 
 use axum::Json;
 use axum::extract::State;
-use axum::http::HeaderMap;
 use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
+use super::auth::Admin;
 use super::error::ApiQuery;
 use super::{ApiError, AppState};
 use crate::api::status::{
@@ -37,10 +37,9 @@ pub(super) fn api() -> OpenApiRouter<AppState> {
     ))]
 async fn history(
     State(state): State<AppState>,
-    headers: HeaderMap,
+    _: Admin,
     ApiQuery(query): ApiQuery<HistoryQuery>,
 ) -> Result<Json<HistoryBody>, ApiError> {
-    state.require_admin(&headers)?;
     let body = read_history(&state).await?;
     match query.name {
         None => Ok(Json(body)),
@@ -85,11 +84,7 @@ fn history_of(revision: Revision, entries: &BTreeMap<String, Entry>) -> HistoryB
         (status = 200, description = "The reconciler's state", body = StatusBody),
         (status = 401, description = "Missing or wrong admin token (when one is configured)", body = crate::api::ErrorBody),
     ))]
-async fn status(
-    State(state): State<AppState>,
-    headers: HeaderMap,
-) -> Result<Json<StatusBody>, ApiError> {
-    state.require_admin(&headers)?;
+async fn status(State(state): State<AppState>, _: Admin) -> Result<Json<StatusBody>, ApiError> {
     Ok(Json(collect(&state).await?.0))
 }
 

@@ -5,9 +5,9 @@ use std::path::{Path, PathBuf};
 
 use bootsync::bootstrap::{Registry, Spec};
 use bootsync::cfgsync::policy::Policy;
+use bootsync::cfgsync::registration::check;
 use bootsync::cfgsync::{ArtifactOutputMap, NodeArtifactsBundle, NodeRegistration};
 use bootsync::files::parse_text;
-use bootsync::server::nodes::validate_registration;
 
 fn seeds(target: &str) -> Vec<(String, Vec<u8>)> {
     let dir = Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -34,9 +34,7 @@ fn text(bytes: &[u8]) -> &str {
 fn node_body_seeds_are_accepted_or_refused_as_named() {
     for (name, bytes) in seeds("node_body") {
         let decoded = serde_json::from_slice::<NodeRegistration>(&bytes);
-        let accepted = decoded
-            .as_ref()
-            .is_ok_and(|r| validate_registration(r).is_ok());
+        let accepted = decoded.as_ref().is_ok_and(|r| check(r).is_ok());
         let expected = matches!(name.as_str(), "plain" | "ipv6-metadata");
         assert_eq!(accepted, expected, "{name}: {decoded:?}");
     }

@@ -1,0 +1,156 @@
+//! Answer bodies: a node's files and the shared ones serialised into the one buffer the
+//! answer is served from, with the shared part serialised and compressed once for everyone.
+
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::sync::{Arc, OnceLock};
+
+use bytes::Bytes;
+
+use super::ArtifactFile;
+use super::escape::push_json_str;
+use super::gzip::{self, Piece};
+use super::materialize::NodeArtifactsCatalog;
+use super::render::Weigh;
+use crate::store::Revision;
+
+/// Files every node of an epoch (or of a bundle) gets: serialised once, compressed once.
+#[derive(Debug, Default)]
+pub(super) struct Shared {
+    /// The files as JSON objects joined by commas.
+    pub(super) json: Vec<u8>,
+    gzip: OnceLock<Piece>,
+}
+
+impl Shared {
+    pub(super) fn new(files: &[ArtifactFile]) -> Arc<Self> {
+        Arc::new(Self {
+            json: join_files(files),
+            gzip: OnceLock::new(),
+        })
+    }
+
+    fn piece(&self) -> &Piece {
+        self.gzip.get_or_init(|| Piece::new(&self.json))
+    }
+}
+
+pub(super) fn join_files(files: &[ArtifactFile]) -> Vec<u8> {
+    let mut out = Vec::new();
+    write_files(&mut out, files);
+    out
+}
+
+/// `files` as JSON objects joined by commas, as serde would write each `ArtifactFile`.
+pub(super) fn write_files(out: &mut Vec<u8>, files: &[ArtifactFile]) {
+    let size: usize = files
+        .iter()
+        .map(|f| f.path.len() + f.content.len() + 24)
+        .sum();
+    out.reserve(size);
+    for (i, file) in files.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"path\":");
+        push_json_str(out, &file.path);
+        out.extend_from_slice(b",\"content\":");
+        push_json_str(out, &file.content);
+        out.push(b'}');
+    }
+}
+
+/// One node's answer body, and where the shared files sit in it.
+#[derive(Debug)]
+pub struct Body {
+    /// `{"schema_version":1,"files":[...],"epoch":N}`.
+    pub bytes: Bytes,
+    /// The epoch the body carries.
+    pub epoch: Revision,
+    /// Whether it came from the bundle (whose epoch is the bundle's revision).
+    pub(super) from_bundle: bool,
+    /// Length of the part before the shared files.
+    head: usize,
+    shared: Arc<Shared>,
+}
+
+impl Body {
+    pub(super) fn new(node_files: &[u8], shared: Arc<Shared>, epoch: Revision) -> Self {
+        Self::assemble(|out| out.extend_from_slice(node_files), shared, epoch)
+    }
+
+    /// The body around the node's files, written by `node_files` straight into the one buffer
+    /// the answer is served from (a peer list is not copied once more to get there).
+    pub(super) fn assemble(
+        node_files: impl FnOnce(&mut Vec<u8>),
+        shared: Arc<Shared>,
+        epoch: Revision,
+    ) -> Self {
+        let mut out = Vec::with_capacity(shared.json.len() + 64);
+        out.extend_from_slice(b"{\"schema_version\":1,\"files\":[");
+        let start = out.len();
+        node_files(&mut out);
+        if out.len() > start && !shared.json.is_empty() {
+            out.push(b',');
+        }
+        let head = out.len();
+        out.extend_from_slice(&shared.json);
+        out.extend_from_slice(b"],\"epoch\":");
+        write!(out, "{epoch}").expect("writing to memory cannot fail");
+        out.push(b'}');
+        Self {
+            bytes: Bytes::from(out),
+            epoch,
+            from_bundle: false,
+            head,
+            shared,
+        }
+    }
+
+    /// The body gzip-compressed, the shared files' piece compressed once for all nodes.
+    pub fn gzip(&self) -> Bytes {
+        let tail = self.head + self.shared.json.len();
+        gzip::around(
+            &self.bytes[..self.head],
+            self.shared.piece(),
+            &self.bytes[tail..],
+        )
+    }
+}
+
+/// A payload prepared ahead of time (bundles, library catalogs): the node's files serialised.
+#[derive(Debug)]
+pub(super) struct Prepared {
+    files: Vec<u8>,
+    shared: Arc<Shared>,
+}
+
+impl Prepared {
+    /// The answer body at `epoch`.
+    pub(super) fn body(&self, epoch: Revision, from_bundle: bool) -> Arc<Body> {
+        let mut body = Body::new(&self.files, self.shared.clone(), epoch);
+        body.from_bundle = from_bundle;
+        Arc::new(body)
+    }
+}
+
+pub(super) fn prepare_catalog(catalog: &NodeArtifactsCatalog) -> HashMap<String, Prepared> {
+    let shared = Shared::new(&catalog.shared_files);
+    catalog
+        .nodes
+        .iter()
+        .map(|node| {
+            let prepared = Prepared {
+                files: join_files(&node.files),
+                shared: shared.clone(),
+            };
+            (node.identifier.clone(), prepared)
+        })
+        .collect()
+}
+
+impl Weigh for Arc<Body> {
+    fn weight(&self) -> usize {
+        self.bytes.len()
+    }
+}

@@ -1,0 +1,410 @@
+//! The template runtime of policies: the environment and its helpers, what a template sees
+//! (one function builds every variable), the bounded output, and the render limits.
+//!
+//! A new helper is added here and nowhere else: a filter or function in [`environment`], a
+//! variable in [`Scope::context`].
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use minijinja::value::{Enumerator, Object, ObjectRepr, Value};
+use minijinja::{Environment, context};
+
+use super::ArtifactFile;
+use super::materialize::DynCfgsyncError;
+
+/// Bounds on every render, so no template (or node data a template loops over) can pin a
+/// core, fill memory or hold a render thread: past any of them the render fails, and only the
+/// payload being rendered fails with it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RenderLimits {
+    /// Template instructions per file (minijinja's fuel).
+    pub fuel: u64,
+    /// Wall-clock time for one node's files, or one epoch's shared files.
+    pub deadline: Duration,
+    /// Bytes one rendered file may hold.
+    pub max_file_bytes: usize,
+    /// Bytes one node's rendered files may hold in all (its own and the shared ones).
+    pub max_payload_bytes: usize,
+}
+
+impl Default for RenderLimits {
+    fn default() -> Self {
+        // Generous for real peer lists (a loop over 100 000 peers renders ~1.7 MB), small
+        // enough that a runaway template ends within seconds.
+        Self {
+            fuel: 200_000_000,
+            deadline: Duration::from_secs(10),
+            max_file_bytes: 16 << 20,
+            max_payload_bytes: 32 << 20,
+        }
+    }
+}
+
+/// The render's output, refused past its byte budget or its deadline.
+struct Bounded {
+    buf: Vec<u8>,
+    limit: usize,
+    deadline: Instant,
+    writes: u32,
+    exceeded: Option<String>,
+}
+
+impl std::io::Write for Bounded {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        if self.buf.len() + data.len() > self.limit {
+            self.exceeded = Some(format!(
+                "the output passed its limit of {} bytes",
+                self.limit
+            ));
+            return Err(std::io::Error::other("output limit"));
+        }
+        // The clock is read every 64 writes: cheap, and a loop that writes nothing is
+        // stopped by its fuel instead.
+        self.writes = self.writes.wrapping_add(1);
+        if self.writes % 64 == 0 && Instant::now() > self.deadline {
+            self.exceeded = Some("the render passed its deadline".to_string());
+            return Err(std::io::Error::other("deadline"));
+        }
+        self.buf.extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+/// One node as templates see it: `identifier`, `ip` and `metadata`, looked up by field name
+/// without a map behind it.
+#[derive(Debug)]
+struct NodeObject {
+    identifier: Value,
+    ip: Value,
+    metadata: Value,
+}
+
+const NODE_FIELDS: [&str; 3] = ["identifier", "ip", "metadata"];
+
+impl Object for NodeObject {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Map
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        self.get_value_by_str(key.as_str()?)
+    }
+
+    fn get_value_by_str(self: &Arc<Self>, key: &str) -> Option<Value> {
+        match key {
+            "identifier" => Some(self.identifier.clone()),
+            "ip" => Some(self.ip.clone()),
+            "metadata" => Some(self.metadata.clone()),
+            _ => None,
+        }
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Str(&NODE_FIELDS)
+    }
+}
+
+/// `nodes` and `peers` in a template: the epoch's member list, or all of it but one node,
+/// without copying the list per node.
+#[derive(Debug)]
+struct NodeList {
+    nodes: Arc<Vec<Value>>,
+    skip: Option<usize>,
+}
+
+impl NodeList {
+    fn len(&self) -> usize {
+        self.nodes.len() - usize::from(self.skip.is_some())
+    }
+
+    fn position(&self, i: usize) -> usize {
+        match self.skip {
+            Some(skip) if i >= skip => i + 1,
+            _ => i,
+        }
+    }
+}
+
+impl Object for NodeList {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Seq
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let i = key.as_usize()?;
+        (i < self.len()).then(|| self.nodes[self.position(i)].clone())
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Seq(self.len())
+    }
+}
+
+/// `node_ips` and `peer_ips`: the members' IPs as strings. Printed as is (`{{ peer_ips }}`)
+/// or through `tojson`, the list is written in one pass as a JSON array, which is also YAML;
+/// `join` works as on any list.
+#[derive(Debug)]
+struct IpList {
+    ips: Arc<Vec<Arc<str>>>,
+    skip: Option<usize>,
+}
+
+impl IpList {
+    fn len(&self) -> usize {
+        self.ips.len() - usize::from(self.skip.is_some())
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.ips
+            .iter()
+            .enumerate()
+            .filter(|(i, _)| Some(*i) != self.skip)
+            .map(|(_, ip)| ip)
+    }
+
+    /// `["a", "b"]`: IP strings need no escaping.
+    fn write_json(&self, out: &mut String) {
+        out.reserve(self.len() * 18 + 2);
+        out.push('[');
+        for (i, ip) in self.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            out.push('"');
+            out.push_str(ip);
+            out.push('"');
+        }
+        out.push(']');
+    }
+}
+
+impl Object for IpList {
+    fn repr(self: &Arc<Self>) -> ObjectRepr {
+        ObjectRepr::Seq
+    }
+
+    fn get_value(self: &Arc<Self>, key: &Value) -> Option<Value> {
+        let i = key.as_usize()?;
+        if i >= self.len() {
+            return None;
+        }
+        let j = match self.skip {
+            Some(skip) if i >= skip => i + 1,
+            _ => i,
+        };
+        Some(Value::from(self.ips[j].clone()))
+    }
+
+    fn enumerate(self: &Arc<Self>) -> Enumerator {
+        Enumerator::Seq(self.len())
+    }
+
+    fn render(self: &Arc<Self>, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let mut out = String::new();
+        self.write_json(&mut out);
+        f.write_str(&out)
+    }
+}
+
+/// The `tojson` filter: one pass for the IP lists, serde for anything else.
+fn tojson(value: Value) -> Result<Value, minijinja::Error> {
+    if let Some(list) = value.downcast_object_ref::<IpList>() {
+        let mut out = String::new();
+        list.write_json(&mut out);
+        return Ok(Value::from_safe_string(out));
+    }
+    serde_json::to_string(&value)
+        .map(Value::from_safe_string)
+        .map_err(|err| {
+            minijinja::Error::new(
+                minijinja::ErrorKind::InvalidOperation,
+                format!("cannot write this value as JSON: {err}"),
+            )
+        })
+}
+
+/// What every template of one epoch sees in common, built once per epoch: the members in
+/// identifier order, as template values and as IP strings, and each member's position.
+#[derive(Debug)]
+pub struct Scope {
+    nodes: Arc<Vec<Value>>,
+    ips: Arc<Vec<Arc<str>>>,
+    index: HashMap<Arc<str>, usize>,
+}
+
+impl Scope {
+    /// The scope of `members` (identifier, IP, metadata), which must be sorted by identifier.
+    pub fn new<'a>(
+        members: impl IntoIterator<Item = (&'a str, std::net::IpAddr, &'a serde_json::Value)>,
+    ) -> Self {
+        let mut nodes = Vec::new();
+        let mut ips = Vec::new();
+        let mut index = HashMap::new();
+        for (i, (identifier, ip, metadata)) in members.into_iter().enumerate() {
+            let identifier: Arc<str> = Arc::from(identifier);
+            let ip: Arc<str> = Arc::from(ip.to_string());
+            nodes.push(Value::from_object(NodeObject {
+                identifier: Value::from(identifier.clone()),
+                ip: Value::from(ip.clone()),
+                metadata: Value::from_serialize(metadata),
+            }));
+            ips.push(ip);
+            index.insert(identifier, i);
+        }
+        Self {
+            nodes: Arc::new(nodes),
+            ips: Arc::new(ips),
+            index,
+        }
+    }
+
+    /// How many members.
+    pub fn len(&self) -> usize {
+        self.nodes.len()
+    }
+
+    /// Whether there are none.
+    pub fn is_empty(&self) -> bool {
+        self.nodes.is_empty()
+    }
+
+    /// A member's position in `nodes`.
+    pub fn index_of(&self, identifier: &str) -> Option<usize> {
+        self.index.get(identifier).copied()
+    }
+
+    fn nodes(&self, skip: Option<usize>) -> Value {
+        Value::from_object(NodeList {
+            nodes: self.nodes.clone(),
+            skip,
+        })
+    }
+
+    fn ips(&self, skip: Option<usize>) -> Value {
+        Value::from_object(IpList {
+            ips: self.ips.clone(),
+            skip,
+        })
+    }
+}
+
+/// The environment every policy's templates compile in: minijinja's built-ins, bootsync's
+/// helpers, and the fuel limit.
+pub fn environment(limits: RenderLimits) -> Environment<'static> {
+    let mut env = Environment::new();
+    env.add_filter("tojson", tojson);
+    // `debug()` dumps the whole render state, other nodes' metadata included.
+    env.remove_global("debug");
+    env.set_fuel(Some(limits.fuel));
+    env
+}
+
+impl Scope {
+    /// Every variable a template sees. Per node (`index` set): `node`, `index`, `nodes`,
+    /// `peers` (the members but this one), `node_ips` and `peer_ips`. Shared files (`None`):
+    /// `nodes` and `node_ips`.
+    pub fn context(&self, index: Option<usize>) -> Value {
+        match index {
+            Some(index) => context! {
+                node => self.nodes[index].clone(),
+                index => index,
+                nodes => self.nodes(None),
+                peers => self.nodes(Some(index)),
+                node_ips => self.ips(None),
+                peer_ips => self.ips(Some(index)),
+            },
+            None => context! { nodes => self.nodes(None), node_ips => self.ips(None) },
+        }
+    }
+}
+
+/// Compiled templates with the limits every render runs under.
+#[derive(Debug)]
+pub struct Templates {
+    env: Environment<'static>,
+    limits: RenderLimits,
+}
+
+impl Templates {
+    /// An empty set compiled under `limits`.
+    pub fn new(limits: RenderLimits) -> Self {
+        Self {
+            env: environment(limits),
+            limits,
+        }
+    }
+
+    /// Compiles `source` under `name`.
+    pub fn add(&mut self, name: String, source: String) -> Result<(), minijinja::Error> {
+        self.env.add_template_owned(name, source)
+    }
+
+    /// The limits every render runs under.
+    pub fn limits(&self) -> RenderLimits {
+        self.limits
+    }
+
+    /// Renders template `name` within the limits: at most `budget` bytes, done by `deadline`.
+    pub fn render(
+        &self,
+        name: &str,
+        ctx: Value,
+        budget: usize,
+        deadline: Instant,
+    ) -> Result<String, DynCfgsyncError> {
+        let template = self.env.get_template(name)?;
+        if Instant::now() > deadline {
+            return Err("the render passed its deadline".into());
+        }
+        let mut out = Bounded {
+            buf: Vec::new(),
+            limit: budget.min(self.limits.max_file_bytes),
+            deadline,
+            writes: 0,
+            exceeded: None,
+        };
+        match template.render_captured_to(ctx, &mut out) {
+            Ok(_) => Ok(String::from_utf8(out.buf)?),
+            Err(_) if out.exceeded.is_some() => Err(out.exceeded.unwrap_or_default().into()),
+            Err(err) if err.kind() == minijinja::ErrorKind::OutOfFuel => Err(format!(
+                "the template ran more than its {} instructions",
+                self.limits.fuel
+            )
+            .into()),
+            Err(err) => Err(err.into()),
+        }
+    }
+
+    /// Renders `files` (named `{section}/{i}`) for the node at `index` of `scope` (or the
+    /// shared files, `None`) within `budget` bytes in all and one deadline.
+    pub fn render_files(
+        &self,
+        section: &str,
+        paths: &[String],
+        scope: &Scope,
+        index: Option<usize>,
+        budget: usize,
+    ) -> Result<Vec<ArtifactFile>, DynCfgsyncError> {
+        let deadline = Instant::now() + self.limits.deadline;
+        let mut budget = budget.min(self.limits.max_payload_bytes);
+        let ctx = scope.context(index);
+        let mut files = Vec::with_capacity(paths.len());
+        for (i, path) in paths.iter().enumerate() {
+            let content = self
+                .render(&format!("{section}/{i}"), ctx.clone(), budget, deadline)
+                .map_err(|err| match index {
+                    Some(_) => format!("rendering {path}: {err}"),
+                    None => format!("rendering shared file {path}: {err}"),
+                })?;
+            budget -= content.len();
+            files.push(ArtifactFile::new(path.clone(), content));
+        }
+        Ok(files)
+    }
+}

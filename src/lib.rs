@@ -25,6 +25,7 @@ pub mod cli;
 pub mod client;
 pub mod clock;
 pub mod files;
+pub mod memory;
 pub mod metrics;
 pub mod plugin;
 pub mod server;

@@ -1,23 +1,14 @@
-//! TLS on rustls: the server's certificate and key (`--tls-cert`/`--tls-key`), a listener that
-//! handshakes off the accept path, and HTTP clients that trust an extra CA (`--ca-cert`).
+//! TLS on rustls: the server's certificate and key (`--tls-cert`/`--tls-key`), and HTTP
+//! clients that trust an extra CA (`--ca-cert`). The listener that handshakes is the
+//! server's (`server::conn::tls`).
 
-use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{Semaphore, mpsc};
-use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::{self, ServerConfig};
-use tokio_rustls::server::TlsStream;
-
-/// Longest a client may take to finish its TLS handshake.
-const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Most handshakes in flight at once; more connections wait in the kernel's backlog.
-const MAX_HANDSHAKES: usize = 512;
 
 /// Why TLS could not be set up; every variant names the file.
 #[derive(Debug, thiserror::Error)]
@@ -190,85 +181,4 @@ fn same_origin_redirects() -> reqwest::redirect::Policy {
             attempt.follow()
         }
     })
-}
-
-/// A listener that accepts TCP and hands out TLS streams. Handshakes run in their own tasks
-/// with a deadline, so a client that stalls mid-handshake holds up no one.
-pub struct TlsListener {
-    ready: mpsc::Receiver<(TlsStream<TcpStream>, SocketAddr)>,
-    local: SocketAddr,
-    acceptor: tokio::task::JoinHandle<()>,
-}
-
-impl TlsListener {
-    /// Wraps a bound listener.
-    pub fn new(listener: TcpListener, config: Arc<ServerConfig>) -> std::io::Result<Self> {
-        let local = listener.local_addr()?;
-        let (tx, ready) = mpsc::channel(64);
-        let acceptor = TlsAcceptor::from(config);
-        let permits = Arc::new(Semaphore::new(MAX_HANDSHAKES));
-        let task = tokio::spawn(async move {
-            // Out of descriptors and the like: back off instead of spinning.
-            let mut backoff =
-                crate::backoff::Backoff::new(Duration::from_millis(50), Duration::from_secs(1));
-            loop {
-                let Ok(permit) = permits.clone().acquire_owned().await else {
-                    return;
-                };
-                let (tcp, peer) = match listener.accept().await {
-                    Ok(accepted) => {
-                        backoff.reset();
-                        accepted
-                    }
-                    Err(err) => {
-                        let pause = backoff.fail();
-                        tracing::warn!(error = %err, retry_in = ?pause, "accept failed");
-                        tokio::time::sleep(pause).await;
-                        continue;
-                    }
-                };
-                let (acceptor, tx) = (acceptor.clone(), tx.clone());
-                tokio::spawn(async move {
-                    let _permit = permit;
-                    match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
-                        Ok(Ok(stream)) => {
-                            let _ = tx.send((stream, peer)).await;
-                        }
-                        Ok(Err(err)) => {
-                            tracing::debug!(%peer, error = %err, "TLS handshake failed")
-                        }
-                        Err(_) => tracing::debug!(%peer, "TLS handshake timed out"),
-                    }
-                });
-            }
-        });
-        Ok(Self {
-            ready,
-            local,
-            acceptor: task,
-        })
-    }
-}
-
-impl Drop for TlsListener {
-    fn drop(&mut self) {
-        self.acceptor.abort();
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        match self.ready.recv().await {
-            Some(accepted) => accepted,
-            // The accept task only ends when dropped with us; wait for shutdown meanwhile.
-            None => std::future::pending().await,
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(self.local)
-    }
 }

@@ -26,12 +26,16 @@ pub enum ErrorCode {
     Compacted,
     /// 413: a body or value over its limit.
     TooLarge,
+    /// 408: the request (its body) came too slowly.
+    Timeout,
     /// 415: not `application/json`.
     UnsupportedMediaType,
     /// 422: well-formed but invalid content.
     Invalid,
     /// 500: a server fault; the detail is in the server's log.
     Internal,
+    /// 429: too many requests of this kind from this source, or too many changes to one node.
+    TooManyRequests,
     /// 503: the store is unavailable or the server is at its connection limit.
     Unavailable,
     /// 404 (cfgsync): there is no config for this identifier.
@@ -73,6 +77,8 @@ impl ErrorCode {
             | Self::Replaced => StatusCode::CONFLICT,
             Self::Compacted => StatusCode::GONE,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::Timeout => StatusCode::REQUEST_TIMEOUT,
+            Self::TooManyRequests => StatusCode::TOO_MANY_REQUESTS,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::Invalid => StatusCode::UNPROCESSABLE_ENTITY,
             Self::Internal | Self::Unknown => StatusCode::INTERNAL_SERVER_ERROR,
@@ -91,6 +97,8 @@ impl ErrorCode {
             StatusCode::CONFLICT => Self::Conflict,
             StatusCode::GONE => Self::Compacted,
             StatusCode::PAYLOAD_TOO_LARGE => Self::TooLarge,
+            StatusCode::REQUEST_TIMEOUT => Self::Timeout,
+            StatusCode::TOO_MANY_REQUESTS => Self::TooManyRequests,
             StatusCode::UNSUPPORTED_MEDIA_TYPE => Self::UnsupportedMediaType,
             StatusCode::UNPROCESSABLE_ENTITY => Self::Invalid,
             StatusCode::TOO_EARLY => Self::NotReady,
@@ -111,6 +119,8 @@ impl ErrorCode {
             Self::Conflict => "conflict",
             Self::Compacted => "compacted",
             Self::TooLarge => "too_large",
+            Self::Timeout => "timeout",
+            Self::TooManyRequests => "too_many_requests",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::Invalid => "invalid",
             Self::Internal => "internal",
@@ -372,6 +382,8 @@ mod tests {
             ErrorCode::Conflict,
             ErrorCode::Compacted,
             ErrorCode::TooLarge,
+            ErrorCode::Timeout,
+            ErrorCode::TooManyRequests,
             ErrorCode::UnsupportedMediaType,
             ErrorCode::Invalid,
             ErrorCode::Internal,

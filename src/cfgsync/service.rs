@@ -65,6 +65,8 @@ pub enum NodeAnswer {
     Ready(Arc<Body>),
     /// 425: not ready yet, with why.
     NotReady(&'static str),
+    /// 425: this identifier has not registered; the answer is not held for it.
+    Unregistered,
     /// 404: no config for this identifier.
     Missing,
     /// 409: an operator removed this node from a frozen set.
@@ -231,7 +233,7 @@ impl Service {
                     // The node has this epoch already (`--watch`): hold for a newer one.
                     None
                 }
-                NodeAnswer::NotReady(_) if !synced => {
+                NodeAnswer::NotReady(_) | NodeAnswer::Unregistered if !synced => {
                     // Not ready in the view; perhaps ready in the store, which the view may
                     // trail by a moment. Catch up once with the store's revision before saying
                     // 425, so a node is never turned away by the server's own lag.
@@ -244,6 +246,12 @@ impl Service {
                     continue;
                 }
                 NodeAnswer::NotReady(why) => Some(why),
+                // Nothing to hold for: a node that registered through this store would be in
+                // the view by now (read your writes), and an unknown identifier must not hold
+                // a slot for a registration that may never come.
+                NodeAnswer::Unregistered => {
+                    return Err(RegisterError::NotReady("this identifier has not registered"));
+                }
                 NodeAnswer::Missing => {
                     return Err(RegisterError::MissingConfig(identifier.to_string()));
                 }
@@ -295,7 +303,7 @@ impl Service {
                 };
             }
             _ if !serving.registrations.contains_key(identifier) => {
-                return NodeAnswer::NotReady("this identifier has not registered");
+                return NodeAnswer::Unregistered;
             }
             Readiness::NotReady => {
                 return NodeAnswer::NotReady("waiting for the expected nodes to register");
@@ -309,7 +317,7 @@ impl Service {
                 }
                 // The view's own key, shared rather than copied: a hit allocates nothing.
                 let Some((registered, _)) = serving.registrations.get_key_value(identifier) else {
-                    return NodeAnswer::NotReady("this identifier has not registered");
+                    return NodeAnswer::Unregistered;
                 };
                 let key = (registered.clone(), epoch.revision);
                 let render = epoch.clone().render(

@@ -82,9 +82,11 @@ pub(crate) struct ServerArgs {
     #[arg(long, default_value_t = crate::cfgsync::admission::DEFAULT_MAX_REGISTRATIONS, env = "BOOTSYNC_MAX_REGISTRATIONS")]
     pub(crate) max_registrations: usize,
 
-    /// Bytes all registrations' metadata may hold together.
-    #[arg(long, default_value_t = crate::cfgsync::admission::DEFAULT_METADATA_BUDGET, env = "BOOTSYNC_METADATA_BUDGET")]
-    pub(crate) metadata_budget: usize,
+    /// Bytes all registrations' metadata may hold together [default: 256 MiB, or a sixth of
+    /// the memory limit (cgroup) when that is less: the server holds about 2.8 times the
+    /// stored bytes, up to 4.8 times just after a restart].
+    #[arg(long, env = "BOOTSYNC_METADATA_BUDGET")]
+    pub(crate) metadata_budget: Option<usize>,
 
     /// Longest wait for a request's head, on a new or an idle kept-alive connection.
     #[arg(long, default_value = "10s", value_parser = crate::bootstrap::duration::parse, env = "BOOTSYNC_HEADER_TIMEOUT")]
@@ -94,10 +96,35 @@ pub(crate) struct ServerArgs {
     #[arg(long, default_value = "10s", value_parser = crate::bootstrap::duration::parse, env = "BOOTSYNC_BODY_TIMEOUT")]
     pub(crate) body_timeout: std::time::Duration,
 
-    /// Connections served at once; past it only `/healthz` is answered [default: the open-file
-    /// limit, raised to its hard limit, less a reserve].
+    /// Bytes per second a request body must average once its first `--body-timeout` passed.
+    #[arg(long, default_value_t = server::ConnectionLimits::default().min_body_rate, env = "BOOTSYNC_MIN_BODY_RATE")]
+    pub(crate) min_body_rate: u64,
+
+    /// Longest from a request's head to its last body byte.
+    #[arg(long, default_value = "60s", value_parser = crate::bootstrap::duration::parse, env = "BOOTSYNC_REQUEST_DEADLINE")]
+    pub(crate) request_deadline: std::time::Duration,
+
+    /// Bytes of request bodies held at once, all connections together [default: 64 MiB, or a
+    /// sixteenth of the memory limit (cgroup) when that is less, and at least --body-limit].
+    #[arg(long, env = "BOOTSYNC_BODY_BUDGET")]
+    pub(crate) body_budget: Option<usize>,
+
+    /// Connections served at once; a quarter is kept for requests with a token, and past it
+    /// only `/healthz` is answered [default: the open-file limit, raised to its hard limit,
+    /// less a reserve].
     #[arg(long, env = "BOOTSYNC_MAX_CONNECTIONS", value_parser = clap::value_parser!(u32).range(1..))]
     pub(crate) max_connections: Option<u32>,
+
+    /// Connections one source address (an IPv6 /64) may hold before any of its requests
+    /// shows a token; 0 for no cap [default: an eighth of --max-connections, at least 64].
+    #[arg(long, env = "BOOTSYNC_MAX_CONNECTIONS_PER_SOURCE")]
+    pub(crate) max_connections_per_source: Option<usize>,
+
+    /// Requests one source may hold open (long-polls) without a token; past it they are
+    /// answered at once (`/node`) or refused with 429 (`/v1/changes`) [default: half its
+    /// connections].
+    #[arg(long, env = "BOOTSYNC_MAX_HELD_PER_SOURCE")]
+    pub(crate) max_held_per_source: Option<usize>,
 
     /// Serve HTTPS with this PEM certificate chain (needs --tls-key).
     #[arg(long, requires = "tls_key", env = "BOOTSYNC_TLS_CERT")]
@@ -164,17 +191,36 @@ impl ServerArgs {
                 },
                 admission: crate::cfgsync::admission::AdmissionLimits {
                     max_registrations: self.max_registrations,
-                    metadata_budget: self.metadata_budget,
+                    metadata_budget: self.metadata_budget.unwrap_or_else(|| {
+                        crate::memory::share(crate::cfgsync::admission::DEFAULT_METADATA_BUDGET, 6)
+                    }),
                 },
             },
-            connections: server::ConnectionLimits {
-                header_timeout: self.header_timeout,
-                body_timeout: self.body_timeout,
-                max_connections: self
-                    .max_connections
-                    .map_or_else(server::conn::default_max_connections, |n| n as usize),
-            },
+            connections: self.connection_limits(),
         })
+    }
+
+    /// The connection and request limits these flags ask for.
+    fn connection_limits(&self) -> server::ConnectionLimits {
+        let max_connections = self
+            .max_connections
+            .map_or_else(server::conn::default_max_connections, |n| n as usize);
+        let per_source = self
+            .max_connections_per_source
+            .unwrap_or_else(|| server::conn::default_per_source(max_connections));
+        server::ConnectionLimits {
+            header_timeout: self.header_timeout,
+            body_timeout: self.body_timeout,
+            min_body_rate: self.min_body_rate,
+            request_deadline: self.request_deadline,
+            body_budget: self
+                .body_budget
+                .unwrap_or_else(|| crate::memory::share(server::conn::DEFAULT_BODY_BUDGET, 16))
+                .max(self.body_limit),
+            max_connections,
+            per_source,
+            holds_per_source: self.max_held_per_source.unwrap_or(per_source / 2),
+        }
     }
 
     /// The store limits these flags ask for.

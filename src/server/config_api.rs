@@ -11,6 +11,8 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Admin, IsAdmin};
+use super::conn::Caller;
+use crate::api::ErrorCode;
 use super::error::{ApiPath, ApiQuery};
 use super::{ApiError, ApiJson, AppState};
 use crate::api::REVISION_HEADER;
@@ -288,15 +290,27 @@ const MAX_EVENTS: usize = 1000;
         (status = 400, description = "Malformed query", body = crate::api::ErrorBody),
         (status = 401, description = "`internal=true` without the admin token", body = crate::api::ErrorBody),
         (status = 410, description = "`from` is older than the compacted history; list and restart from the current revision", body = crate::api::ErrorBody),
+        (status = 429, description = "Without a token, this source holds as many long-polls as it may", body = crate::api::ErrorBody),
     ))]
 async fn changes(
     State(state): State<AppState>,
     admin: IsAdmin,
+    caller: Caller,
     ApiQuery(query): ApiQuery<ChangesQuery>,
 ) -> Result<Response, ApiError> {
     if query.internal {
         admin.require()?;
     }
+    // A long-poll holds a connection: without a token, a source holds only its share.
+    let _hold = match query.timeout {
+        0 => None,
+        _ => Some(caller.hold().ok_or_else(|| {
+            ApiError::new(
+                ErrorCode::TooManyRequests,
+                "this address holds as many long-polls as it may without a token; retry later",
+            )
+        })?),
+    };
     let filter = if query.internal {
         WatchFilter::All
     } else {

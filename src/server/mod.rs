@@ -89,6 +89,8 @@ pub struct AppState {
     /// The cfgsync serving engine.
     pub cfgsync: Arc<Service>,
     http: Arc<HttpMetrics>,
+    /// The budget and pace every request body is held to.
+    body_rules: conn::body::BodyRules,
     /// When the server state was built.
     pub started: Instant,
 }
@@ -120,6 +122,7 @@ impl AppState {
         );
         Ok(Self {
             store,
+            body_rules: options.connections.body_rules(),
             options: Arc::new(options),
             metrics,
             cfgsync,
@@ -226,14 +229,15 @@ pub fn router(state: AppState, extra: impl IntoIterator<Item = Router>) -> Route
         .layer(TraceLayer::new_for_http().make_span_with(|request: &Request| {
             tracing::info_span!("request", method = %request.method(), path = %request.uri().path())
         }))
-        .layer(middleware::from_fn(conn::shed))
+        // Before any handler reads a body: tokens prove the connection, probation is enforced
+        // and the body is held to the budget and pace.
+        .layer(middleware::from_fn_with_state(state.clone(), admit))
         .layer(DefaultBodyLimit::max(state.options.body_limit))
         .layer(axum::Extension(error::BodyLimit(state.options.body_limit)))
-        // A body that stops arriving ends the request (and its connection) instead of holding
-        // it forever.
-        .layer(tower_http::timeout::RequestBodyTimeoutLayer::new(
-            state.options.connections.body_timeout,
-        ))
+}
+
+async fn admit(State(state): State<AppState>, request: Request, next: Next) -> Response {
+    conn::admit(&state, &state.body_rules, request, next).await
 }
 
 /// Serves `app` on `listener` until `shutdown` is cancelled, then drains in-flight requests;

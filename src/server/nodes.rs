@@ -15,6 +15,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::auth::{Join, Tokens};
+use super::conn::Caller;
 use super::{ApiError, ApiJson};
 use crate::api::cfgsync::{NodeArtifactsPayload, NodeQuery, NodeRegistration, Registered};
 use crate::api::{ErrorBody, ErrorCode, ErrorDetails, NODE_SECRET_HEADER, Token};
@@ -169,6 +170,7 @@ async fn register(
 async fn node(
     State(routes): State<NodeRoutes>,
     _: Join,
+    caller: Caller,
     NodeSecret(secret): NodeSecret,
     headers: HeaderMap,
     query: Result<Query<NodeQuery>, axum::extract::rejection::QueryRejection>,
@@ -177,7 +179,10 @@ async fn node(
     let Query(query) = query?;
     let service = &routes.service;
     let id = &registration.identifier;
-    let deadline = service.wait_deadline(query.wait);
+    // A long-poll holds a connection: without a token, a source holds only its share, and
+    // past it the answer comes at once.
+    let hold = query.wait.filter(|wait| *wait > 0).and_then(|_| caller.hold());
+    let deadline = service.wait_deadline(hold.as_ref().and(query.wait));
     let serving = service
         .authorize_node(&registration, secret.as_deref(), deadline)
         .await?;

@@ -83,7 +83,7 @@ pub fn spawn(
     let token = shutdown.clone();
     let task = match tls {
         Some(config) => tokio::spawn(super::conn::serve(
-            crate::tls::TlsListener::new(listener, config)?,
+            super::conn::tls::TlsListener::new(listener, config)?,
             app,
             token,
             limits,

@@ -2,7 +2,7 @@
 //! module it may depend on, and the modules' dependencies form no cycle.
 //!
 //! ```text
-//! foundation (backoff, clock, files, metrics, shutdown, telemetry, tls)
+//! foundation (backoff, clock, files, memory, metrics, shutdown, telemetry, tls)
 //!   ← store ← api ← cfgsync, bootstrap, client ← server ← cli
 //!                    initialisers (bootstrap, cfgsync)
 //! ```
@@ -16,6 +16,7 @@ const FOUNDATION: &[&str] = &[
     "backoff",
     "clock",
     "files",
+    "memory",
     "metrics",
     "shutdown",
     "telemetry",

@@ -3,40 +3,11 @@
 
 use crate::support;
 
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use crate::support::Proc;
-use rcgen::{BasicConstraints, CertificateParams, CertifiedIssuer, DnType, IsCa, KeyPair};
+use crate::support::pki::{Pki, pki};
 use serde_json::Value;
-
-struct Pki {
-    ca: PathBuf,
-    cert: PathBuf,
-    key: PathBuf,
-}
-
-/// A private CA and a certificate it issued for `localhost` and `127.0.0.1`.
-fn pki(dir: &Path) -> Pki {
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "bootsync test CA");
-    let ca = CertifiedIssuer::self_signed(ca, KeyPair::generate().unwrap()).unwrap();
-    let leaf =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    let leaf_key = KeyPair::generate().unwrap();
-    let cert = leaf.signed_by(&leaf_key, &ca).unwrap();
-    let paths = Pki {
-        ca: dir.join("ca.pem"),
-        cert: dir.join("server.pem"),
-        key: dir.join("server.key"),
-    };
-    std::fs::write(&paths.ca, ca.pem()).unwrap();
-    std::fs::write(&paths.cert, cert.pem()).unwrap();
-    std::fs::write(&paths.key, leaf_key.serialize_pem()).unwrap();
-    paths
-}
 
 fn tls_args(pki: &Pki) -> [&str; 4] {
     [
@@ -214,7 +185,7 @@ fn tls_flag_mistakes_are_clear_and_name_what_is_wrong() {
     // A key that is not the certificate's.
     std::fs::write(
         dir.path().join("other.key"),
-        KeyPair::generate().unwrap().serialize_pem(),
+        rcgen::KeyPair::generate().unwrap().serialize_pem(),
     )
     .unwrap();
     let (code, _, err) = support::cli(

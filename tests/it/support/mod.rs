@@ -9,9 +9,12 @@ use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-/// The path of the binary under test.
+/// The path of the binary under test: this build's, or `BOOTSYNC_BIN` to run the tests
+/// against another build (an older release, to show a test fails where a fix is missing).
 pub fn bin() -> PathBuf {
-    PathBuf::from(env!("CARGO_BIN_EXE_bootsync"))
+    std::env::var_os("BOOTSYNC_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_bootsync")))
 }
 
 /// A running `bootsync` process, killed (by PID) when dropped.
@@ -187,6 +190,7 @@ impl Proc {
     }
 }
 pub mod etcd;
+pub mod pki;
 pub mod store_suite;
 
 impl Proc {
@@ -310,4 +314,21 @@ pub fn replica(dir: &Path, server: &str, holder: &str) -> Proc {
     let line =
         format!("bootstrap --spec spec.yaml --server {server} --holder-id {holder} --lease-ttl 2s");
     Proc::spawn_bootstrap(&line.split_whitespace().collect::<Vec<_>>(), dir)
+}
+
+/// What a server wrote on `stream` before it closed or `deadline` passed, as text.
+pub async fn read_answer(stream: &mut tokio::net::TcpStream, deadline: Duration) -> String {
+    use tokio::io::AsyncReadExt;
+    let mut answer = Vec::new();
+    let _ = tokio::time::timeout(deadline, async {
+        let mut buf = [0u8; 4096];
+        while let Ok(n @ 1..) = stream.read(&mut buf).await {
+            answer.extend_from_slice(&buf[..n]);
+            if answer.windows(4).any(|w| w == b"\r\n\r\n") {
+                break;
+            }
+        }
+    })
+    .await;
+    String::from_utf8_lossy(&answer).into_owned()
 }

@@ -3,6 +3,8 @@
 
 use crate::support;
 
+mod network;
+
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
@@ -269,7 +271,10 @@ async fn stalled_connections_are_closed_and_long_polls_are_not() {
         )
         .await
         .unwrap();
-    // A long-poll for a set that is not ready, held three times the header timeout.
+    // A long-poll of a registered node for a set that is not ready, held three times the
+    // header timeout.
+    let registered = post(&format!("{}/register", server.url), &node("a", json!({}))).await;
+    assert_eq!(registered.status(), 202);
     let url = server.url.clone();
     let poll = tokio::spawn(async move {
         let started = Instant::now();
@@ -280,8 +285,6 @@ async fn stalled_connections_are_closed_and_long_polls_are_not() {
     for stream in [&mut slow, &mut silent, &mut bodiless] {
         closed_within(stream, Duration::from_secs(5)).await;
     }
-    let registered = post(&format!("{}/register", server.url), &node("a", json!({}))).await;
-    assert_eq!(registered.status(), 202);
     let (status, took) = poll.await.unwrap();
     assert_eq!(status, 425, "the long-poll completed with its answer");
     assert!(took >= Duration::from_millis(2900), "held {took:?}");

@@ -1,0 +1,82 @@
+//! The memory a process may use, as its cgroup says, so that default budgets fit the
+//! container they run in (a 128 MiB pod must not default to a 256 MiB budget).
+
+use std::path::Path;
+
+/// The memory limit of this process's cgroup in bytes, if one is set (cgroup v2's
+/// `memory.max`, else v1's `memory.limit_in_bytes`).
+pub fn limit() -> Option<u64> {
+    limit_under(Path::new("/sys/fs/cgroup"), &std::fs::read_to_string("/proc/self/cgroup").ok()?)
+}
+
+/// The limit read under a cgroup mount `root`, for the membership lines of `/proc/self/cgroup`.
+fn limit_under(root: &Path, membership: &str) -> Option<u64> {
+    for line in membership.lines() {
+        let mut fields = line.splitn(3, ':');
+        let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
+        let relative = path.trim_start_matches('/');
+        let candidates = if controllers.is_empty() {
+            // cgroup v2: one unified hierarchy.
+            vec![root.join(relative).join("memory.max"), root.join("memory.max")]
+        } else if controllers.split(',').any(|c| c == "memory") {
+            vec![
+                root.join("memory").join(relative).join("memory.limit_in_bytes"),
+                root.join("memory").join("memory.limit_in_bytes"),
+            ]
+        } else {
+            continue;
+        };
+        for candidate in candidates {
+            if let Some(limit) = read_limit(&candidate) {
+                return Some(limit);
+            }
+        }
+    }
+    None
+}
+
+fn read_limit(path: &Path) -> Option<u64> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let value: u64 = text.trim().parse().ok()?;
+    // v1 writes "no limit" as a page-rounded i64::MAX.
+    (value < 1 << 60).then_some(value)
+}
+
+/// `default`, or `1/divisor` of the memory limit when that is smaller.
+pub fn share(default: usize, divisor: u64) -> usize {
+    match limit() {
+        Some(limit) => default.min(usize::try_from(limit / divisor).unwrap_or(usize::MAX)),
+        None => default,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_v2_limit_is_read_and_max_means_none() {
+        let root = tempfile::tempdir().unwrap();
+        let group = root.path().join("kubepods/pod1");
+        std::fs::create_dir_all(&group).unwrap();
+        std::fs::write(group.join("memory.max"), "134217728\n").unwrap();
+        assert_eq!(
+            limit_under(root.path(), "0::/kubepods/pod1\n"),
+            Some(128 << 20)
+        );
+        std::fs::write(group.join("memory.max"), "max\n").unwrap();
+        assert_eq!(limit_under(root.path(), "0::/kubepods/pod1\n"), None);
+    }
+
+    #[test]
+    fn a_v1_limit_is_read_from_the_memory_controller() {
+        let root = tempfile::tempdir().unwrap();
+        let group = root.path().join("memory/docker/abc");
+        std::fs::create_dir_all(&group).unwrap();
+        std::fs::write(group.join("memory.limit_in_bytes"), "268435456").unwrap();
+        let membership = "4:cpu,cpuacct:/docker/abc\n3:memory:/docker/abc\n";
+        assert_eq!(limit_under(root.path(), membership), Some(256 << 20));
+        std::fs::write(group.join("memory.limit_in_bytes"), "9223372036854771712").unwrap();
+        assert_eq!(limit_under(root.path(), membership), None);
+    }
+}

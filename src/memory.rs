@@ -6,7 +6,10 @@ use std::path::Path;
 /// The memory limit of this process's cgroup in bytes, if one is set (cgroup v2's
 /// `memory.max`, else v1's `memory.limit_in_bytes`).
 pub fn limit() -> Option<u64> {
-    limit_under(Path::new("/sys/fs/cgroup"), &std::fs::read_to_string("/proc/self/cgroup").ok()?)
+    limit_under(
+        Path::new("/sys/fs/cgroup"),
+        &std::fs::read_to_string("/proc/self/cgroup").ok()?,
+    )
 }
 
 /// The limit read under a cgroup mount `root`, for the membership lines of `/proc/self/cgroup`.
@@ -17,10 +20,15 @@ fn limit_under(root: &Path, membership: &str) -> Option<u64> {
         let relative = path.trim_start_matches('/');
         let candidates = if controllers.is_empty() {
             // cgroup v2: one unified hierarchy.
-            vec![root.join(relative).join("memory.max"), root.join("memory.max")]
+            vec![
+                root.join(relative).join("memory.max"),
+                root.join("memory.max"),
+            ]
         } else if controllers.split(',').any(|c| c == "memory") {
             vec![
-                root.join("memory").join(relative).join("memory.limit_in_bytes"),
+                root.join("memory")
+                    .join(relative)
+                    .join("memory.limit_in_bytes"),
                 root.join("memory").join("memory.limit_in_bytes"),
             ]
         } else {

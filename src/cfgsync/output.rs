@@ -1,8 +1,13 @@
 //! Where a payload's files go on the node, and writing them all or none.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::{OsStr, OsString};
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::os::fd::{AsFd, OwnedFd};
+use std::path::{Component, Path, PathBuf};
+use std::sync::Arc;
+
+use rustix::fs;
 
 use super::ArtifactFile;
 
@@ -106,75 +111,244 @@ impl ArtifactOutputMap {
         Ok(dest)
     }
 
+    /// Where a payload path lands: its directory (beneath the root, or a route's) and name.
+    fn target(&self, path: &str) -> Result<Target, OutputError> {
+        let shown = self.resolve(path)?;
+        let name = shown
+            .file_name()
+            .map(OsString::from)
+            .ok_or_else(|| OutputError::Refused {
+                path: path.to_string(),
+                reason: "names no file".into(),
+            })?;
+        let dir = if self.routes.contains_key(path) {
+            let parent = shown.parent().filter(|p| !p.as_os_str().is_empty());
+            Dir::Routed(parent.unwrap_or(Path::new(".")).to_path_buf())
+        } else {
+            let mut parts: Vec<OsString> = Path::new(path)
+                .components()
+                .filter_map(|c| match c {
+                    Component::Normal(part) => Some(part.to_os_string()),
+                    _ => None,
+                })
+                .collect();
+            parts.pop();
+            Dir::Beneath(parts)
+        };
+        Ok(Target { dir, name, shown })
+    }
+
     /// Writes every file or none: all are validated, staged beside their targets and fsynced,
     /// then renamed into place. Returns the local paths written.
+    ///
+    /// Everything beneath the output root is reached from a descriptor of the root, one
+    /// directory at a time and never through a symlink, so a local writer who swaps a
+    /// directory for a symlink while the payload is written cannot send a file outside.
     pub fn write_all(&self, files: &[ArtifactFile]) -> Result<Vec<PathBuf>, OutputError> {
         // Duplicates are judged on where files land, so `a/b`, `a//b`, `./a/b` and `a/./b` are
         // one file.
         let mut seen = BTreeSet::new();
         let mut plan = Vec::with_capacity(files.len());
         for file in files {
-            let dest = self.resolve(&file.path)?;
-            let landing: PathBuf = dest.components().collect();
+            let target = self.target(&file.path)?;
+            let landing: PathBuf = target.shown.components().collect();
             if !seen.insert(landing) {
                 return Err(OutputError::Duplicate {
                     path: file.path.clone(),
                 });
             }
-            plan.push((dest, file));
+            plan.push((target, file));
         }
         check_layout(&seen, &plan)?;
-        let mut staged: Vec<(PathBuf, PathBuf)> = Vec::with_capacity(plan.len());
+        let mut dirs = Dirs::new(&self.root);
+        let mut staged: Vec<(Arc<OwnedFd>, OsString, OsString, PathBuf)> =
+            Vec::with_capacity(plan.len());
         let result = (|| {
-            for (dest, file) in &plan {
+            for (target, file) in &plan {
                 let io = |source| OutputError::Io {
-                    path: dest.display().to_string(),
+                    path: target.shown.display().to_string(),
                     source,
                 };
-                let dir = dest
-                    .parent()
-                    .filter(|d| !d.as_os_str().is_empty())
-                    .unwrap_or(Path::new("."));
-                std::fs::create_dir_all(dir).map_err(io)?;
-                let name = dest
-                    .file_name()
-                    .map(|n| n.to_string_lossy().into_owned())
-                    .unwrap_or_default();
-                let (tmp, mut out) = create_staging(dir, &name).map_err(io)?;
-                staged.push((tmp, dest.clone()));
+                let dir = dirs.open(&target.dir, true).map_err(io)?;
+                let (tmp, mut out) = create_staging(&dir, &target.name).map_err(io)?;
+                staged.push((dir.clone(), tmp, target.name.clone(), target.shown.clone()));
                 out.write_all(file.content.as_bytes()).map_err(io)?;
                 out.sync_all().map_err(io)?;
             }
             Ok(())
         })();
         if let Err(err) = result {
-            for (tmp, _) in &staged {
-                let _ = std::fs::remove_file(tmp);
+            for (dir, tmp, _, _) in &staged {
+                let _ = fs::unlinkat(&**dir, tmp.as_os_str(), fs::AtFlags::empty());
             }
             return Err(err);
         }
         let mut written = Vec::with_capacity(staged.len());
-        for (i, (tmp, dest)) in staged.iter().enumerate() {
-            if let Err(source) = std::fs::rename(tmp, dest) {
+        for (i, (dir, tmp, name, shown)) in staged.iter().enumerate() {
+            if let Err(errno) = fs::renameat(&**dir, tmp.as_os_str(), &**dir, name.as_os_str()) {
                 // Leave no staging file behind; the layout check above makes this rare.
-                for (tmp, _) in &staged[i..] {
-                    let _ = std::fs::remove_file(tmp);
+                for (dir, tmp, _, _) in &staged[i..] {
+                    let _ = fs::unlinkat(&**dir, tmp.as_os_str(), fs::AtFlags::empty());
                 }
                 return Err(OutputError::Io {
-                    path: dest.display().to_string(),
-                    source,
+                    path: shown.display().to_string(),
+                    source: errno.into(),
                 });
             }
-            if let Some(dir) = dest.parent().filter(|d| !d.as_os_str().is_empty())
-                && let Ok(handle) = std::fs::File::open(dir)
-            {
-                // Make the rename itself durable.
-                let _ = handle.sync_all();
-            }
-            written.push(dest.clone());
+            // Make the rename itself durable.
+            let _ = fs::fsync(&**dir);
+            written.push(shown.clone());
         }
         Ok(written)
     }
+
+    /// Deletes the files of `before` that `after` no longer names, when they were written
+    /// beneath the output root (routed files are the operator's to remove). Reached from
+    /// the root's descriptor as [`write_all`](Self::write_all) does; returns what was deleted.
+    pub fn remove_dropped(&self, before: &[ArtifactFile], after: &[ArtifactFile]) -> Vec<PathBuf> {
+        let kept: BTreeSet<PathBuf> = after
+            .iter()
+            .filter_map(|f| self.resolve(&f.path).ok())
+            .map(|p| p.components().collect())
+            .collect();
+        let mut dirs = Dirs::new(&self.root);
+        let mut removed = Vec::new();
+        for file in before {
+            let Ok(target) = self.target(&file.path) else {
+                continue;
+            };
+            let landing: PathBuf = target.shown.components().collect();
+            if matches!(target.dir, Dir::Routed(_)) || kept.contains(&landing) {
+                continue;
+            }
+            let Ok(dir) = dirs.open(&target.dir, false) else {
+                continue;
+            };
+            // A file only: a directory or a link standing there now is left alone.
+            let is_file = fs::statat(
+                &*dir,
+                target.name.as_os_str(),
+                fs::AtFlags::SYMLINK_NOFOLLOW,
+            )
+            .is_ok_and(|st| fs::FileType::from_raw_mode(st.st_mode) == fs::FileType::RegularFile);
+            if is_file && fs::unlinkat(&*dir, target.name.as_os_str(), fs::AtFlags::empty()).is_ok()
+            {
+                removed.push(target.shown);
+            }
+        }
+        removed
+    }
+}
+
+/// Where one file lands.
+struct Target {
+    dir: Dir,
+    name: OsString,
+    /// The path as shown to people (and returned to callers).
+    shown: PathBuf,
+}
+
+/// A file's directory.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Dir {
+    /// Beneath the output root, by these components.
+    Beneath(Vec<OsString>),
+    /// A route's directory, as the operator named it.
+    Routed(PathBuf),
+}
+
+/// Open directories of one write, each opened once.
+struct Dirs<'a> {
+    root_path: &'a Path,
+    root: Option<Arc<OwnedFd>>,
+    open: BTreeMap<Dir, Arc<OwnedFd>>,
+}
+
+impl<'a> Dirs<'a> {
+    fn new(root_path: &'a Path) -> Self {
+        Self {
+            root_path,
+            root: None,
+            open: BTreeMap::new(),
+        }
+    }
+
+    /// The descriptor of `dir`; with `create`, missing directories are made on the way.
+    fn open(&mut self, dir: &Dir, create: bool) -> std::io::Result<Arc<OwnedFd>> {
+        if let Some(fd) = self.open.get(dir) {
+            return Ok(fd.clone());
+        }
+        let fd = match dir {
+            // The operator's own paths: followed as given.
+            Dir::Routed(path) => {
+                if create {
+                    std::fs::create_dir_all(path)?;
+                }
+                Arc::new(open_dir(fs::CWD, path, false)?)
+            }
+            Dir::Beneath(parts) => {
+                let mut current = self.root(create)?;
+                for part in parts {
+                    current = Arc::new(step(&current, part, create)?);
+                }
+                current
+            }
+        };
+        self.open.insert(dir.clone(), fd.clone());
+        Ok(fd)
+    }
+
+    fn root(&mut self, create: bool) -> std::io::Result<Arc<OwnedFd>> {
+        if let Some(root) = &self.root {
+            return Ok(root.clone());
+        }
+        if create {
+            std::fs::create_dir_all(self.root_path)?;
+        }
+        let root = Arc::new(open_dir(fs::CWD, self.root_path, false)?);
+        self.root = Some(root.clone());
+        Ok(root)
+    }
+}
+
+fn open_dir<Fd: AsFd>(at: Fd, path: &Path, no_follow: bool) -> std::io::Result<OwnedFd> {
+    let mut flags = fs::OFlags::RDONLY | fs::OFlags::DIRECTORY | fs::OFlags::CLOEXEC;
+    if no_follow {
+        flags |= fs::OFlags::NOFOLLOW;
+    }
+    Ok(fs::openat(at, path, flags, fs::Mode::empty())?)
+}
+
+/// One directory down from `dir`, never through a symlink; made first when missing.
+fn step(dir: &OwnedFd, part: &OsStr, create: bool) -> std::io::Result<OwnedFd> {
+    let refuse = |what: &str| {
+        std::io::Error::other(format!(
+            "{} is {what}, not a directory: refusing to write through it",
+            part.to_string_lossy()
+        ))
+    };
+    for _ in 0..2 {
+        match open_dir(dir, Path::new(part), true) {
+            Ok(next) => return Ok(next),
+            Err(err) if err.raw_os_error() == Some(rustix::io::Errno::LOOP.raw_os_error()) => {
+                return Err(refuse("a symlink"));
+            }
+            Err(err) if err.raw_os_error() == Some(rustix::io::Errno::NOTDIR.raw_os_error()) => {
+                return Err(refuse("a file or a symlink"));
+            }
+            Err(err) if create && err.kind() == std::io::ErrorKind::NotFound => {
+                match fs::mkdirat(dir, part, fs::Mode::from_raw_mode(0o777)) {
+                    Ok(()) | Err(rustix::io::Errno::EXIST) => continue,
+                    Err(errno) => return Err(errno.into()),
+                }
+            }
+            Err(err) => return Err(err),
+        }
+    }
+    Err(std::io::Error::other(format!(
+        "{} keeps changing: refusing to write through it",
+        part.to_string_lossy()
+    )))
 }
 
 /// Refuses, before anything is written, a payload whose files cannot all be laid out: one
@@ -182,9 +356,10 @@ impl ArtifactOutputMap {
 /// needed where a file stands.
 fn check_layout(
     landings: &BTreeSet<PathBuf>,
-    plan: &[(PathBuf, &ArtifactFile)],
+    plan: &[(Target, &ArtifactFile)],
 ) -> Result<(), OutputError> {
-    for (dest, file) in plan {
+    for (target, file) in plan {
+        let dest = &target.shown;
         let refuse = |reason: String| OutputError::Refused {
             path: file.path.clone(),
             reason,
@@ -213,27 +388,28 @@ fn check_layout(
     Ok(())
 }
 
-/// A new staging file beside the target, under a name no one can guess, created exclusively
-/// and never through a symlink: a link planted under any name cannot redirect the write.
-fn create_staging(dir: &Path, name: &str) -> std::io::Result<(PathBuf, std::fs::File)> {
-    use std::os::unix::fs::OpenOptionsExt;
+/// A new staging file in `dir` beside the target, under a name no one can guess, created
+/// exclusively and never through a symlink: a link planted under any name cannot redirect
+/// the write.
+fn create_staging(dir: &OwnedFd, name: &OsStr) -> std::io::Result<(OsString, std::fs::File)> {
     let mut last = None;
     for _ in 0..8 {
         let tag: String = std::iter::repeat_with(fastrand::alphanumeric)
             .take(16)
             .collect();
-        let tmp = dir.join(format!(".{name}.bootsync-{tag}"));
-        match std::fs::OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            // As `File::create` would: the umask decides.
-            .mode(0o666)
-            .custom_flags(libc::O_NOFOLLOW | libc::O_CLOEXEC)
-            .open(&tmp)
-        {
-            Ok(file) => return Ok((tmp, file)),
-            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => last = Some(err),
-            Err(err) => return Err(err),
+        let mut tmp = OsString::from(".");
+        tmp.push(name);
+        tmp.push(format!(".bootsync-{tag}"));
+        let flags = fs::OFlags::WRONLY
+            | fs::OFlags::CREATE
+            | fs::OFlags::EXCL
+            | fs::OFlags::NOFOLLOW
+            | fs::OFlags::CLOEXEC;
+        // As `File::create` would: the umask decides.
+        match fs::openat(dir, tmp.as_os_str(), flags, fs::Mode::from_raw_mode(0o666)) {
+            Ok(fd) => return Ok((tmp, std::fs::File::from(fd))),
+            Err(rustix::io::Errno::EXIST) => last = Some(rustix::io::Errno::EXIST.into()),
+            Err(errno) => return Err(errno.into()),
         }
     }
     Err(last.unwrap_or_else(|| std::io::Error::other("no free staging name")))
@@ -428,5 +604,48 @@ mod tests {
             ["plain"],
             "no staging file left behind"
         );
+    }
+
+    #[test]
+    fn dropped_files_beneath_the_root_are_deleted_and_nothing_else() {
+        let dir = tempfile::tempdir().unwrap();
+        let routed = dir.path().join("etc/routed.yaml");
+        let map = ArtifactOutputMap::new()
+            .route("/routed.yaml", &routed)
+            .with_root(dir.path().join("out"));
+        let before = [
+            file("/routed.yaml"),
+            file("keep.txt"),
+            file("gone/old.txt"),
+            file("dir-now"),
+        ];
+        map.write_all(&before).unwrap();
+        // A directory now stands where a dropped file was: it is not removed.
+        std::fs::remove_file(dir.path().join("out/dir-now")).unwrap();
+        std::fs::create_dir(dir.path().join("out/dir-now")).unwrap();
+        let after = [file("keep.txt")];
+        let removed = map.remove_dropped(&before, &after);
+        assert_eq!(removed, [dir.path().join("out").join("gone/old.txt")]);
+        assert!(routed.exists(), "a routed file is the operator's to remove");
+        assert!(dir.path().join("out/keep.txt").exists());
+        assert!(dir.path().join("out/dir-now").is_dir());
+    }
+
+    #[test]
+    fn a_symlinked_directory_beneath_the_root_is_not_written_through() {
+        let dir = tempfile::tempdir().unwrap();
+        let outside = tempfile::tempdir().unwrap();
+        let root = dir.path().join("out");
+        std::fs::create_dir_all(root.join("real")).unwrap();
+        let map = ArtifactOutputMap::new().with_root(&root);
+        // The path check sees a real directory; the write then meets a symlink there, as
+        // when a local writer swaps it in between.
+        let plan = map.target("real/f.txt").unwrap();
+        std::fs::remove_dir(root.join("real")).unwrap();
+        std::os::unix::fs::symlink(outside.path(), root.join("real")).unwrap();
+        let mut dirs = Dirs::new(&root);
+        let err = dirs.open(&plan.dir, true).unwrap_err();
+        assert!(err.to_string().contains("symlink"), "{err}");
+        assert!(std::fs::read_dir(outside.path()).unwrap().next().is_none());
     }
 }

@@ -250,7 +250,9 @@ impl Service {
                 // the view by now (read your writes), and an unknown identifier must not hold
                 // a slot for a registration that may never come.
                 NodeAnswer::Unregistered => {
-                    return Err(RegisterError::NotReady("this identifier has not registered"));
+                    return Err(RegisterError::NotReady(
+                        "this identifier has not registered",
+                    ));
                 }
                 NodeAnswer::Missing => {
                     return Err(RegisterError::MissingConfig(identifier.to_string()));

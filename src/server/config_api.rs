@@ -12,9 +12,9 @@ use utoipa_axum::routes;
 
 use super::auth::{Admin, IsAdmin};
 use super::conn::Caller;
-use crate::api::ErrorCode;
 use super::error::{ApiPath, ApiQuery};
 use super::{ApiError, ApiJson, AppState};
+use crate::api::ErrorCode;
 use crate::api::REVISION_HEADER;
 use crate::api::config::{
     ChangesBody, ChangesQuery, EntryBody, MAX_CHANGES_WAIT, NamespaceBody, Namespaces, PublicEvent,

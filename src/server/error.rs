@@ -8,8 +8,8 @@ use axum::http::StatusCode;
 use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 
-pub use crate::api::{ErrorBody, ErrorCode};
 use super::conn::body::BodyError;
+pub use crate::api::{ErrorBody, ErrorCode};
 use crate::store;
 use crate::telemetry::error_chain;
 
@@ -124,7 +124,9 @@ impl From<JsonRejection> for ApiError {
     fn from(r: JsonRejection) -> Self {
         // A body cut off by the server's own limits says which, with its own status.
         match super::conn::body::body_error(&r) {
-            Some(err @ BodyError::Busy { .. }) => Self::new(ErrorCode::Unavailable, err.to_string()),
+            Some(err @ BodyError::Busy { .. }) => {
+                Self::new(ErrorCode::Unavailable, err.to_string())
+            }
             Some(err @ BodyError::TooSlow { .. }) => Self::new(ErrorCode::Timeout, err.to_string()),
             None => rejection(r.status(), r.body_text()),
         }

@@ -181,7 +181,10 @@ async fn node(
     let id = &registration.identifier;
     // A long-poll holds a connection: without a token, a source holds only its share, and
     // past it the answer comes at once.
-    let hold = query.wait.filter(|wait| *wait > 0).and_then(|_| caller.hold());
+    let hold = query
+        .wait
+        .filter(|wait| *wait > 0)
+        .and_then(|_| caller.hold());
     let deadline = service.wait_deadline(hold.as_ref().and(query.wait));
     let serving = service
         .authorize_node(&registration, secret.as_deref(), deadline)

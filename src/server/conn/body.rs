@@ -26,7 +26,9 @@ pub enum BodyError {
         budget: usize,
     },
     /// The body stopped, or came too slowly.
-    #[error("the request body came too slowly: {received} bytes in {elapsed:?} (the server needs the next piece within {piece:?}, {rate} bytes/s on average after that, and the whole request within {whole:?})")]
+    #[error(
+        "the request body came too slowly: {received} bytes in {elapsed:?} (the server needs the next piece within {piece:?}, {rate} bytes/s on average after that, and the whole request within {whole:?})"
+    )]
     TooSlow {
         /// Bytes received.
         received: u64,
@@ -255,7 +257,10 @@ mod tests {
         let mut silent = rules.guard(body);
         let err = silent.frame().await.unwrap().unwrap_err();
         assert!(
-            matches!(body_error(&err), Some(BodyError::TooSlow { received: 0, .. })),
+            matches!(
+                body_error(&err),
+                Some(BodyError::TooSlow { received: 0, .. })
+            ),
             "{err}"
         );
 
@@ -278,8 +283,15 @@ mod tests {
                 None => panic!("the trickle was taken whole"),
             }
         };
-        assert!(matches!(body_error(&failed), Some(BodyError::TooSlow { .. })));
-        assert!(started.elapsed() < Duration::from_secs(4), "{:?}", started.elapsed());
+        assert!(matches!(
+            body_error(&failed),
+            Some(BodyError::TooSlow { .. })
+        ));
+        assert!(
+            started.elapsed() < Duration::from_secs(4),
+            "{:?}",
+            started.elapsed()
+        );
         feeder.abort();
     }
 

@@ -159,7 +159,12 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
 /// Per request, before anything is read: notes whether it carries a configured token (which
 /// proves its connection), turns away what a connection on probation may not ask, and holds
 /// its body to the server's [`BodyRules`].
-pub async fn admit<S: Tokens>(state: &S, rules: &BodyRules, request: Request, next: Next) -> Response {
+pub async fn admit<S: Tokens>(
+    state: &S,
+    rules: &BodyRules,
+    request: Request,
+    next: Next,
+) -> Response {
     let presented = bearer(request.headers());
     let proven = presented.is_some_and(|presented| {
         [state.admin_token(), state.join_token()]
@@ -180,7 +185,8 @@ pub async fn admit<S: Tokens>(state: &S, rules: &BodyRules, request: Request, ne
     }
     let (mut parts, body) = request.into_parts();
     parts.extensions.insert(Caller { proven, conn });
-    next.run(Request::from_parts(parts, rules.guard(body))).await
+    next.run(Request::from_parts(parts, rules.guard(body)))
+        .await
 }
 
 /// Serves `app` on `listener` within `limits` until `shutdown` is cancelled, then lets

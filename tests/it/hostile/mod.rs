@@ -3,6 +3,7 @@
 
 use crate::support;
 
+mod client;
 mod network;
 
 use std::time::{Duration, Instant};

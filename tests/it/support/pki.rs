@@ -32,4 +32,3 @@ pub fn pki(dir: &Path) -> Pki {
     std::fs::write(&paths.key, leaf_key.serialize_pem()).unwrap();
     paths
 }
-

@@ -92,6 +92,18 @@ pub enum RegisterError {
         /// The IP it registered with first.
         ip: IpAddr,
     },
+    /// The node changed what peers see (its IP or metadata) too often.
+    #[error(
+        "{identifier:?} changed its IP or metadata more than {per_minute} times a minute; the change is refused (retry in {retry_after_secs} s)"
+    )]
+    TooManyChanges {
+        /// The node.
+        identifier: String,
+        /// The rate it may change at.
+        per_minute: u32,
+        /// When the next change would be taken.
+        retry_after_secs: u64,
+    },
     /// The registration cap is reached.
     #[error("at most {0} registrations are accepted")]
     Cap(usize),
@@ -207,6 +219,56 @@ fn rules(
     Ok(())
 }
 
+/// How often each node may change what its peers see (its IP or metadata): a token bucket
+/// per identifier, in this server's memory. A node re-registering with changing metadata
+/// would otherwise make every watching node reload at every registration.
+#[derive(Debug)]
+pub(super) struct ChangeRate {
+    per_minute: u32,
+    buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, Instant)>>,
+}
+
+impl ChangeRate {
+    /// A rate of `per_minute` changes, bursts of as many (0: unlimited).
+    pub(super) fn new(per_minute: u32) -> Self {
+        Self {
+            per_minute,
+            buckets: Default::default(),
+        }
+    }
+
+    /// Takes one change for `identifier`, or says when one would be taken.
+    fn take(&self, identifier: &str) -> Result<(), RegisterError> {
+        if self.per_minute == 0 {
+            return Ok(());
+        }
+        let capacity = f64::from(self.per_minute);
+        let per_second = capacity / 60.0;
+        let now = Instant::now();
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if buckets.len() > 50_000 {
+            // Full buckets say nothing a fresh one would not.
+            buckets.retain(|_, (tokens, at)| {
+                *tokens + now.duration_since(*at).as_secs_f64() * per_second < capacity
+            });
+        }
+        let (tokens, at) = buckets
+            .entry(identifier.to_string())
+            .or_insert((capacity, now));
+        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * per_second).min(capacity);
+        *at = now;
+        if *tokens >= 1.0 {
+            *tokens -= 1.0;
+            return Ok(());
+        }
+        Err(RegisterError::TooManyChanges {
+            identifier: identifier.to_string(),
+            per_minute: self.per_minute,
+            retry_after_secs: ((1.0 - *tokens) / per_second).ceil() as u64,
+        })
+    }
+}
+
 /// A node's registration and removal marker as the store holds them.
 struct Stored {
     record: Option<RegistrationRecord>,
@@ -316,6 +378,12 @@ impl Service {
                 self.secret_for(existing, &registration, peer, presented)?;
             // After the secret: a caller without it learns nothing of the stored record.
             rules(&self.current(), &registration, existing)?;
+            // A change peers see renders every node's files again: at a bounded rate.
+            if existing.is_some_and(|old| {
+                old.ip != registration.ip || old.metadata != registration.metadata
+            }) {
+                self.changes.take(id)?;
+            }
             let now = now_ms();
             let record = RegistrationRecord {
                 identifier: id.clone(),
@@ -468,6 +536,30 @@ mod tests {
             check_secret(&stored, None),
             Err(RegisterError::SecretMissing)
         ));
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_node_changes_at_most_its_rate_after_a_burst() {
+        let rate = ChangeRate::new(3);
+        for _ in 0..3 {
+            rate.take("n").unwrap();
+        }
+        let refused = rate.take("n").unwrap_err();
+        assert!(
+            matches!(
+                refused,
+                RegisterError::TooManyChanges {
+                    retry_after_secs: 20,
+                    ..
+                }
+            ),
+            "{refused}"
+        );
+        assert!(rate.take("other").is_ok(), "each node has its own bucket");
+        tokio::time::advance(Duration::from_secs(20)).await;
+        assert!(rate.take("n").is_ok(), "one change comes back every 20 s");
+        assert!(rate.take("n").is_err());
+        assert!(ChangeRate::new(0).take("n").is_ok(), "0 means unlimited");
     }
 
     #[test]

@@ -21,7 +21,7 @@ use super::epoch::{Rendered, Source};
 use super::materialize::RegistrationSnapshotMaterializer;
 use super::payload::Body;
 use super::policy::RenderLimits;
-use super::registration::{READ_YOUR_WRITES_WAIT, RegisterError, own_lag_deadline};
+use super::registration::{ChangeRate, READ_YOUR_WRITES_WAIT, RegisterError, own_lag_deadline};
 use super::render::{DEFAULT_CACHE_BYTES, RenderCache, RenderFailures, RenderPool, Weigh};
 use super::view::{Readiness, Serving, View};
 use crate::api::cfgsync::{NodeInfo, NodesBody};
@@ -43,6 +43,8 @@ pub struct ServiceOptions {
     pub render_limits: RenderLimits,
     /// The registration cap and the metadata budget.
     pub admission: AdmissionLimits,
+    /// How many times a minute one node may change its IP or metadata (0: no limit).
+    pub node_changes_per_minute: u32,
 }
 
 impl Default for ServiceOptions {
@@ -54,9 +56,14 @@ impl Default for ServiceOptions {
             render_threads: RenderPool::default_threads(),
             render_limits: RenderLimits::default(),
             admission: AdmissionLimits::default(),
+            node_changes_per_minute: DEFAULT_NODE_CHANGES_PER_MINUTE,
         }
     }
 }
+
+/// Default of [`ServiceOptions::node_changes_per_minute`]: a node that re-registers with
+/// changing metadata makes every watching node reload, so a few changes a minute at most.
+pub const DEFAULT_NODE_CHANGES_PER_MINUTE: u32 = 3;
 
 /// What `/node` answers for one identifier in one view.
 #[derive(Debug, Clone)]
@@ -107,6 +114,7 @@ pub struct Service {
     gzipped: RenderCache<(Arc<str>, Revision, bool), Gzipped>,
     failures: Arc<RenderFailures>,
     pub(super) admission: Admission,
+    pub(super) changes: ChangeRate,
     /// The epoch each node was last served, since this process started.
     fetched: std::sync::Mutex<HashMap<String, Revision>>,
 }
@@ -133,6 +141,7 @@ impl Service {
         let (tx, rx) = watch::channel(Arc::new(Serving::default()));
         let budget = options.render_cache_bytes;
         let admission = Admission::start(store.clone(), options.admission);
+        let changes = ChangeRate::new(options.node_changes_per_minute);
         let service = Arc::new(Self {
             store: store.clone(),
             pool: RenderPool::new(options.render_threads),
@@ -143,6 +152,7 @@ impl Service {
             gzipped: RenderCache::new(budget / 2),
             failures: Arc::default(),
             admission,
+            changes,
             fetched: Default::default(),
         });
         tokio::spawn(watcher(

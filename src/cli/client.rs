@@ -67,9 +67,14 @@ pub struct ClientArgs {
     #[arg(long)]
     watch: bool,
     /// With --watch: a shell command run after each write that changed files, with
-    /// `BOOTSYNC_CHANGED_PATHS` (newline-separated), `BOOTSYNC_EPOCH` and `BOOTSYNC_IDENTIFIER`.
+    /// `BOOTSYNC_CHANGED_PATHS_FILE` (a file listing them, one per line; also in
+    /// `BOOTSYNC_CHANGED_PATHS` when short), `BOOTSYNC_EPOCH` and `BOOTSYNC_IDENTIFIER`.
     #[arg(long, requires = "watch", value_name = "CMD")]
     on_change: Option<String>,
+    /// With --watch: least time between two runs of --on-change; newer epochs that come
+    /// sooner are coalesced, and the newest is written.
+    #[arg(long, default_value = "2s", value_parser = duration::parse, requires = "watch", env = "BOOTSYNC_MIN_HOOK_INTERVAL")]
+    min_hook_interval: Duration,
 }
 
 pub(super) async fn run(args: ClientArgs) -> anyhow::Result<u8> {
@@ -159,6 +164,7 @@ pub(super) async fn run(args: ClientArgs) -> anyhow::Result<u8> {
                 outputs: &outputs,
                 on_change: args.on_change.as_deref(),
                 report: &report,
+                min_hook_interval: args.min_hook_interval,
             };
             Ok(watch
                 .run(payload, &files, crate::shutdown::on_signals())

@@ -88,6 +88,11 @@ pub(crate) struct ServerArgs {
     #[arg(long, env = "BOOTSYNC_METADATA_BUDGET")]
     pub(crate) metadata_budget: Option<usize>,
 
+    /// How many times a minute one node may change its IP or metadata (each change makes
+    /// every watching node reload); 0 for no limit.
+    #[arg(long, default_value_t = crate::cfgsync::service::DEFAULT_NODE_CHANGES_PER_MINUTE, env = "BOOTSYNC_NODE_CHANGES_PER_MINUTE")]
+    pub(crate) node_changes_per_minute: u32,
+
     /// Longest wait for a request's head, on a new or an idle kept-alive connection.
     #[arg(long, default_value = "10s", value_parser = crate::bootstrap::duration::parse, env = "BOOTSYNC_HEADER_TIMEOUT")]
     pub(crate) header_timeout: std::time::Duration,
@@ -195,6 +200,7 @@ impl ServerArgs {
                         crate::memory::share(crate::cfgsync::admission::DEFAULT_METADATA_BUDGET, 6)
                     }),
                 },
+                node_changes_per_minute: self.node_changes_per_minute,
             },
             connections: self.connection_limits(),
         })

@@ -19,6 +19,11 @@ use crate::cfgsync::{ArtifactFile, ArtifactOutputMap, NodeArtifactsPayload, Node
 /// How long each watch request asks the server to hold it (servers cap it, 60 s by default).
 const HOLD: Duration = Duration::from_secs(55);
 
+/// Changed paths up to this size also go in `BOOTSYNC_CHANGED_PATHS`; the list is always in
+/// the file `BOOTSYNC_CHANGED_PATHS_FILE` names (an environment past ~128 KiB cannot start a
+/// program at all).
+const CHANGED_PATHS_ENV_MAX: usize = 32 << 10;
+
 /// What the watch needs besides the client.
 pub(super) struct Watch<'a> {
     pub(super) client: &'a CfgsyncClient,
@@ -26,6 +31,9 @@ pub(super) struct Watch<'a> {
     pub(super) outputs: &'a ArtifactOutputMap,
     pub(super) on_change: Option<&'a str>,
     pub(super) report: &'a Reporter,
+    /// Least time between two runs of the hook: epochs that come faster are coalesced, and
+    /// the newest wins.
+    pub(super) min_hook_interval: Duration,
 }
 
 impl Watch<'_> {
@@ -47,9 +55,22 @@ impl Watch<'_> {
         // Files changed since the hook last succeeded: a failed hook sees them again.
         let mut pending: BTreeSet<String> =
             written.iter().map(|p| p.display().to_string()).collect();
-        self.hook(&mut pending, current.epoch.unwrap_or_default())
-            .await;
+        let mut last_hook = tokio::time::Instant::now();
+        if !self
+            .hook(&mut pending, current.epoch.unwrap_or_default(), &shutdown)
+            .await
+        {
+            return EXIT_OK;
+        }
         loop {
+            // Epochs that come faster than the hook may run are coalesced: the next one is
+            // asked for only once the interval has passed, and the server answers with the
+            // newest.
+            let next_hook = last_hook + self.min_hook_interval;
+            tokio::select! {
+                () = tokio::time::sleep_until(next_hook) => {}
+                () = shutdown.cancelled() => return EXIT_OK,
+            }
             resync |= register;
             let step = async {
                 if register {
@@ -73,13 +94,16 @@ impl Watch<'_> {
                 {
                     register = false;
                     backoff.reset();
-                    if self.apply(&current, &next, &mut pending).await {
-                        current = next;
-                        resync = false;
-                        None
-                    } else {
+                    match self.apply(&current, &next, &mut pending, &shutdown).await {
+                        Applied::Written => {
+                            current = next;
+                            resync = false;
+                            last_hook = tokio::time::Instant::now();
+                            None
+                        }
+                        Applied::Stopped => return EXIT_OK,
                         // Not written: the same epoch is asked for again, after a pause.
-                        Some(backoff.fail())
+                        Applied::NotWritten => Some(backoff.fail()),
                     }
                 }
                 Ok((WatchOutcome::Payload(_), _)) if resync => {
@@ -153,14 +177,15 @@ impl Watch<'_> {
             .problem(event, text, json!({"identifier": identifier}));
     }
 
-    /// Writes `next` all-or-nothing and runs the hook for what changed; `false` when nothing
-    /// could be written.
+    /// Writes `next` all-or-nothing, deletes what it dropped (beneath the output folder),
+    /// and runs the hook for what changed.
     async fn apply(
         &self,
         current: &NodeArtifactsPayload,
         next: &NodeArtifactsPayload,
         pending: &mut BTreeSet<String>,
-    ) -> bool {
+        shutdown: &CancellationToken,
+    ) -> Applied {
         let written = match self.outputs.write_all(&next.files) {
             Ok(written) => written,
             Err(err) => {
@@ -168,57 +193,174 @@ impl Watch<'_> {
                     "error",
                     &format!("error: the new files were not written: {err}"),
                 );
-                return false;
+                return Applied::NotWritten;
             }
         };
-        let changed = changed_paths(&current.files, &next.files, &written);
+        let mut changed = changed_paths(&current.files, &next.files, &written);
+        let removed = self.outputs.remove_dropped(&current.files, &next.files);
+        changed.extend(removed.iter().map(|p| p.display().to_string()));
         let epoch = next.epoch.unwrap_or_default();
         self.report.progress(
             "written",
-            &format!("epoch {epoch}: {} file(s) changed", changed.len()),
-            json!({"epoch": epoch, "changed": changed}),
+            &format!(
+                "epoch {epoch}: {} file(s) changed, {} removed",
+                changed.len() - removed.len(),
+                removed.len()
+            ),
+            json!({"epoch": epoch, "changed": changed, "removed": removed}),
         );
         pending.extend(changed);
-        self.hook(pending, epoch).await;
-        true
+        if self.hook(pending, epoch, shutdown).await {
+            Applied::Written
+        } else {
+            Applied::Stopped
+        }
     }
 
     /// Runs the hook for `pending` (when there is a hook and anything is pending), and forgets
-    /// them once it succeeded.
-    async fn hook(&self, pending: &mut BTreeSet<String>, epoch: u64) {
+    /// them once it succeeded. `false` when SIGTERM came meanwhile: the hook was stopped.
+    async fn hook(
+        &self,
+        pending: &mut BTreeSet<String>,
+        epoch: u64,
+        shutdown: &CancellationToken,
+    ) -> bool {
         let Some(command) = self.on_change else {
             pending.clear();
-            return;
+            return true;
         };
         if pending.is_empty() {
-            return;
+            return true;
         }
         let paths: Vec<String> = pending.iter().cloned().collect();
-        if self.run_hook(command, &paths, epoch).await {
-            pending.clear();
+        match self.run_hook(command, &paths, epoch, shutdown).await {
+            Some(true) => {
+                pending.clear();
+                true
+            }
+            Some(false) => true,
+            None => false,
         }
     }
 
-    /// Runs `command` with `sh -c`; a failure is reported and the hook runs again at the next
-    /// epoch (the files stay written).
-    async fn run_hook(&self, command: &str, changed: &[String], epoch: u64) -> bool {
-        let status = tokio::process::Command::new("sh")
-            .arg("-c")
+    /// Runs `command` with `sh -c`: `Some(true)` when it succeeded, `Some(false)` when it
+    /// failed (reported; it runs again at the next epoch, and the files stay written), `None`
+    /// when SIGTERM came first (the hook is sent SIGTERM too, and not waited for).
+    async fn run_hook(
+        &self,
+        command: &str,
+        changed: &[String],
+        epoch: u64,
+        shutdown: &CancellationToken,
+    ) -> Option<bool> {
+        let list = changed.join("\n");
+        let file = match changed_paths_file(&list) {
+            Ok(file) => file,
+            Err(err) => {
+                self.note(
+                    "hook_failed",
+                    &format!("--on-change not run: cannot write the changed paths: {err}"),
+                );
+                return Some(false);
+            }
+        };
+        let mut hook = tokio::process::Command::new("sh");
+        hook.arg("-c")
             .arg(command)
-            .env("BOOTSYNC_CHANGED_PATHS", changed.join("\n"))
+            .env("BOOTSYNC_CHANGED_PATHS_FILE", file.path())
             .env("BOOTSYNC_EPOCH", epoch.to_string())
             .env("BOOTSYNC_IDENTIFIER", &self.registration.identifier)
-            .status()
-            .await;
+            .kill_on_drop(true);
+        if list.len() <= CHANGED_PATHS_ENV_MAX {
+            hook.env("BOOTSYNC_CHANGED_PATHS", &list);
+        }
+        let mut child = match hook.spawn() {
+            Ok(child) => child,
+            Err(err) => {
+                self.note(
+                    "hook_failed",
+                    &format!("--on-change could not start: {err}"),
+                );
+                return Some(false);
+            }
+        };
+        let status = tokio::select! {
+            status = child.wait() => status,
+            () = shutdown.cancelled() => {
+                if let Some(pid) = child.id() {
+                    let _ = rustix::process::kill_process(
+                        rustix::process::Pid::from_raw(pid as i32)?,
+                        rustix::process::Signal::TERM,
+                    );
+                }
+                return None;
+            }
+        };
         match status {
-            Ok(status) if status.success() => return true,
+            Ok(status) if status.success() => return Some(true),
             Ok(status) => self.note(
                 "hook_failed",
                 &format!("--on-change {status}; the files stay written and it runs again at the next epoch"),
             ),
-            Err(err) => self.note("hook_failed", &format!("--on-change could not start: {err}")),
+            Err(err) => self.note("hook_failed", &format!("--on-change could not be waited for: {err}")),
         }
-        false
+        Some(false)
+    }
+}
+
+/// How applying a payload ended.
+enum Applied {
+    /// Written, and the hook ran (or was not needed).
+    Written,
+    /// Nothing was written.
+    NotWritten,
+    /// SIGTERM came while the hook ran.
+    Stopped,
+}
+
+/// The changed paths, one per line, in a private temporary file the hook can read; removed
+/// when dropped.
+fn changed_paths_file(list: &str) -> std::io::Result<ChangedPaths> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
+    let dir = std::env::temp_dir();
+    for _ in 0..8 {
+        let tag: String = std::iter::repeat_with(fastrand::alphanumeric)
+            .take(16)
+            .collect();
+        let path = dir.join(format!("bootsync-changed-{tag}"));
+        match std::fs::OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o600)
+            .open(&path)
+        {
+            Ok(mut file) => {
+                file.write_all(list.as_bytes())?;
+                file.write_all(b"\n")?;
+                return Ok(ChangedPaths(path));
+            }
+            Err(err) if err.kind() == std::io::ErrorKind::AlreadyExists => continue,
+            Err(err) => return Err(err),
+        }
+    }
+    Err(std::io::Error::other(
+        "no free name for the changed-paths file",
+    ))
+}
+
+/// The file of changed paths given to one run of the hook.
+struct ChangedPaths(PathBuf);
+
+impl ChangedPaths {
+    fn path(&self) -> &std::path::Path {
+        &self.0
+    }
+}
+
+impl Drop for ChangedPaths {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 

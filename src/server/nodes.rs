@@ -87,6 +87,7 @@ impl From<RegisterError> for ApiError {
             }
             RegisterError::Frozen(_) | RegisterError::RemovedFromFrozenSet(_) => ErrorCode::Frozen,
             RegisterError::IpChanged { .. } => ErrorCode::IpChanged,
+            RegisterError::TooManyChanges { .. } => ErrorCode::TooManyRequests,
             RegisterError::Cap(_) => ErrorCode::RegistrationCap,
             RegisterError::Budget(_) => ErrorCode::MetadataBudget,
             RegisterError::KeptRacing => ErrorCode::Conflict,
@@ -137,6 +138,7 @@ impl<S: Send + Sync> FromRequestParts<S> for NodeSecret {
         (status = 413, description = "Body or metadata too large", body = ErrorBody),
         (status = 415, description = "Not `application/json`", body = ErrorBody),
         (status = 422, description = "Invalid identifier or a missing field", body = ErrorBody),
+        (status = 429, description = "The node changed its IP or metadata too often", body = ErrorBody),
     ))]
 async fn register(
     State(routes): State<NodeRoutes>,

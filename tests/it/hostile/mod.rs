@@ -5,6 +5,7 @@ use crate::support;
 
 mod client;
 mod network;
+mod registrations;
 
 use std::time::{Duration, Instant};
 

@@ -1,16 +1,18 @@
 //! `exec`: runs a command once per flag with `BOOTSYNC_OLD_FLAG` and `BOOTSYNC_NEW_FLAG` set;
-//! a non-zero exit fails with the tail of its stderr.
+//! a non-zero exit fails with the tail of its stderr. Its output is streamed, and only the
+//! tail is kept, however much a step writes.
 
 use std::collections::BTreeMap;
 use std::process::Stdio;
 
 use async_trait::async_trait;
 use serde::Deserialize;
+use tokio::io::{AsyncRead, AsyncReadExt};
 
 use crate::bootstrap::{FromParams, InitContext, InitError, Initialiser};
 
-/// How much of stderr a failure carries.
-const STDERR_TAIL: usize = 2048;
+/// How much of its output (stderr, else stdout) a failure carries.
+const TAIL: usize = 2048;
 
 /// Params of `exec`.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -29,9 +31,22 @@ struct Params {
 
 struct Exec(Params);
 
-fn tail(bytes: &[u8]) -> String {
-    let start = bytes.len().saturating_sub(STDERR_TAIL);
-    String::from_utf8_lossy(&bytes[start..]).trim().to_string()
+/// Reads `pipe` to its end, keeping only its last [`TAIL`] bytes.
+async fn tail_of(mut pipe: impl AsyncRead + Unpin) -> std::io::Result<String> {
+    let mut kept = Vec::with_capacity(2 * TAIL);
+    let mut buf = vec![0u8; 16 << 10];
+    loop {
+        let n = pipe.read(&mut buf).await?;
+        if n == 0 {
+            break;
+        }
+        kept.extend_from_slice(&buf[..n]);
+        if kept.len() > 2 * TAIL {
+            kept.drain(..kept.len() - TAIL);
+        }
+    }
+    let start = kept.len().saturating_sub(TAIL);
+    Ok(String::from_utf8_lossy(&kept[start..]).trim().to_string())
 }
 
 #[async_trait]
@@ -49,7 +64,7 @@ impl Initialiser for Exec {
             .map_or_else(|| ctx.spec_dir.clone(), |c| ctx.resolve(c));
         let mut command = tokio::process::Command::new(program);
         die_with_parent(&mut command);
-        let child = command
+        let mut child = command
             .args(args)
             .envs(&self.0.env)
             .env("BOOTSYNC_OLD_FLAG", ctx.old_flag().unwrap_or(""))
@@ -63,24 +78,28 @@ impl Initialiser for Exec {
             .kill_on_drop(true)
             .spawn()
             .map_err(|e| format!("cannot start {program:?} in {}: {e}", cwd.display()))?;
-        let output = tokio::select! {
-            output = child.wait_with_output() => output?,
+        let (stdout, stderr) = (child.stdout.take(), child.stderr.take());
+        let finished = async {
+            let (status, stdout, stderr) = tokio::join!(
+                child.wait(),
+                tail_of(stdout.expect("piped")),
+                tail_of(stderr.expect("piped")),
+            );
+            Ok::<_, std::io::Error>((status?, stdout?, stderr?))
+        };
+        let (status, stdout, stderr) = tokio::select! {
+            finished = finished => finished?,
             () = ctx.cancel.cancelled() => return Err("cancelled; the command was killed".into()),
         };
-        if output.status.success() {
+        if status.success() {
             return Ok(());
         }
-        let stderr = tail(&output.stderr);
-        Err(format!(
-            "{program:?} exited with {}{}",
-            output.status,
-            if stderr.is_empty() {
-                String::new()
-            } else {
-                format!("; stderr: {stderr}")
-            }
-        )
-        .into())
+        let shown = match (stderr.is_empty(), stdout.is_empty()) {
+            (false, _) => format!("; stderr: {stderr}"),
+            (true, false) => format!("; stdout: {stdout}"),
+            (true, true) => String::new(),
+        };
+        Err(format!("{program:?} exited with {status}{shown}").into())
     }
 }
 
@@ -164,6 +183,34 @@ mod tests {
             .to_string();
         assert!(
             err.contains("3") && err.contains("migration broke"),
+            "{err}"
+        );
+    }
+
+    #[tokio::test]
+    async fn only_the_tail_of_a_flood_of_output_is_kept() {
+        let (_dir, ctx, _) = sandbox(&[]);
+        // 20 MB on each stream, then a last line on stderr and a failure.
+        let script =
+            "head -c 20000000 /dev/zero; head -c 20000000 /dev/zero >&2; echo the end >&2; exit 5";
+        let err = exec(script).run(&ctx).await.unwrap_err().to_string();
+        assert!(
+            err.ends_with("the end"),
+            "{}",
+            &err[err.len().saturating_sub(80)..]
+        );
+        assert!(err.len() < TAIL + 200, "{} bytes kept", err.len());
+    }
+
+    #[tokio::test]
+    async fn a_silent_stderr_shows_the_tail_of_stdout() {
+        let (_dir, ctx, _) = sandbox(&[]);
+        let err = exec("echo nothing on stderr; exit 2")
+            .run(&ctx)
+            .await
+            .unwrap_err();
+        assert!(
+            err.to_string().contains("stdout: nothing on stderr"),
             "{err}"
         );
     }

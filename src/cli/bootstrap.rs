@@ -348,7 +348,10 @@ pub(super) async fn plan(args: PlanArgs) -> anyhow::Result<u8> {
             (false, false, Some(old)) => format!("will run, {old} → {}", e.flag),
             (false, false, None) => format!("will run, (none) → {} (first run)", e.flag),
         };
-        println!("{}: {line}", e.name);
+        println!(
+            "{}",
+            super::report::printable(&format!("{}: {line}", e.name))
+        );
     }
     Ok(EXIT_OK)
 }
@@ -369,7 +372,7 @@ fn print_table(body: &StatusBody) {
             .as_ref()
             .and_then(|r| r.last_error.clone())
             .unwrap_or_default();
-        println!(
+        let line = format!(
             "{:<20} {:<16} {:<10} {:<10} {:<18} {:>8}  {}",
             i.name,
             i.class,
@@ -379,6 +382,7 @@ fn print_table(body: &StatusBody) {
             attempts,
             error.lines().next().unwrap_or("")
         );
+        println!("{}", super::report::printable(&line));
         if i.params_changed_without_flag_bump {
             println!("  warning: {} params changed but its flag did not", i.name);
         }

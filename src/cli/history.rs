@@ -24,7 +24,7 @@ pub(super) async fn run(args: HistoryArgs) -> anyhow::Result<u8> {
     let body = args.remote.client()?.history(args.name.as_deref()).await?;
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&body)?),
-        Output::Text => print!("{}", table(&body)),
+        Output::Text => print!("{}", super::report::printable(&table(&body))),
     }
     Ok(EXIT_OK)
 }

@@ -89,7 +89,7 @@ pub fn main() -> ExitCode {
     match runtime.block_on(dispatch(cli.command)) {
         Ok(code) => ExitCode::from(code),
         Err(err) => {
-            eprintln!("error: {err:#}");
+            eprintln!("error: {}", report::printable(&format!("{err:#}")));
             ExitCode::from(EXIT_FAILURE)
         }
     }

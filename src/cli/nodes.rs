@@ -56,7 +56,7 @@ pub(super) async fn run(command: NodesCommand) -> anyhow::Result<u8> {
             let body = remote.client()?.nodes().await?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&body)?),
-                Output::Text => print!("{}", table(&body, now_ms())),
+                Output::Text => print!("{}", super::report::printable(&table(&body, now_ms()))),
             }
         }
         NodesCommand::Remove { remote, identifier } => {

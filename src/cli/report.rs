@@ -13,6 +13,27 @@ pub(crate) enum Output {
     Json,
 }
 
+/// `text` safe to print on a terminal: every control character but newlines and tabs is
+/// written as an escape (`\u{1b}`), so text that came from elsewhere (a step's stderr, a
+/// server's message) cannot move the cursor, recolour or retitle the operator's terminal.
+pub(crate) fn printable(text: &str) -> std::borrow::Cow<'_, str> {
+    if !text
+        .chars()
+        .any(|c| c.is_control() && c != '\n' && c != '\t')
+    {
+        return std::borrow::Cow::Borrowed(text);
+    }
+    let mut out = String::with_capacity(text.len() + 16);
+    for c in text.chars() {
+        if c.is_control() && c != '\n' && c != '\t' {
+            out.extend(c.escape_default());
+        } else {
+            out.push(c);
+        }
+    }
+    std::borrow::Cow::Owned(out)
+}
+
 /// Where report lines go (stderr, or a buffer in tests).
 type Sink = Box<dyn Fn(String) + Send + Sync>;
 
@@ -63,7 +84,7 @@ impl Reporter {
 
     fn emit(&self, event: &str, text: &str, fields: Value) {
         let line = match self.output {
-            Output::Text => text.to_string(),
+            Output::Text => printable(text).into_owned(),
             Output::Json => {
                 let mut line = json!({"event": event, "message": text});
                 if let (Some(line), Value::Object(fields)) = (line.as_object_mut(), fields) {
@@ -91,6 +112,21 @@ mod tests {
             Box::new(move |l| sink.lock().unwrap().push(l)),
         );
         (reporter, lines)
+    }
+
+    #[test]
+    fn terminal_escapes_are_shown_not_obeyed() {
+        assert_eq!(
+            printable("plain\nlines\tand tabs"),
+            "plain\nlines\tand tabs"
+        );
+        assert_eq!(
+            printable("\u{1b}[31mred\u{1b}]0;title\u{7}"),
+            "\\u{1b}[31mred\\u{1b}]0;title\\u{7}"
+        );
+        let (r, lines) = capture(Output::Text, false);
+        r.problem("error", "boom \u{1b}[2J", json!({}));
+        assert!(!lines.lock().unwrap()[0].contains('\u{1b}'));
     }
 
     #[test]

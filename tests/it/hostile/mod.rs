@@ -6,6 +6,7 @@ use crate::support;
 mod client;
 mod network;
 mod registrations;
+mod steps;
 
 use std::time::{Duration, Instant};
 

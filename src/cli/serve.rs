@@ -82,9 +82,9 @@ pub(crate) struct ServerArgs {
     #[arg(long, default_value_t = crate::cfgsync::admission::DEFAULT_MAX_REGISTRATIONS, env = "BOOTSYNC_MAX_REGISTRATIONS")]
     pub(crate) max_registrations: usize,
 
-    /// Bytes all registrations' metadata may hold together [default: 256 MiB, or a sixth of
-    /// the memory limit (cgroup) when that is less: the server holds about 2.8 times the
-    /// stored bytes, up to 4.8 times just after a restart].
+    /// Bytes all registrations' metadata may hold together [default: 256 MiB, or an eighth
+    /// of the memory limit (cgroup) when that is less: the server holds about 3 times the
+    /// stored bytes, up to 5 times just after a restart].
     #[arg(long, env = "BOOTSYNC_METADATA_BUDGET")]
     pub(crate) metadata_budget: Option<usize>,
 
@@ -197,7 +197,7 @@ impl ServerArgs {
                 admission: crate::cfgsync::admission::AdmissionLimits {
                     max_registrations: self.max_registrations,
                     metadata_budget: self.metadata_budget.unwrap_or_else(|| {
-                        crate::memory::share(crate::cfgsync::admission::DEFAULT_METADATA_BUDGET, 6)
+                        crate::memory::share(crate::cfgsync::admission::DEFAULT_METADATA_BUDGET, 8)
                     }),
                 },
                 node_changes_per_minute: self.node_changes_per_minute,

@@ -4,6 +4,7 @@
 use crate::support;
 
 mod client;
+mod memory;
 mod network;
 mod registrations;
 mod steps;

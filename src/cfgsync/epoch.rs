@@ -13,6 +13,7 @@ use super::materialize::{RegistrationSnapshot, RegistrationSnapshotMaterializer}
 use super::payload::{Body, Prepared, Shared, prepare_catalog, write_files};
 use super::policy::CompiledPolicy;
 
+use super::isolate::{Member, Workers, load_message};
 use super::render::{RenderFailures, RenderPool};
 use super::state::RegistrationRecord;
 use super::template::Scope;
@@ -45,6 +46,19 @@ pub(super) struct Epoch {
     shared: OnceLock<Result<Arc<Shared>, Arc<str>>>,
     catalog: OnceCell<Catalog>,
     cost: RenderCost,
+    /// For a policy that renders in render processes: the epoch as they get it, and the
+    /// shared files they rendered.
+    isolated: OnceLock<Result<Arc<Vec<u8>>, Arc<str>>>,
+    isolated_shared: OnceCell<Result<Arc<Shared>, Arc<str>>>,
+}
+
+/// Where an epoch's renders run: the pool of render threads, the render processes (for a
+/// policy whose templates could grow without bound), and the failures' count.
+#[derive(Debug, Clone)]
+pub(super) struct Renderers {
+    pub(super) pool: RenderPool,
+    pub(super) workers: Option<Arc<Workers>>,
+    pub(super) failures: Arc<RenderFailures>,
 }
 
 /// What one epoch's per-node renders have cost so far, which decides where the next runs.
@@ -112,32 +126,92 @@ impl Epoch {
             shared: OnceLock::new(),
             catalog: OnceCell::new(),
             cost: RenderCost::default(),
+            isolated: OnceLock::new(),
+            isolated_shared: OnceCell::new(),
         }
     }
 
-    /// The members in order (identifier order, except that a replacement takes the place of
-    /// the node it replaced), with what templates see of them (built once).
+    /// The members in order: identifier order, except that a replacement takes the place of
+    /// the node it replaced.
+    fn members(&self, policy: &CompiledPolicy) -> Vec<&RegistrationRecord> {
+        let mut members: Vec<&RegistrationRecord> = self
+            .registrations
+            .values()
+            .filter(|r| policy.serves(&r.identifier))
+            .map(Arc::as_ref)
+            .collect();
+        if members.iter().any(|r| r.slot.is_some()) {
+            members.sort_by(|a, b| {
+                (a.order(), a.identifier.as_str()).cmp(&(b.order(), b.identifier.as_str()))
+            });
+        }
+        members
+    }
+
+    /// The members with what templates see of them (built once).
     pub(super) fn scope(&self, policy: &CompiledPolicy) -> Arc<Scope> {
         self.scope
             .get_or_init(|| {
-                let mut members: Vec<&RegistrationRecord> = self
-                    .registrations
-                    .values()
-                    .filter(|r| policy.serves(&r.identifier))
-                    .map(Arc::as_ref)
-                    .collect();
-                if members.iter().any(|r| r.slot.is_some()) {
-                    members.sort_by(|a, b| {
-                        (a.order(), a.identifier.as_str()).cmp(&(b.order(), b.identifier.as_str()))
-                    });
-                }
                 Arc::new(Scope::new(
-                    members
+                    self.members(policy)
                         .into_iter()
                         .map(|r| (r.identifier.as_str(), r.ip, &r.metadata)),
                 ))
             })
             .clone()
+    }
+
+    /// Renders one node's answer in the render processes, the shared files first (once per
+    /// epoch).
+    async fn render_isolated(
+        &self,
+        policy: &CompiledPolicy,
+        identifier: &str,
+        workers: &Workers,
+    ) -> Rendered {
+        let index = self
+            .scope(policy)
+            .index_of(identifier)
+            .ok_or_else(|| Arc::from(format!("{identifier:?} is not a member")))?;
+        let load = self
+            .isolated
+            .get_or_init(|| {
+                let members = self
+                    .members(policy)
+                    .into_iter()
+                    .map(|r| Member {
+                        identifier: r.identifier.clone(),
+                        ip: r.ip,
+                        metadata: r.metadata.clone(),
+                    })
+                    .collect();
+                load_message(self.revision, policy, members).map_err(Arc::from)
+            })
+            .clone()?;
+        let limits = policy.limits();
+        let shared = self
+            .isolated_shared
+            .get_or_init(|| async {
+                let budget = limits.max_payload_bytes;
+                let files = workers
+                    .render(self.revision, &load, None, budget, limits.deadline)
+                    .await;
+                files
+                    .map(|files| Shared::new(&files))
+                    .map_err(|err| Arc::from(format!("rendering the shared files: {err}")))
+            })
+            .await
+            .clone()?;
+        let budget = limits.max_payload_bytes.saturating_sub(shared.json.len());
+        let files = workers
+            .render(self.revision, &load, Some(index), budget, limits.deadline)
+            .await
+            .map_err(Arc::<str>::from)?;
+        Ok(Arc::new(Body::assemble(
+            |out| write_files(out, &files),
+            shared,
+            self.revision,
+        )))
     }
 
     /// The shared files, rendered once per epoch.
@@ -193,21 +267,28 @@ impl Epoch {
         self: Arc<Self>,
         policy: CompiledPolicy,
         identifier: Arc<str>,
-        pool: RenderPool,
-        failures: Arc<RenderFailures>,
+        renderers: Renderers,
     ) -> Rendered {
         let started = Instant::now();
         let inline = self.cost.inline();
         let epoch = self.revision;
         let id = identifier.clone();
-        let render = move || self.render_node(&policy, &id);
-        let result = if inline {
-            std::panic::catch_unwind(std::panic::AssertUnwindSafe(render))
-                .unwrap_or_else(|_| Err(Arc::from("the render panicked")))
-        } else {
-            pool.run(render)
-                .await
-                .unwrap_or_else(|err| Err(Arc::from(err)))
+        let failures = renderers.failures.clone();
+        let result = match (&renderers.workers, policy.unbounded()) {
+            (Some(workers), Some(_)) => self.render_isolated(&policy, &id, workers).await,
+            _ if inline => {
+                let render = move || self.render_node(&policy, &id);
+                std::panic::catch_unwind(std::panic::AssertUnwindSafe(render))
+                    .unwrap_or_else(|_| Err(Arc::from("the render panicked")))
+            }
+            _ => {
+                let render = move || self.render_node(&policy, &id);
+                renderers
+                    .pool
+                    .run(render)
+                    .await
+                    .unwrap_or_else(|err| Err(Arc::from(err)))
+            }
         };
         tracing::debug!(
             identifier = &*identifier,

@@ -10,6 +10,7 @@ pub mod client;
 mod epoch;
 pub mod escape;
 pub mod gzip;
+pub mod isolate;
 pub mod lifecycle;
 pub mod materialize;
 pub mod node;

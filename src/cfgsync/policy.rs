@@ -129,6 +129,7 @@ impl Policy {
             problems.push("the policy renders no files: add files or shared_files".to_string());
         }
         let mut templates = Templates::new(limits);
+        let mut unbounded = None;
         let mut paths = BTreeSet::new();
         for (section, list) in [("files", &self.files), ("shared_files", &self.shared_files)] {
             for (i, file) in list.iter().enumerate() {
@@ -143,6 +144,13 @@ impl Policy {
                         "{section}[{i}] ({}): template error: {err}",
                         file.path
                     ));
+                } else if unbounded.is_none()
+                    && let Err(why) = super::template::growth(&file.template)
+                {
+                    unbounded = Some(Arc::from(format!(
+                        "{section}[{i}] ({}) has {why}",
+                        file.path
+                    )));
                 }
             }
         }
@@ -155,6 +163,7 @@ impl Policy {
                 policy: Arc::new(self),
                 templates: Arc::new(templates),
                 named,
+                unbounded,
             })
         } else {
             Err(problems)
@@ -170,6 +179,9 @@ pub struct CompiledPolicy {
     templates: Arc<Templates>,
     /// `expect_identifiers` as a set: membership is asked on every registration.
     named: Option<Arc<std::collections::HashSet<String>>>,
+    /// Why some template could build values without bound: its renders then run in a
+    /// render process under a memory limit. `None`: every render runs in this process.
+    unbounded: Option<Arc<str>>,
 }
 
 impl CompiledPolicy {
@@ -217,6 +229,12 @@ impl CompiledPolicy {
     /// The limits every render runs under.
     pub fn limits(&self) -> RenderLimits {
         self.templates.limits()
+    }
+
+    /// Why some template could build values without bound (its renders then run in a render
+    /// process under a memory limit), or `None`.
+    pub fn unbounded(&self) -> Option<&str> {
+        self.unbounded.as_deref()
     }
 
     /// The shared files of an epoch (rendered once per epoch by the server).

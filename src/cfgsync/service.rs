@@ -17,7 +17,8 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use super::admission::{Admission, AdmissionLimits};
-use super::epoch::{Rendered, Source};
+use super::epoch::{Rendered, Renderers, Source};
+use super::isolate::Workers;
 use super::materialize::RegistrationSnapshotMaterializer;
 use super::payload::Body;
 use super::policy::RenderLimits;
@@ -45,6 +46,11 @@ pub struct ServiceOptions {
     pub admission: AdmissionLimits,
     /// How many times a minute one node may change its IP or metadata (0: no limit).
     pub node_changes_per_minute: u32,
+    /// Render processes for policies whose templates could build values without bound.
+    /// `None` renders them in this process too, where only fuel and the output limit bound
+    /// them: a library embedding the server sets it to a program that runs
+    /// [`cli::main`](crate::cli::main) (whose `render-worker` command they run as).
+    pub isolation: Option<super::isolate::Isolation>,
 }
 
 impl Default for ServiceOptions {
@@ -57,6 +63,7 @@ impl Default for ServiceOptions {
             render_limits: RenderLimits::default(),
             admission: AdmissionLimits::default(),
             node_changes_per_minute: DEFAULT_NODE_CHANGES_PER_MINUTE,
+            isolation: None,
         }
     }
 }
@@ -109,10 +116,9 @@ pub struct Service {
     pub(super) store: DynStore,
     pub(super) options: ServiceOptions,
     current: watch::Receiver<Arc<Serving>>,
-    pool: RenderPool,
+    renderers: Renderers,
     rendered: RenderCache<(Arc<str>, Revision), Rendered>,
     gzipped: RenderCache<(Arc<str>, Revision, bool), Gzipped>,
-    failures: Arc<RenderFailures>,
     pub(super) admission: Admission,
     pub(super) changes: ChangeRate,
     /// The epoch each node was last served, since this process started.
@@ -142,15 +148,22 @@ impl Service {
         let budget = options.render_cache_bytes;
         let admission = Admission::start(store.clone(), options.admission);
         let changes = ChangeRate::new(options.node_changes_per_minute);
+        let renderers = Renderers {
+            pool: RenderPool::new(options.render_threads),
+            workers: options
+                .isolation
+                .clone()
+                .map(|isolation| Arc::new(Workers::new(isolation, options.render_threads))),
+            failures: Arc::default(),
+        };
         let service = Arc::new(Self {
             store: store.clone(),
-            pool: RenderPool::new(options.render_threads),
+            renderers,
             options,
             current: rx,
             // Plain and gzip answers share the budget, half each.
             rendered: RenderCache::new(budget / 2),
             gzipped: RenderCache::new(budget / 2),
-            failures: Arc::default(),
             admission,
             changes,
             fetched: Default::default(),
@@ -208,7 +221,7 @@ impl Service {
 
     /// Failed renders: their count and the last one.
     pub fn render_failures(&self) -> &RenderFailures {
-        &self.failures
+        &self.renderers.failures
     }
 
     /// Bytes of rendered payloads held.
@@ -335,22 +348,23 @@ impl Service {
                 let render = epoch.clone().render(
                     policy.clone(),
                     registered.clone(),
-                    self.pool.clone(),
-                    self.failures.clone(),
+                    self.renderers.clone(),
                 );
                 match self.rendered.get_or_render(key, || render).await {
                     Ok(body) => NodeAnswer::Ready(body),
                     Err(reason) => NodeAnswer::Failed(reason),
                 }
             }
-            Source::Custom(materializer) => match epoch.catalog(materializer, &self.pool).await {
-                Ok(None) => NodeAnswer::NotReady("waiting for the expected nodes to register"),
-                Ok(Some(payloads)) => match payloads.get(identifier) {
-                    Some(prepared) => NodeAnswer::Ready(prepared.body(epoch.revision, false)),
-                    None => NodeAnswer::Missing,
-                },
-                Err(reason) => NodeAnswer::Failed(reason.clone()),
-            },
+            Source::Custom(materializer) => {
+                match epoch.catalog(materializer, &self.renderers.pool).await {
+                    Ok(None) => NodeAnswer::NotReady("waiting for the expected nodes to register"),
+                    Ok(Some(payloads)) => match payloads.get(identifier) {
+                        Some(prepared) => NodeAnswer::Ready(prepared.body(epoch.revision, false)),
+                        None => NodeAnswer::Missing,
+                    },
+                    Err(reason) => NodeAnswer::Failed(reason.clone()),
+                }
+            }
         }
     }
 
@@ -361,7 +375,7 @@ impl Service {
             return None;
         }
         let key = (Arc::from(identifier), body.epoch, body.from_bundle);
-        let pool = self.pool.clone();
+        let pool = self.renderers.pool.clone();
         let body = body.clone();
         let gzipped = self
             .gzipped

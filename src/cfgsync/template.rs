@@ -2,12 +2,23 @@
 //! (one function builds every variable), the bounded output, and the render limits.
 //!
 //! A new helper is added here and nowhere else: a filter or function in [`environment`], a
-//! variable in [`Scope::context`].
+//! variable in [`Scope::context`] (and, if what it builds is bounded by its input, its name
+//! in [`BOUNDED_FILTERS`]).
+//!
+//! Fuel bounds a render's instructions and [`Bounded`] its output, but neither sees text a
+//! template builds without writing it (`{% set x = x ~ x %}` doubles a string per
+//! instruction). [`growth`] reads a template's syntax tree: one that only reads data, loops
+//! and writes (what nearly every policy is) renders in this process; one that assigns,
+//! captures, repeats or calls macros renders in a child process under a memory limit
+//! (`cfgsync::isolate`).
 
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use minijinja::machinery::ast::{self, CallArg, Expr, Stmt};
+use minijinja::machinery::{WhitespaceConfig, parse};
+use minijinja::syntax::SyntaxConfig;
 use minijinja::value::{Enumerator, Object, ObjectRepr, Value};
 use minijinja::{Environment, context};
 
@@ -17,7 +28,7 @@ use super::materialize::DynCfgsyncError;
 /// Bounds on every render, so no template (or node data a template loops over) can pin a
 /// core, fill memory or hold a render thread: past any of them the render fails, and only the
 /// payload being rendered fails with it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct RenderLimits {
     /// Template instructions per file (minijinja's fuel).
     pub fuel: u64,
@@ -406,5 +417,263 @@ impl Templates {
             files.push(ArtifactFile::new(path.clone(), content));
         }
         Ok(files)
+    }
+}
+
+/// Filters whose result is no larger than a small multiple of their input and arguments, and
+/// which read no further argument that could multiply it (`join` is checked on its own).
+pub const BOUNDED_FILTERS: &[&str] = &[
+    "abs",
+    "attr",
+    "bool",
+    "capitalize",
+    "chain",
+    "count",
+    "d",
+    "default",
+    "dictsort",
+    "e",
+    "escape",
+    "first",
+    "float",
+    "groupby",
+    "int",
+    "items",
+    "last",
+    "length",
+    "lines",
+    "list",
+    "lower",
+    "max",
+    "min",
+    "reject",
+    "rejectattr",
+    "reverse",
+    "round",
+    "safe",
+    "select",
+    "selectattr",
+    "sort",
+    "split",
+    "string",
+    "sum",
+    "title",
+    "tojson",
+    "trim",
+    "unique",
+    "upper",
+    "zip",
+];
+
+/// Why a template could build text without bound without writing it, or `Ok` when every
+/// value it builds is bounded by its input and the template's own text.
+///
+/// Conservative by construction: anything not known to be bounded counts as unbounded
+/// (assignments, captured blocks, macros, `*`, a recursive loop, most calls and filters).
+pub fn growth(source: &str) -> Result<(), String> {
+    let tree = parse(
+        source,
+        "template",
+        SyntaxConfig::default(),
+        WhitespaceConfig::default(),
+    )
+    .map_err(|err| format!("does not parse: {err}"))?;
+    stmt(&tree)
+}
+
+fn stmts(body: &[Stmt<'_>]) -> Result<(), String> {
+    body.iter().try_for_each(stmt)
+}
+
+fn stmt(node: &Stmt<'_>) -> Result<(), String> {
+    match node {
+        Stmt::Template(t) => stmts(&t.children),
+        Stmt::EmitExpr(e) => expr(&e.expr),
+        Stmt::EmitRaw(_) => Ok(()),
+        Stmt::ForLoop(f) if f.recursive => Err("a recursive loop".into()),
+        Stmt::ForLoop(f) => {
+            expr(&f.target)?;
+            expr(&f.iter)?;
+            f.filter_expr.as_ref().map_or(Ok(()), expr)?;
+            stmts(&f.body)?;
+            stmts(&f.else_body)
+        }
+        Stmt::IfCond(i) => {
+            expr(&i.expr)?;
+            stmts(&i.true_body)?;
+            stmts(&i.false_body)
+        }
+        Stmt::AutoEscape(a) => {
+            expr(&a.enabled)?;
+            stmts(&a.body)
+        }
+        Stmt::Set(_) | Stmt::SetBlock(_) | Stmt::WithBlock(_) => {
+            Err("an assignment (`set` or `with`)".into())
+        }
+        Stmt::FilterBlock(_) => Err("a filter block (it captures its body)".into()),
+        Stmt::Macro(_) | Stmt::CallBlock(_) => Err("a macro".into()),
+        Stmt::Do(_) => Err("a `do` statement".into()),
+        _ => Err("a block, import or include".into()),
+    }
+}
+
+fn expr(node: &Expr<'_>) -> Result<(), String> {
+    match node {
+        Expr::Var(_) | Expr::Const(_) => Ok(()),
+        Expr::Slice(s) => {
+            expr(&s.expr)?;
+            for part in [&s.start, &s.stop, &s.step].into_iter().flatten() {
+                expr(part)?;
+            }
+            Ok(())
+        }
+        Expr::UnaryOp(u) => expr(&u.expr),
+        Expr::BinOp(b) if matches!(b.op, ast::BinOpKind::Mul) => {
+            Err("`*` (it repeats strings and lists)".into())
+        }
+        Expr::BinOp(b) => {
+            expr(&b.left)?;
+            expr(&b.right)
+        }
+        Expr::Compare(c) => {
+            expr(&c.expr)?;
+            c.ops.iter().try_for_each(|op| expr(&op.expr))
+        }
+        Expr::IfExpr(i) => {
+            expr(&i.test_expr)?;
+            expr(&i.true_expr)?;
+            i.false_expr.as_ref().map_or(Ok(()), expr)
+        }
+        Expr::Filter(f) => {
+            filter(f.name, &f.args)?;
+            f.expr.as_ref().map_or(Ok(()), expr)?;
+            args(&f.args)
+        }
+        Expr::Test(t) => {
+            expr(&t.expr)?;
+            args(&t.args)
+        }
+        Expr::GetAttr(g) => expr(&g.expr),
+        Expr::GetItem(g) => {
+            expr(&g.expr)?;
+            expr(&g.subscript_expr)
+        }
+        Expr::Call(c) => {
+            call(&c.expr)?;
+            args(&c.args)
+        }
+        Expr::List(l) => l.items.iter().try_for_each(expr),
+        Expr::Map(m) => {
+            m.keys.iter().try_for_each(expr)?;
+            m.values.iter().try_for_each(expr)
+        }
+    }
+}
+
+fn args(list: &[CallArg<'_>]) -> Result<(), String> {
+    list.iter().try_for_each(|arg| match arg {
+        CallArg::Pos(e) | CallArg::Kwarg(_, e) => expr(e),
+        CallArg::PosSplat(_) | CallArg::KwargSplat(_) => Err("a splatted argument".into()),
+    })
+}
+
+fn filter(name: &str, arguments: &[CallArg<'_>]) -> Result<(), String> {
+    let constant_text = |arg: &CallArg<'_>| {
+        matches!(arg, CallArg::Pos(Expr::Const(c)) | CallArg::Kwarg(_, Expr::Const(c))
+            if c.value.as_str().is_some())
+    };
+    let bounded = match name {
+        // A separator from the data could be repeated once per item.
+        "join" => arguments.iter().all(constant_text),
+        // `map` applies another filter: only by attribute, or an argument-free bounded one.
+        "map" => match arguments {
+            [CallArg::Pos(Expr::Const(c))] => c
+                .value
+                .as_str()
+                .is_some_and(|f| BOUNDED_FILTERS.contains(&f)),
+            _ => arguments
+                .iter()
+                .all(|a| matches!(a, CallArg::Kwarg("attribute" | "default", _))),
+        },
+        _ => BOUNDED_FILTERS.contains(&name),
+    };
+    if bounded {
+        Ok(())
+    } else {
+        Err(format!("the filter `{name}` with these arguments"))
+    }
+}
+
+fn call(callee: &Expr<'_>) -> Result<(), String> {
+    match callee {
+        // `range` holds at most 100 000 numbers; `dict` what its arguments hold.
+        Expr::Var(v) if matches!(v.id, "range" | "dict") => Ok(()),
+        Expr::GetAttr(g)
+            if matches!(&g.expr, Expr::Var(v) if v.id == "loop")
+                && matches!(g.name, "cycle" | "changed") =>
+        {
+            Ok(())
+        }
+        Expr::Var(v) => Err(format!("a call of `{}`", v.id)),
+        _ => Err("a call".into()),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn templates_that_read_loop_and_write_are_bounded() {
+        for source in [
+            "id: {{ node.identifier }} index: {{ index }} port: {{ node.metadata.port + 1 }}",
+            "peers: [{% for p in peers %}\"{{ p.ip }}\"{% if not loop.last %}, {% endif %}{% endfor %}]",
+            "{{ peer_ips }} {{ peer_ips | join(',') }} {{ nodes | tojson }}",
+            "{{ peers | map(attribute='ip') | join(', ') }} {{ peers | map('upper') | list }}",
+            "{% for x in range(10) if x is even %}{{ loop.cycle('a', 'b') }}{{ x // 2 }}{% else %}none{% endfor %}",
+            "{{ {'a': [1, node.ip]} | tojson }} {{ nodes[1:3] | length }} {{ 'x' ~ node.ip ~ 'y' }}",
+            "{{ dict(a=1) | items | list }}{% if node.metadata.role == 'db' %}db{% endif %}",
+        ] {
+            assert_eq!(growth(source), Ok(()), "{source}");
+        }
+    }
+
+    #[test]
+    fn templates_that_could_build_text_without_writing_it_are_not() {
+        for (source, why) in [
+            (
+                "{% set a = 'x' ~ 'x' %}{% set b = a ~ a %}{{ b }}",
+                "assignment",
+            ),
+            (
+                "{% set ns = namespace(s='x') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}",
+                "assignment",
+            ),
+            (
+                "{% set x %}{% for i in range(9) %}y{% endfor %}{% endset %}",
+                "assignment",
+            ),
+            ("{{ ([node.metadata.big] * 100000) | join }}", "`*`"),
+            ("{{ range(100000) | join(node.metadata.big) }}", "join"),
+            (
+                "{% macro d(s, n) %}{{ d(s ~ s, n - 1) }}{% endmacro %}{{ d('x', 40) }}",
+                "macro",
+            ),
+            (
+                "{% filter upper %}{% for i in range(9) %}x{% endfor %}{% endfilter %}",
+                "filter block",
+            ),
+            (
+                "{% for p in peers recursive %}{{ loop(p.children) }}{% endfor %}",
+                "recursive",
+            ),
+            ("{{ node.ip | indent(1000000000) }}", "indent"),
+            ("{{ node.ip | replace('.', node.metadata.big) }}", "replace"),
+            ("{{ namespace(a=1) }}", "namespace"),
+            ("{% include 'other' %}", "include"),
+        ] {
+            let reason = growth(source).expect_err(source);
+            assert!(reason.contains(why), "{source}: {reason}");
+        }
     }
 }

@@ -69,11 +69,26 @@ pub enum Command {
     Schema(schema::SchemaArgs),
     /// Print a shell completion script (`source <(bootsync completions bash)`).
     Completions(completions::CompletionsArgs),
+    /// A render process of the server (started by it, not by people).
+    #[command(name = "render-worker", hide = true)]
+    RenderWorker(RenderWorkerArgs),
+}
+
+/// Flags of the hidden `render-worker` command.
+#[derive(Debug, clap::Args)]
+pub struct RenderWorkerArgs {
+    /// Address space the process may use, in bytes.
+    #[arg(long)]
+    memory: u64,
 }
 
 /// Parses the process arguments, runs the command and returns its exit status.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if let Command::RenderWorker(args) = &cli.command {
+        // No runtime, no logging: a loop over stdin under its own memory limit.
+        return crate::cfgsync::isolate::worker_main(args.memory);
+    }
     telemetry::init(cli.log_format);
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -109,5 +124,6 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::Config(command) => config::run(command).await,
         Command::Schema(args) => schema::run(args),
         Command::Completions(args) => Ok(completions::run(args)),
+        Command::RenderWorker(_) => unreachable!("handled before the runtime starts"),
     }
 }

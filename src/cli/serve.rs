@@ -74,6 +74,12 @@ pub(crate) struct ServerArgs {
     #[arg(long, default_value_t = RenderLimits::default().max_file_bytes, env = "BOOTSYNC_RENDER_MAX_FILE_BYTES")]
     pub(crate) render_max_file_bytes: usize,
 
+    /// Address space of each render process, in bytes: a policy whose templates could build
+    /// text without bound (assignments, captures, macros, `*`) renders there, and a render
+    /// past it fails only its own node.
+    #[arg(long, default_value_t = crate::cfgsync::isolate::DEFAULT_RENDER_MEMORY, env = "BOOTSYNC_RENDER_MEMORY")]
+    pub(crate) render_memory: u64,
+
     /// Largest rendered payload (a node's files and the shared ones), in bytes.
     #[arg(long, default_value_t = RenderLimits::default().max_payload_bytes, env = "BOOTSYNC_RENDER_MAX_PAYLOAD_BYTES")]
     pub(crate) render_max_payload_bytes: usize,
@@ -201,6 +207,7 @@ impl ServerArgs {
                     }),
                 },
                 node_changes_per_minute: self.node_changes_per_minute,
+                isolation: crate::cfgsync::isolate::Isolation::this_program(self.render_memory),
             },
             connections: self.connection_limits(),
         })

@@ -5,6 +5,7 @@
 
 use std::pin::Pin;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -80,10 +81,12 @@ impl BodyRules {
         self.budget_bytes - self.budget.available_permits()
     }
 
-    /// `body`, held to these rules from now on.
-    pub fn guard(&self, body: Body) -> Body {
+    /// `body`, held to these rules from now on, and whether it was read to its end (a
+    /// connection whose request body was left unread cannot be used again).
+    pub fn guard(&self, body: Body) -> (Body, Arc<AtomicBool>) {
         let now = Instant::now();
-        Body::new(Guarded {
+        let ended = Arc::new(AtomicBool::new(http_body::Body::is_end_stream(&body)));
+        let guarded = Body::new(Guarded {
             inner: body,
             rules: self.clone(),
             held: None,
@@ -91,7 +94,9 @@ impl BodyRules {
             started: now,
             last: now,
             timer: Box::pin(tokio::time::sleep_until(now + self.piece_timeout)),
-        })
+            ended: ended.clone(),
+        });
+        (guarded, ended)
     }
 }
 
@@ -103,6 +108,7 @@ struct Guarded {
     started: Instant,
     last: Instant,
     timer: Pin<Box<Sleep>>,
+    ended: Arc<AtomicBool>,
 }
 
 impl Guarded {
@@ -164,6 +170,10 @@ impl http_body::Body for Guarded {
                     this.last = Instant::now();
                 }
                 Poll::Ready(Some(Ok(frame)))
+            }
+            Poll::Ready(None) => {
+                this.ended.store(true, Ordering::Relaxed);
+                Poll::Ready(None)
             }
             Poll::Ready(other) => Poll::Ready(other),
             Poll::Pending => {
@@ -233,12 +243,12 @@ mod tests {
     async fn bytes_count_against_the_budget_until_the_body_is_dropped() {
         let rules = rules(100);
         let (tx, body) = fed();
-        let mut first = rules.guard(body);
+        let (mut first, _) = rules.guard(body);
         tx.send(Bytes::from(vec![b'x'; 60])).await.unwrap();
         first.frame().await.unwrap().unwrap();
         assert_eq!(rules.held(), 60);
         let (tx2, body2) = fed();
-        let mut second = rules.guard(body2);
+        let (mut second, _) = rules.guard(body2);
         tx2.send(Bytes::from(vec![b'y'; 60])).await.unwrap();
         let err = second.frame().await.unwrap().unwrap_err();
         assert_eq!(
@@ -254,7 +264,7 @@ mod tests {
     async fn a_body_that_stops_or_trickles_is_cut_off() {
         let rules = rules(1 << 20);
         let (_tx, body) = fed();
-        let mut silent = rules.guard(body);
+        let (mut silent, _) = rules.guard(body);
         let err = silent.frame().await.unwrap().unwrap_err();
         assert!(
             matches!(
@@ -266,7 +276,7 @@ mod tests {
 
         // One byte every second: each piece is on time, the average is far below 1000/s.
         let (tx, body) = fed();
-        let mut trickle = rules.guard(body);
+        let (mut trickle, _) = rules.guard(body);
         let feeder = tokio::spawn(async move {
             for _ in 0..100 {
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -299,7 +309,7 @@ mod tests {
     async fn a_steady_body_passes() {
         let rules = rules(1 << 20);
         let (tx, body) = fed();
-        let guarded = rules.guard(body);
+        let (guarded, ended) = rules.guard(body);
         tokio::spawn(async move {
             for _ in 0..10 {
                 tokio::time::sleep(Duration::from_millis(500)).await;
@@ -308,5 +318,6 @@ mod tests {
         });
         let collected = guarded.collect().await.unwrap().to_bytes();
         assert_eq!(collected.len(), 20_000);
+        assert!(ended.load(Ordering::Relaxed), "read to its end");
     }
 }

@@ -185,8 +185,18 @@ pub async fn admit<S: Tokens>(
     }
     let (mut parts, body) = request.into_parts();
     parts.extensions.insert(Caller { proven, conn });
-    next.run(Request::from_parts(parts, rules.guard(body)))
-        .await
+    let (body, ended) = rules.guard(body);
+    let mut response = next.run(Request::from_parts(parts, body)).await;
+    // Answered before its body was read (a refusal from the head, a body over its limit):
+    // the connection closes after this answer, and the client is told, so it does not send
+    // its next request down a connection that is going away.
+    if !ended.load(std::sync::atomic::Ordering::Relaxed) {
+        response.headers_mut().insert(
+            axum::http::header::CONNECTION,
+            axum::http::HeaderValue::from_static("close"),
+        );
+    }
+    response
 }
 
 /// Serves `app` on `listener` within `limits` until `shutdown` is cancelled, then lets

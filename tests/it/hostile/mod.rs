@@ -8,6 +8,7 @@ mod memory;
 mod network;
 mod registrations;
 mod steps;
+mod templates;
 
 use std::time::{Duration, Instant};
 

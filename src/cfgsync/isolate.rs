@@ -1,0 +1,354 @@
+//! Renders of templates whose values could grow without bound (see
+//! [`growth`](super::template::growth)) run in child processes under an address-space limit.
+//! A template that doubles a string in a loop, or joins a hundred thousand copies of a peer's
+//! metadata, fails its own render when the child runs out of memory: that node gets 500 and
+//! the server, and every other node, are untouched.
+//!
+//! Each child (`bootsync render-worker`, this same program) holds one epoch at a time: the
+//! policy and the members, sent once, then asked for one node's files (or the shared files)
+//! per request. Messages are JSON, each framed by its length. A child that dies or runs past
+//! the render deadline is killed and started again at the next render.
+
+use std::io::{Read, Write};
+use std::net::IpAddr;
+use std::os::unix::process::ExitStatusExt as _;
+use std::path::PathBuf;
+use std::process::{ExitCode, Stdio};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+use serde_json::Value;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::process::{Child, ChildStdin, ChildStdout, Command};
+use tokio::sync::{Mutex, Semaphore};
+
+use super::ArtifactFile;
+use super::policy::{CompiledPolicy, Policy, RenderLimits};
+use super::template::Scope;
+
+/// The subcommand a child runs as.
+pub const WORKER_COMMAND: &str = "render-worker";
+
+/// Default address space of a render process.
+pub const DEFAULT_RENDER_MEMORY: u64 = 512 << 20;
+
+/// Largest message either side accepts.
+const MAX_FRAME: usize = 256 << 20;
+
+/// Time a render process gets beyond the render deadline before it is killed (the deadline
+/// itself is checked inside, on every 64th write).
+const GRACE: Duration = Duration::from_secs(2);
+
+/// Where isolated renders run: this program, started as `render-worker`, limited to
+/// `memory_bytes` of address space.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Isolation {
+    /// The program to start (the running `bootsync`, or a binary that calls `cli::main`).
+    pub program: PathBuf,
+    /// The address-space limit of each render process.
+    pub memory_bytes: u64,
+}
+
+impl Isolation {
+    /// Render processes of the running program, or `None` when it cannot be found.
+    pub fn this_program(memory_bytes: u64) -> Option<Self> {
+        std::env::current_exe().ok().map(|program| Self {
+            program,
+            memory_bytes,
+        })
+    }
+}
+
+/// One member as a render process gets it.
+#[derive(Debug, Serialize, Deserialize)]
+pub(super) struct Member {
+    pub(super) identifier: String,
+    pub(super) ip: IpAddr,
+    pub(super) metadata: Value,
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Request {
+    /// Holds this epoch from now on.
+    Load {
+        epoch: u64,
+        policy: Policy,
+        limits: RenderLimits,
+        members: Vec<Member>,
+    },
+    /// The files of the member at `index`, or the shared files (`None`).
+    Render { index: Option<usize>, budget: usize },
+}
+
+#[derive(Debug, Serialize, Deserialize)]
+enum Response {
+    Loaded,
+    Files(Vec<ArtifactFile>),
+    Failed(String),
+}
+
+/// The `Load` message of an epoch, serialised once and sent to each process that renders it.
+pub(super) fn load_message(
+    epoch: u64,
+    policy: &CompiledPolicy,
+    members: Vec<Member>,
+) -> Result<Arc<Vec<u8>>, String> {
+    let request = Request::Load {
+        epoch,
+        policy: policy.policy().clone(),
+        limits: policy.limits(),
+        members,
+    };
+    serde_json::to_vec(&request)
+        .map(Arc::new)
+        .map_err(|err| format!("encoding the epoch for a render process: {err}"))
+}
+
+/// The render processes of one server.
+#[derive(Debug)]
+pub struct Workers {
+    isolation: Isolation,
+    slots: Vec<Mutex<Option<Worker>>>,
+    free: Semaphore,
+}
+
+#[derive(Debug)]
+struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: ChildStdout,
+    loaded: Option<u64>,
+}
+
+impl Workers {
+    /// At most `count` render processes, started when first needed.
+    pub fn new(isolation: Isolation, count: usize) -> Self {
+        let count = count.max(1);
+        Self {
+            isolation,
+            slots: (0..count).map(|_| Mutex::new(None)).collect(),
+            free: Semaphore::new(count),
+        }
+    }
+
+    /// Renders the member at `index` (or the shared files) of the epoch `load` describes, in
+    /// a render process, within `budget` bytes and `deadline`.
+    pub(super) async fn render(
+        &self,
+        epoch: u64,
+        load: &[u8],
+        index: Option<usize>,
+        budget: usize,
+        deadline: Duration,
+    ) -> Result<Vec<ArtifactFile>, String> {
+        let _free = self
+            .free
+            .acquire()
+            .await
+            .map_err(|_| "the render processes are shut down".to_string())?;
+        // A free slot exists while the permit is held; prefer one that holds this epoch.
+        let mut chosen = None;
+        for slot in &self.slots {
+            if let Ok(guard) = slot.try_lock() {
+                let holds = guard.as_ref().is_some_and(|w| w.loaded == Some(epoch));
+                if holds || chosen.is_none() {
+                    chosen = Some(guard);
+                }
+                if holds {
+                    break;
+                }
+            }
+        }
+        let mut slot = chosen.ok_or_else(|| "no render process is free".to_string())?;
+        if slot.is_none() {
+            *slot = Some(self.spawn()?);
+        }
+        let worker = slot.as_mut().expect("set above");
+        let asked = tokio::time::timeout(
+            deadline + GRACE,
+            worker.render(epoch, load, Request::Render { index, budget }),
+        )
+        .await;
+        match asked {
+            Ok(Ok(Response::Files(files))) => Ok(files),
+            Ok(Ok(Response::Failed(reason))) => Err(reason),
+            Ok(Ok(Response::Loaded)) => Err("the render process answered out of turn".into()),
+            Ok(Err(_)) => {
+                let mut dead = slot.take().expect("set above");
+                Err(self.why_died(&mut dead).await)
+            }
+            Err(_) => {
+                let mut late = slot.take().expect("set above");
+                let _ = late.child.start_kill();
+                let _ = late.child.wait().await;
+                Err("the render passed its deadline (its process was stopped)".into())
+            }
+        }
+    }
+
+    fn spawn(&self) -> Result<Worker, String> {
+        let mut child = Command::new(&self.isolation.program)
+            .arg(WORKER_COMMAND)
+            .arg("--memory")
+            .arg(self.isolation.memory_bytes.to_string())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .kill_on_drop(true)
+            .spawn()
+            .map_err(|err| {
+                format!(
+                    "cannot start a render process ({}): {err}",
+                    self.isolation.program.display()
+                )
+            })?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = child.stdout.take().expect("piped");
+        Ok(Worker {
+            child,
+            stdin,
+            stdout,
+            loaded: None,
+        })
+    }
+
+    /// Why a render process stopped answering, from how it ended.
+    async fn why_died(&self, worker: &mut Worker) -> String {
+        let status = tokio::time::timeout(Duration::from_secs(2), worker.child.wait()).await;
+        let mib = self.isolation.memory_bytes >> 20;
+        match status {
+            // An allocation past the limit aborts the process.
+            Ok(Ok(status)) if status.signal() == Some(6) => {
+                format!("the render ran out of memory (its process may use {mib} MiB)")
+            }
+            Ok(Ok(status)) => format!("the render process ended: {status}"),
+            _ => {
+                let _ = worker.child.start_kill();
+                "the render process stopped answering".to_string()
+            }
+        }
+    }
+}
+
+impl Worker {
+    async fn render(
+        &mut self,
+        epoch: u64,
+        load: &[u8],
+        request: Request,
+    ) -> std::io::Result<Response> {
+        if self.loaded != Some(epoch) {
+            self.loaded = None;
+            write_frame(&mut self.stdin, load).await?;
+            match read_frame(&mut self.stdout).await? {
+                Response::Loaded => self.loaded = Some(epoch),
+                other => return Ok(other),
+            }
+        }
+        let request = serde_json::to_vec(&request).map_err(std::io::Error::other)?;
+        write_frame(&mut self.stdin, &request).await?;
+        read_frame(&mut self.stdout).await
+    }
+}
+
+async fn write_frame(to: &mut ChildStdin, message: &[u8]) -> std::io::Result<()> {
+    let len = u32::try_from(message.len()).map_err(std::io::Error::other)?;
+    to.write_all(&len.to_be_bytes()).await?;
+    to.write_all(message).await?;
+    to.flush().await
+}
+
+async fn read_frame(from: &mut ChildStdout) -> std::io::Result<Response> {
+    let len = from.read_u32().await? as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other("an oversized answer"));
+    }
+    let mut message = vec![0u8; len];
+    from.read_exact(&mut message).await?;
+    serde_json::from_slice(&message).map_err(std::io::Error::other)
+}
+
+/// The render process: limits its own address space, then answers requests on stdin until
+/// it closes. Runs as `bootsync render-worker --memory BYTES`.
+pub fn worker_main(memory_bytes: u64) -> ExitCode {
+    if let Err(err) = rlimit::setrlimit(rlimit::Resource::AS, memory_bytes, memory_bytes) {
+        eprintln!("error: render-worker cannot limit its memory: {err}");
+        return ExitCode::FAILURE;
+    }
+    let (mut input, mut output) = (std::io::stdin().lock(), std::io::stdout().lock());
+    let mut held: Option<(CompiledPolicy, Scope)> = None;
+    loop {
+        let message = match read_frame_blocking(&mut input) {
+            Ok(Some(message)) => message,
+            Ok(None) => return ExitCode::SUCCESS,
+            Err(err) => {
+                eprintln!("error: render-worker: {err}");
+                return ExitCode::FAILURE;
+            }
+        };
+        let response = match serde_json::from_slice::<Request>(&message) {
+            Ok(Request::Load {
+                policy,
+                limits,
+                members,
+                ..
+            }) => match policy.compile_with(limits) {
+                Ok(compiled) => {
+                    let scope = Scope::new(
+                        members
+                            .iter()
+                            .map(|m| (m.identifier.as_str(), m.ip, &m.metadata)),
+                    );
+                    held = Some((compiled, scope));
+                    Response::Loaded
+                }
+                Err(problems) => {
+                    held = None;
+                    Response::Failed(problems.join("; "))
+                }
+            },
+            Ok(Request::Render { index, budget }) => match &held {
+                None => Response::Failed("no epoch is loaded".into()),
+                Some((policy, scope)) => {
+                    let files = match index {
+                        Some(index) => policy.render_node(scope, index, budget),
+                        None => policy.render_shared(scope),
+                    };
+                    match files {
+                        Ok(files) => Response::Files(files),
+                        Err(err) => Response::Failed(err.to_string()),
+                    }
+                }
+            },
+            Err(err) => Response::Failed(format!("a request that does not decode: {err}")),
+        };
+        let written = serde_json::to_vec(&response)
+            .map_err(std::io::Error::other)
+            .and_then(|answer| {
+                output.write_all(&(answer.len() as u32).to_be_bytes())?;
+                output.write_all(&answer)?;
+                output.flush()
+            });
+        if let Err(err) = written {
+            eprintln!("error: render-worker: {err}");
+            return ExitCode::FAILURE;
+        }
+    }
+}
+
+fn read_frame_blocking(input: &mut impl Read) -> std::io::Result<Option<Vec<u8>>> {
+    let mut len = [0u8; 4];
+    match input.read_exact(&mut len) {
+        Ok(()) => {}
+        Err(err) if err.kind() == std::io::ErrorKind::UnexpectedEof => return Ok(None),
+        Err(err) => return Err(err),
+    }
+    let len = u32::from_be_bytes(len) as usize;
+    if len > MAX_FRAME {
+        return Err(std::io::Error::other("an oversized request"));
+    }
+    let mut message = vec![0u8; len];
+    input.read_exact(&mut message)?;
+    Ok(Some(message))
+}

@@ -1,0 +1,108 @@
+//! Template bombs: text a policy's templates build without writing it.
+
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::support::{self, Proc};
+
+fn peak_rss_kb(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Fuel counts instructions and the output limit sees written text, so a template could
+/// double a string per instruction, or join a hundred thousand copies of a peer's metadata,
+/// and take a server to gigabytes from one `/node` fetch. Such templates now render in a
+/// process of their own under an address-space limit: each bomb fails its own node (500),
+/// every other node is served, and the server stays small.
+#[it::test(multi_thread)]
+async fn every_template_bomb_fails_only_its_own_node_and_the_server_stays_small() {
+    let doubling_sets: String = (0..40)
+        .map(|i| format!("{{% set s{} = s{i} ~ s{i} %}}", i + 1))
+        .collect();
+    let branches = [
+        ("written", "{{ ([node.metadata.blob] * 100000) | join }}".to_string()),
+        (
+            "namespace",
+            "{% set ns = namespace(s='xxxxxxxx') %}{% for i in range(40) %}{% set ns.s = ns.s ~ ns.s %}{% endfor %}{{ ns.s | length }}".to_string(),
+        ),
+        (
+            "chain",
+            format!("{{% set s0 = 'xxxxxxxx' %}}{doubling_sets}{{{{ s40 | length }}}}"),
+        ),
+        (
+            "macro",
+            "{% macro d(s, n) %}{% if n > 0 %}{{ d(s ~ s, n - 1) }}{% else %}{{ s | length }}{% endif %}{% endmacro %}{{ d('xxxxxxxx', 40) }}".to_string(),
+        ),
+    ];
+    let mut template = String::new();
+    for (id, bomb) in &branches {
+        let keyword = if template.is_empty() { "if" } else { "elif" };
+        template.push_str(&format!(
+            "{{% {keyword} node.identifier == '{id}' %}}{bomb}"
+        ));
+    }
+    template.push_str("{% endif %}ok {{ node.identifier }}");
+    let mut ids: Vec<&str> = branches.iter().map(|(id, _)| *id).collect();
+    ids.push("good");
+    let policy =
+        json!({"expect_identifiers": ids, "files": [{"path": "f.txt", "template": template}]});
+    let dir = support::dir_with(&[("policy.json", &policy.to_string())]);
+    let server = Proc::start(dir.path(), "serve --store sqlite:s.db --policy policy.json");
+    let url = server.url.clone();
+    let http = bootsync::tls::plain_client();
+    let blob = "b".repeat(60_000);
+    for id in &ids {
+        let node = json!({"identifier": id, "ip": "10.0.0.1", "metadata": {"blob": blob}});
+        let r = http
+            .post(format!("{url}/register"))
+            .json(&node)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 202, "{id}");
+    }
+    let fetch = |id: &'static str| {
+        let (http, url) = (http.clone(), url.clone());
+        async move {
+            let node = json!({"identifier": id, "ip": "10.0.0.1"});
+            let r = http
+                .post(format!("{url}/node?wait=30"))
+                .json(&node)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    for (id, _) in &branches {
+        let id: &'static str = id;
+        let (status, body) = fetch(id).await;
+        assert_eq!(status, 500, "{id}: {body}");
+        assert_eq!(body["code"], "internal", "{id}: {body}");
+        let (status, body) = fetch("good").await;
+        assert_eq!(status, 200, "good beside {id}: {body}");
+        assert_eq!(body["files"][0]["content"], "ok good");
+    }
+    // Each failure is in the log with its reason: out of memory, in its own process.
+    support::wait_for(Duration::from_secs(5), "the reasons in the log", || {
+        let log = server.stderr();
+        async move {
+            let out_of_memory = log.matches("ran out of memory").count();
+            (out_of_memory >= 4).then_some(())
+        }
+    })
+    .await;
+    let peak = peak_rss_kb(server.pid());
+    eprintln!(
+        "server peak RSS through four template bombs: {} MB",
+        peak / 1024
+    );
+    assert!(peak < 300 * 1024, "peak RSS {peak} kB");
+}

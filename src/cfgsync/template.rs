@@ -474,7 +474,7 @@ pub fn growth(source: &str) -> Result<(), String> {
     let tree = parse(
         source,
         "template",
-        SyntaxConfig::default(),
+        SyntaxConfig,
         WhitespaceConfig::default(),
     )
     .map_err(|err| format!("does not parse: {err}"))?;

@@ -270,6 +270,8 @@ impl Watch<'_> {
             .env("BOOTSYNC_CHANGED_PATHS_FILE", file.path())
             .env("BOOTSYNC_EPOCH", epoch.to_string())
             .env("BOOTSYNC_IDENTIFIER", &self.registration.identifier)
+            // Its own process group, so SIGTERM reaches what the hook started too.
+            .process_group(0)
             .kill_on_drop(true);
         if list.len() <= CHANGED_PATHS_ENV_MAX {
             hook.env("BOOTSYNC_CHANGED_PATHS", &list);
@@ -287,11 +289,8 @@ impl Watch<'_> {
         let status = tokio::select! {
             status = child.wait() => status,
             () = shutdown.cancelled() => {
-                if let Some(pid) = child.id() {
-                    let _ = rustix::process::kill_process(
-                        rustix::process::Pid::from_raw(pid as i32)?,
-                        rustix::process::Signal::TERM,
-                    );
+                if let Some(group) = child.id().and_then(|id| rustix::process::Pid::from_raw(id as i32)) {
+                    let _ = rustix::process::kill_process_group(group, rustix::process::Signal::TERM);
                 }
                 return None;
             }

@@ -9,6 +9,7 @@ mod network;
 mod registrations;
 mod steps;
 mod templates;
+mod watch;
 
 use std::time::{Duration, Instant};
 

@@ -227,3 +227,79 @@ async fn a_ledger_race_storm_ends_with_the_ledger_equal_to_the_stored_count_20_t
         assert_ne!(ledger["stale"], true, "run {run}: {ledger}");
     }
 }
+
+/// `nodes replace` raced the old node's re-registration and could leave both registered, two
+/// nodes in one slot. A registration is now guarded on its removal marker in the same batch,
+/// so one that read before the replacement committed decides again, and is refused.
+#[it::test(multi_thread)]
+async fn a_replacement_racing_the_old_node_never_leaves_both_registered_20_times() {
+    let dir = support::dir_with(&[(
+        "policy.json",
+        &json!({"expect_nodes": 1000, "files": [{"path": "f", "template": "x"}]}).to_string(),
+    )]);
+    let server = Proc::start(
+        dir.path(),
+        "serve --store sqlite:replace.db --policy policy.json",
+    );
+    let url = server.url.clone();
+    let http = client("none");
+    for run in 0..20 {
+        let (old, new) = (format!("old-{run}"), format!("new-{run}"));
+        let register = |n: u32| {
+            let (http, url, old) = (http.clone(), url.clone(), old.clone());
+            tokio::spawn(async move {
+                let body = json!({"identifier": old, "ip": "10.0.0.1", "metadata": {"n": n}});
+                let r = http
+                    .post(format!("{url}/register"))
+                    .json(&body)
+                    .send()
+                    .await;
+                r.map(|r| r.status().as_u16()).unwrap_or(0)
+            })
+        };
+        assert_eq!(register(0).await.unwrap(), 202);
+        let again: Vec<_> = (1..4).map(register).collect();
+        let replaced = http
+            .post(format!("{url}/v1/nodes/{old}/replace"))
+            .json(&json!({"identifier": new}))
+            .send()
+            .await
+            .unwrap()
+            .status();
+        for registration in again {
+            let status = registration.await.unwrap();
+            assert!([202, 409, 429].contains(&status), "run {run}: {status}");
+        }
+        let listed = support::fetch_json(format!("{url}/v1/config/__cfgsync__/registration"))
+            .await
+            .unwrap();
+        let entries = listed["entries"].as_object().unwrap();
+        let both = entries.contains_key(&old) && entries.contains_key(&new);
+        assert!(
+            !both,
+            "run {run} (replace {replaced}): {old} and {new} both registered"
+        );
+    }
+}
+
+/// Registrations written through `/v1` skipped the 64 KiB metadata limit of `/register`.
+#[it::test]
+async fn a_registration_written_through_v1_keeps_the_metadata_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = Proc::start(dir.path(), "serve --store memory:");
+    let record = json!({"identifier": "big", "ip": "10.0.0.1", "metadata": {"blob": "x".repeat(70_000)},
+                        "first_seen_ms": 1, "last_seen_ms": 1});
+    let at = format!("{}/v1/config/__cfgsync__/registration/big", server.url);
+    let answer = client("none").put(&at).json(&record).send().await.unwrap();
+    assert_eq!(answer.status(), 422);
+    let body: Value = answer.json().await.unwrap();
+    assert!(
+        body["message"].as_str().unwrap().contains("over the limit"),
+        "{body}"
+    );
+    assert_eq!(
+        support::get(&at).await.unwrap().status(),
+        404,
+        "nothing stored"
+    );
+}

@@ -298,18 +298,17 @@ fn decode_value<T: DeserializeOwned>(path: &str, body: Value) -> Result<T, Error
     })
 }
 
+/// Every byte but the unreserved ones (RFC 3986: letters, digits, `-`, `_`, `.`, `~`) is
+/// percent-encoded in a path segment.
+const SEGMENT: &percent_encoding::AsciiSet = &percent_encoding::NON_ALPHANUMERIC
+    .remove(b'-')
+    .remove(b'_')
+    .remove(b'.')
+    .remove(b'~');
+
 /// Percent-encodes one path segment.
 fn segment(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for byte in text.bytes() {
-        match byte {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                out.push(byte as char)
-            }
-            _ => out.push_str(&format!("%{byte:02X}")),
-        }
-    }
-    out
+    percent_encoding::utf8_percent_encode(text, SEGMENT).to_string()
 }
 
 fn entry_path(key: &Key) -> String {

@@ -14,8 +14,12 @@
 //! - [`cli`]: the `bootsync` command, also the entry point of third-party binaries;
 //! - [`plugin`]: what a third-party initialiser needs, re-exported.
 //!
-//! Below them sit small foundations: [`backoff`], [`clock`], [`files`], [`metrics`],
-//! [`shutdown`], [`telemetry`] and [`tls`].
+//! Below them sit small foundations: [`backoff`], [`clock`], [`files`], [`memory`],
+//! [`metrics`], [`shutdown`], [`telemetry`] and [`tls`].
+//!
+//! No `unsafe` but one, allowed where it stands and justified there: asking the kernel to
+//! kill an `exec` step with its reconciler, which only the child can do before it execs.
+#![deny(unsafe_code)]
 
 pub mod api;
 pub mod backoff;

@@ -37,11 +37,15 @@ impl Assessment {
 /// Assesses one initialiser.
 pub fn assess(facts: Facts<'_>) -> Assessment {
     let at_flag = facts.stored_flag == Some(facts.wanted_flag);
+    // A hash stored by an older release (another algorithm) says nothing either way; the
+    // next success stores one that compares.
+    let comparable = |hash: &&str| hash.starts_with(super::spec::PARAMS_HASH_PREFIX);
     Assessment {
         converged: facts.pre_gate || at_flag,
         params_drift: at_flag
             && facts
                 .succeeded_params_hash
+                .filter(comparable)
                 .is_some_and(|hash| hash != facts.params_hash),
     }
 }
@@ -53,7 +57,7 @@ mod tests {
     fn facts<'a>(stored: Option<&'a str>, hash: Option<&'a str>) -> Facts<'a> {
         Facts {
             wanted_flag: "v2",
-            params_hash: "h2",
+            params_hash: "sha256:h2",
             pre_gate: false,
             stored_flag: stored,
             succeeded_params_hash: hash,
@@ -74,10 +78,12 @@ mod tests {
 
     #[test]
     fn drift_is_changed_params_at_an_unchanged_flag() {
-        assert!(assess(facts(Some("v2"), Some("h1"))).params_drift);
-        assert!(!assess(facts(Some("v2"), Some("h2"))).params_drift);
+        assert!(assess(facts(Some("v2"), Some("sha256:h1"))).params_drift);
+        assert!(!assess(facts(Some("v2"), Some("sha256:h2"))).params_drift);
         // Behind: the next run takes the new params anyway.
-        assert!(!assess(facts(Some("v1"), Some("h1"))).params_drift);
+        assert!(!assess(facts(Some("v1"), Some("sha256:h1"))).params_drift);
         assert!(!assess(facts(Some("v2"), None)).params_drift);
+        // An older release's hash (FNV-1a, no prefix) cannot be compared: no claim.
+        assert!(!assess(facts(Some("v2"), Some("cbf29ce484222325"))).params_drift);
     }
 }

@@ -13,6 +13,7 @@ use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Deserializer};
 use serde_json::Value;
+use sha2::Digest as _;
 
 use super::Initialiser;
 use super::duration;
@@ -564,49 +565,22 @@ fn read_map<T: DeserializeOwned + JsonSchema>(
     }
 }
 
-/// Writes JSON with object keys sorted at every level, so equal params hash equally whatever
-/// order they were written in (serde_json may preserve insertion order).
-fn canonical(value: &Value, out: &mut String) {
-    match value {
-        Value::Object(map) => {
-            let mut keys: Vec<&String> = map.keys().collect();
-            keys.sort();
-            out.push('{');
-            for (i, key) in keys.into_iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                out.push_str(&Value::String(key.clone()).to_string());
-                out.push(':');
-                canonical(&map[key], out);
-            }
-            out.push('}');
-        }
-        Value::Array(items) => {
-            out.push('[');
-            for (i, item) in items.iter().enumerate() {
-                if i > 0 {
-                    out.push(',');
-                }
-                canonical(item, out);
-            }
-            out.push(']');
-        }
-        scalar => out.push_str(&scalar.to_string()),
-    }
+/// A stable hash of the params: SHA-256 of their JSON with every object's keys sorted, so
+/// equal params hash equally whatever order they were written in (this build's serde_json
+/// keeps insertion order). Prefixed with the algorithm, so a hash an older release stored
+/// (FNV-1a) is told apart instead of looking like changed params.
+pub fn params_hash(params: &Value) -> String {
+    let mut sorted = params.clone();
+    sorted.sort_all_objects();
+    let json = serde_json::to_vec(&sorted).expect("a JSON value always serialises");
+    format!(
+        "{PARAMS_HASH_PREFIX}{}",
+        hex::encode(sha2::Sha256::digest(json))
+    )
 }
 
-/// A stable FNV-1a hash of the params' canonical JSON.
-pub fn params_hash(params: &Value) -> String {
-    let mut text = String::new();
-    canonical(params, &mut text);
-    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
-    for byte in text.bytes() {
-        hash ^= u64::from(byte);
-        hash = hash.wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{hash:016x}")
-}
+/// What [`params_hash`] starts with.
+pub const PARAMS_HASH_PREFIX: &str = "sha256:";
 
 #[cfg(test)]
 mod tests {

@@ -8,7 +8,6 @@ pub mod admission;
 pub mod bundle;
 pub mod client;
 mod epoch;
-pub mod escape;
 pub mod gzip;
 pub mod isolate;
 pub mod lifecycle;

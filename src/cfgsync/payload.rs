@@ -8,7 +8,6 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 
 use super::ArtifactFile;
-use super::escape::push_json_str;
 use super::gzip::{self, Piece};
 use super::materialize::NodeArtifactsCatalog;
 use super::render::Weigh;
@@ -39,6 +38,11 @@ pub(super) fn join_files(files: &[ArtifactFile]) -> Vec<u8> {
     let mut out = Vec::new();
     write_files(&mut out, files);
     out
+}
+
+/// Appends `text` to `out` as a JSON string, quotes included.
+fn push_json_str(out: &mut Vec<u8>, text: &str) {
+    serde_json::to_writer(out, text).expect("writing a string to memory cannot fail");
 }
 
 /// `files` as JSON objects joined by commas, as serde would write each `ArtifactFile`.

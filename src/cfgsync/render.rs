@@ -4,14 +4,11 @@
 //! A node's payload is rendered when that node asks for it at an epoch, not when the set
 //! changes, so rendering work follows the fetches that happen. Concurrent askers for one key
 //! wait for one render; a later fetch of the same epoch is a lookup until the byte budget
-//! evicts it (clock order, an approximation of least recently used).
+//! evicts it.
 
-use std::collections::{HashMap, VecDeque};
+use std::convert::Infallible;
 use std::hash::Hash;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{Arc, RwLock};
-
-use tokio::sync::OnceCell;
+use std::sync::Arc;
 
 use crate::api::status::RenderFailure;
 use crate::store::Revision;
@@ -39,37 +36,26 @@ impl<T: Weigh, E> Weigh for Result<T, E> {
     }
 }
 
-enum Slot<V> {
-    /// A render is running or about to; everyone who asks waits on the same cell.
-    Pending(Arc<OnceCell<V>>),
-    /// Rendered. `referenced` is the clock bit: set by a hit (under the shared lock, so hits
-    /// never wait on one another), cleared when eviction passes over the entry.
-    Ready {
-        value: V,
-        weight: usize,
-        referenced: AtomicBool,
-    },
+/// Weighs a cached value by [`Weigh`], for quick_cache's byte budget.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct ByWeight;
+
+impl<K, V: Weigh> quick_cache::Weighter<K, V> for ByWeight {
+    fn weight(&self, _: &K, value: &V) -> u64 {
+        // Zero-weight entries are never evicted: count everything as at least one byte.
+        value.weight().max(1) as u64
+    }
 }
 
-struct Inner<K, V> {
-    slots: HashMap<K, Slot<V>>,
-    /// The clock: the keys of every `Ready` slot, in the order eviction visits them.
-    ring: VecDeque<K>,
-    used: usize,
-}
-
-/// Byte-bounded cache with single-flight fills and clock (second-chance) eviction, an
-/// approximation of least-recently-used whose hit path is one lookup under a read lock.
+/// A byte-bounded cache with single-flight fills ([`quick_cache`]): concurrent askers of one
+/// key wait for one render, and a waiter takes the render over if its caller goes away.
 pub struct RenderCache<K, V> {
-    budget: usize,
-    inner: RwLock<Inner<K, V>>,
+    inner: quick_cache::sync::Cache<K, V, ByWeight>,
 }
 
 impl<K, V> std::fmt::Debug for RenderCache<K, V> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RenderCache")
-            .field("budget", &self.budget)
-            .finish_non_exhaustive()
+        f.debug_struct("RenderCache").finish_non_exhaustive()
     }
 }
 
@@ -78,144 +64,60 @@ where
     K: Clone + Eq + Hash,
     V: Clone + Weigh,
 {
-    /// A cache that holds at most `budget` bytes of values.
+    /// A cache that holds at most `budget` bytes of values. One shard: a value may use the
+    /// whole budget, and a hit is one lookup under a read lock.
     pub fn new(budget: usize) -> Self {
+        let options = quick_cache::OptionsBuilder::new()
+            .shards(1)
+            .weight_capacity(budget as u64)
+            .estimated_items_capacity((budget / (16 << 10)).max(16))
+            .build()
+            .expect("the cache options are complete");
         Self {
-            budget,
-            inner: RwLock::new(Inner {
-                slots: HashMap::new(),
-                ring: VecDeque::new(),
-                used: 0,
-            }),
+            inner: quick_cache::sync::Cache::with_options(
+                options,
+                ByWeight,
+                Default::default(),
+                Default::default(),
+            ),
         }
-    }
-
-    // The locks guard plain bookkeeping that no panic leaves half-done.
-    fn read(&self) -> std::sync::RwLockReadGuard<'_, Inner<K, V>> {
-        self.inner.read().unwrap_or_else(|e| e.into_inner())
-    }
-
-    fn write(&self) -> std::sync::RwLockWriteGuard<'_, Inner<K, V>> {
-        self.inner.write().unwrap_or_else(|e| e.into_inner())
     }
 
     /// Bytes held now.
     pub fn used(&self) -> usize {
-        self.read().used
+        self.inner.weight() as usize
     }
 
-    /// Entries held now (rendered or being rendered).
+    /// Entries held now.
     pub fn len(&self) -> usize {
-        self.read().slots.len()
+        self.inner.len()
     }
 
     /// Whether nothing is held.
     pub fn is_empty(&self) -> bool {
-        self.len() == 0
+        self.inner.is_empty()
     }
 
     /// The value for `key`: a lookup when present; otherwise `render` runs once however many
-    /// callers ask at the same time, and its result is kept within the budget. If the caller
-    /// running the render is cancelled, a waiting caller takes the render over.
+    /// callers ask at the same time, and its result is kept within the budget.
     pub async fn get_or_render<F, Fut>(&self, key: K, render: F) -> V
     where
         F: FnOnce() -> Fut,
         Fut: Future<Output = V>,
     {
-        let pending = match self.read().slots.get(&key) {
-            Some(Slot::Ready {
-                value, referenced, ..
-            }) => {
-                if !referenced.load(Ordering::Relaxed) {
-                    referenced.store(true, Ordering::Relaxed);
-                }
-                return value.clone();
-            }
-            Some(Slot::Pending(cell)) => Some(cell.clone()),
-            None => None,
-        };
-        let cell = match pending {
-            Some(cell) => cell,
-            None => {
-                let mut inner = self.write();
-                // Someone may have filled or started it between the two locks.
-                match inner.slots.get(&key) {
-                    Some(Slot::Ready { value, .. }) => return value.clone(),
-                    Some(Slot::Pending(cell)) => cell.clone(),
-                    None => {
-                        let cell = Arc::new(OnceCell::new());
-                        inner.slots.insert(key.clone(), Slot::Pending(cell.clone()));
-                        cell
-                    }
-                }
-            }
-        };
-        let value = cell.get_or_init(render).await.clone();
-        self.settle(key, &cell, &value);
-        value
-    }
-
-    /// Turns a finished pending slot into a cached value, evicting past the budget.
-    fn settle(&self, key: K, cell: &Arc<OnceCell<V>>, value: &V) {
-        let mut guard = self.write();
-        let inner = &mut *guard;
-        let ours = matches!(inner.slots.get(&key), Some(Slot::Pending(c)) if Arc::ptr_eq(c, cell));
-        if !ours {
-            // Another waiter settled it first, or the key was invalidated meanwhile.
-            return;
+        let rendered = self
+            .inner
+            .get_or_insert_async(&key, async { Ok::<_, Infallible>(render().await) })
+            .await;
+        match rendered {
+            Ok(value) => value,
+            Err(never) => match never {},
         }
-        let weight = value.weight();
-        if weight > self.budget {
-            inner.slots.remove(&key);
-            return;
-        }
-        // The clock hand: a referenced entry gets a second chance (its bit cleared, sent to the
-        // back); an unreferenced one goes. Two turns at most clear every bit.
-        let mut turns = 2 * inner.ring.len();
-        while inner.used + weight > self.budget && turns > 0 {
-            turns -= 1;
-            let Some(candidate) = inner.ring.pop_front() else {
-                break;
-            };
-            match inner.slots.get(&candidate) {
-                Some(Slot::Ready { referenced, .. })
-                    if referenced.swap(false, Ordering::Relaxed) =>
-                {
-                    inner.ring.push_back(candidate);
-                }
-                Some(Slot::Ready { weight, .. }) => {
-                    inner.used -= *weight;
-                    inner.slots.remove(&candidate);
-                }
-                _ => {}
-            }
-        }
-        inner.ring.push_back(key.clone());
-        inner.used += weight;
-        inner.slots.insert(
-            key,
-            Slot::Ready {
-                value: value.clone(),
-                weight,
-                referenced: AtomicBool::new(false),
-            },
-        );
     }
 
     /// Drops every entry whose key fails `keep` (a new epoch makes the older ones dead weight).
-    pub fn retain(&self, mut keep: impl FnMut(&K) -> bool) {
-        let mut guard = self.write();
-        let Inner { slots, ring, used } = &mut *guard;
-        slots.retain(|key, slot| {
-            if keep(key) {
-                return true;
-            }
-            if let Slot::Ready { weight, .. } = slot {
-                *used -= *weight;
-            }
-            false
-        });
-        ring.retain(|key| matches!(slots.get(key), Some(Slot::Ready { .. })));
+    pub fn retain(&self, keep: impl Fn(&K) -> bool) {
+        self.inner.retain(|key, _| keep(key));
     }
 }
 
@@ -325,19 +227,15 @@ impl RenderPool {
 /// kernel gives it about a third of a worker's share, so a fetch storm that keeps the render
 /// threads busy still leaves registrations, `/healthz` and `/v1` their cores.
 #[cfg(target_os = "linux")]
-const RENDER_NICE: libc::c_int = 5;
+const RENDER_NICE: i32 = 5;
 
 /// Lowers the calling thread's scheduling priority (Linux keeps a nice value per thread).
 fn lower_priority() {
     #[cfg(target_os = "linux")]
     {
-        // SAFETY: setpriority only reads its integer arguments; 0 names the calling thread.
-        let lowered = unsafe { libc::setpriority(libc::PRIO_PROCESS, 0, RENDER_NICE) };
-        if lowered != 0 {
-            tracing::debug!(
-                error = %std::io::Error::last_os_error(),
-                "render threads keep the normal priority"
-            );
+        // Linux's PRIO_PROCESS with no pid names the calling thread.
+        if let Err(err) = rustix::process::setpriority_process(None, RENDER_NICE) {
+            tracing::debug!(error = %err, "render threads keep the normal priority");
         }
     }
 }
@@ -358,7 +256,7 @@ impl Default for RenderPool {
 
 #[cfg(test)]
 mod tests {
-    use std::sync::atomic::AtomicUsize;
+    use std::sync::atomic::{AtomicUsize, Ordering};
 
     use bytes::Bytes;
 
@@ -369,63 +267,27 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn the_byte_budget_holds_and_a_recently_used_entry_outlives_an_idle_one() {
+    async fn the_byte_budget_holds_and_a_hit_renders_nothing() {
         let cache: RenderCache<u32, Bytes> = RenderCache::new(300);
-        for key in 0..3 {
-            cache.get_or_render(key, || async { bytes(100) }).await;
-        }
-        assert_eq!(cache.used(), 300);
-        // Touch 0, so 1 is now the oldest.
         let renders = AtomicUsize::new(0);
-        cache
-            .get_or_render(0, || async {
-                renders.fetch_add(1, Ordering::SeqCst);
-                bytes(100)
-            })
-            .await;
-        assert_eq!(renders.load(Ordering::SeqCst), 0, "0 was a lookup");
-        cache.get_or_render(3, || async { bytes(100) }).await;
-        assert_eq!(cache.used(), 300, "the budget is never exceeded");
-        assert_eq!(cache.len(), 3);
-        // 1 was evicted: asking again renders; 0 and 2 are still there... until 1 returns.
-        cache
-            .get_or_render(1, || async {
-                renders.fetch_add(1, Ordering::SeqCst);
-                bytes(100)
-            })
-            .await;
-        assert_eq!(renders.load(Ordering::SeqCst), 1, "1 had been evicted");
-        cache
-            .get_or_render(0, || async {
-                renders.fetch_add(1, Ordering::SeqCst);
-                bytes(100)
-            })
-            .await;
-        assert_eq!(
-            renders.load(Ordering::SeqCst),
-            1,
-            "0 was recently used and stayed"
-        );
-        assert!(cache.used() <= 300);
-    }
-
-    #[tokio::test]
-    async fn when_every_entry_was_used_eviction_still_makes_room() {
-        let cache: RenderCache<u32, Bytes> = RenderCache::new(300);
-        for key in 0..3 {
-            cache.get_or_render(key, || async { bytes(100) }).await;
+        for key in 0..10 {
+            cache
+                .get_or_render(key, || async {
+                    renders.fetch_add(1, Ordering::SeqCst);
+                    bytes(100)
+                })
+                .await;
+            assert!(cache.used() <= 300, "used {} of 300", cache.used());
         }
-        for key in 0..3 {
-            cache.get_or_render(key, || async { bytes(1) }).await;
-        }
-        assert_eq!(cache.used(), 300, "all three were lookups");
-        cache.get_or_render(3, || async { bytes(150) }).await;
-        assert!(cache.used() <= 300, "used {} of 300", cache.used());
-        assert_eq!(cache.len(), 2, "two of the old entries made room");
-        assert_eq!(
-            cache.get_or_render(3, || async { bytes(1) }).await.len(),
-            150
-        );
+        assert_eq!(renders.load(Ordering::SeqCst), 10);
+        let last = cache
+            .get_or_render(9, || async {
+                renders.fetch_add(1, Ordering::SeqCst);
+                bytes(1)
+            })
+            .await;
+        assert_eq!(last.len(), 100, "the newest entry is a lookup");
+        assert_eq!(renders.load(Ordering::SeqCst), 10);
     }
 
     #[test]

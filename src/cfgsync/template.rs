@@ -74,7 +74,7 @@ impl std::io::Write for Bounded {
         // The clock is read every 64 writes: cheap, and a loop that writes nothing is
         // stopped by its fuel instead.
         self.writes = self.writes.wrapping_add(1);
-        if self.writes % 64 == 0 && Instant::now() > self.deadline {
+        if self.writes.is_multiple_of(64) && Instant::now() > self.deadline {
             self.exceeded = Some("the render passed its deadline".to_string());
             return Err(std::io::Error::other("deadline"));
         }

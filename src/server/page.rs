@@ -1,8 +1,6 @@
 //! The status page at `/`: one server-rendered HTML document, no scripts or external assets,
 //! refreshed by the browser every few seconds. It shows what `/v1/status` holds.
 
-use std::fmt::Write as _;
-
 use axum::extract::State;
 use axum::http::{HeaderMap, HeaderValue, header};
 use axum::response::{Html, IntoResponse, Response};
@@ -64,15 +62,7 @@ async fn page(State(state): State<AppState>, headers: HeaderMap) -> Response {
             registrations.sort_by(|a, b| a.identifier.cmp(&b.identifier));
             Html(render(&body, &history, &registrations, now_ms())).into_response()
         }
-        Err(err) => {
-            let status = err.status();
-            let page = format!(
-                "<!doctype html><meta charset=utf-8><title>bootsync: error</title>\
-                 <h1>bootsync</h1><p>The status cannot be read: {}</p>",
-                escape(err.message())
-            );
-            (status, Html(page)).into_response()
-        }
+        Err(err) => (err.status(), Html(error_page(err.message()))).into_response(),
     }
 }
 
@@ -85,63 +75,35 @@ struct Registration {
     replaces: Option<String>,
 }
 
-/// Escapes text for HTML element content and attribute values.
-fn escape(text: &str) -> String {
-    let mut out = String::with_capacity(text.len());
-    for c in text.chars() {
-        match c {
-            '&' => out.push_str("&amp;"),
-            '<' => out.push_str("&lt;"),
-            '>' => out.push_str("&gt;"),
-            '"' => out.push_str("&quot;"),
-            '\'' => out.push_str("&#39;"),
-            c => out.push(c),
-        }
-    }
-    out
-}
-
 /// Runs listed under "Recent runs", newest first.
 const RECENT_RUNS: usize = 10;
 
-/// The newest runs of every initialiser, from their histories.
-fn recent_runs(out: &mut String, history: &HistoryBody, now: u64) {
-    let mut runs: Vec<_> = history
-        .initialisers
-        .iter()
-        .flat_map(|(name, runs)| runs.iter().map(move |run| (name, run)))
-        .collect();
-    if runs.is_empty() {
-        return;
-    }
-    runs.sort_by_key(|(_, run)| std::cmp::Reverse(run.started_ms));
-    out.push_str(
-        "<h2>Recent runs</h2><table id=runs><tr><th>Started</th><th>Name</th><th>Flag</th>\
-         <th>Result</th><th>Took</th><th>Error</th></tr>",
-    );
-    for (name, run) in runs.into_iter().take(RECENT_RUNS) {
-        let class = if run.result == "succeeded" {
-            "ok"
-        } else {
-            "bad"
-        };
-        let _ = write!(
-            out,
-            "<tr><td title=\"{}\">{}</td><td>{}</td><td>{} → {}</td><td class={class}>{}</td>\
-             <td>{} ms</td><td>{}</td></tr>",
-            utc(run.started_ms),
-            ago(run.started_ms, now),
-            escape(name),
-            escape(run.old_flag.as_deref().unwrap_or("—")),
-            escape(&run.flag),
-            escape(&run.result),
-            run.duration_ms,
-            run.error
-                .as_deref()
-                .map_or(String::new(), |e| format!("<pre>{}</pre>", escape(e))),
-        );
-    }
-    out.push_str("</table>");
+/// The page's template: minijinja escapes every value for HTML (the name ends in `.html`).
+const PAGE: &str = include_str!("page.html");
+
+fn templates() -> &'static minijinja::Environment<'static> {
+    static TEMPLATES: std::sync::OnceLock<minijinja::Environment<'static>> =
+        std::sync::OnceLock::new();
+    TEMPLATES.get_or_init(|| {
+        let mut env = minijinja::Environment::new();
+        env.add_template("page.html", PAGE)
+            .expect("the page template compiles");
+        env.add_template(
+            "error.html",
+            "<!doctype html><meta charset=utf-8><title>bootsync: error</title>\
+             <h1>bootsync</h1><p>The status cannot be read: {{ message }}</p>",
+        )
+        .expect("the error template compiles");
+        env
+    })
+}
+
+/// The page for a status that cannot be read.
+fn error_page(message: &str) -> String {
+    templates()
+        .get_template("error.html")
+        .and_then(|t| t.render(minijinja::context! { message }))
+        .unwrap_or_else(|err| format!("the error page failed: {err}"))
 }
 
 /// `42 s ago`, `3 min ago`, `2 h ago`, `5 d ago`.
@@ -167,11 +129,45 @@ fn state_label(i: &InitialiserStatus) -> (&'static str, &'static str) {
     }
 }
 
-const STYLE: &str = "body{font:14px/1.4 system-ui,sans-serif;margin:1.5em;color:#222}\
-table{border-collapse:collapse;margin:.5em 0 1.5em}th,td{border:1px solid #ccc;padding:.3em .6em;\
-text-align:left;vertical-align:top}th{background:#f3f3f3}.ok{color:#176117}.bad{color:#a31515;\
-font-weight:bold}.run{color:#8a5a00}pre{margin:0;white-space:pre-wrap;max-width:60em}td:not(:last-child){white-space:nowrap}\
-.badge{padding:.1em .5em;border-radius:.3em;background:#eee}";
+/// One initialiser's row.
+fn initialiser_row(i: &InitialiserStatus, now: u64) -> minijinja::Value {
+    let (state, state_class) = state_label(i);
+    let run = i.last_run.as_ref();
+    minijinja::context! {
+        name => i.name,
+        class_name => i.class,
+        wanted => i.wanted_flag.as_deref().unwrap_or("—"),
+        stored => i.stored_flag.as_deref().unwrap_or("—"),
+        state, state_class,
+        params_changed => i.params_changed_without_flag_bump,
+        attempts => run.map_or(0, |r| r.attempts),
+        last_run => run.map(|r| minijinja::context! {
+            at => utc(r.started_ms), ago => ago(r.started_ms, now), took_ms => r.duration_ms,
+        }),
+        error => run.and_then(|r| r.last_error.as_deref()),
+    }
+}
+
+/// The newest runs of every initialiser, from their histories.
+fn recent_runs(history: &HistoryBody, now: u64) -> Vec<minijinja::Value> {
+    let mut runs: Vec<_> = history
+        .initialisers
+        .iter()
+        .flat_map(|(name, runs)| runs.iter().map(move |run| (name, run)))
+        .collect();
+    runs.sort_by_key(|(_, run)| std::cmp::Reverse(run.started_ms));
+    runs.into_iter()
+        .take(RECENT_RUNS)
+        .map(|(name, run)| {
+            minijinja::context! {
+                at => utc(run.started_ms), ago => ago(run.started_ms, now), name,
+                old_flag => run.old_flag.as_deref().unwrap_or("—"), flag => run.flag,
+                class => if run.result == "succeeded" { "ok" } else { "bad" },
+                result => run.result, took_ms => run.duration_ms, error => run.error,
+            }
+        })
+        .collect()
+}
 
 /// The whole page.
 fn render(
@@ -181,7 +177,6 @@ fn render(
     now: u64,
 ) -> String {
     let cfgsync = &status.cfgsync;
-    let mut out = String::with_capacity(8 * 1024);
     let (word, class) = if status.converged {
         ("converged", "ok")
     } else if status.initialisers.is_empty() {
@@ -189,113 +184,34 @@ fn render(
     } else {
         ("converging", "run")
     };
-    let _ = write!(
-        out,
-        "<!doctype html><html lang=en><head><meta charset=utf-8>\
-         <meta http-equiv=refresh content={REFRESH_SECONDS}>\
-         <meta name=viewport content=\"width=device-width\">\
-         <title>bootsync: {word}</title><style>{STYLE}</style></head><body>\
-         <h1>bootsync <span class=\"badge {class}\" id=converged>{word}</span></h1>\
-         <p>Store <b id=backend>{}</b> at revision <b id=revision>{}</b>; \
-         this page reloads every {REFRESH_SECONDS} s.</p>",
-        escape(&status.backend),
-        status.revision,
-    );
-    out.push_str("<h2>Initialisers</h2>");
-    if status.initialisers.is_empty() {
-        out.push_str("<p id=no-initialisers>No reconciler has recorded a spec yet.</p>");
-    } else {
-        out.push_str(
-            "<table id=initialisers><tr><th>Name</th><th>Class</th><th>Wanted flag</th>\
-             <th>Stored flag</th><th>State</th><th>Attempts</th><th>Last run</th>\
-             <th>Last error</th></tr>",
-        );
-        for i in &status.initialisers {
-            let (state, class) = state_label(i);
-            let run = i.last_run.as_ref();
-            let last_run = run.map_or_else(
-                || "—".to_string(),
-                |r| {
-                    let took = r
-                        .duration_ms
-                        .map_or(String::new(), |d| format!(", took {d} ms"));
-                    format!(
-                        "<span title=\"{}\">{}</span>{took}",
-                        utc(r.started_ms),
-                        ago(r.started_ms, now)
-                    )
-                },
-            );
-            let error = run
-                .and_then(|r| r.last_error.as_deref())
-                .map_or(String::new(), |e| format!("<pre>{}</pre>", escape(e)));
-            let _ = write!(
-                out,
-                "<tr id=\"init-{name}\"><td>{name}</td><td>{class_name}</td><td>{wanted}</td>\
-                 <td>{stored}</td><td class={class}>{state}{warn}</td><td>{attempts}</td>\
-                 <td>{last_run}</td><td>{error}</td></tr>",
-                name = escape(&i.name),
-                class_name = escape(&i.class),
-                wanted = escape(i.wanted_flag.as_deref().unwrap_or("—")),
-                stored = escape(i.stored_flag.as_deref().unwrap_or("—")),
-                warn = if i.params_changed_without_flag_bump {
-                    " <span class=run title=\"params changed but the flag did not\">(params changed)</span>"
-                } else {
-                    ""
-                },
-                attempts = run.map_or(0, |r| r.attempts),
-            );
-        }
-        out.push_str("</table>");
-    }
-    recent_runs(&mut out, history, now);
-    let serving = if cfgsync.policy {
-        if cfgsync.ready {
-            "ready (policy)"
-        } else {
-            "waiting for nodes (policy)"
-        }
-    } else if cfgsync.bundle {
-        "serving a bundle"
-    } else {
-        "nothing to serve yet"
+    let serving = match (cfgsync.policy, cfgsync.ready, cfgsync.bundle) {
+        (true, true, _) => "ready (policy)",
+        (true, false, _) => "waiting for nodes (policy)",
+        (false, _, true) => "serving a bundle",
+        (false, _, false) => "nothing to serve yet",
     };
-    let _ = write!(
-        out,
-        "<h2>cfgsync</h2><p><span id=cfgsync-state>{serving}</span>; \
-         <b id=registrations>{}</b> node(s) registered.</p>",
-        registrations.len()
-    );
-    if !registrations.is_empty() {
-        out.push_str("<table id=nodes><tr><th>Identifier</th><th>IP</th><th>Last seen</th></tr>");
-        for r in registrations.iter().take(MAX_LISTED) {
-            let _ = write!(
-                out,
-                "<tr><td>{}{}</td><td>{}</td><td title=\"{}\">{}</td></tr>",
-                escape(&r.identifier),
-                r.replaces.as_deref().map_or(String::new(), |old| format!(
-                    " <span class=run>(replaced {})</span>",
-                    escape(old)
-                )),
-                escape(&r.ip),
-                utc(r.last_seen_ms),
-                ago(r.last_seen_ms, now)
-            );
-        }
-        out.push_str("</table>");
-        if registrations.len() > MAX_LISTED {
-            let _ = write!(
-                out,
-                "<p>… and {} more.</p>",
-                registrations.len() - MAX_LISTED
-            );
-        }
-    }
-    out.push_str(
-        "<p><a href=\"/v1/status\">/v1/status</a> · <a href=\"/v1/openapi.json\">OpenAPI</a> · \
-         <a href=\"/metrics\">metrics</a></p></body></html>",
-    );
-    out
+    let nodes: Vec<minijinja::Value> = registrations
+        .iter()
+        .take(MAX_LISTED)
+        .map(|r| {
+            minijinja::context! {
+                identifier => r.identifier, replaces => r.replaces, ip => r.ip,
+                at => utc(r.last_seen_ms), ago => ago(r.last_seen_ms, now),
+            }
+        })
+        .collect();
+    let page = minijinja::context! {
+        refresh => REFRESH_SECONDS, word, class, backend => status.backend,
+        revision => status.revision,
+        initialisers => status.initialisers.iter().map(|i| initialiser_row(i, now)).collect::<Vec<_>>(),
+        runs => recent_runs(history, now),
+        serving, registered => registrations.len(), nodes,
+        more => registrations.len().saturating_sub(MAX_LISTED),
+    };
+    templates()
+        .get_template("page.html")
+        .and_then(|t| t.render(page))
+        .unwrap_or_else(|err| error_page(&format!("the page failed to render: {err}")))
 }
 
 #[cfg(test)]
@@ -357,10 +273,11 @@ mod tests {
         };
         let html = render(&status, &history, &[], 1_700_000_042_000);
         assert!(html.contains("<table id=runs>"), "{html}");
-        assert!(html.contains("&lt;b&gt;boom&lt;/b&gt;"), "{html}");
+        // minijinja's HTML escaping also writes `/` as `&#x2f;`.
+        assert!(html.contains("&lt;b&gt;boom&lt;&#x2f;b&gt;"), "{html}");
         assert!(html.contains("v1 → v2"), "{html}");
         assert!(!html.contains("<script>"), "{html}");
-        assert!(html.contains("exit 1: &lt;script&gt;alert(1)&lt;/script&gt;"));
+        assert!(html.contains("exit 1: &lt;script&gt;alert(1)&lt;&#x2f;script&gt;"));
         assert!(html.contains("migrate&lt;1&gt;"));
         assert!(html.contains("class=bad>failed"));
         assert!(html.contains("42 s ago"));

@@ -195,7 +195,6 @@ impl SqliteStore {
 /// Takes an exclusive lock on `<path>.lock`; a second process gets a clear error instead of
 /// assigning revisions of its own to the same file.
 fn lock_file(path: &Path) -> Result<std::fs::File, Error> {
-    use std::os::fd::AsRawFd;
     let lock_path = PathBuf::from(format!("{}.lock", path.display()));
     let file = std::fs::OpenOptions::new()
         .create(true)
@@ -208,9 +207,7 @@ fn lock_file(path: &Path) -> Result<std::fs::File, Error> {
                 lock_path.display()
             ))
         })?;
-    // SAFETY: flock on a descriptor this function owns; no memory is shared.
-    let locked = unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } == 0;
-    if !locked {
+    if file.try_lock().is_err() {
         return Err(Error::Unavailable(format!(
             "sqlite store {} is in use by another process (lock {} is held); \
              use one server per file, or etcd to share a store",

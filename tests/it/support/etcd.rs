@@ -134,8 +134,8 @@ impl EtcdCluster {
         // dies with the test process even if the test is killed.
         unsafe {
             command.pre_exec(|| {
-                libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGKILL);
-                Ok(())
+                use rustix::process::{Signal, set_parent_process_death_signal};
+                set_parent_process_death_signal(Some(Signal::KILL)).map_err(std::io::Error::from)
             });
         }
         member.child = Some(command.spawn().expect("start etcd"));

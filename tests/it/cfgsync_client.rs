@@ -247,18 +247,24 @@ async fn two_clients_started_far_apart_both_succeed() {
         let (url, dir) = (url.clone(), dir.path().to_path_buf());
         move || support::run_cli(&client_args(&url, "first", "first", "120s"), &dir)
     });
-    // An old server cannot long-poll: the first client must keep polling, backing off to its
-    // cap, long past the seed client's five tries, without giving up. Eight asks span the
-    // whole backoff ladder (250 ms doubling to 5 s).
+    // An old server cannot long-poll: the first client must keep polling with backoff, past
+    // the seed client's five tries in about a second, without giving up. Its fifth ask comes
+    // after about 3.75 s of backoff (250 ms doubling, give or take a fifth).
+    let started = std::time::Instant::now();
     support::wait_for(
         Duration::from_secs(60),
-        "eight polls by the first client",
+        "five polls by the first client",
         || {
             let asked = asked.load(std::sync::atomic::Ordering::SeqCst);
-            async move { (asked >= 8).then_some(()) }
+            async move { (asked >= 5).then_some(()) }
         },
     )
     .await;
+    assert!(
+        started.elapsed() > Duration::from_secs(2),
+        "five asks within {:?}: no backoff",
+        started.elapsed()
+    );
     assert!(
         !first.is_finished(),
         "the first client finished before the set was complete"

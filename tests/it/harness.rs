@@ -109,7 +109,10 @@ pub(crate) fn block_on(flavor: Flavor, test: impl Future<Output = ()>) {
 
 /// Runs every registered test (or those the command line selects).
 pub(crate) fn main() -> ExitCode {
-    let args = Arguments::from_args();
+    let mut args = Arguments::from_args();
+    // Most tests wait on processes, sockets and deadlines rather than compute: four at a time
+    // on two cores overlaps the waiting (`--test-threads N` still decides).
+    args.test_threads.get_or_insert(4);
     let mut tests: Vec<&'static Test> = inventory::iter::<Test>.into_iter().collect();
     tests.sort_by_key(|t| (t.path, t.name));
     let trials = tests

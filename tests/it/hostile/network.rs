@@ -120,7 +120,7 @@ async fn two_thousand_slow_connections_without_a_token_cost_little_and_starve_no
     }
     // Keep every one of them trickling while a node is served.
     let trickle = tokio::spawn(async move {
-        for _ in 0..25 {
+        for _ in 0..10 {
             for stream in &mut held {
                 let _ = stream.write_all(&[b'a'; 512]).await;
             }

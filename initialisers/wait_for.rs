@@ -24,7 +24,7 @@ struct Params {
         default = "default_timeout",
         deserialize_with = "duration::deserialize"
     )]
-    #[schemars(schema_with = "crate::bootstrap::schema::duration")]
+    #[schemars(schema_with = "crate::bootstrap::duration::schema")]
     timeout: Duration,
 }
 

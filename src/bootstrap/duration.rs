@@ -1,6 +1,19 @@
 //! Durations as operators write them: `500ms`, `5s`, `2m`, `1h`, and combinations like `1m30s`.
+//! The grammar lives here once: the parser, and the JSON Schema that tells editors about it.
 
 use std::time::Duration;
+
+use schemars::{Schema, SchemaGenerator, json_schema};
+
+/// The schema of a duration as a spec writes it: `500ms`, `15s`, `2m`, `1h30m`, or bare
+/// seconds (what [`parse`] reads).
+pub fn schema(_: &mut SchemaGenerator) -> Schema {
+    json_schema!({
+        "type": "string",
+        "pattern": "^\\s*([0-9]+|([0-9]+(ms|s|m|h))+)\\s*$",
+        "examples": ["15s", "2m", "1h30m"],
+    })
+}
 
 /// Parses `500ms`, `15s`, `2m`, `1h`, `1h30m`; a bare number is seconds.
 pub fn parse(text: &str) -> Result<Duration, String> {

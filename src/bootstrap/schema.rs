@@ -1,21 +1,12 @@
 //! The spec's JSON Schema, generated from the types that read it and from every registered
 //! class's params type, for editors and CI checks (`bootsync schema spec`).
 
+use schemars::JsonSchema;
 use schemars::generate::SchemaSettings;
-use schemars::{JsonSchema, Schema, SchemaGenerator, json_schema};
 use serde_json::{Value, json};
 
 use super::registry::Registry;
 use super::spec::{EntryFile, SpecFile};
-
-/// A duration as the spec writes it: `500ms`, `15s`, `2m`, `1h30m`, or bare seconds.
-pub fn duration(_: &mut SchemaGenerator) -> Schema {
-    json_schema!({
-        "type": "string",
-        "pattern": "^\\s*([0-9]+|([0-9]+(ms|s|m|h))+)\\s*$",
-        "examples": ["15s", "2m", "1h30m"],
-    })
-}
 
 /// The spec's schema: the derived schema of [`SpecFile`], with one arm per class in
 /// `registry` in place of the generic initialiser, each with `class` fixed to its name and

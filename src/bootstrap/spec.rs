@@ -471,7 +471,7 @@ impl JsonSchema for Lasting {
     }
 
     fn json_schema(generator: &mut SchemaGenerator) -> Schema {
-        super::schema::duration(generator)
+        duration::schema(generator)
     }
 }
 

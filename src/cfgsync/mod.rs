@@ -16,6 +16,7 @@ pub mod node;
 pub mod output;
 pub mod payload;
 pub mod policy;
+pub mod rate;
 pub mod registration;
 pub mod render;
 pub mod service;
@@ -36,6 +37,6 @@ pub use node::{
 };
 pub use output::{ArtifactOutputMap, OutputError};
 pub use policy::{CompiledPolicy, Policy};
-pub use registration::RegisterError;
-pub use service::{NodeAnswer, Served, Service, ServiceOptions};
+pub use registration::{RegisterError, Served};
+pub use service::{NodeAnswer, Service, ServiceOptions};
 pub use view::Serving;

@@ -13,8 +13,9 @@ use sha2::{Digest, Sha256};
 use tokio::time::Instant;
 
 use super::admission::{Proposal, Refusal};
+use super::payload::Body;
 use super::policy::OnNewIp;
-use super::service::Service;
+use super::service::{NodeAnswer, Service};
 use super::state::{RegistrationRecord, Removal, metadata_bytes, registration_key, removed_key};
 use super::view::Serving;
 use crate::api::NODE_SECRET_HEADER;
@@ -219,56 +220,6 @@ fn rules(
     Ok(())
 }
 
-/// How often each node may change what its peers see (its IP or metadata): a token bucket
-/// per identifier, in this server's memory. A node re-registering with changing metadata
-/// would otherwise make every watching node reload at every registration.
-#[derive(Debug)]
-pub(super) struct ChangeRate {
-    per_minute: u32,
-    buckets: std::sync::Mutex<std::collections::HashMap<String, (f64, Instant)>>,
-}
-
-impl ChangeRate {
-    /// A rate of `per_minute` changes, bursts of as many (0: unlimited).
-    pub(super) fn new(per_minute: u32) -> Self {
-        Self {
-            per_minute,
-            buckets: Default::default(),
-        }
-    }
-
-    /// Takes one change for `identifier`, or says when one would be taken.
-    fn take(&self, identifier: &str) -> Result<(), RegisterError> {
-        if self.per_minute == 0 {
-            return Ok(());
-        }
-        let capacity = f64::from(self.per_minute);
-        let per_second = capacity / 60.0;
-        let now = Instant::now();
-        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
-        if buckets.len() > 50_000 {
-            // Full buckets say nothing a fresh one would not.
-            buckets.retain(|_, (tokens, at)| {
-                *tokens + now.duration_since(*at).as_secs_f64() * per_second < capacity
-            });
-        }
-        let (tokens, at) = buckets
-            .entry(identifier.to_string())
-            .or_insert((capacity, now));
-        *tokens = (*tokens + now.duration_since(*at).as_secs_f64() * per_second).min(capacity);
-        *at = now;
-        if *tokens >= 1.0 {
-            *tokens -= 1.0;
-            return Ok(());
-        }
-        Err(RegisterError::TooManyChanges {
-            identifier: identifier.to_string(),
-            per_minute: self.per_minute,
-            retry_after_secs: ((1.0 - *tokens) / per_second).ceil() as u64,
-        })
-    }
-}
-
 /// A node's registration and removal marker as the store holds them.
 struct Stored {
     record: Option<RegistrationRecord>,
@@ -382,7 +333,13 @@ impl Service {
             if existing.is_some_and(|old| {
                 old.ip != registration.ip || old.metadata != registration.metadata
             }) {
-                self.changes.take(id)?;
+                self.changes.take(id).map_err(|retry_after_secs| {
+                    RegisterError::TooManyChanges {
+                        identifier: id.clone(),
+                        per_minute: self.changes.per_minute(),
+                        retry_after_secs,
+                    }
+                })?;
             }
             let now = now_ms();
             let record = RegistrationRecord {
@@ -475,6 +432,82 @@ impl Service {
             None => serving,
         })
     }
+
+    /// Serves `identifier` from `serving` on: its payload, held until `deadline` while it is
+    /// not ready, or (with `after`) until an epoch newer than `after` exists.
+    pub async fn serve_node(
+        &self,
+        mut serving: Arc<Serving>,
+        identifier: &str,
+        after: Option<Revision>,
+        deadline: Instant,
+    ) -> Result<Served, RegisterError> {
+        let mut synced = false;
+        // Subscribed only once an answer has to wait: a served request needs no subscription.
+        let mut changes = None;
+        loop {
+            let why = match self.answer(&serving, identifier).await {
+                NodeAnswer::Ready(body) => {
+                    self.note_fetched(identifier, body.epoch);
+                    if after.is_none_or(|after| body.epoch > after) {
+                        return Ok(Served::Payload(body));
+                    }
+                    // The node has this epoch already (`--watch`): hold for a newer one.
+                    None
+                }
+                NodeAnswer::NotReady(_) | NodeAnswer::Unregistered if !synced => {
+                    // Not ready in the view; perhaps ready in the store, which the view may
+                    // trail by a moment. Catch up once with the store's revision before saying
+                    // 425, so a node is never turned away by the server's own lag.
+                    synced = true;
+                    let revision = self.store.revision().await?;
+                    if revision > serving.revision {
+                        let until = own_lag_deadline(deadline, READ_YOUR_WRITES_WAIT);
+                        serving = self.caught_up(revision, until).await;
+                    }
+                    continue;
+                }
+                NodeAnswer::NotReady(why) => Some(why),
+                // Nothing to hold for: a node that registered through this store would be in
+                // the view by now (read your writes), and an unknown identifier must not hold
+                // a slot for a registration that may never come.
+                NodeAnswer::Unregistered => {
+                    return Err(RegisterError::NotReady(
+                        "this identifier has not registered",
+                    ));
+                }
+                NodeAnswer::Missing => {
+                    return Err(RegisterError::MissingConfig(identifier.to_string()));
+                }
+                NodeAnswer::Frozen => {
+                    return Err(RegisterError::RemovedFromFrozenSet(identifier.to_string()));
+                }
+                NodeAnswer::Failed(_) => return Err(RegisterError::RenderFailed),
+            };
+            // Only views newer than the one just answered from are worth another look.
+            let changes = changes.get_or_insert_with(|| self.subscribe());
+            changes.mark_unchanged();
+            let newer = changes.wait_for(|s| s.revision > serving.revision);
+            match tokio::time::timeout_at(deadline, newer).await {
+                Ok(Ok(next)) => serving = next.clone(),
+                _ => {
+                    return match why {
+                        Some(why) => Err(RegisterError::NotReady(why)),
+                        None => Ok(Served::Unchanged),
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// What a node's fetch comes to.
+#[derive(Debug, Clone)]
+pub enum Served {
+    /// Its payload.
+    Payload(Arc<Body>),
+    /// `after` named the newest epoch, and no newer one came within the wait.
+    Unchanged,
 }
 
 #[cfg(test)]
@@ -536,30 +569,6 @@ mod tests {
             check_secret(&stored, None),
             Err(RegisterError::SecretMissing)
         ));
-    }
-
-    #[tokio::test(start_paused = true)]
-    async fn a_node_changes_at_most_its_rate_after_a_burst() {
-        let rate = ChangeRate::new(3);
-        for _ in 0..3 {
-            rate.take("n").unwrap();
-        }
-        let refused = rate.take("n").unwrap_err();
-        assert!(
-            matches!(
-                refused,
-                RegisterError::TooManyChanges {
-                    retry_after_secs: 20,
-                    ..
-                }
-            ),
-            "{refused}"
-        );
-        assert!(rate.take("other").is_ok(), "each node has its own bucket");
-        tokio::time::advance(Duration::from_secs(20)).await;
-        assert!(rate.take("n").is_ok(), "one change comes back every 20 s");
-        assert!(rate.take("n").is_err());
-        assert!(ChangeRate::new(0).take("n").is_ok(), "0 means unlimited");
     }
 
     #[test]

@@ -22,7 +22,7 @@ use super::isolate::Workers;
 use super::materialize::RegistrationSnapshotMaterializer;
 use super::payload::Body;
 use super::policy::RenderLimits;
-use super::registration::{ChangeRate, READ_YOUR_WRITES_WAIT, RegisterError, own_lag_deadline};
+use super::rate::ChangeRate;
 use super::render::{DEFAULT_CACHE_BYTES, RenderCache, RenderFailures, RenderPool, Weigh};
 use super::view::{Readiness, Serving, View};
 use crate::api::cfgsync::{NodeInfo, NodesBody};
@@ -87,15 +87,6 @@ pub enum NodeAnswer {
     Frozen,
     /// 500: this node's payload could not be built (the reason is logged).
     Failed(Arc<str>),
-}
-
-/// What a node's fetch comes to.
-#[derive(Debug, Clone)]
-pub enum Served {
-    /// Its payload.
-    Payload(Arc<Body>),
-    /// `after` named the newest epoch, and no newer one came within the wait.
-    Unchanged,
 }
 
 /// A cached gzip answer (`None`: compressing failed; the plain body is sent).
@@ -234,73 +225,6 @@ impl Service {
         Instant::now() + Duration::from_secs(wait.unwrap_or(0)).min(self.options.node_wait_max)
     }
 
-    /// Serves `identifier` from `serving` on: its payload, held until `deadline` while it is
-    /// not ready, or (with `after`) until an epoch newer than `after` exists.
-    pub async fn serve_node(
-        &self,
-        mut serving: Arc<Serving>,
-        identifier: &str,
-        after: Option<Revision>,
-        deadline: Instant,
-    ) -> Result<Served, RegisterError> {
-        let mut synced = false;
-        // Subscribed only once an answer has to wait: a served request needs no subscription.
-        let mut changes = None;
-        loop {
-            let why = match self.answer(&serving, identifier).await {
-                NodeAnswer::Ready(body) => {
-                    self.note_fetched(identifier, body.epoch);
-                    if after.is_none_or(|after| body.epoch > after) {
-                        return Ok(Served::Payload(body));
-                    }
-                    // The node has this epoch already (`--watch`): hold for a newer one.
-                    None
-                }
-                NodeAnswer::NotReady(_) | NodeAnswer::Unregistered if !synced => {
-                    // Not ready in the view; perhaps ready in the store, which the view may
-                    // trail by a moment. Catch up once with the store's revision before saying
-                    // 425, so a node is never turned away by the server's own lag.
-                    synced = true;
-                    let revision = self.store.revision().await?;
-                    if revision > serving.revision {
-                        let until = own_lag_deadline(deadline, READ_YOUR_WRITES_WAIT);
-                        serving = self.caught_up(revision, until).await;
-                    }
-                    continue;
-                }
-                NodeAnswer::NotReady(why) => Some(why),
-                // Nothing to hold for: a node that registered through this store would be in
-                // the view by now (read your writes), and an unknown identifier must not hold
-                // a slot for a registration that may never come.
-                NodeAnswer::Unregistered => {
-                    return Err(RegisterError::NotReady(
-                        "this identifier has not registered",
-                    ));
-                }
-                NodeAnswer::Missing => {
-                    return Err(RegisterError::MissingConfig(identifier.to_string()));
-                }
-                NodeAnswer::Frozen => {
-                    return Err(RegisterError::RemovedFromFrozenSet(identifier.to_string()));
-                }
-                NodeAnswer::Failed(_) => return Err(RegisterError::RenderFailed),
-            };
-            // Only views newer than the one just answered from are worth another look.
-            let changes = changes.get_or_insert_with(|| self.subscribe());
-            changes.mark_unchanged();
-            let newer = changes.wait_for(|s| s.revision > serving.revision);
-            match tokio::time::timeout_at(deadline, newer).await {
-                Ok(Ok(next)) => serving = next.clone(),
-                _ => {
-                    return match why {
-                        Some(why) => Err(RegisterError::NotReady(why)),
-                        None => Ok(Served::Unchanged),
-                    };
-                }
-            }
-        }
-    }
-
     /// The answer to `/node` for `identifier` in `serving`, rendering it if this is the
     /// first ask at its epoch.
     pub async fn answer(&self, serving: &Serving, identifier: &str) -> NodeAnswer {
@@ -387,7 +311,7 @@ impl Service {
     }
 
     /// Notes that `identifier` was served its payload of `epoch`.
-    fn note_fetched(&self, identifier: &str, epoch: Revision) {
+    pub(super) fn note_fetched(&self, identifier: &str, epoch: Revision) {
         let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
         match fetched.get_mut(identifier) {
             Some(last) => *last = (*last).max(epoch),

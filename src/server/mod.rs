@@ -237,7 +237,11 @@ pub fn router(state: AppState, extra: impl IntoIterator<Item = Router>) -> Route
 }
 
 async fn admit(State(state): State<AppState>, request: Request, next: Next) -> Response {
-    conn::admit(&state, &state.body_rules, request, next).await
+    let tokens = [
+        state.options.admin_token.as_ref(),
+        state.options.join_token.as_ref(),
+    ];
+    conn::admit(tokens, &state.body_rules, request, next).await
 }
 
 /// Serves `app` on `listener` until `shutdown` is cancelled, then drains in-flight requests;

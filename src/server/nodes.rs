@@ -20,7 +20,8 @@ use super::{ApiError, ApiJson};
 use crate::api::cfgsync::{NodeArtifactsPayload, NodeQuery, NodeRegistration, Registered};
 use crate::api::{ErrorBody, ErrorCode, ErrorDetails, NODE_SECRET_HEADER, Token};
 use crate::cfgsync::registration::RegisterError;
-use crate::cfgsync::service::{Served, Service};
+use crate::cfgsync::registration::Served;
+use crate::cfgsync::service::Service;
 
 /// What the node routes need.
 #[derive(Clone)]

@@ -271,3 +271,180 @@ fn the_scanner_sees_grouped_and_inline_paths() {
     assert!(targets("macro_rules! m { () => { $crate::store::Key } }").is_empty());
     assert!(targets("use other_crate::store;").is_empty());
 }
+
+/// The children of module directory `dir`: its `.rs` files (but `mod.rs`) and its
+/// subdirectories, by module name.
+fn children(dir: &Path) -> BTreeSet<String> {
+    std::fs::read_dir(dir)
+        .unwrap()
+        .filter_map(|entry| {
+            let path = entry.unwrap().path();
+            let name = path.file_stem()?.to_str()?.to_string();
+            let module = path.is_dir() || (path.extension()? == "rs" && name != "mod");
+            module.then_some(name)
+        })
+        .collect()
+}
+
+/// Every module named right after `prefix` in `text` (`super::a`, `super::{a, b::c}`), outside
+/// comments and the test modules at the end of a file.
+fn after_prefix(text: &str, prefix: &str) -> BTreeSet<String> {
+    let mut found = BTreeSet::new();
+    for line in text.lines() {
+        let code = line.trim_start();
+        if code.starts_with("#[cfg(test)]") {
+            break;
+        }
+        if code.starts_with("//") {
+            continue;
+        }
+        let mut rest = code;
+        while let Some(at) = rest.find(prefix) {
+            let before = &rest[..at];
+            rest = &rest[at + prefix.len()..];
+            if before.ends_with(|c: char| c.is_alphanumeric() || c == '_' || c == ':') {
+                continue;
+            }
+            found.extend(targets(&format!("crate::{rest}")));
+        }
+    }
+    found
+}
+
+/// The dependencies between the children of module directory `dir`: child → children it
+/// names through `super::` (from a file directly in `dir`), `super::super::` (from a file one
+/// level deeper) or `crate::<module path>::`.
+fn child_graph(dir: &Path, module_path: &str) -> BTreeMap<String, BTreeSet<String>> {
+    let siblings = children(dir);
+    let mut graph: BTreeMap<String, BTreeSet<String>> = BTreeMap::new();
+    for child in &siblings {
+        let file = dir.join(format!("{child}.rs"));
+        let subdir = dir.join(child);
+        let mut sources = Vec::new();
+        if file.is_file() {
+            sources.push((std::fs::read_to_string(&file).unwrap(), "super::"));
+        }
+        if subdir.is_dir() {
+            let mut files = Vec::new();
+            support::rust_files(&subdir, &mut files);
+            for f in files {
+                let prefix = if f.file_name().is_some_and(|n| n == "mod.rs") {
+                    "super::"
+                } else {
+                    "super::super::"
+                };
+                sources.push((std::fs::read_to_string(&f).unwrap(), prefix));
+            }
+        }
+        let mut named = BTreeSet::new();
+        for (text, prefix) in &sources {
+            named.extend(after_prefix(text, prefix));
+            if !module_path.is_empty() {
+                named.extend(after_prefix(text, &format!("crate::{module_path}::")));
+            }
+        }
+        named.retain(|n| n != child && siblings.contains(n));
+        graph.insert(child.clone(), named);
+    }
+    graph
+}
+
+/// A cycle in `graph`, as the path that closes it.
+fn cycle_in(graph: &BTreeMap<String, BTreeSet<String>>) -> Option<Vec<String>> {
+    fn visit(
+        node: &str,
+        graph: &BTreeMap<String, BTreeSet<String>>,
+        done: &mut BTreeSet<String>,
+        path: &mut Vec<String>,
+    ) -> Option<Vec<String>> {
+        if let Some(start) = path.iter().position(|n| n == node) {
+            let mut cycle = path[start..].to_vec();
+            cycle.push(node.to_string());
+            return Some(cycle);
+        }
+        if done.contains(node) {
+            return None;
+        }
+        path.push(node.to_string());
+        for next in graph.get(node).into_iter().flatten() {
+            if let Some(cycle) = visit(next, graph, done, path) {
+                return Some(cycle);
+            }
+        }
+        path.pop();
+        done.insert(node.to_string());
+        None
+    }
+    let mut done = BTreeSet::new();
+    graph
+        .keys()
+        .find_map(|node| visit(node, graph, &mut done, &mut Vec::new()))
+}
+
+/// Every module directory under `dir`, with its path from the crate root (`cfgsync`,
+/// `server::conn`).
+fn module_dirs(dir: &Path, path: &str, out: &mut Vec<(std::path::PathBuf, String)>) {
+    out.push((dir.to_path_buf(), path.to_string()));
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let sub = entry.unwrap().path();
+        if sub.is_dir() {
+            let name = sub.file_name().unwrap().to_string_lossy().to_string();
+            let nested = if path.is_empty() {
+                name
+            } else {
+                format!("{path}::{name}")
+            };
+            module_dirs(&sub, &nested, out);
+        }
+    }
+}
+
+#[it::test]
+fn no_module_has_a_cycle_between_its_files() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("src");
+    let mut dirs = Vec::new();
+    module_dirs(&root, "", &mut dirs);
+    let mut cycles = Vec::new();
+    for (dir, path) in &dirs {
+        // The crate root's children are the top-level modules: their layering is checked
+        // above, on every path rather than `super::`.
+        if path.is_empty() {
+            continue;
+        }
+        if let Some(cycle) = cycle_in(&child_graph(dir, path)) {
+            cycles.push(format!("{path}: {}", cycle.join(" → ")));
+        }
+    }
+    assert!(
+        cycles.len() < 1,
+        "cycles between the files of one module:\n{}",
+        cycles.join("\n")
+    );
+}
+
+#[it::test]
+fn a_cycle_between_two_files_of_a_module_is_found() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(dir.path().join("a.rs"), "use super::b::Thing;\n").unwrap();
+    std::fs::write(dir.path().join("b.rs"), "fn f() { crate::m::c::g() }\n").unwrap();
+    std::fs::create_dir(dir.path().join("c")).unwrap();
+    std::fs::write(
+        dir.path().join("c/inner.rs"),
+        "use super::super::{a, other};\n#[cfg(test)]\nmod tests { use super::b; }\n",
+    )
+    .unwrap();
+    let graph = child_graph(dir.path(), "m");
+    assert_eq!(graph["a"], BTreeSet::from(["b".to_string()]));
+    assert_eq!(graph["b"], BTreeSet::from(["c".to_string()]));
+    assert_eq!(
+        graph["c"],
+        BTreeSet::from(["a".to_string()]),
+        "test modules are skipped"
+    );
+    assert_eq!(
+        cycle_in(&graph),
+        Some(vec!["a".into(), "b".into(), "c".into(), "a".into()])
+    );
+    std::fs::write(dir.path().join("b.rs"), "fn f() {}\n").unwrap();
+    assert_eq!(cycle_in(&child_graph(dir.path(), "m")), None);
+}

@@ -30,7 +30,7 @@ use tower::ServiceExt;
 use self::body::BodyRules;
 use self::gate::{Conn, Gate, GateLimits, Hold};
 use super::ApiError;
-use super::auth::Tokens;
+use crate::api::Token;
 use crate::api::auth::bearer;
 
 /// How long in-flight requests may take to finish after shutdown is requested.
@@ -156,18 +156,18 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
-/// Per request, before anything is read: notes whether it carries a configured token (which
+/// Per request, before anything is read: notes whether it carries one of `tokens` (which
 /// proves its connection), turns away what a connection on probation may not ask, and holds
 /// its body to the server's [`BodyRules`].
-pub async fn admit<S: Tokens>(
-    state: &S,
+pub async fn admit(
+    tokens: [Option<&Token>; 2],
     rules: &BodyRules,
     request: Request,
     next: Next,
 ) -> Response {
     let presented = bearer(request.headers());
     let proven = presented.is_some_and(|presented| {
-        [state.admin_token(), state.join_token()]
+        tokens
             .into_iter()
             .flatten()
             .any(|token| token.matches(presented))

@@ -416,7 +416,7 @@ fn no_module_has_a_cycle_between_its_files() {
         }
     }
     assert!(
-        cycles.len() < 1,
+        cycles.is_empty(),
         "cycles between the files of one module:\n{}",
         cycles.join("\n")
     );

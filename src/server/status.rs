@@ -93,17 +93,29 @@ async fn status(State(state): State<AppState>, _: Admin) -> Result<Json<StatusBo
 pub(super) async fn collect(state: &AppState) -> Result<(StatusBody, HistoryBody), ApiError> {
     let tree = state.store.namespace(SYSTEM_NAMESPACE).await?;
     let empty = BTreeMap::new();
-    let history = history_of(
-        tree.revision,
-        tree.types.get(INIT_HISTORY).unwrap_or(&empty),
-    );
-    let stored = tree.types.get(INIT_STATE).unwrap_or(&empty);
-    let records = tree.types.get(INIT_STATUS).unwrap_or(&empty);
-    let wanted: Option<WantedSpec> = tree
-        .types
-        .get(INIT_SPEC)
-        .and_then(|t| t.get(SPEC_KEY))
+    let kind = |name: &str| tree.types.get(name).unwrap_or(&empty);
+    let history = history_of(tree.revision, kind(INIT_HISTORY));
+    let wanted: Option<WantedSpec> = kind(INIT_SPEC)
+        .get(SPEC_KEY)
         .and_then(|e| serde_json::from_value(e.value.clone()).ok());
+    let initialisers = initialisers(wanted.as_ref(), kind(INIT_STATE), kind(INIT_STATUS));
+    let converged = wanted.is_some() && initialisers.iter().all(|i| i.converged);
+    let status = StatusBody {
+        revision: tree.revision,
+        backend: state.store.backend().to_string(),
+        converged,
+        initialisers,
+        cfgsync: cfgsync_summary(state),
+    };
+    Ok((status, history))
+}
+
+/// Every initialiser the spec wants, in its order, then any other that has a stored flag.
+fn initialisers(
+    wanted: Option<&WantedSpec>,
+    stored: &BTreeMap<String, Entry>,
+    records: &BTreeMap<String, Entry>,
+) -> Vec<InitialiserStatus> {
     let record = |name: &str| -> Option<Status> {
         records
             .get(name)
@@ -115,30 +127,28 @@ pub(super) async fn collect(state: &AppState) -> Result<(StatusBody, HistoryBody
             .and_then(|e| e.value.as_str().map(str::to_string))
     };
     let mut initialisers = Vec::new();
-    if let Some(spec) = &wanted {
-        for w in &spec.initialisers {
-            let last_run = record(&w.name);
-            let stored_flag = stored_flag(&w.name);
-            let assessment = assess(Facts {
-                wanted_flag: &w.flag,
-                params_hash: &w.params_hash,
-                pre_gate: w.pre_gate,
-                stored_flag: stored_flag.as_deref(),
-                succeeded_params_hash: last_run
-                    .as_ref()
-                    .and_then(|r| r.succeeded_params_hash.as_deref()),
-            });
-            initialisers.push(InitialiserStatus {
-                name: w.name.clone(),
-                class: w.class.clone(),
-                converged: assessment.converged,
-                wanted_flag: Some(w.flag.clone()),
-                stored_flag,
-                last_run,
-                params_changed_without_flag_bump: assessment.params_drift,
-                pre_gate: w.pre_gate,
-            });
-        }
+    for w in wanted.map_or(&[][..], |spec| &spec.initialisers[..]) {
+        let last_run = record(&w.name);
+        let stored_flag = stored_flag(&w.name);
+        let assessment = assess(Facts {
+            wanted_flag: &w.flag,
+            params_hash: &w.params_hash,
+            pre_gate: w.pre_gate,
+            stored_flag: stored_flag.as_deref(),
+            succeeded_params_hash: last_run
+                .as_ref()
+                .and_then(|r| r.succeeded_params_hash.as_deref()),
+        });
+        initialisers.push(InitialiserStatus {
+            name: w.name.clone(),
+            class: w.class.clone(),
+            converged: assessment.converged,
+            wanted_flag: Some(w.flag.clone()),
+            stored_flag,
+            last_run,
+            params_changed_without_flag_bump: assessment.params_drift,
+            pre_gate: w.pre_gate,
+        });
     }
     for name in stored.keys() {
         if initialisers.iter().any(|i| &i.name == name) {
@@ -159,23 +169,20 @@ pub(super) async fn collect(state: &AppState) -> Result<(StatusBody, HistoryBody
             pre_gate: false,
         });
     }
+    initialisers
+}
+
+/// cfgsync's part of the status, from its current view.
+fn cfgsync_summary(state: &AppState) -> CfgsyncSummary {
     let serving = state.cfgsync.current();
-    let converged = wanted.is_some() && initialisers.iter().all(|i| i.converged);
-    let status = StatusBody {
-        revision: tree.revision,
-        backend: state.store.backend().to_string(),
-        converged,
-        initialisers,
-        cfgsync: CfgsyncSummary {
-            registrations: serving.registrations(),
-            ready: serving.is_ready(),
-            policy: serving.policy().is_some(),
-            bundle: serving.has_bundle(),
-            epoch: serving.epoch(),
-            render_cache_bytes: state.cfgsync.cached_bytes(),
-            render_failures: state.cfgsync.render_failures().count.get(),
-            last_render_failure: state.cfgsync.render_failures().last(),
-        },
-    };
-    Ok((status, history))
+    CfgsyncSummary {
+        registrations: serving.registrations(),
+        ready: serving.is_ready(),
+        policy: serving.policy().is_some(),
+        bundle: serving.has_bundle(),
+        epoch: serving.epoch(),
+        render_cache_bytes: state.cfgsync.cached_bytes(),
+        render_failures: state.cfgsync.render_failures().count.get(),
+        last_render_failure: state.cfgsync.render_failures().last(),
+    }
 }

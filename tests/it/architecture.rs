@@ -448,3 +448,73 @@ fn a_cycle_between_two_files_of_a_module_is_found() {
     std::fs::write(dir.path().join("b.rs"), "fn f() {}\n").unwrap();
     assert_eq!(cycle_in(&child_graph(dir.path(), "m")), None);
 }
+
+/// (name, first line, lines) of every function in `text` with a body, from its `fn` line to
+/// its closing brace (braces in strings and comments are rare enough in this code to ignore).
+fn function_lengths(text: &str) -> Vec<(String, usize, usize)> {
+    let lines: Vec<&str> = text.lines().collect();
+    let mut found = Vec::new();
+    let mut i = 0;
+    while i < lines.len() {
+        let code = lines[i].trim_start();
+        let name = code
+            .split_once("fn ")
+            .filter(|(before, _)| {
+                !code.starts_with("//")
+                    && before
+                        .split_whitespace()
+                        .all(|w| w.starts_with("pub") || w == "async" || w == "const")
+            })
+            .map(|(_, after)| leading_name(after).unwrap_or_default());
+        let Some(name) = name.filter(|n| !n.is_empty()) else {
+            i += 1;
+            continue;
+        };
+        let (mut depth, mut opened, mut end) = (0i64, false, i);
+        for (j, line) in lines.iter().enumerate().skip(i) {
+            if !opened && line.trim_end().ends_with(';') {
+                break;
+            }
+            depth += line.matches('{').count() as i64 - line.matches('}').count() as i64;
+            opened |= line.contains('{');
+            if opened && depth <= 0 {
+                end = j;
+                break;
+            }
+        }
+        if opened {
+            found.push((name, i + 1, end - i + 1));
+            i = end + 1;
+        } else {
+            i += 1;
+        }
+    }
+    found
+}
+
+#[it::test]
+fn no_function_of_the_server_is_over_60_lines() {
+    let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let mut files = Vec::new();
+    support::rust_files(&root.join("src/server"), &mut files);
+    let mut long = Vec::new();
+    for file in files {
+        let text = std::fs::read_to_string(&file).unwrap();
+        for (name, line, length) in function_lengths(&text) {
+            if length > 60 {
+                let shown = file.strip_prefix(root).unwrap().display();
+                long.push(format!("{shown}:{line}: {name} is {length} lines"));
+            }
+        }
+    }
+    assert!(long.is_empty(), "split these:\n{}", long.join("\n"));
+}
+
+#[it::test]
+fn function_lengths_are_counted_from_fn_to_closing_brace() {
+    let text = "/// doc\npub async fn a(x: u8) -> u8 {\n    if x > 1 {\n        x\n    } else {\n        0\n    }\n}\nfn decl();\nfn b() {}\n";
+    assert_eq!(
+        function_lengths(text),
+        [("a".to_string(), 2, 7), ("b".to_string(), 10, 1)]
+    );
+}

@@ -199,6 +199,54 @@ pub async fn admit(
     response
 }
 
+/// Serves one accepted connection until it ends, or until `shutdown` (then gracefully).
+async fn serve_connection<Io>(
+    io: Io,
+    peer: SocketAddr,
+    conn: Arc<Conn>,
+    app: Router,
+    shutdown: CancellationToken,
+    limits: ConnectionLimits,
+) where
+    Io: tokio::io::AsyncRead + tokio::io::AsyncWrite + Unpin + Send + 'static,
+{
+    let probation = conn.on_probation();
+    let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
+        let mut request = request.map(axum::body::Body::new);
+        request.extensions_mut().insert(ConnectInfo(peer));
+        request.extensions_mut().insert(conn.clone());
+        let app = app.clone();
+        async move { Ok::<_, Infallible>(app.oneshot(request).await.into_response()) }
+    });
+    let mut http = hyper::server::conn::http1::Builder::new();
+    let header_timeout = if probation {
+        PROBATION_HEADER_TIMEOUT.min(limits.header_timeout)
+    } else {
+        limits.header_timeout
+    };
+    http.timer(TokioTimer::new())
+        .header_read_timeout(header_timeout)
+        .max_buf_size(MAX_HEAD_BUFFER)
+        // A probation connection answers once and closes, freeing its slot.
+        .keep_alive(!probation);
+    let connection = http.serve_connection(TokioIo::new(io), service);
+    let mut connection = std::pin::pin!(connection);
+    let finished = tokio::select! {
+        result = connection.as_mut() => Some(result),
+        () = shutdown.cancelled() => None,
+    };
+    let result = match finished {
+        Some(result) => result,
+        None => {
+            connection.as_mut().graceful_shutdown();
+            connection.await
+        }
+    };
+    if let Err(err) = result {
+        tracing::debug!(%peer, error = %err, "connection ended");
+    }
+}
+
 /// Serves `app` on `listener` within `limits` until `shutdown` is cancelled, then lets
 /// in-flight requests finish (at most [`DRAIN_DEADLINE`]).
 pub async fn serve<L>(
@@ -221,44 +269,14 @@ where
             tracing::debug!(%peer, "closing a connection past its source's share and the probation slots");
             continue;
         };
-        let (app, shutdown) = (app.clone(), shutdown.clone());
-        tracker.spawn(async move {
-            let probation = conn.on_probation();
-            let service = hyper::service::service_fn(move |request: hyper::Request<_>| {
-                let mut request = request.map(axum::body::Body::new);
-                request.extensions_mut().insert(ConnectInfo(peer));
-                request.extensions_mut().insert(conn.clone());
-                let app = app.clone();
-                async move { Ok::<_, Infallible>(app.oneshot(request).await.into_response()) }
-            });
-            let mut http = hyper::server::conn::http1::Builder::new();
-            let header_timeout = if probation {
-                PROBATION_HEADER_TIMEOUT.min(limits.header_timeout)
-            } else {
-                limits.header_timeout
-            };
-            http.timer(TokioTimer::new())
-                .header_read_timeout(header_timeout)
-                .max_buf_size(MAX_HEAD_BUFFER)
-                // A probation connection answers once and closes, freeing its slot.
-                .keep_alive(!probation);
-            let connection = http.serve_connection(TokioIo::new(io), service);
-            let mut connection = std::pin::pin!(connection);
-            let finished = tokio::select! {
-                result = connection.as_mut() => Some(result),
-                () = shutdown.cancelled() => None,
-            };
-            let result = match finished {
-                Some(result) => result,
-                None => {
-                    connection.as_mut().graceful_shutdown();
-                    connection.await
-                }
-            };
-            if let Err(err) = result {
-                tracing::debug!(%peer, error = %err, "connection ended");
-            }
-        });
+        tracker.spawn(serve_connection(
+            io,
+            peer,
+            conn,
+            app.clone(),
+            shutdown.clone(),
+            limits,
+        ));
     }
     // No new connections while the old ones drain: they are refused at once, not queued.
     drop(listener);

@@ -12,7 +12,7 @@ use serde_json::Value;
 
 use crate::api::Token;
 use crate::api::cfgsync::{NodesBody, ReplaceRequest};
-use crate::api::config::{ChangesBody, EntryBody, Namespaces, Written};
+use crate::api::config::{ChangesBody, EntryBody, NamespaceBody, Namespaces, TypeBody, Written};
 use crate::api::status::HistoryBody;
 use crate::api::{ErrorBody, ErrorCode};
 use crate::store::{
@@ -192,15 +192,21 @@ impl ApiClient {
     /// Every entry of a type.
     pub async fn list(&self, namespace: &str, kind: &str) -> Result<Listing, Error> {
         let path = format!("/v1/config/{}/{}", segment(namespace), segment(kind));
-        let body: Value = self.send(&path, self.request(Method::GET, &path)).await?;
-        decode_value(&path, body)
+        let body: TypeBody = self.send(&path, self.request(Method::GET, &path)).await?;
+        Ok(Listing {
+            revision: body.revision,
+            entries: body.entries,
+        })
     }
 
     /// A whole namespace.
     pub async fn namespace(&self, namespace: &str) -> Result<NamespaceTree, Error> {
         let path = format!("/v1/config/{}", segment(namespace));
-        let body: Value = self.send(&path, self.request(Method::GET, &path)).await?;
-        decode_value(&path, body)
+        let body: NamespaceBody = self.send(&path, self.request(Method::GET, &path)).await?;
+        Ok(NamespaceTree {
+            revision: body.revision,
+            types: body.types,
+        })
     }
 
     /// Every namespace (reserved ones only with the admin token) and the store revision.
@@ -285,17 +291,6 @@ impl ApiClient {
             .timeout(wait + REQUEST_TIMEOUT);
         self.send(&path, builder).await
     }
-}
-
-fn decode_value<T: DeserializeOwned>(path: &str, body: Value) -> Result<T, Error> {
-    serde_json::from_value(body).map_err(|err| Error::Status {
-        url: path.to_string(),
-        status: StatusCode::BAD_GATEWAY,
-        body: ErrorBody::new(
-            ErrorCode::Internal,
-            format!("the answer does not decode: {err}"),
-        ),
-    })
 }
 
 /// Every byte but the unreserved ones (RFC 3986: letters, digits, `-`, `_`, `.`, `~`) is

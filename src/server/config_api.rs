@@ -13,6 +13,7 @@ use utoipa_axum::routes;
 use super::auth::{Admin, IsAdmin};
 use super::conn::Caller;
 use super::error::{ApiPath, ApiQuery};
+use super::openapi::{AdminRequired, JsonBodyRefused, ReadRefused};
 use super::{ApiError, ApiJson, AppState};
 use crate::api::ErrorCode;
 use crate::api::REVISION_HEADER;
@@ -76,8 +77,7 @@ async fn list_namespaces(
     security((), ("admin" = [])),
     responses(
         (status = 200, description = "The namespace", body = NamespaceBody, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
-        (status = 400, description = "Invalid name", body = crate::api::ErrorBody),
-        (status = 401, description = "Reserved namespace without the admin token", body = crate::api::ErrorBody),
+        ReadRefused,
     ))]
 async fn get_namespace(
     State(state): State<AppState>,
@@ -102,8 +102,7 @@ async fn get_namespace(
     security((), ("admin" = [])),
     responses(
         (status = 200, description = "The entries", body = TypeBody, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
-        (status = 400, description = "Invalid name", body = crate::api::ErrorBody),
-        (status = 401, description = "Reserved namespace without the admin token", body = crate::api::ErrorBody),
+        ReadRefused,
     ))]
 async fn get_type(
     State(state): State<AppState>,
@@ -131,8 +130,7 @@ async fn get_type(
         (status = 200, description = "The entry", body = EntryBody,
             headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"),
                     ("etag" = String, description = "The entry's mod revision, quoted"))),
-        (status = 400, description = "Invalid name", body = crate::api::ErrorBody),
-        (status = 401, description = "Reserved namespace without the admin token", body = crate::api::ErrorBody),
+        ReadRefused,
         (status = 404, description = "No value at this key", body = crate::api::ErrorBody),
     ))]
 async fn get_entry(
@@ -196,11 +194,9 @@ fn precondition(headers: &HeaderMap) -> Result<Option<Precondition>, ApiError> {
     security(("admin" = [])),
     responses(
         (status = 200, description = "Committed", body = Written, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
-        (status = 400, description = "Malformed JSON, invalid name or header", body = crate::api::ErrorBody),
-        (status = 401, description = "Missing or wrong admin token", body = crate::api::ErrorBody),
         (status = 409, description = "The precondition failed; nothing was written", body = crate::api::ErrorBody),
-        (status = 413, description = "Body or value too large", body = crate::api::ErrorBody),
-        (status = 415, description = "Not `application/json`", body = crate::api::ErrorBody),
+        (status = 422, description = "A value `__cfgsync__` would refuse (every problem listed)", body = crate::api::ErrorBody),
+        AdminRequired, JsonBodyRefused,
     ))]
 async fn put_entry(
     State(state): State<AppState>,
@@ -225,9 +221,9 @@ async fn put_entry(
     security(("admin" = [])),
     responses(
         (status = 200, description = "Committed", body = Written, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
-        (status = 401, description = "Missing or wrong admin token", body = crate::api::ErrorBody),
         (status = 404, description = "No value at this key", body = crate::api::ErrorBody),
         (status = 409, description = "The precondition failed", body = crate::api::ErrorBody),
+        AdminRequired,
     ))]
 async fn delete_entry(
     State(state): State<AppState>,
@@ -255,10 +251,9 @@ async fn delete_entry(
     security(("admin" = [])),
     responses(
         (status = 200, description = "Committed", body = Written, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
-        (status = 400, description = "Malformed batch or invalid name", body = crate::api::ErrorBody),
-        (status = 401, description = "Missing or wrong admin token", body = crate::api::ErrorBody),
         (status = 409, description = "A check failed (the message names the key); nothing was written", body = crate::api::ErrorBody),
-        (status = 413, description = "Body or value too large", body = crate::api::ErrorBody),
+        (status = 422, description = "A value `__cfgsync__` would refuse (every problem listed)", body = crate::api::ErrorBody),
+        AdminRequired, JsonBodyRefused,
     ))]
 async fn apply_batch(
     State(state): State<AppState>,

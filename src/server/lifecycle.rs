@@ -8,6 +8,7 @@ use utoipa_axum::routes;
 
 use super::auth::Admin;
 use super::error::ApiPath;
+use super::openapi::{AdminRequired, JsonBodyRefused};
 use super::{ApiError, ApiJson, AppState};
 use crate::api::cfgsync::{NodesBody, ReplaceRequest};
 use crate::api::config::Written;
@@ -54,7 +55,7 @@ impl From<LifecycleError> for ApiError {
     security((), ("admin" = [])),
     responses(
         (status = 200, description = "The nodes", body = NodesBody),
-        (status = 401, description = "Missing or wrong admin token", body = crate::api::ErrorBody),
+        AdminRequired,
     ))]
 async fn list(State(state): State<AppState>, _: Admin) -> Result<Json<NodesBody>, ApiError> {
     let serving = state.cfgsync.current();
@@ -68,7 +69,7 @@ async fn list(State(state): State<AppState>, _: Admin) -> Result<Json<NodesBody>
     security(("admin" = [])),
     responses(
         (status = 200, description = "Removed", body = Written),
-        (status = 401, description = "Missing or wrong admin token", body = crate::api::ErrorBody),
+        AdminRequired,
         (status = 404, description = "No such node; nothing changed", body = crate::api::ErrorBody),
     ))]
 async fn remove(
@@ -89,10 +90,11 @@ async fn remove(
     security(("admin" = [])),
     responses(
         (status = 200, description = "Replaced", body = Written),
-        (status = 401, description = "Missing or wrong admin token", body = crate::api::ErrorBody),
+        AdminRequired,
         (status = 404, description = "No such node; nothing changed", body = crate::api::ErrorBody),
         (status = 409, description = "The new identifier is registered; nothing changed", body = crate::api::ErrorBody),
         (status = 422, description = "An invalid new identifier; nothing changed", body = crate::api::ErrorBody),
+        JsonBodyRefused,
     ))]
 async fn replace(
     State(state): State<AppState>,

@@ -16,6 +16,7 @@ use utoipa_axum::routes;
 
 use super::auth::{Join, Tokens};
 use super::conn::Caller;
+use super::openapi::{JoinRequired, JsonBodyRefused};
 use super::{ApiError, ApiJson};
 use crate::api::cfgsync::{NodeArtifactsPayload, NodeQuery, NodeRegistration, Registered};
 use crate::api::{ErrorBody, ErrorCode, ErrorDetails, NODE_SECRET_HEADER, Token};
@@ -132,14 +133,11 @@ impl<S: Send + Sync> FromRequestParts<S> for NodeSecret {
     security((), ("join" = [])),
     responses(
         (status = 202, description = "Registered", body = Registered),
-        (status = 400, description = "Malformed JSON or IP", body = ErrorBody),
-        (status = 401, description = "Missing or wrong join token or node secret", body = ErrorBody),
         (status = 403, description = "Strict mode: the node secret belongs to another identifier", body = ErrorBody),
         (status = 409, description = "Refused by the policy (frozen, full, or a new IP with `on_new_ip: reject`), or `replaced` by another node", body = ErrorBody),
-        (status = 413, description = "Body or metadata too large", body = ErrorBody),
-        (status = 415, description = "Not `application/json`", body = ErrorBody),
         (status = 422, description = "Invalid identifier or a missing field", body = ErrorBody),
         (status = 429, description = "The node changed its IP or metadata too often", body = ErrorBody),
+        JoinRequired, JsonBodyRefused,
     ))]
 async fn register(
     State(routes): State<NodeRoutes>,
@@ -164,8 +162,7 @@ async fn register(
     responses(
         (status = 200, description = "The payload", body = NodeArtifactsPayload),
         (status = 204, description = "`?after=EPOCH`: no newer epoch came within the wait"),
-        (status = 400, description = "Malformed JSON, IP or query", body = ErrorBody),
-        (status = 401, description = "Missing or wrong join token or node secret", body = ErrorBody),
+        JoinRequired, JsonBodyRefused,
         (status = 404, description = "`missing_config`: nothing will be served to this identifier", body = ErrorBody),
         (status = 425, description = "`not_ready`: registered, config not ready yet; retry", body = ErrorBody),
         (status = 500, description = "`internal`: materialisation failed", body = ErrorBody),

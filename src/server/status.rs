@@ -10,6 +10,7 @@ use utoipa_axum::routes;
 
 use super::auth::Admin;
 use super::error::ApiQuery;
+use super::openapi::AdminRequired;
 use super::{ApiError, AppState};
 use crate::api::status::{
     CfgsyncSummary, HistoryBody, HistoryQuery, InitialiserStatus, StatusBody,
@@ -32,7 +33,7 @@ pub(super) fn api() -> OpenApiRouter<AppState> {
     security((), ("admin" = [])),
     responses(
         (status = 200, description = "The runs", body = HistoryBody),
-        (status = 401, description = "Missing or wrong admin token (when one is configured)", body = crate::api::ErrorBody),
+        AdminRequired,
         (status = 404, description = "`name` has no history", body = crate::api::ErrorBody),
     ))]
 async fn history(
@@ -82,7 +83,7 @@ fn history_of(revision: Revision, entries: &BTreeMap<String, Entry>) -> HistoryB
     security((), ("admin" = [])),
     responses(
         (status = 200, description = "The reconciler's state", body = StatusBody),
-        (status = 401, description = "Missing or wrong admin token (when one is configured)", body = crate::api::ErrorBody),
+        AdminRequired,
     ))]
 async fn status(State(state): State<AppState>, _: Admin) -> Result<Json<StatusBody>, ApiError> {
     Ok(Json(collect(&state).await?.0))

@@ -1,5 +1,6 @@
-//! cfgsync as seed-protocol nodes meet it: plain JSON over HTTP against the real binary, in
-//! both serving models, plus crash durability, tokens, strict mode and bad input.
+//! cfgsync as seed-protocol nodes meet it: plain JSON over HTTP, in both serving models, plus
+//! crash durability, tokens, strict mode and bad input. The contract runs against the
+//! in-process server; crashes and what the process logs, against the real binary.
 
 use crate::support;
 
@@ -7,7 +8,7 @@ use std::collections::BTreeSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::support::Proc;
+use crate::support::{Proc, Setup, TestServer};
 use serde_json::{Value, json};
 
 const POLICY_3: &str = r#"
@@ -41,9 +42,8 @@ fn reg(id: &str, ip: &str) -> Value {
 
 #[it::test]
 async fn a_seed_node_gets_202_425_404_and_200_in_the_registration_model() {
-    let dir = support::dir_with(&[("policy.yaml", POLICY_3)]);
-    let server = Proc::start(dir.path(), "serve --store memory: --policy policy.yaml");
-    let u = server.url.as_str();
+    let server = TestServer::with(Setup::policy(POLICY_3)).await;
+    let u = server.url();
     let (status, body) = support::post(u, "/node", &reg("node-a", "10.0.0.1")).await;
     assert_eq!(status, 425, "not registered: {body}");
     assert_eq!(body["code"], "not_ready");
@@ -99,9 +99,8 @@ async fn a_seed_node_gets_202_425_404_and_200_in_the_registration_model() {
 
 #[it::test]
 async fn a_seed_node_gets_its_bundle_without_registering_and_unknown_nodes_get_404() {
-    let dir = support::dir_with(&[("bundle.yaml", BUNDLE)]);
-    let server = Proc::start(dir.path(), "serve --store memory: --bundle bundle.yaml");
-    let u = server.url.as_str();
+    let server = TestServer::with(Setup::bundle(BUNDLE)).await;
+    let u = server.url();
     let (status, body) = support::post(u, "/node", &reg("node-1", "10.0.0.1")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
@@ -124,15 +123,10 @@ async fn a_seed_node_gets_its_bundle_without_registering_and_unknown_nodes_get_4
 
 #[it::test]
 async fn fifty_nodes_started_together_each_get_all_fifty_peers() {
-    let dir = support::dir_with(&[("policy.yaml", &support::peers_policy(50))]);
-    let db = format!("sqlite:{}/x.db", dir.path().display());
-    let server = Proc::start(
-        dir.path(),
-        &format!("serve --store {db} --policy policy.yaml"),
-    );
+    let server = TestServer::with(Setup::policy(&support::peers_policy(50))).await;
     let mut nodes = Vec::new();
     for i in 0..50 {
-        let url = server.url.clone();
+        let url = server.url().to_string();
         nodes.push(tokio::spawn(async move {
             let me = reg(&format!("node-{i:02}"), &format!("10.1.0.{}", i + 1));
             let (status, _) = support::post(&url, "/register", &me).await;
@@ -280,13 +274,11 @@ async fn the_join_token_guards_both_routes_and_strict_mode_keeps_nodes_apart() {
 
 #[it::test]
 async fn bad_node_requests_get_clear_errors_and_change_nothing() {
-    let dir = support::dir_with(&[("policy.yaml", POLICY_3)]);
-    let server = Proc::start(
-        dir.path(),
-        "serve --store memory: --policy policy.yaml --body-limit 200000",
-    );
+    let mut setup = Setup::policy(POLICY_3);
+    setup.options.body_limit = 200_000;
+    let server = TestServer::with(setup).await;
     let revision = || async {
-        let body: Value = support::get(format!("{}/v1/config", server.url))
+        let body: Value = support::get(format!("{}/v1/config", server.url()))
             .await
             .unwrap()
             .json()
@@ -397,7 +389,7 @@ async fn bad_node_requests_get_clear_errors_and_change_nothing() {
         ),
     ];
     for (what, path, content_type, body, want) in cases {
-        let mut request = http.post(format!("{}{path}", server.url)).body(body);
+        let mut request = http.post(format!("{}{path}", server.url())).body(body);
         if let Some(ct) = content_type {
             request = request.header("content-type", ct);
         }
@@ -415,7 +407,7 @@ async fn bad_node_requests_get_clear_errors_and_change_nothing() {
     }
     for (method, path) in [("GET", "/register"), ("PUT", "/node"), ("POST", "/nodes")] {
         let response = http
-            .request(method.parse().unwrap(), format!("{}{path}", server.url))
+            .request(method.parse().unwrap(), format!("{}{path}", server.url()))
             .send()
             .await
             .unwrap();
@@ -426,7 +418,7 @@ async fn bad_node_requests_get_clear_errors_and_change_nothing() {
         assert!(response.json::<Value>().await.unwrap()["code"].is_string());
     }
     assert_eq!(revision().await, before, "bad input changed the store");
-    let (status, _) = support::post(&server.url, "/register", &reg("fine", "10.0.0.1")).await;
+    let (status, _) = support::post(server.url(), "/register", &reg("fine", "10.0.0.1")).await;
     assert_eq!(status, 202, "the server still serves");
 }
 

@@ -7,7 +7,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use crate::support::{Proc, TestServer};
+use crate::support::{Proc, Setup, TestServer};
 use bootsync::store::Key;
 use reqwest::{Method, StatusCode};
 use serde_json::{Value, json};
@@ -219,11 +219,11 @@ fn case(
 
 #[it::test]
 async fn bad_input_gets_the_json_error_shape_and_changes_nothing() {
-    let dir = support::dir_with(&[("admin.token", "admin-secret\n")]);
-    let server = Proc::start(
-        dir.path(),
-        "serve --store memory: --admin-token-file admin.token --body-limit 65536 --max-value-bytes 1024",
-    );
+    let mut setup = Setup::default();
+    setup.options.admin_token = bootsync::api::Token::new("admin-secret");
+    setup.options.body_limit = 65536;
+    setup.limits.max_value_bytes = 1024;
+    let server = TestServer::with(setup).await;
     let deep = format!("{}{}", "[".repeat(5000), "]".repeat(5000));
     let big_value = format!("\"{}\"", "v".repeat(2000));
     let big_body = format!("\"{}\"", "b".repeat(100_000));
@@ -405,12 +405,12 @@ async fn bad_input_gets_the_json_error_shape_and_changes_nothing() {
         )
     });
     let http = bootsync::tls::plain_client();
-    let before = revision(&server.url).await;
+    let before = revision(server.url()).await;
     for c in &cases {
         let mut request = http
             .request(
                 c.method.parse().unwrap(),
-                format!("{}{}", server.url, c.path),
+                format!("{}{}", server.url(), c.path),
             )
             .body(c.body.clone());
         if let Some(ct) = c.content_type {
@@ -438,7 +438,7 @@ async fn bad_input_gets_the_json_error_shape_and_changes_nothing() {
             c.what
         );
         let health = http
-            .get(format!("{}/healthz", server.url))
+            .get(format!("{}/healthz", server.url()))
             .send()
             .await
             .unwrap();
@@ -450,12 +450,12 @@ async fn bad_input_gets_the_json_error_shape_and_changes_nothing() {
         );
     }
     assert_eq!(
-        revision(&server.url).await,
+        revision(server.url()).await,
         before,
         "bad input changed the store"
     );
     let ok = http
-        .put(format!("{}/v1/config/__system__/cfg/a", server.url))
+        .put(format!("{}/v1/config/__system__/cfg/a", server.url()))
         .bearer_auth("admin-secret")
         .json(&1)
         .send()

@@ -5,11 +5,11 @@ use crate::support;
 use std::collections::BTreeSet;
 use std::path::Path;
 
-use crate::support::Proc;
+use crate::support::TestServer;
 use serde_json::Value;
 
-async fn document(server: &Proc) -> Value {
-    let response = support::get(format!("{}/v1/openapi.json", server.url))
+async fn document(server: &TestServer) -> Value {
+    let response = support::get(format!("{}/v1/openapi.json", server.url()))
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
@@ -30,8 +30,7 @@ fn operations(doc: &Value) -> BTreeSet<(String, String)> {
 
 #[it::test]
 async fn the_document_is_valid_openapi_3_1_and_every_operation_reaches_a_handler() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Proc::start(dir.path(), "serve --store memory:");
+    let server = TestServer::start().await;
     let doc = document(&server).await;
 
     let meta: Value = serde_json::from_str(
@@ -58,7 +57,7 @@ async fn the_document_is_valid_openapi_3_1_and_every_operation_reaches_a_handler
             .replace("{ns}", "probe")
             .replace("{type}", "probe")
             .replace("{key}", "probe");
-        let url = format!("{}{concrete}", server.url);
+        let url = format!("{}{concrete}", server.url());
         let request = http
             .request(method.parse().unwrap(), &url)
             .header("content-type", "application/json")
@@ -96,8 +95,7 @@ fn routes_in(markdown: &str) -> BTreeSet<(String, String)> {
 
 #[it::test]
 async fn every_route_the_specs_name_is_described() {
-    let dir = tempfile::tempdir().unwrap();
-    let server = Proc::start(dir.path(), "serve --store memory:");
+    let server = TestServer::start().await;
     let described = operations(&document(&server).await);
     let root = Path::new(env!("CARGO_MANIFEST_DIR"));
     let mut named = BTreeSet::new();

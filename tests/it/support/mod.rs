@@ -207,7 +207,7 @@ pub async fn get(url: impl reqwest::IntoUrl) -> reqwest::Result<reqwest::Respons
 
 pub mod server;
 #[allow(unused_imports)] // not every test file starts an in-process server
-pub use server::TestServer;
+pub use server::{Setup, TestServer};
 
 /// One request to `url` with an optional bearer token and JSON body; answers the status and
 /// the body as JSON (`Null` when the body is empty or not JSON).

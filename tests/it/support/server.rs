@@ -5,13 +5,46 @@ use std::sync::Arc;
 
 use bootsync::api::Token;
 use bootsync::cfgsync::CfgsyncClient;
+use bootsync::cfgsync::state::{install_bundle, install_policy};
+use bootsync::cfgsync::{NodeArtifactsBundle, Policy};
 use bootsync::client::{ApiClient, RemoteStore};
 use bootsync::metrics::Metrics;
 use bootsync::server::{self, AppState, RunningServer, ServerOptions};
-use bootsync::store::DynStore;
 use bootsync::store::sqlite::{SqliteOptions, SqliteStore};
+use bootsync::store::{DynStore, Limits};
 use reqwest::{Method, StatusCode};
 use serde_json::Value;
+
+/// What [`TestServer::with`] starts a server with.
+#[derive(Debug, Default)]
+pub struct Setup {
+    /// Tokens and limits.
+    pub options: ServerOptions,
+    /// The store's limits.
+    pub limits: Limits,
+    /// A policy file's YAML.
+    pub policy: Option<String>,
+    /// A bundle file's YAML.
+    pub bundle: Option<String>,
+}
+
+impl Setup {
+    /// A server serving `policy`.
+    pub fn policy(yaml: &str) -> Self {
+        Self {
+            policy: Some(yaml.to_string()),
+            ..Self::default()
+        }
+    }
+
+    /// A server serving `bundle`.
+    pub fn bundle(yaml: &str) -> Self {
+        Self {
+            bundle: Some(yaml.to_string()),
+            ..Self::default()
+        }
+    }
+}
 
 /// A server running in the test's runtime; [`TestServer::stop`] drains it.
 pub struct TestServer {
@@ -42,6 +75,34 @@ impl TestServer {
     /// A server with default options on `store`.
     pub async fn on_store(store: DynStore) -> Self {
         Self::spawn(store, ServerOptions::default()).await
+    }
+
+    /// A server as `setup` says, on a fresh SQLite file: as `serve --policy`/`--bundle`
+    /// would start, the files are checked and installed before it answers.
+    pub async fn with(setup: Setup) -> Self {
+        let dir = tempfile::tempdir().unwrap();
+        let options = SqliteOptions {
+            limits: setup.limits,
+            ..SqliteOptions::default()
+        };
+        let store: DynStore =
+            Arc::new(SqliteStore::open(dir.path().join("store.db"), options).unwrap());
+        if let Some(yaml) = &setup.policy {
+            let policy: Policy = serde_saphyr::from_str(yaml).expect("the policy parses");
+            let compiled = policy.compile().expect("the policy is valid");
+            install_policy(store.as_ref(), compiled.policy())
+                .await
+                .unwrap();
+        }
+        if let Some(yaml) = &setup.bundle {
+            let bundle: NodeArtifactsBundle =
+                serde_saphyr::from_str(yaml).expect("the bundle parses");
+            bundle.validate().expect("the bundle is valid");
+            install_bundle(store.as_ref(), &bundle).await.unwrap();
+        }
+        let mut server = Self::spawn(store, setup.options).await;
+        server._dir = Some(dir);
+        server
     }
 
     async fn spawn(store: DynStore, options: ServerOptions) -> Self {

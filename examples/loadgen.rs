@@ -251,6 +251,17 @@ impl Drop for Server {
     }
 }
 
+/// Registers node `i` through `/register`, which must answer 202.
+async fn register(http: &reqwest::Client, url: &str, i: usize) {
+    let r = http
+        .post(format!("{url}/register"))
+        .json(&registration(i))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 202);
+}
+
 /// Registers nodes `0..n` through `/register` with 64 concurrent registrants; returns the
 /// rate in registrations per second.
 async fn storm(http: &reqwest::Client, url: &str, n: usize) -> f64 {
@@ -265,13 +276,7 @@ async fn storm(http: &reqwest::Client, url: &str, n: usize) -> f64 {
                 if i >= n {
                     return;
                 }
-                let r = http
-                    .post(format!("{url}/register"))
-                    .json(&registration(i))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 202);
+                register(&http, &url, i).await;
             }
         }));
     }
@@ -293,13 +298,7 @@ fn registrant(
     tokio::spawn(async move {
         let mut i = first;
         while Instant::now() < deadline {
-            let r = http
-                .post(format!("{url}/register"))
-                .json(&registration(i))
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 202);
+            register(&http, &url, i).await;
             counter.fetch_add(1, Ordering::Relaxed);
             i += CONCURRENCY;
         }
@@ -403,23 +402,10 @@ async fn seed_table(n: usize) -> Value {
     });
     let server = Server::start(&policy).await;
     let http = http_pool(1);
-    for i in 0..n - 1 {
-        let r = http
-            .post(format!("{}/register", server.url))
-            .json(&registration(i))
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202);
+    for i in 0..n {
+        register(&http, &server.url, i).await;
     }
     let last = registration(n - 1);
-    let r = http
-        .post(format!("{}/register", server.url))
-        .json(&last)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 202);
     let registered = Instant::now();
     let r = http
         .post(format!("{}/node", server.url))
@@ -645,13 +631,7 @@ async fn b2(n: usize) -> Value {
         let (http, url, last) = (http.clone(), url.clone(), last_registered.clone());
         tasks.push(tokio::spawn(async move {
             let me = registration(i);
-            let r = http
-                .post(format!("{url}/register"))
-                .json(&me)
-                .send()
-                .await
-                .unwrap();
-            assert_eq!(r.status(), 202);
+            register(&http, &url, i).await;
             {
                 let mut last = last.lock().unwrap();
                 *last = (*last).max(Instant::now());

@@ -373,6 +373,13 @@ mod tests {
         }
     }
 
+    /// An admission task on a fresh memory store, within `limits`.
+    fn started(limits: AdmissionLimits) -> (DynStore, Admission) {
+        let store = memory();
+        let admission = Admission::start(store.clone(), limits);
+        (store, admission)
+    }
+
     async fn ledger(store: &DynStore) -> Ledger {
         let entry = store.get(&ledger_key()).await.unwrap().unwrap();
         serde_json::from_value(entry.value).unwrap()
@@ -380,12 +387,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_cap_admits_exactly_that_many_under_a_storm() {
-        let store = memory();
-        let limits = AdmissionLimits {
+        let (store, admission) = started(AdmissionLimits {
             max_registrations: 5,
             ..AdmissionLimits::default()
-        };
-        let admission = Admission::start(store.clone(), limits);
+        });
         let answers = futures_util::future::join_all(
             (0..40).map(|i| admission.submit(proposal(&format!("n{i}"), Value::Null))),
         )
@@ -421,12 +426,10 @@ mod tests {
 
     #[tokio::test]
     async fn the_metadata_budget_counts_what_is_stored() {
-        let store = memory();
-        let limits = AdmissionLimits {
+        let (store, admission) = started(AdmissionLimits {
             metadata_budget: 100,
             ..AdmissionLimits::default()
-        };
-        let admission = Admission::start(store.clone(), limits);
+        });
         let forty = json!("x".repeat(38));
         admission
             .submit(proposal("a", forty.clone()))

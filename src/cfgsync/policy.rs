@@ -389,19 +389,10 @@ shared_files:
             "expect_nodes: 0\nfiles:\n  - path: ../x\n    template: \"{% for %}\"\n  - path: ../x\n    template: ok\n",
         )
         .unwrap_err();
-        assert!(
-            problems.iter().any(|p| p.contains("at least 1")),
-            "{problems:?}"
-        );
-        assert!(
-            problems.iter().any(|p| p.contains("template error")),
-            "{problems:?}"
-        );
-        assert!(problems.iter().any(|p| p.contains("'..'")), "{problems:?}");
-        assert!(
-            problems.iter().any(|p| p.contains("duplicate path")),
-            "{problems:?}"
-        );
+        for expected in ["at least 1", "template error", "'..'", "duplicate path"] {
+            let listed = problems.iter().any(|p| p.contains(expected));
+            assert!(listed, "{expected}: {problems:?}");
+        }
     }
 
     #[test]

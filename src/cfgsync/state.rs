@@ -286,17 +286,9 @@ mod tests {
             .put(registration_key("c"), record("c", big))
             .put(policy_key(), json!({"expect_nodes": 0}));
         let problems = guard_direct_write(batch).unwrap_err();
-        assert!(
-            problems.iter().any(|p| p.contains("names \"b\"")),
-            "{problems:?}"
-        );
-        assert!(
-            problems.iter().any(|p| p.contains("over the limit")),
-            "{problems:?}"
-        );
-        assert!(
-            problems.iter().any(|p| p.contains("at least 1")),
-            "{problems:?}"
-        );
+        for expected in ["names \"b\"", "over the limit", "at least 1"] {
+            let listed = problems.iter().any(|p| p.contains(expected));
+            assert!(listed, "{expected}: {problems:?}");
+        }
     }
 }

@@ -417,6 +417,20 @@ mod tests {
         policy
     }
 
+    /// A count policy for `n` installed at revision 2, and node `a` registered at 3.
+    fn count_policy_and_a(n: usize) -> Vec<ChangeEvent> {
+        vec![
+            event(
+                2,
+                vec![put(POLICY, CURRENT, policy(json!({"expect_nodes": n})))],
+            ),
+            event(
+                3,
+                vec![put(REGISTRATION, "a", record("a", "10.0.0.1", json!({})))],
+            ),
+        ]
+    }
+
     /// A view loaded from an empty store, then fed `events` one at a time.
     fn fed(events: Vec<ChangeEvent>) -> (View, Serving) {
         let mut view = View::new(None, RenderLimits::default());
@@ -434,16 +448,7 @@ mod tests {
 
     #[test]
     fn the_set_is_ready_at_the_count_and_its_epoch_is_that_registration() {
-        let (mut view, serving) = fed(vec![
-            event(
-                2,
-                vec![put(POLICY, CURRENT, policy(json!({"expect_nodes": 2})))],
-            ),
-            event(
-                3,
-                vec![put(REGISTRATION, "a", record("a", "10.0.0.1", json!({})))],
-            ),
-        ]);
+        let (mut view, serving) = fed(count_policy_and_a(2));
         assert!(!serving.is_ready());
         assert_eq!(serving.epoch(), None);
         view.apply(&event(
@@ -529,16 +534,7 @@ mod tests {
 
     #[test]
     fn removals_and_replacements_are_known_until_the_node_registers_again() {
-        let (mut view, _) = fed(vec![
-            event(
-                2,
-                vec![put(POLICY, CURRENT, policy(json!({"expect_nodes": 1})))],
-            ),
-            event(
-                3,
-                vec![put(REGISTRATION, "a", record("a", "10.0.0.1", json!({})))],
-            ),
-        ]);
+        let (mut view, _) = fed(count_policy_and_a(1));
         let marker = json!({"removed_ms": 1, "replaced_by": "b"});
         view.apply(&event(
             4,

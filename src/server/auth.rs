@@ -32,17 +32,38 @@ pub fn require(expected: Option<&Token>, headers: &HeaderMap, what: &str) -> Res
     }
 }
 
-/// The request carries the admin token (or none is configured); 401 otherwise.
-#[derive(Debug, Clone, Copy)]
-pub struct Admin;
+/// An extractor that requires one of the tokens from the request head (when configured).
+macro_rules! token_guard {
+    ($(#[$doc:meta])* $name:ident, $token:ident, $what:literal) => {
+        $(#[$doc])*
+        #[derive(Debug, Clone, Copy)]
+        pub struct $name;
 
-impl<S: Tokens + Send + Sync> FromRequestParts<S> for Admin {
-    type Rejection = ApiError;
+        impl<S: Tokens + Send + Sync> FromRequestParts<S> for $name {
+            type Rejection = ApiError;
 
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        require(state.admin_token(), &parts.headers, "admin").map(|()| Admin)
-    }
+            async fn from_request_parts(
+                parts: &mut Parts,
+                state: &S,
+            ) -> Result<Self, Self::Rejection> {
+                require(state.$token(), &parts.headers, $what).map(|()| $name)
+            }
+        }
+    };
 }
+
+token_guard!(
+    /// The request carries the admin token (or none is configured); 401 otherwise.
+    Admin,
+    admin_token,
+    "admin"
+);
+token_guard!(
+    /// The request carries the join token (or none is configured); 401 otherwise.
+    Join,
+    join_token,
+    "join"
+);
 
 /// Whether the request carries the admin token (or none is configured), for routes whose
 /// answer depends on it rather than being refused without it.
@@ -69,18 +90,6 @@ impl IsAdmin {
                 "this needs the admin token as 'Authorization: Bearer <token>'",
             ))
         }
-    }
-}
-
-/// The request carries the join token (or none is configured); 401 otherwise.
-#[derive(Debug, Clone, Copy)]
-pub struct Join;
-
-impl<S: Tokens + Send + Sync> FromRequestParts<S> for Join {
-    type Rejection = ApiError;
-
-    async fn from_request_parts(parts: &mut Parts, state: &S) -> Result<Self, Self::Rejection> {
-        require(state.join_token(), &parts.headers, "join").map(|()| Join)
     }
 }
 

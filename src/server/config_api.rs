@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 use super::auth::{Admin, IsAdmin};
 use super::conn::Caller;
 use super::error::{ApiPath, ApiQuery};
-use super::openapi::{AdminRequired, JsonBodyRefused, ReadRefused};
+use super::openapi::{AdminRequired, JsonBodyRefused, ReadRefused, WriteRefused};
 use super::{ApiError, ApiJson, AppState};
 use crate::api::ErrorCode;
 use crate::api::REVISION_HEADER;
@@ -194,9 +194,7 @@ fn precondition(headers: &HeaderMap) -> Result<Option<Precondition>, ApiError> {
     security(("admin" = [])),
     responses(
         (status = 200, description = "Committed", body = Written, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
-        (status = 409, description = "The precondition failed; nothing was written", body = crate::api::ErrorBody),
-        (status = 422, description = "A value `__cfgsync__` would refuse (every problem listed)", body = crate::api::ErrorBody),
-        AdminRequired, JsonBodyRefused,
+        WriteRefused, AdminRequired, JsonBodyRefused,
     ))]
 async fn put_entry(
     State(state): State<AppState>,
@@ -222,8 +220,7 @@ async fn put_entry(
     responses(
         (status = 200, description = "Committed", body = Written, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
         (status = 404, description = "No value at this key", body = crate::api::ErrorBody),
-        (status = 409, description = "The precondition failed", body = crate::api::ErrorBody),
-        AdminRequired,
+        WriteRefused, AdminRequired,
     ))]
 async fn delete_entry(
     State(state): State<AppState>,
@@ -251,9 +248,7 @@ async fn delete_entry(
     security(("admin" = [])),
     responses(
         (status = 200, description = "Committed", body = Written, headers(("x-bootsync-revision" = u64, description = "Store revision of the answer"))),
-        (status = 409, description = "A check failed (the message names the key); nothing was written", body = crate::api::ErrorBody),
-        (status = 422, description = "A value `__cfgsync__` would refuse (every problem listed)", body = crate::api::ErrorBody),
-        AdminRequired, JsonBodyRefused,
+        WriteRefused, AdminRequired, JsonBodyRefused,
     ))]
 async fn apply_batch(
     State(state): State<AppState>,

@@ -38,19 +38,9 @@ impl ApiError {
         Self::new(ErrorCode::NotFound, message)
     }
 
-    /// 409: a precondition or policy conflict.
-    pub fn conflict(message: impl Into<String>) -> Self {
-        Self::new(ErrorCode::Conflict, message)
-    }
-
     /// 401: a token is needed and was missing or wrong.
     pub fn unauthorized(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Unauthorized, message)
-    }
-
-    /// 403: authenticated but not allowed.
-    pub fn forbidden(message: impl Into<String>) -> Self {
-        Self::new(ErrorCode::Forbidden, message)
     }
 
     /// 422: well-formed but invalid content.

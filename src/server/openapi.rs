@@ -56,6 +56,19 @@ pub(super) enum JsonBodyRefused {
     Unavailable(ErrorBody),
 }
 
+/// The refusals of a `/v1` write beyond its body's: a failed precondition, or a value
+/// `__cfgsync__` would refuse.
+#[derive(utoipa::IntoResponses)]
+#[allow(dead_code)]
+pub(super) enum WriteRefused {
+    /// A precondition failed (the message and `details.key` name it); nothing was written
+    #[response(status = 409)]
+    Conflict(ErrorBody),
+    /// A value `__cfgsync__` would refuse (every problem listed); nothing was written
+    #[response(status = 422)]
+    Invalid(ErrorBody),
+}
+
 /// The refusal of every route that needs the admin token.
 #[derive(utoipa::IntoResponses)]
 #[allow(dead_code)]

@@ -172,12 +172,7 @@ async fn kill_9_then_restart_keeps_every_acknowledged_write() {
     }
     let acked = acked.lock().unwrap().clone();
     let server = Proc::start(dir.path(), &format!("serve --store {db}"));
-    let stored: Value = http
-        .get(format!("{}/v1/config/prod/load", server.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
+    let stored = support::fetch_json(format!("{}/v1/config/prod/load", server.url))
         .await
         .unwrap();
     for (key, rev) in &acked {

@@ -3,10 +3,12 @@
 //! same payload compressed.
 
 use crate::support;
+
 use crate::support::{Setup, TestServer};
+use bootsync::cfgsync::NodeRegistration;
+use futures_util::StreamExt;
 
 use std::io::Read;
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -172,30 +174,15 @@ async fn a_restart_with_many_registrations_serves_every_one_of_them() {
             dir.path(),
             &format!("serve --store {db} --policy policy.yaml"),
         );
-        let http = bootsync::tls::plain_client();
-        let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let mut tasks = Vec::new();
-        for _ in 0..16 {
-            let (http, url, next) = (http.clone(), proc.url.clone(), next.clone());
-            tasks.push(tokio::spawn(async move {
-                loop {
-                    let i = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                    if i >= n {
-                        return;
-                    }
-                    let r = http
-                        .post(format!("{url}/register"))
-                        .json(&registration(i))
-                        .send()
-                        .await
-                        .unwrap();
-                    assert_eq!(r.status(), 202);
-                }
-            }));
-        }
-        for task in tasks {
-            task.await.unwrap();
-        }
+        // Sixteen at a time, each through the node client bootsync's own nodes use.
+        let client = bootsync::cfgsync::CfgsyncClient::new(&proc.url);
+        futures_util::stream::iter(0..n)
+            .for_each_concurrent(16, |i| {
+                let node: NodeRegistration = serde_json::from_value(registration(i)).unwrap();
+                let client = &client;
+                async move { client.register_node(&node).await.unwrap() }
+            })
+            .await;
     }
     // Restarted on the same file: the server listens before it has read the registrations
     // (start-up time is a benchmark figure, B7); a long-poll waits for the state.
@@ -203,16 +190,8 @@ async fn a_restart_with_many_registrations_serves_every_one_of_them() {
         dir.path(),
         &format!("serve --store {db} --policy policy.yaml"),
     );
-    let http = bootsync::tls::plain_client();
-    let last = registration(n - 1);
-    let r = http
-        .post(format!("{}/node?wait=10", proc.url))
-        .json(&last)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let payload: Value = r.json().await.unwrap();
+    let (status, payload) = support::post(&proc.url, "/node?wait=10", &registration(n - 1)).await;
+    assert_eq!(status, 200);
     let content = payload["files"][0]["content"].as_str().unwrap();
     assert_eq!(
         content.matches("\"10.0.").count(),

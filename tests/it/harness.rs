@@ -53,7 +53,8 @@ fn required(variable: &str) -> bool {
     std::env::var(variable).as_deref() == Ok("1")
 }
 
-fn etcd_available() -> bool {
+/// Whether `etcd --version` runs (asked once).
+pub(crate) fn etcd_available() -> bool {
     static FOUND: OnceLock<bool> = OnceLock::new();
     *FOUND.get_or_init(|| {
         Command::new("etcd")

@@ -49,24 +49,7 @@ fn watcher(dir: &Path, url: &str, id: &str, ip: &str) -> Proc {
 
 /// A node that keeps its files current and runs `hook` on each change.
 fn watcher_with(dir: &Path, url: &str, id: &str, ip: &str, hook: &str) -> Proc {
-    let out = dir.join(id).display().to_string();
-    Proc::spawn_bootstrap(
-        &[
-            "client",
-            "--server",
-            url,
-            "--identifier",
-            id,
-            "--ip",
-            ip,
-            "--output-dir",
-            &out,
-            "--watch",
-            "--on-change",
-            hook,
-        ],
-        dir,
-    )
+    support::watcher(dir, url, id, ip, hook, &[])
 }
 
 fn read(dir: &Path, file: &str) -> String {

@@ -7,15 +7,6 @@ use serde_json::{Value, json};
 
 use crate::support::{self, Proc};
 
-fn peak_rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
 /// The converger's memory limit (bytes) and its `--metadata-budget`, as the Kubernetes
 /// example sets them.
 fn converger_limits() -> (u64, String) {
@@ -80,13 +71,8 @@ async fn the_kubernetes_converger_survives_registrations_until_its_budget_and_a_
         assert!(accepted < 10_000, "the budget never refused");
     };
     assert_eq!(refusal["code"], "metadata_budget", "{refusal}");
-    let live = peak_rss_kb(server.pid()) << 10;
-    eprintln!(
-        "{accepted} registrations of 60 KB until the budget: peak {} MB (limit {} MB)",
-        live >> 20,
-        limit >> 20
-    );
-    assert!(live < limit, "peak {live} bytes over the {limit} limit");
+    let what = format!("through {accepted} registrations of 60 KB until the budget");
+    support::assert_peak_under(server.pid(), limit >> 20, &what);
 
     server.kill9();
     let server = Proc::start(dir.path(), &args);
@@ -108,13 +94,5 @@ async fn the_kubernetes_converger_survives_registrations_until_its_budget_and_a_
         },
     )
     .await;
-    let restarted = peak_rss_kb(server.pid()) << 10;
-    eprintln!(
-        "after a restart on those registrations: peak {} MB",
-        restarted >> 20
-    );
-    assert!(
-        restarted < limit,
-        "peak {restarted} bytes after the restart"
-    );
+    support::assert_peak_under(server.pid(), limit >> 20, "after a restart on them");
 }

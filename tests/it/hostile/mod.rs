@@ -45,15 +45,6 @@ async fn get_text(url: String) -> String {
     support::get(url).await.unwrap().text().await.unwrap()
 }
 
-fn rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
-
 #[it::test]
 fn an_open_admin_api_on_the_network_is_refused() {
     let dir = support::dir_with(&[("join", "join-token-0123456789abcdef")]);
@@ -128,9 +119,9 @@ async fn hostile_templates_fail_only_their_own_node() {
         assert_eq!(body["files"][0]["content"], "ok good");
     }
     assert!(
-        rss_kb(server.pid()) < 200 * 1024,
+        support::rss_kb(server.pid()) < 200 * 1024,
         "RSS {} kB after the flood",
-        rss_kb(server.pid())
+        support::rss_kb(server.pid())
     );
     let status: Value = get_json(format!("{url}/v1/status")).await;
     assert_eq!(status["cfgsync"]["render_failures"], 4, "{status}");
@@ -574,7 +565,7 @@ async fn memory_per_registration_stays_near_its_stored_size() {
         "policy.json",
     ];
     let server = support::Proc::spawn(&args, dir.path());
-    let baseline = rss_kb(server.pid());
+    let baseline = support::rss_kb(server.pid());
     let http = bootsync::tls::plain_client();
     let (nodes, blob) = (600, 50_000);
     for i in 0..nodes {
@@ -594,7 +585,7 @@ async fn memory_per_registration_stays_near_its_stored_size() {
     .await;
     assert_eq!(r.status(), 200);
     let stored_kb = (nodes * blob / 1024) as u64;
-    let grown = rss_kb(server.pid()).saturating_sub(baseline);
+    let grown = support::rss_kb(server.pid()).saturating_sub(baseline);
     eprintln!("stored {stored_kb} kB of metadata; RSS grew {grown} kB");
     assert!(
         grown < 6 * stored_kb,
@@ -608,7 +599,7 @@ async fn memory_per_registration_stays_near_its_stored_size() {
     )
     .await;
     assert_eq!(r.status(), 200);
-    let after = rss_kb(again.pid());
+    let after = support::rss_kb(again.pid());
     eprintln!("after a restart: RSS {after} kB");
     assert!(
         after < 6 * stored_kb + baseline,

@@ -6,6 +6,7 @@
 use std::net::{Ipv4Addr, SocketAddr};
 use std::time::{Duration, Instant};
 
+use reqwest::Method;
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio::net::{TcpSocket, TcpStream};
@@ -28,16 +29,6 @@ fn addr_of(url: &str) -> SocketAddr {
 fn would_block(stream: &TcpStream) -> bool {
     let mut byte = [0u8; 1];
     matches!(stream.try_read(&mut byte), Err(e) if e.kind() == std::io::ErrorKind::WouldBlock)
-}
-
-/// The process's peak resident memory in kB (`VmHWM`).
-fn peak_rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
 }
 
 /// A server with both tokens and a one-node policy; nodes use `join`.
@@ -68,22 +59,13 @@ fn fresh_client() -> reqwest::Client {
 async fn node_is_served(http: &reqwest::Client, url: &str, id: &str) -> Duration {
     let started = Instant::now();
     let node = json!({"identifier": id, "ip": "10.0.0.1"});
-    let registered = http
-        .post(format!("{url}/register"))
-        .bearer_auth("join-token-0123456789")
-        .json(&node)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(registered.status(), 202, "{id} registers");
-    let fetched = http
-        .post(format!("{url}/node?wait=5"))
-        .bearer_auth("join-token-0123456789")
-        .json(&node)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(fetched.status(), 200, "{id} is served");
+    let token = Some("join-token-0123456789");
+    for (path, status) in [("/register", 202), ("/node?wait=5", 200)] {
+        let url = format!("{url}{path}");
+        let (got, body) =
+            support::request(http, Method::POST, &url, token, Some(node.clone())).await;
+        assert_eq!(got, status, "{id} at {path}: {body}");
+    }
     started.elapsed()
 }
 
@@ -136,13 +118,8 @@ async fn two_thousand_slow_connections_without_a_token_cost_little_and_starve_no
         "the node waited {took:?}: starved by the slow connections"
     );
     let held = trickle.await.unwrap();
-    let peak = peak_rss_kb(server.pid());
-    eprintln!(
-        "peak RSS {} MB with {} slow connections",
-        peak / 1024,
-        held.len()
-    );
-    assert!(peak < 150 * 1024, "peak RSS {peak} kB");
+    let what = format!("with {} slow connections", held.len());
+    support::assert_peak_under(server.pid(), 150, &what);
 }
 
 /// Churning silent connections through the slots past the cap starved `/healthz`, and an

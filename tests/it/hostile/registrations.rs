@@ -4,6 +4,7 @@
 use std::path::Path;
 use std::time::Duration;
 
+use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::support::{self, Proc};
@@ -23,34 +24,31 @@ fn client(token: &str) -> reqwest::Client {
 
 /// A watching node whose hook appends each epoch it saw to `ID.hook`.
 fn watcher(dir: &Path, url: &str, id: &str) -> Proc {
-    let out = dir.join(id).display().to_string();
-    Proc::spawn_bootstrap(
-        &[
-            "client",
-            "--server",
-            url,
-            "--identifier",
-            id,
-            "--ip",
-            "10.0.0.1",
-            "--join-token-file",
-            "join",
-            "--output-dir",
-            &out,
-            "--watch",
-            "--on-change",
-            &format!("echo $BOOTSYNC_EPOCH >> {id}.hook"),
-        ],
+    let hook = format!("echo $BOOTSYNC_EPOCH >> {id}.hook");
+    support::watcher(
         dir,
+        url,
+        id,
+        "10.0.0.1",
+        &hook,
+        &["--join-token-file", "join"],
     )
 }
 
-fn hook_runs(dir: &Path, id: &str) -> Vec<u64> {
-    std::fs::read_to_string(dir.join(format!("{id}.hook")))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.trim().parse().ok())
-        .collect()
+/// Registers `body` at `url` in a task of its own: the answer's status, or 0 when the
+/// request failed.
+fn spawn_register(http: &reqwest::Client, url: &str, body: Value) -> tokio::task::JoinHandle<u16> {
+    let sent = http.post(format!("{url}/register")).json(&body).send();
+    tokio::spawn(async move { sent.await.map_or(0, |r| r.status().as_u16()) })
+}
+
+/// Waits until every watcher's hook runs satisfy `done`.
+async fn every_watcher(dir: &Path, ids: &[&str], what: &str, done: impl Fn(&[u64]) -> bool) {
+    support::wait_for(Duration::from_secs(30), what, || {
+        let all = ids.iter().all(|id| done(&support::hook_runs(dir, id)));
+        async move { all.then_some(()) }
+    })
+    .await;
 }
 
 /// One join-token holder re-registering itself with changing metadata (9 151 times in 20 s)
@@ -75,75 +73,49 @@ async fn nine_thousand_re_registrations_cause_a_handful_of_hook_runs() {
         .iter()
         .map(|id| watcher(dir.path(), &server.url, id))
         .collect();
+    // One client for the whole storm: its connections are reused, as a real one's would be.
     let http = client("join-token-0123456789");
     let register = |n: u64| {
-        let (http, url) = (http.clone(), server.url.clone());
-        async move {
-            let body = json!({"identifier": "noisy", "ip": "10.0.0.9", "metadata": {"n": n}});
-            let r = http
-                .post(format!("{url}/register"))
-                .json(&body)
-                .send()
-                .await
-                .unwrap();
-            r.status().as_u16()
-        }
+        let body = json!({"identifier": "noisy", "ip": "10.0.0.9", "metadata": {"n": n}});
+        spawn_register(&http, &server.url, body)
     };
-    assert_eq!(register(0).await, 202);
-    support::wait_for(
-        Duration::from_secs(20),
-        "every watcher's first hook",
-        || {
-            let dir = dir.path().to_path_buf();
-            async move {
-                ids.iter()
-                    .all(|id| !hook_runs(&dir, id).is_empty())
-                    .then_some(())
-            }
-        },
-    )
-    .await;
+    assert_eq!(register(0).await.unwrap(), 202);
+    let first = |runs: &[u64]| !runs.is_empty();
+    every_watcher(dir.path(), &ids, "every watcher's first hook", first).await;
     // The storm: 9 000 re-registrations, each with new metadata, 24 at a time.
     let mut answers = std::collections::BTreeMap::<u16, usize>::new();
+    let storm = std::time::Instant::now();
     for round in 0..375u64 {
-        let batch = (0..24).map(|i| tokio::spawn(register(1 + round * 24 + i)));
+        let batch: Vec<_> = (0..24).map(|i| register(1 + round * 24 + i)).collect();
         for answer in batch {
             *answers.entry(answer.await.unwrap()).or_default() += 1;
         }
     }
-    eprintln!("9 000 re-registrations answered {answers:?}");
+    let storm = storm.elapsed();
+    eprintln!("9 000 re-registrations in {storm:?} answered {answers:?}");
     assert!(
         answers.get(&429).copied().unwrap_or(0) > 8_900,
         "the changes were not limited: {answers:?}"
     );
     // Every watcher ends on the server's final epoch.
-    let admin = client("admin-token-0123456789");
-    let nodes: Value = admin
-        .get(format!("{}/v1/nodes", server.url))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
+    let admin = Some("admin-token-0123456789");
+    let nodes = format!("{}/v1/nodes", server.url);
+    let epoch = support::call(Method::GET, &nodes, admin, None).await.1["epoch"]
+        .as_u64()
         .unwrap();
-    let epoch = nodes["epoch"].as_u64().unwrap();
-    support::wait_for(
-        Duration::from_secs(30),
-        "every watcher on the last epoch",
-        || {
-            let dir = dir.path().to_path_buf();
-            async move {
-                ids.iter()
-                    .all(|id| hook_runs(&dir, id).last() == Some(&epoch))
-                    .then_some(())
-            }
-        },
-    )
-    .await;
+    let last = |runs: &[u64]| runs.last() == Some(&epoch);
+    every_watcher(dir.path(), &ids, "every watcher on the last epoch", last).await;
+    // The first write's run, a burst of three changes, one more per 20 s of storm (three a
+    // minute), and the change that may land as the storm ends.
+    let allowed = 1 + 3 + storm.as_secs().div_ceil(20) as usize + 1;
     for id in ids {
-        let runs = hook_runs(dir.path(), id);
+        let runs = support::hook_runs(dir.path(), id);
         eprintln!("{id}: the hook ran {} times: epochs {runs:?}", runs.len());
-        assert!(runs.len() <= 6, "{id} ran its hook {} times", runs.len());
+        assert!(
+            runs.len() <= allowed,
+            "{id} ran its hook {} times (at most {allowed})",
+            runs.len()
+        );
     }
     drop(watchers);
 }
@@ -164,18 +136,8 @@ async fn a_ledger_race_storm_ends_with_the_ledger_equal_to_the_stored_count_20_t
         );
         let url = server.url.clone();
         let http = client("none");
-        let register = |id: String| {
-            let (http, url) = (http.clone(), url.clone());
-            tokio::spawn(async move {
-                let body = json!({"identifier": id, "ip": "10.0.0.1"});
-                let r = http
-                    .post(format!("{url}/register"))
-                    .json(&body)
-                    .send()
-                    .await;
-                r.map(|r| r.status().as_u16()).unwrap_or(0)
-            })
-        };
+        let register =
+            |id: String| spawn_register(&http, &url, json!({"identifier": id, "ip": "10.0.0.1"}));
         // A base set, then removals, replacements and `/v1` deletes while others register.
         for i in 0..20 {
             assert_eq!(register(format!("base-{i}")).await.unwrap(), 202);
@@ -246,16 +208,8 @@ async fn a_replacement_racing_the_old_node_never_leaves_both_registered_20_times
     for run in 0..20 {
         let (old, new) = (format!("old-{run}"), format!("new-{run}"));
         let register = |n: u32| {
-            let (http, url, old) = (http.clone(), url.clone(), old.clone());
-            tokio::spawn(async move {
-                let body = json!({"identifier": old, "ip": "10.0.0.1", "metadata": {"n": n}});
-                let r = http
-                    .post(format!("{url}/register"))
-                    .json(&body)
-                    .send()
-                    .await;
-                r.map(|r| r.status().as_u16()).unwrap_or(0)
-            })
+            let body = json!({"identifier": old, "ip": "10.0.0.1", "metadata": {"n": n}});
+            spawn_register(&http, &url, body)
         };
         assert_eq!(register(0).await.unwrap(), 202);
         let again: Vec<_> = (1..4).map(register).collect();

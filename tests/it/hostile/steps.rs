@@ -7,21 +7,20 @@ use serde_json::Value;
 
 use crate::support::{self, Proc};
 
-async fn status_when(url: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+/// `run` of `spec` on a memory store, once its status satisfies `done`.
+async fn running(
+    spec: &str,
+    what: &str,
+    done: impl Fn(&Value) -> bool,
+) -> (tempfile::TempDir, Proc) {
+    let dir = support::dir_with(&[("spec.yaml", spec)]);
+    let server = Proc::start(dir.path(), "run --spec spec.yaml --store memory:");
     support::wait_for(Duration::from_secs(60), what, || async {
-        let status = support::fetch_json(format!("{url}/v1/status")).await?;
-        done(&status).then_some(status)
+        let status = support::fetch_json(format!("{}/v1/status", server.url)).await?;
+        done(&status).then_some(())
     })
-    .await
-}
-
-fn peak_rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
+    .await;
+    (dir, server)
 }
 
 /// A step writing 1.5 GB to stdout took `bootsync run` to 1.47 GB: `exec` held all of it.
@@ -29,18 +28,11 @@ fn peak_rss_kb(pid: u32) -> u64 {
 #[it::test(multi_thread)]
 async fn a_step_that_writes_one_and_a_half_gigabytes_leaves_run_small() {
     let spec = "initialisers:\n  - class: exec\n    name: chatty\n    flag: v1\n    params: { command: [sh, -c, 'head -c 1500000000 /dev/zero; head -c 300000000 /dev/zero >&2'] }\n";
-    let dir = support::dir_with(&[("spec.yaml", spec)]);
-    let server = Proc::start(dir.path(), "run --spec spec.yaml --store memory:");
-    status_when(&server.url, "the chatty step to converge", |s| {
+    let (_dir, server) = running(spec, "the chatty step to converge", |s| {
         s["converged"] == true
     })
     .await;
-    let peak = peak_rss_kb(server.pid());
-    eprintln!(
-        "run's peak RSS beside a 1.8 GB chatty step: {} MB",
-        peak / 1024
-    );
-    assert!(peak < 50 * 1024, "peak RSS {peak} kB");
+    support::assert_peak_under(server.pid(), 50, "of run beside a 1.8 GB chatty step");
 }
 
 /// `bootsync history` printed a step's stderr raw, terminal escapes included: whoever
@@ -49,9 +41,7 @@ async fn a_step_that_writes_one_and_a_half_gigabytes_leaves_run_small() {
 #[it::test(multi_thread)]
 async fn terminal_escapes_in_a_step_error_are_shown_not_obeyed() {
     let spec = "initialisers:\n  - class: exec\n    name: rude\n    flag: v1\n    params: { command: [sh, -c, 'printf \"\\033[2J\\033]0;owned\\007broke\" >&2; exit 1'] }\n";
-    let dir = support::dir_with(&[("spec.yaml", spec)]);
-    let server = Proc::start(dir.path(), "run --spec spec.yaml --store memory:");
-    status_when(&server.url, "the rude step to fail", |s| {
+    let (dir, server) = running(spec, "the rude step to fail", |s| {
         s["initialisers"][0]["last_run"]["state"] == "failed"
     })
     .await;

@@ -2,18 +2,9 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
+use serde_json::json;
 
 use crate::support::{self, Proc};
-
-fn peak_rss_kb(pid: u32) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("VmHWM:"))
-        .and_then(|v| v.split_whitespace().next()?.parse().ok())
-        .unwrap()
-}
 
 /// Fuel counts instructions and the output limit sees written text, so a template could
 /// double a string per instruction, or join a hundred thousand copies of a peer's metadata,
@@ -55,30 +46,18 @@ async fn every_template_bomb_fails_only_its_own_node_and_the_server_stays_small(
     let dir = support::dir_with(&[("policy.json", &policy.to_string())]);
     let server = Proc::start(dir.path(), "serve --store sqlite:s.db --policy policy.json");
     let url = server.url.clone();
-    let http = bootsync::tls::plain_client();
     let blob = "b".repeat(60_000);
     for id in &ids {
         let node = json!({"identifier": id, "ip": "10.0.0.1", "metadata": {"blob": blob}});
-        let r = http
-            .post(format!("{url}/register"))
-            .json(&node)
-            .send()
-            .await
-            .unwrap();
-        assert_eq!(r.status(), 202, "{id}");
+        let (status, _) = support::post(&url, "/register", &node).await;
+        assert_eq!(status, 202, "{id}");
     }
     let fetch = |id: &'static str| {
-        let (http, url) = (http.clone(), url.clone());
+        let url = url.clone();
         async move {
             let node = json!({"identifier": id, "ip": "10.0.0.1"});
-            let r = http
-                .post(format!("{url}/node?wait=30"))
-                .json(&node)
-                .send()
-                .await
-                .unwrap();
-            let status = r.status().as_u16();
-            (status, r.json::<Value>().await.unwrap_or(Value::Null))
+            let (status, body) = support::post(&url, "/node?wait=30", &node).await;
+            (status.as_u16(), body)
         }
     };
     for (id, _) in &branches {
@@ -99,10 +78,9 @@ async fn every_template_bomb_fails_only_its_own_node_and_the_server_stays_small(
         }
     })
     .await;
-    let peak = peak_rss_kb(server.pid());
-    eprintln!(
-        "server peak RSS through four template bombs: {} MB",
-        peak / 1024
+    support::assert_peak_under(
+        server.pid(),
+        300,
+        "of the server through four template bombs",
     );
-    assert!(peak < 300 * 1024, "peak RSS {peak} kB");
 }

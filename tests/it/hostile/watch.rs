@@ -8,29 +8,9 @@ use serde_json::json;
 use crate::support::{self, Proc};
 
 fn watcher(dir: &Path, url: &str, hook: &str) -> Proc {
-    let out = dir.join("out").display().to_string();
     let routed = format!("/routed.txt={}", dir.join("routed.txt").display());
-    Proc::spawn_bootstrap(
-        &[
-            "client",
-            "--server",
-            url,
-            "--identifier",
-            "n1",
-            "--ip",
-            "10.0.0.1",
-            "--output-dir",
-            &out,
-            "--route",
-            &routed,
-            "--watch",
-            "--on-change",
-            hook,
-            "--min-hook-interval",
-            "0s",
-        ],
-        dir,
-    )
+    let extra = ["--route", &routed, "--min-hook-interval", "0s"];
+    support::watcher(dir, url, "out", "10.0.0.1", hook, &extra)
 }
 
 fn policy(files: &[&str]) -> serde_json::Value {

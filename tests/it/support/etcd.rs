@@ -42,22 +42,13 @@ fn http_get(url: &str) -> Option<String> {
     Some(body)
 }
 
-fn etcd_on_path() -> bool {
-    Command::new("etcd")
-        .arg("--version")
-        .stdout(Stdio::null())
-        .stderr(Stdio::null())
-        .status()
-        .is_ok_and(|s| s.success())
-}
-
 impl EtcdCluster {
     /// Starts `size` members. A test that calls this declares `needs = etcd`, so the harness
     /// ignores it where etcd is missing (unless CI requires etcd: then this fails). A start
     /// that fails (a port taken in the meantime) is retried with fresh ports.
     pub fn start(size: usize) -> Self {
         assert!(
-            etcd_on_path(),
+            crate::harness::etcd_available(),
             "etcd not found on PATH (install etcd-server)"
         );
         let mut last = String::new();

@@ -217,7 +217,18 @@ pub async fn call(
     token: Option<&str>,
     body: Option<serde_json::Value>,
 ) -> (reqwest::StatusCode, serde_json::Value) {
-    let mut request = bootsync::tls::plain_client().request(method, url);
+    request(&bootsync::tls::plain_client(), method, url, token, body).await
+}
+
+/// As [`call`], with `http` (whose connections are reused from one request to the next).
+pub async fn request(
+    http: &reqwest::Client,
+    method: reqwest::Method,
+    url: &str,
+    token: Option<&str>,
+    body: Option<serde_json::Value>,
+) -> (reqwest::StatusCode, serde_json::Value) {
+    let mut request = http.request(method, url);
     if let Some(token) = token {
         request = request.bearer_auth(token);
     }
@@ -331,4 +342,75 @@ pub async fn read_answer(stream: &mut tokio::net::TcpStream, deadline: Duration)
     })
     .await;
     String::from_utf8_lossy(&answer).into_owned()
+}
+
+/// A process's resident memory in kB now (`VmRSS`) or at its peak (`VmHWM`).
+pub fn memory_kb(pid: u32, field: Memory) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let name = match field {
+        Memory::Now => "VmRSS:",
+        Memory::Peak => "VmHWM:",
+    };
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix(name))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap()
+}
+
+/// Which resident memory [`memory_kb`] reads.
+#[derive(Debug, Clone, Copy)]
+pub enum Memory {
+    /// Resident now.
+    Now,
+    /// The most it has been resident.
+    Peak,
+}
+
+/// A process's peak resident memory in kB.
+pub fn peak_rss_kb(pid: u32) -> u64 {
+    memory_kb(pid, Memory::Peak)
+}
+
+/// A process's resident memory in kB now.
+pub fn rss_kb(pid: u32) -> u64 {
+    memory_kb(pid, Memory::Now)
+}
+
+/// A `client --watch` node `id` at `ip` against `url`, writing beneath `dir/ID` and running
+/// `hook` on each change, with `extra` flags; killed (by PID) when dropped.
+pub fn watcher(dir: &Path, url: &str, id: &str, ip: &str, hook: &str, extra: &[&str]) -> Proc {
+    let out = dir.join(id).display().to_string();
+    let mut args = vec![
+        "client",
+        "--server",
+        url,
+        "--identifier",
+        id,
+        "--ip",
+        ip,
+        "--output-dir",
+        &out,
+        "--watch",
+        "--on-change",
+        hook,
+    ];
+    args.extend_from_slice(extra);
+    Proc::spawn_bootstrap(&args, dir)
+}
+
+/// The epochs a watcher's `echo $BOOTSYNC_EPOCH >> ID.hook` hook saw, in order.
+pub fn hook_runs(dir: &Path, id: &str) -> Vec<u64> {
+    std::fs::read_to_string(dir.join(format!("{id}.hook")))
+        .unwrap_or_default()
+        .lines()
+        .filter_map(|l| l.trim().parse().ok())
+        .collect()
+}
+
+/// Prints a process's peak resident memory beside `what`, and fails past `limit_mb`.
+pub fn assert_peak_under(pid: u32, limit_mb: u64, what: &str) {
+    let peak = peak_rss_kb(pid);
+    eprintln!("peak RSS {what}: {} MB (limit {limit_mb} MB)", peak / 1024);
+    assert!(peak < limit_mb * 1024, "peak RSS {peak} kB {what}");
 }

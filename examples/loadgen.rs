@@ -125,14 +125,7 @@ async fn b1s(n: usize, peer_list: bool) -> Value {
             let mut i = c;
             while Instant::now() < deadline {
                 let t = Instant::now();
-                let r = http
-                    .post(format!("{url}/node"))
-                    .json(&registration(i % n))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 200);
-                let _ = r.bytes().await.unwrap();
+                fetch(&http, &url, i % n).await;
                 latencies.push(t.elapsed().as_secs_f64() * 1000.0);
                 i += CONCURRENCY;
             }
@@ -251,15 +244,34 @@ impl Drop for Server {
     }
 }
 
-/// Registers node `i` through `/register`, which must answer 202.
-async fn register(http: &reqwest::Client, url: &str, i: usize) {
+/// Node `i`'s answer to `POST url+path`, which must have `status`.
+async fn node_request(
+    http: &reqwest::Client,
+    url: &str,
+    path: &str,
+    i: usize,
+    status: u16,
+) -> bytes::Bytes {
     let r = http
-        .post(format!("{url}/register"))
+        .post(format!("{url}{path}"))
         .json(&registration(i))
         .send()
         .await
         .unwrap();
-    assert_eq!(r.status(), 202);
+    let got = r.status();
+    let body = r.bytes().await.unwrap();
+    assert_eq!(got, status, "{path}: {}", String::from_utf8_lossy(&body));
+    body
+}
+
+/// Node `i`'s `/node` answer, which must be 200.
+async fn fetch(http: &reqwest::Client, url: &str, i: usize) -> bytes::Bytes {
+    node_request(http, url, "/node", i, 200).await
+}
+
+/// Registers node `i` through `/register`, which must answer 202.
+async fn register(http: &reqwest::Client, url: &str, i: usize) {
+    node_request(http, url, "/register", i, 202).await;
 }
 
 /// Registers nodes `0..n` through `/register` with 64 concurrent registrants; returns the
@@ -362,14 +374,7 @@ async fn b1(n: usize, form: PeerForm) -> Value {
                     return latencies;
                 }
                 let t = Instant::now();
-                let r = http
-                    .post(format!("{url}/node"))
-                    .json(&registration(i))
-                    .send()
-                    .await
-                    .unwrap();
-                assert_eq!(r.status(), 200, "node {i}");
-                let body = r.bytes().await.unwrap();
+                let body = fetch(&http, &url, i).await;
                 bytes.fetch_add(body.len(), Ordering::Relaxed);
                 latencies.push(t.elapsed().as_secs_f64() * 1000.0);
             }
@@ -405,16 +410,8 @@ async fn seed_table(n: usize) -> Value {
     for i in 0..n {
         register(&http, &server.url, i).await;
     }
-    let last = registration(n - 1);
     let registered = Instant::now();
-    let r = http
-        .post(format!("{}/node", server.url))
-        .json(&last)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 200);
-    let body = r.bytes().await.unwrap();
+    let body = fetch(&http, &server.url, n - 1).await;
     let last_served = registered.elapsed().as_secs_f64() * 1000.0;
     let mut latencies = Vec::new();
     for k in 0..60 {
@@ -521,15 +518,7 @@ async fn b3_under_fetch(n: usize) -> Value {
         tasks.push(tokio::spawn(async move {
             let mut i = c;
             while Instant::now() < deadline {
-                let r = http
-                    .post(format!("{url}/node"))
-                    .json(&registration(i % n))
-                    .send()
-                    .await
-                    .unwrap();
-                let status = r.status();
-                let body = r.bytes().await.unwrap();
-                assert_eq!(status, 200, "{}", String::from_utf8_lossy(&body));
+                fetch(&http, &url, i % n).await;
                 fetched.fetch_add(1, Ordering::Relaxed);
                 i += CONCURRENCY;
             }

@@ -175,14 +175,15 @@ mod tests {
         );
     }
 
+    /// The error of a step running `script`, which must fail.
+    async fn failure_of(script: &str) -> String {
+        let (_dir, ctx, _) = sandbox(&[]);
+        exec(script).run(&ctx).await.unwrap_err().to_string()
+    }
+
     #[tokio::test]
     async fn a_failure_carries_the_exit_status_and_stderr_tail() {
-        let (_dir, ctx, _) = sandbox(&[]);
-        let err = exec("echo migration broke >&2; exit 3")
-            .run(&ctx)
-            .await
-            .unwrap_err()
-            .to_string();
+        let err = failure_of("echo migration broke >&2; exit 3").await;
         assert!(
             err.contains("3") && err.contains("migration broke"),
             "{err}"
@@ -191,11 +192,11 @@ mod tests {
 
     #[tokio::test]
     async fn only_the_tail_of_a_flood_of_output_is_kept() {
-        let (_dir, ctx, _) = sandbox(&[]);
         // 20 MB on each stream, then a last line on stderr and a failure.
-        let script =
-            "head -c 20000000 /dev/zero; head -c 20000000 /dev/zero >&2; echo the end >&2; exit 5";
-        let err = exec(script).run(&ctx).await.unwrap_err().to_string();
+        let err = failure_of(
+            "head -c 20000000 /dev/zero; head -c 20000000 /dev/zero >&2; echo the end >&2; exit 5",
+        )
+        .await;
         assert!(
             err.ends_with("the end"),
             "{}",
@@ -206,15 +207,8 @@ mod tests {
 
     #[tokio::test]
     async fn a_silent_stderr_shows_the_tail_of_stdout() {
-        let (_dir, ctx, _) = sandbox(&[]);
-        let err = exec("echo nothing on stderr; exit 2")
-            .run(&ctx)
-            .await
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("stdout: nothing on stderr"),
-            "{err}"
-        );
+        let err = failure_of("echo nothing on stderr; exit 2").await;
+        assert!(err.contains("stdout: nothing on stderr"), "{err}");
     }
 
     #[tokio::test]

@@ -21,6 +21,20 @@
 //! kill an `exec` step with its reconciler, which only the child can do before it execs.
 #![deny(unsafe_code)]
 
+/// `Debug` showing the named fields and saying there are more: for types whose other fields
+/// are large (a registration map), secret, or not `Debug` themselves.
+macro_rules! debug_fields {
+    ($type:ident { $($field:ident),+ $(,)? }) => {
+        impl std::fmt::Debug for $type {
+            fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+                f.debug_struct(stringify!($type))
+                    $(.field(stringify!($field), &self.$field))+
+                    .finish_non_exhaustive()
+            }
+        }
+    };
+}
+
 pub mod api;
 pub mod backoff;
 pub mod bootstrap;

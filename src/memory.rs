@@ -62,29 +62,30 @@ pub fn share(default: usize, divisor: u64) -> usize {
 mod tests {
     use super::*;
 
+    /// A cgroup tree under a temporary root with `file` (beneath `group`) holding `value`.
+    fn tree(group: &str, file: &str, value: &str) -> tempfile::TempDir {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join(group)).unwrap();
+        std::fs::write(root.path().join(group).join(file), value).unwrap();
+        root
+    }
+
     #[test]
     fn a_v2_limit_is_read_and_max_means_none() {
-        let root = tempfile::tempdir().unwrap();
-        let group = root.path().join("kubepods/pod1");
-        std::fs::create_dir_all(&group).unwrap();
-        std::fs::write(group.join("memory.max"), "134217728\n").unwrap();
-        assert_eq!(
-            limit_under(root.path(), "0::/kubepods/pod1\n"),
-            Some(128 << 20)
-        );
-        std::fs::write(group.join("memory.max"), "max\n").unwrap();
-        assert_eq!(limit_under(root.path(), "0::/kubepods/pod1\n"), None);
+        let membership = "0::/kubepods/pod1\n";
+        let limited = tree("kubepods/pod1", "memory.max", "134217728\n");
+        assert_eq!(limit_under(limited.path(), membership), Some(128 << 20));
+        let unlimited = tree("kubepods/pod1", "memory.max", "max\n");
+        assert_eq!(limit_under(unlimited.path(), membership), None);
     }
 
     #[test]
     fn a_v1_limit_is_read_from_the_memory_controller() {
-        let root = tempfile::tempdir().unwrap();
-        let group = root.path().join("memory/docker/abc");
-        std::fs::create_dir_all(&group).unwrap();
-        std::fs::write(group.join("memory.limit_in_bytes"), "268435456").unwrap();
         let membership = "4:cpu,cpuacct:/docker/abc\n3:memory:/docker/abc\n";
-        assert_eq!(limit_under(root.path(), membership), Some(256 << 20));
-        std::fs::write(group.join("memory.limit_in_bytes"), "9223372036854771712").unwrap();
-        assert_eq!(limit_under(root.path(), membership), None);
+        let (group, file) = ("memory/docker/abc", "memory.limit_in_bytes");
+        let limited = tree(group, file, "268435456");
+        assert_eq!(limit_under(limited.path(), membership), Some(256 << 20));
+        let unlimited = tree(group, file, "9223372036854771712");
+        assert_eq!(limit_under(unlimited.path(), membership), None);
     }
 }

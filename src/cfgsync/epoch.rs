@@ -106,13 +106,7 @@ impl RenderCost {
     }
 }
 
-impl std::fmt::Debug for Epoch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Epoch")
-            .field("revision", &self.revision)
-            .finish_non_exhaustive()
-    }
-}
+debug_fields!(Epoch { revision });
 
 impl Epoch {
     /// A ready state of `registrations` at `revision`, served from `source`; nothing is

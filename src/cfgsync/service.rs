@@ -116,13 +116,7 @@ pub struct Service {
     fetched: std::sync::Mutex<HashMap<String, Revision>>,
 }
 
-impl std::fmt::Debug for Service {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Service")
-            .field("options", &self.options)
-            .finish_non_exhaustive()
-    }
-}
+debug_fields!(Service { options });
 
 impl Service {
     /// Starts the watcher that loads and keeps the serving state current, and returns at once:

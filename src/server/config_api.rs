@@ -13,7 +13,7 @@ use utoipa_axum::routes;
 use super::auth::{Admin, IsAdmin};
 use super::conn::Caller;
 use super::error::{ApiPath, ApiQuery};
-use super::openapi::{AdminRequired, JsonBodyRefused, ReadRefused, WriteRefused};
+use super::refusals::{AdminRequired, JsonBodyRefused, ReadRefused, WriteRefused};
 use super::{ApiError, ApiJson, AppState};
 use crate::api::ErrorCode;
 use crate::api::REVISION_HEADER;

@@ -8,7 +8,7 @@ use utoipa_axum::routes;
 
 use super::auth::Admin;
 use super::error::ApiPath;
-use super::openapi::{AdminRequired, JsonBodyRefused};
+use super::refusals::{AdminRequired, JsonBodyRefused};
 use super::{ApiError, ApiJson, AppState};
 use crate::api::cfgsync::{NodesBody, ReplaceRequest};
 use crate::api::config::Written;

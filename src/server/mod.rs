@@ -9,6 +9,7 @@ mod lifecycle;
 pub mod nodes;
 pub mod openapi;
 mod page;
+mod refusals;
 mod spawn;
 pub mod status;
 

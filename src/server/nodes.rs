@@ -16,7 +16,7 @@ use utoipa_axum::routes;
 
 use super::auth::{Join, Tokens};
 use super::conn::Caller;
-use super::openapi::{JoinRequired, JsonBodyRefused};
+use super::refusals::{JoinRequired, JsonBodyRefused};
 use super::{ApiError, ApiJson};
 use crate::api::cfgsync::{NodeArtifactsPayload, NodeQuery, NodeRegistration, Registered};
 use crate::api::{ErrorBody, ErrorCode, ErrorDetails, NODE_SECRET_HEADER, Token};

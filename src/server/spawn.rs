@@ -26,13 +26,7 @@ pub struct RunningServer {
     task: JoinHandle<std::io::Result<()>>,
 }
 
-impl std::fmt::Debug for RunningServer {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("RunningServer")
-            .field("url", &self.url)
-            .finish_non_exhaustive()
-    }
-}
+debug_fields!(RunningServer { url });
 
 impl RunningServer {
     /// The bound address.

@@ -10,7 +10,7 @@ use utoipa_axum::routes;
 
 use super::auth::Admin;
 use super::error::ApiQuery;
-use super::openapi::AdminRequired;
+use super::refusals::AdminRequired;
 use super::{ApiError, AppState};
 use crate::api::status::{
     CfgsyncSummary, HistoryBody, HistoryQuery, InitialiserStatus, StatusBody,

@@ -36,14 +36,7 @@ pub struct ResumableWatch {
     stream: Option<Watch>,
 }
 
-impl std::fmt::Debug for ResumableWatch {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("ResumableWatch")
-            .field("what", &self.what)
-            .field("from", &self.from)
-            .finish_non_exhaustive()
-    }
-}
+debug_fields!(ResumableWatch { what, from });
 
 impl ResumableWatch {
     /// A watch of `filter` on `store`. With `snapshot`, every reset reads that namespace whole

@@ -66,13 +66,7 @@ pub struct SqliteStore {
     limits: Limits,
 }
 
-impl std::fmt::Debug for SqliteStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("SqliteStore")
-            .field("path", &self.path)
-            .finish_non_exhaustive()
-    }
-}
+debug_fields!(SqliteStore { path });
 
 fn sql(context: &'static str) -> impl FnOnce(rusqlite::Error) -> Error {
     move |err| Error::backend(context, err)

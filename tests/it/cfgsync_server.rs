@@ -547,23 +547,14 @@ async fn a_library_materializer_serves_through_build_cfgsync_router() {
         .await
         .unwrap()
     });
-    assert_eq!(
-        support::post(&url, "/register", &reg("a", "10.0.0.1"))
-            .await
-            .0,
-        202
-    );
-    let (status, body) = support::post(&url, "/node", &reg("a", "10.0.0.1")).await;
+    let (a, b) = (reg("a", "10.0.0.1"), reg("b", "10.0.0.2"));
+    assert_eq!(support::post(&url, "/register", &a).await.0, 202);
+    let (status, body) = support::post(&url, "/node", &a).await;
     assert_eq!(
         (status.as_u16(), body["code"].as_str()),
         (425, Some("not_ready"))
     );
-    assert_eq!(
-        support::post(&url, "/register", &reg("b", "10.0.0.2"))
-            .await
-            .0,
-        202
-    );
+    assert_eq!(support::post(&url, "/register", &b).await.0, 202);
     let (status, body) = support::post(&url, "/node?wait=10", &reg("b", "10.0.0.2")).await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(

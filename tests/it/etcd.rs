@@ -160,11 +160,15 @@ async fn the_reconciler_backs_off_without_quorum_and_converges_once_it_returns()
             .as_str()
             .map(str::to_string)
     };
-    support::wait_for(Duration::from_secs(60), "v1 stored", || {
-        let url = server.url.clone();
-        async move { (flag(url).await.as_deref() == Some("v1")).then_some(()) }
-    })
-    .await;
+    let url = server.url.clone();
+    let stored = |wanted: &'static str, what: &'static str, seconds: u64| {
+        let url = url.clone();
+        support::wait_for(Duration::from_secs(seconds), what, move || {
+            let url = url.clone();
+            async move { (flag(url).await.as_deref() == Some(wanted)).then_some(()) }
+        })
+    };
+    stored("v1", "v1 stored", 60).await;
 
     cluster.stop_member(0);
     cluster.stop_member(1);
@@ -197,15 +201,7 @@ async fn the_reconciler_backs_off_without_quorum_and_converges_once_it_returns()
 
     cluster.restart_member(0);
     cluster.restart_member(1);
-    support::wait_for(
-        Duration::from_secs(120),
-        "v2 stored after quorum returned",
-        || {
-            let url = server.url.clone();
-            async move { (flag(url).await.as_deref() == Some("v2")).then_some(()) }
-        },
-    )
-    .await;
+    stored("v2", "v2 stored after quorum returned", 120).await;
     let log = std::fs::read_to_string(dir.path().join("step.log")).unwrap();
     assert_eq!(
         log.lines().collect::<Vec<_>>(),

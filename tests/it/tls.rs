@@ -35,6 +35,14 @@ async fn the_cli_and_the_node_client_work_over_https_with_the_ca_and_fail_withou
         server.url
     );
     let ca = pki.ca.to_str().unwrap();
+    // `bootsync COMMAND --server URL [--ca-cert CA] REST`: exit code, stdout and stderr.
+    let with = |command: &str, ca: Option<&str>, rest: &str| {
+        let trust = ca.map_or(String::new(), |ca| format!(" --ca-cert {ca}"));
+        support::cli(
+            dir.path(),
+            &format!("{command} --server {}{trust} {rest}", server.url),
+        )
+    };
 
     let (code, out, err) = support::run_cli(
         &[
@@ -52,23 +60,16 @@ async fn the_cli_and_the_node_client_work_over_https_with_the_ca_and_fail_withou
         dir.path(),
     );
     assert_eq!(code, 0, "{out}{err}");
-    let (code, out, err) = support::cli(
-        dir.path(),
-        &format!(
-            "config get --server {} --ca-cert {} prod cfg a",
-            server.url, ca
-        ),
-    );
+    let (code, out, err) = with("config get", Some(ca), "prod cfg a");
     assert_eq!(code, 0, "{err}");
     let entry: Value = serde_json::from_str(&out).unwrap();
     assert_eq!(entry["value"]["x"], 1);
 
-    let (code, _, err) = support::cli(
-        dir.path(),
-        &format!(
-            "client --server {} --ca-cert {} --identifier node-a --ip 10.0.0.1 --route /config.yaml=node.yaml --output-dir . --timeout 20s",
-            server.url, ca
-        ),
+    let node = "--identifier node-a --ip 10.0.0.1 --output-dir .";
+    let (code, _, err) = with(
+        "client",
+        Some(ca),
+        &format!("{node} --route /config.yaml=node.yaml --timeout 20s"),
     );
     assert_eq!(code, 0, "{err}");
     assert_eq!(
@@ -77,19 +78,10 @@ async fn the_cli_and_the_node_client_work_over_https_with_the_ca_and_fail_withou
     );
 
     // Without the CA the certificate is refused, clearly and within the timeout.
-    let (code, _, err) = support::cli(
-        dir.path(),
-        &format!("config get --server {} prod cfg a", server.url),
-    );
+    let (code, _, err) = with("config get", None, "prod cfg a");
     assert_ne!(code, 0);
     assert!(err.to_lowercase().contains("certificate"), "{err}");
-    let (code, _, err) = support::cli(
-        dir.path(),
-        &format!(
-            "client --server {} --identifier node-a --ip 10.0.0.1 --output-dir . --timeout 2s",
-            server.url
-        ),
-    );
+    let (code, _, err) = with("client", None, &format!("{node} --timeout 2s"));
     assert_eq!(code, 3, "{err}");
     assert!(err.to_lowercase().contains("certificate"), "{err}");
 

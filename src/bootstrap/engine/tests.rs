@@ -156,6 +156,12 @@ impl Harness {
         self.runs[name].load(Ordering::SeqCst)
     }
 
+    /// Asserts that `name` ran `runs` times (`why`) and stands at flag `v1`.
+    async fn ran_and_stored_v1(&self, name: &str, runs: usize, why: &str) {
+        assert_eq!(self.runs(name), runs, "{why}");
+        assert_eq!(self.flag(name).await.as_deref(), Some("v1"));
+    }
+
     async fn flag(&self, name: &str) -> Option<String> {
         let entry = self
             .store
@@ -234,12 +240,12 @@ async fn a_dependant_placed_before_its_prerequisite_converges_in_one_wake() {
         ("prerequisite", "v1", Behaviour::MakesReady),
     ]);
     assert_eq!(h.engine.wake().await, Outcome::Converged);
-    assert_eq!(
-        h.runs("dependant"),
+    h.ran_and_stored_v1(
+        "dependant",
         2,
-        "failed once, then succeeded in the extra pass"
-    );
-    assert_eq!(h.flag("dependant").await.as_deref(), Some("v1"));
+        "failed once, then succeeded in the extra pass",
+    )
+    .await;
 }
 
 #[tokio::test(start_paused = true)]
@@ -429,12 +435,8 @@ async fn a_step_finished_by_another_replica_before_the_lease_was_taken_does_not_
     });
     let mut h = harness_on(store, vec![("a", "v1", Behaviour::Ok)]);
     assert_eq!(h.engine.wake().await, Outcome::Converged);
-    assert_eq!(
-        h.runs("a"),
-        0,
-        "the flag read under the lease says v1 is done"
-    );
-    assert_eq!(h.flag("a").await.as_deref(), Some("v1"));
+    h.ran_and_stored_v1("a", 0, "the flag read under the lease says v1 is done")
+        .await;
 }
 
 #[tokio::test(start_paused = true)]

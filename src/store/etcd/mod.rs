@@ -56,13 +56,7 @@ pub struct EtcdStore {
     limits: Limits,
 }
 
-impl std::fmt::Debug for EtcdStore {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("EtcdStore")
-            .field("prefix", &self.prefix)
-            .finish_non_exhaustive()
-    }
-}
+debug_fields!(EtcdStore { prefix });
 
 /// Whether an etcd error means "try again, perhaps on another member". A connection that
 /// fails reaches us as `Unavailable` or `Unknown`.

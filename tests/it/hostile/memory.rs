@@ -58,14 +58,9 @@ async fn the_kubernetes_converger_survives_registrations_until_its_budget_and_a_
     let refusal = loop {
         let body = json!({"identifier": format!("n{accepted:05}"), "ip": "10.0.0.1",
                           "metadata": {"blob": blob}});
-        let r = http
-            .post(format!("{}/register", server.url))
-            .json(&body)
-            .send()
-            .await
-            .unwrap();
-        if r.status() != 202 {
-            break r.json::<Value>().await.unwrap();
+        let (status, answer) = support::post(&server.url, "/register", &body).await;
+        if status != 202 {
+            break answer;
         }
         accepted += 1;
         assert!(accepted < 10_000, "the budget never refused");

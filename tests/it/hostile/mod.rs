@@ -19,22 +19,20 @@ fn node(identifier: &str, metadata: Value) -> Value {
     json!({"identifier": identifier, "ip": "10.0.0.1", "metadata": metadata})
 }
 
+/// `method url` with a JSON body, through a fresh client.
+async fn send(method: reqwest::Method, url: &str, body: &Value) -> reqwest::Response {
+    let request = bootsync::tls::plain_client()
+        .request(method, url)
+        .json(body);
+    request.send().await.unwrap()
+}
+
 async fn post(url: &str, body: &Value) -> reqwest::Response {
-    bootsync::tls::plain_client()
-        .post(url)
-        .json(body)
-        .send()
-        .await
-        .unwrap()
+    send(reqwest::Method::POST, url, body).await
 }
 
 async fn put(url: &str, body: &Value) -> reqwest::Response {
-    bootsync::tls::plain_client()
-        .put(url)
-        .json(body)
-        .send()
-        .await
-        .unwrap()
+    send(reqwest::Method::PUT, url, body).await
 }
 
 async fn get_json(url: String) -> Value {
@@ -69,18 +67,11 @@ async fn hostile_templates_fail_only_their_own_node() {
         "files": [{"path": "f.txt", "template": template}],
     });
     std::fs::write(dir.path().join("policy.json"), policy.to_string()).unwrap();
-    let args = [
-        "serve",
-        "--store",
-        "sqlite:store.db",
-        "--policy",
-        "policy.json",
-        "--render-fuel",
-        "2000000",
-        "--render-max-file-bytes",
-        "4000000",
-    ];
-    let mut server = support::Proc::spawn(&args, dir.path());
+    let line = format!(
+        "{} --render-fuel 2000000 --render-max-file-bytes 4000000",
+        support::SERVE_POLICY
+    );
+    let mut server = support::Proc::start(dir.path(), &line);
     let url = server.url.clone();
     for id in ["bad", "flood", "good", "nosy", "spin"] {
         let metadata = if id == "bad" {
@@ -138,7 +129,7 @@ async fn hostile_templates_fail_only_their_own_node() {
     server.signal("TERM");
     assert_eq!(server.wait_exit(Duration::from_secs(15)), Some(0));
     let started = Instant::now();
-    let again = support::Proc::spawn(&args, dir.path());
+    let again = support::Proc::start(dir.path(), &line);
     assert!(started.elapsed() < Duration::from_secs(10));
     let good = post(
         &format!("{}/node?wait=10", again.url),
@@ -205,20 +196,12 @@ async fn a_bundle_written_through_v1_with_a_hostile_path_is_refused() {
     // A policy that does not compile, and a registration filed under another node's key,
     // are refused the same way.
     let policy = json!({"expect_nodes": 1, "files": [{"path": "f", "template": "{% for %}"}]});
-    let answer = put(
-        &format!("{url}/v1/config/__cfgsync__/policy/current"),
-        &policy,
-    )
-    .await;
-    assert_eq!(answer.status(), 422);
     let forged =
         json!({"identifier": "victim", "ip": "10.0.0.9", "first_seen_ms": 0, "last_seen_ms": 0});
-    let answer = put(
-        &format!("{url}/v1/config/__cfgsync__/registration/other"),
-        &forged,
-    )
-    .await;
-    assert_eq!(answer.status(), 422);
+    for (at, value) in [("policy/current", policy), ("registration/other", forged)] {
+        let answer = put(&format!("{url}/v1/config/__cfgsync__/{at}"), &value).await;
+        assert_eq!(answer.status(), 422, "{at}");
+    }
     let fine =
         json!({"nodes": [{"identifier": "n2", "files": [{"path": "ok.txt", "content": "fine"}]}]});
     let answer = put(&at, &fine).await;
@@ -286,10 +269,8 @@ async fn stalled_connections_are_closed_and_long_polls_are_not() {
     assert_eq!(status, 425, "the long-poll completed with its answer");
     assert!(took >= Duration::from_millis(2900), "held {took:?}");
     // Nothing was stored from the body that never came.
-    let stored = support::get(format!("{}/v1/config/app/cfg/k", server.url))
-        .await
-        .unwrap();
-    assert_eq!(stored.status(), 404);
+    let at = format!("{}/v1/config/app/cfg/k", server.url);
+    assert_eq!(support::get(&at).await.unwrap().status(), 404, "stored");
 }
 
 /// With every connection slot held by idle connections, `/healthz` still answers and other
@@ -554,17 +535,8 @@ async fn strict_mode_covers_bundle_nodes_and_records_from_before_it() {
 /// multiple of their stored size, before and after a restart.
 #[it::test(multi_thread)]
 async fn memory_per_registration_stays_near_its_stored_size() {
-    let dir = tempfile::tempdir().unwrap();
     let policy = json!({"expect_nodes": 1, "files": [{"path": "f", "template": "{{ node.identifier }} of {{ nodes | length }}"}]});
-    std::fs::write(dir.path().join("policy.json"), policy.to_string()).unwrap();
-    let args = [
-        "serve",
-        "--store",
-        "sqlite:store.db",
-        "--policy",
-        "policy.json",
-    ];
-    let server = support::Proc::spawn(&args, dir.path());
+    let (dir, server) = support::serve_policy(&policy, "");
     let baseline = support::rss_kb(server.pid());
     let http = bootsync::tls::plain_client();
     let (nodes, blob) = (600, 50_000);
@@ -592,7 +564,7 @@ async fn memory_per_registration_stays_near_its_stored_size() {
         "RSS grew {grown} kB for {stored_kb} kB stored"
     );
     drop(server);
-    let again = support::Proc::spawn(&args, dir.path());
+    let again = support::Proc::start(dir.path(), support::SERVE_POLICY);
     let r = post(
         &format!("{}/node?wait=10", again.url),
         &node("node-0000", json!({})),

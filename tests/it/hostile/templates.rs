@@ -4,7 +4,7 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use crate::support::{self, Proc};
+use crate::support;
 
 /// Fuel counts instructions and the output limit sees written text, so a template could
 /// double a string per instruction, or join a hundred thousand copies of a peer's metadata,
@@ -43,8 +43,7 @@ async fn every_template_bomb_fails_only_its_own_node_and_the_server_stays_small(
     ids.push("good");
     let policy =
         json!({"expect_identifiers": ids, "files": [{"path": "f.txt", "template": template}]});
-    let dir = support::dir_with(&[("policy.json", &policy.to_string())]);
-    let server = Proc::start(dir.path(), "serve --store sqlite:s.db --policy policy.json");
+    let (_dir, server) = support::serve_policy(&policy, "");
     let url = server.url.clone();
     let blob = "b".repeat(60_000);
     for id in &ids {

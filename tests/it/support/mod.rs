@@ -414,3 +414,15 @@ pub fn assert_peak_under(pid: u32, limit_mb: u64, what: &str) {
     eprintln!("peak RSS {what}: {} MB (limit {limit_mb} MB)", peak / 1024);
     assert!(peak < limit_mb * 1024, "peak RSS {peak} kB {what}");
 }
+
+/// `bootsync serve` on `store.db` with the policy in `policy.json`, as [`serve_policy`] starts
+/// it (and a test restarts it).
+pub const SERVE_POLICY: &str = "serve --store sqlite:store.db --policy policy.json";
+
+/// A new directory holding `policy` as `policy.json`, and [`SERVE_POLICY`] there with `extra`
+/// flags.
+pub fn serve_policy(policy: &serde_json::Value, extra: &str) -> (tempfile::TempDir, Proc) {
+    let dir = dir_with(&[("policy.json", &policy.to_string())]);
+    let server = Proc::start(dir.path(), &format!("{SERVE_POLICY} {extra}"));
+    (dir, server)
+}

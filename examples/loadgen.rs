@@ -184,39 +184,24 @@ struct Server {
 
 impl Server {
     async fn start(policy: &Value) -> Server {
-        let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-        let binary = root.join("target/release/bootsync");
-        assert!(binary.exists(), "build it first: cargo build --release");
         let dir = tempfile::tempdir().unwrap();
         let policy_path = dir.path().join("policy.json");
         std::fs::write(&policy_path, serde_json::to_vec(policy).unwrap()).unwrap();
-        let port = free_port();
-        let url = format!("http://127.0.0.1:{port}");
         let store = std::env::var("BOOTSYNC_LOADGEN_STORE")
             .unwrap_or_else(|_| format!("sqlite:{}/store.db", dir.path().display()));
-        let child = std::process::Command::new(&binary)
-            .args([
-                "serve",
-                "--store",
-                &store,
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-            ])
-            .args(["--policy", &policy_path.display().to_string()])
-            // The benchmarks register far more nodes than the default cap admits.
-            .args(["--max-registrations", "10000000"])
-            .stdout(std::process::Stdio::null())
-            .stderr(
-                std::fs::File::create(
-                    std::env::temp_dir().join(format!("bootsync-loadgen-{port}.log")),
-                )
-                .unwrap(),
-            )
-            .spawn()
-            .unwrap();
-        let http = bootsync::tls::plain_client();
-        let started = Instant::now();
-        wait_healthy(&http, &url, started, Duration::from_secs(30)).await;
+        let log = std::env::temp_dir().join(format!(
+            "bootsync-loadgen-{}.log",
+            dir.path().file_name().unwrap().to_string_lossy()
+        ));
+        let policy_arg = policy_path.display().to_string();
+        // The benchmarks register far more nodes than the default cap admits.
+        let args = ["serve", "--store", &store, "--policy", &policy_arg];
+        let (child, url, _) = start_binary(
+            &[&args[..], &["--max-registrations", "10000000"]].concat(),
+            std::fs::File::create(log).unwrap().into(),
+            Duration::from_secs(30),
+        )
+        .await;
         Server {
             child,
             url,
@@ -335,6 +320,34 @@ async fn wait_healthy(http: &reqwest::Client, url: &str, started: Instant, limit
         assert!(started.elapsed() < limit, "no /healthz after {limit:?}");
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
+}
+
+/// Starts the release binary with `args` and `--listen 127.0.0.1:PORT`; returns it, its URL
+/// and the moment it was started, once `/healthz` answers (panics after `limit`).
+async fn start_binary(
+    args: &[&str],
+    stderr: std::process::Stdio,
+    limit: Duration,
+) -> (std::process::Child, String, Instant) {
+    let port = free_port();
+    let url = format!("http://127.0.0.1:{port}");
+    let started = Instant::now();
+    let child = std::process::Command::new(release_binary())
+        .args(args)
+        .args(["--listen", &format!("127.0.0.1:{port}")])
+        .stdout(std::process::Stdio::null())
+        .stderr(stderr)
+        .spawn()
+        .unwrap();
+    wait_healthy(&bootsync::tls::plain_client(), &url, started, limit).await;
+    (child, url, started)
+}
+
+/// The release binary the benchmarks run, as a user runs it.
+fn release_binary() -> PathBuf {
+    let binary = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/bootsync");
+    assert!(binary.exists(), "build it first: cargo build --release");
+    binary
 }
 
 fn http_pool(n: usize) -> reqwest::Client {
@@ -564,19 +577,14 @@ async fn restart(n: usize) -> Value {
             .await
             .unwrap();
     }
-    let binary = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/release/bootsync");
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
+    let db_arg = format!("sqlite:{}", db.display());
+    let (mut child, url, started) = start_binary(
+        &["serve", "--store", &db_arg],
+        std::process::Stdio::null(),
+        Duration::from_secs(60),
+    )
+    .await;
     let http = bootsync::tls::plain_client();
-    let started = Instant::now();
-    let mut child = std::process::Command::new(&binary)
-        .args(["serve", "--store", &format!("sqlite:{}", db.display())])
-        .args(["--listen", &format!("127.0.0.1:{port}")])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_healthy(&http, &url, started, Duration::from_secs(60)).await;
     let healthy = started.elapsed();
     let r = http
         .post(format!("{url}/node?wait=60"))
@@ -834,8 +842,7 @@ fn proc_stat(pid: u32) -> (u64, f64) {
 /// B7 and B4: start-up to /healthz of the release binary, then its idle RSS and CPU.
 async fn idle() -> Value {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let binary = root.join("target/release/bootsync");
-    assert!(binary.exists(), "build it first: cargo build --release");
+    let binary = release_binary();
     let window = Duration::from_secs(
         std::env::var("BOOTSYNC_IDLE_SECS")
             .ok()
@@ -862,23 +869,15 @@ async fn idle() -> Value {
         spec = dir.path().join("quickstart.yaml");
         std::fs::copy(root.join("examples/quickstart.yaml"), &spec).unwrap();
     }
-    let port = free_port();
-    let url = format!("http://127.0.0.1:{port}");
+    let spec_arg = spec.display().to_string();
+    let store_arg = format!("sqlite:{}/store.db", dir.path().display());
+    let (mut child, url, started) = start_binary(
+        &["run", "--spec", &spec_arg, "--store", &store_arg],
+        std::process::Stdio::null(),
+        Duration::from_secs(30),
+    )
+    .await;
     let http = bootsync::tls::plain_client();
-    let started = Instant::now();
-    let mut child = std::process::Command::new(&binary)
-        .args(["run", "--spec", &spec.display().to_string()])
-        .args([
-            "--store",
-            &format!("sqlite:{}/store.db", dir.path().display()),
-            "--listen",
-            &format!("127.0.0.1:{port}"),
-        ])
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::null())
-        .spawn()
-        .unwrap();
-    wait_healthy(&http, &url, started, Duration::from_secs(30)).await;
     let startup = started.elapsed();
     loop {
         let status: Value = http

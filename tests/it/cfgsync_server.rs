@@ -40,22 +40,27 @@ fn reg(id: &str, ip: &str) -> Value {
     json!({"identifier": id, "ip": ip, "metadata": {"port": 3000}})
 }
 
+/// Posts node `id`'s registration body to `route` (`/register` or `/node`).
+async fn send(u: &str, route: &str, id: &str, ip: &str) -> (reqwest::StatusCode, Value) {
+    support::post(u, route, &reg(id, ip)).await
+}
+
 #[it::test]
 async fn a_seed_node_gets_202_425_404_and_200_in_the_registration_model() {
     let server = TestServer::with(Setup::policy(POLICY_3)).await;
     let u = server.url();
-    let (status, body) = support::post(u, "/node", &reg("node-a", "10.0.0.1")).await;
+    let (status, body) = send(u, "/node", "node-a", "10.0.0.1").await;
     assert_eq!(status, 425, "not registered: {body}");
     assert_eq!(body["code"], "not_ready");
-    let (status, _) = support::post(u, "/register", &reg("node-a", "10.0.0.1")).await;
+    let (status, _) = send(u, "/register", "node-a", "10.0.0.1").await;
     assert_eq!(status, 202);
-    let (status, body) = support::post(u, "/node", &reg("node-a", "10.0.0.1")).await;
+    let (status, body) = send(u, "/node", "node-a", "10.0.0.1").await;
     assert_eq!(
         (status.as_u16(), body["code"].as_str()),
         (425, Some("not_ready")),
         "registered, not ready"
     );
-    support::post(u, "/register", &reg("node-b", "10.0.0.2")).await;
+    send(u, "/register", "node-b", "10.0.0.2").await;
     let (status, _) = support::post(
         u,
         "/register",
@@ -67,7 +72,7 @@ async fn a_seed_node_gets_202_425_404_and_200_in_the_registration_model() {
         Duration::from_secs(20),
         "node-a's payload once 3 registered",
         || async {
-            let (status, body) = support::post(u, "/node", &reg("node-a", "10.0.0.1")).await;
+            let (status, body) = send(u, "/node", "node-a", "10.0.0.1").await;
             (status == 200).then_some(body)
         },
     )
@@ -92,7 +97,7 @@ async fn a_seed_node_gets_202_425_404_and_200_in_the_registration_model() {
         payload["epoch"].as_u64().is_some(),
         "the additive epoch is present"
     );
-    let (status, body) = support::post(u, "/register", &reg("node-late", "10.0.0.9")).await;
+    let (status, body) = send(u, "/register", "node-late", "10.0.0.9").await;
     assert_eq!(status, 409, "membership is frozen once ready: {body}");
     assert_eq!(body["code"], "frozen");
 }
@@ -101,20 +106,20 @@ async fn a_seed_node_gets_202_425_404_and_200_in_the_registration_model() {
 async fn a_seed_node_gets_its_bundle_without_registering_and_unknown_nodes_get_404() {
     let server = TestServer::with(Setup::bundle(BUNDLE)).await;
     let u = server.url();
-    let (status, body) = support::post(u, "/node", &reg("node-1", "10.0.0.1")).await;
+    let (status, body) = send(u, "/node", "node-1", "10.0.0.1").await;
     assert_eq!(status, 200, "{body}");
     assert_eq!(
         body["files"],
         json!([{"path": "/config.yaml", "content": "id: 1"}, {"path": "deployment-settings.yaml", "content": "shared: true"}])
     );
-    let (status, _) = support::post(u, "/register", &reg("node-1", "10.0.0.1")).await;
+    let (status, _) = send(u, "/register", "node-1", "10.0.0.1").await;
     assert_eq!(status, 202);
-    let (status, body) = support::post(u, "/register", &reg("stranger", "10.0.0.2")).await;
+    let (status, body) = send(u, "/register", "stranger", "10.0.0.2").await;
     assert_eq!(
         (status.as_u16(), body["code"].as_str()),
         (404, Some("missing_config"))
     );
-    let (status, body) = support::post(u, "/node", &reg("stranger", "10.0.0.2")).await;
+    let (status, body) = send(u, "/node", "stranger", "10.0.0.2").await;
     assert_eq!(
         (status.as_u16(), body["code"].as_str()),
         (404, Some("missing_config"))

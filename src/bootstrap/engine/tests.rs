@@ -256,8 +256,7 @@ async fn failing_hanging_and_panicking_initialisers_do_not_stop_the_others() {
         ("panics", "v1", Behaviour::Panic),
         ("fine", "v1", Behaviour::Ok),
     ]);
-    let outcome = h.engine.wake().await;
-    assert!(matches!(outcome, Outcome::Pending(_)), "{outcome:?}");
+    pending_for(&mut h).await;
     assert_eq!(h.flag("fine").await.as_deref(), Some("v1"));
     for name in ["fails", "hangs", "panics"] {
         assert_eq!(h.flag(name).await, None, "{name} must not store a flag");
@@ -286,13 +285,18 @@ async fn failing_hanging_and_panicking_initialisers_do_not_stop_the_others() {
     );
 }
 
+/// Wakes the engine, which must answer pending; returns how long until its next retry.
+async fn pending_for(h: &mut Harness) -> std::time::Duration {
+    match h.engine.wake().await {
+        Outcome::Pending(at) => at - Instant::now(),
+        other => panic!("pending, not {other:?}"),
+    }
+}
+
 #[tokio::test(start_paused = true)]
 async fn retries_back_off_exponentially_per_initialiser() {
     let mut h = harness(vec![("fails", "v1", Behaviour::Fail)]);
-    let Outcome::Pending(first) = h.engine.wake().await else {
-        panic!("pending")
-    };
-    let delay = first - Instant::now();
+    let delay = pending_for(&mut h).await;
     assert!(
         (12..=18).contains(&delay.as_secs()),
         "first retry near 15s: {delay:?}"
@@ -305,10 +309,7 @@ async fn retries_back_off_exponentially_per_initialiser() {
     );
     assert!(matches!(early, Outcome::Pending(_)));
     tokio::time::advance(delay).await;
-    let Outcome::Pending(second) = h.engine.wake().await else {
-        panic!("pending")
-    };
-    let delay = second - Instant::now();
+    let delay = pending_for(&mut h).await;
     assert!(
         (24..=36).contains(&delay.as_secs()),
         "second retry near 30s: {delay:?}"
@@ -336,8 +337,7 @@ async fn a_flag_bump_reruns_only_that_initialiser_with_its_old_flag() {
 #[tokio::test(start_paused = true)]
 async fn a_flag_changed_by_someone_else_mid_run_is_not_overwritten() {
     let mut h = harness(vec![("racy", "v1", Behaviour::RacesItsFlag)]);
-    let outcome = h.engine.wake().await;
-    assert!(matches!(outcome, Outcome::Pending(_)), "{outcome:?}");
+    pending_for(&mut h).await;
     assert_eq!(
         h.flag("racy").await.as_deref(),
         Some("someone-else"),
@@ -491,8 +491,7 @@ async fn a_lost_lease_ends_the_wake_before_anything_else_runs() {
         ("thief", "v1", Behaviour::StealsTheLease),
         ("after", "v1", Behaviour::Ok),
     ]);
-    let outcome = h.engine.wake().await;
-    assert!(matches!(outcome, Outcome::Pending(_)), "{outcome:?}");
+    pending_for(&mut h).await;
     assert_eq!(h.status("thief").await.state, State::StateWriteFailed);
     assert_eq!(h.flag("thief").await, None, "the fence refused its flag");
     assert_eq!(h.runs("after"), 0, "nothing runs once the lease is gone");

@@ -327,22 +327,27 @@ async fn stored_registrations(url: &str) -> usize {
     stored_ids(url).await.len()
 }
 
-/// Registers `n` nodes at once; returns how many got 202, and the codes of the refusals.
-async fn storm(url: &str, n: usize, metadata: Value) -> (usize, Vec<String>) {
-    storm_of(url, "node", n, metadata).await
+/// Registers `n` new nodes at once and asserts that exactly `admitted` were accepted and
+/// stored, and every other one was refused with `code`.
+async fn storm_admits(url: &str, n: usize, admitted: usize, code: &str) {
+    let (accepted, refused) = storm(url, "node", n).await;
+    assert_eq!(accepted, admitted, "{refused:?}");
+    assert!(refused.iter().all(|c| c == code), "{refused:?}");
+    assert_eq!(stored_registrations(url).await, admitted);
 }
 
-/// As [`storm`], with identifiers `{prefix}-NNNN`.
-async fn storm_of(url: &str, prefix: &str, n: usize, metadata: Value) -> (usize, Vec<String>) {
+/// Registers `n` nodes `{prefix}-NNNN` at once; returns how many got 202, and the codes of the
+/// refusals.
+async fn storm(url: &str, prefix: &str, n: usize) -> (usize, Vec<String>) {
     let http = bootsync::tls::plain_client();
     let mut tasks = Vec::new();
     for i in 0..n {
-        let (http, url, metadata) = (http.clone(), url.to_string(), metadata.clone());
+        let (http, url) = (http.clone(), url.to_string());
         let id = format!("{prefix}-{i:04}");
         tasks.push(tokio::spawn(async move {
             let r = http
                 .post(format!("{url}/register"))
-                .json(&node(&id, metadata))
+                .json(&node(&id, json!({})))
                 .send()
                 .await
                 .unwrap();
@@ -378,13 +383,7 @@ async fn caps_and_freeze_hold_under_a_storm_of_concurrent_registrations() {
         dir.path(),
         "serve --store sqlite:capped.db --policy capped.json",
     );
-    let (accepted, refused) = storm(&server.url, 1000, json!({})).await;
-    assert_eq!(accepted, 100);
-    assert!(
-        refused.iter().all(|c| c == "registration_cap"),
-        "{refused:?}"
-    );
-    assert_eq!(stored_registrations(&server.url).await, 100);
+    storm_admits(&server.url, 1000, 100, "registration_cap").await;
 
     // Removing registrations through `/v1` frees their places, and raising the cap in the
     // policy admits more: admission reads the store again before it refuses.
@@ -401,7 +400,7 @@ async fn caps_and_freeze_hold_under_a_storm_of_concurrent_registrations() {
             .unwrap();
         assert!(r.status().is_success(), "{}", r.status());
     }
-    let (accepted, _) = storm_of(&server.url, "second", 1000, json!({})).await;
+    let (accepted, _) = storm(&server.url, "second", 1000).await;
     assert_eq!(accepted, 10, "the ten freed places, no more");
     assert_eq!(stored_registrations(&server.url).await, 100);
     let mut raised = capped.clone();
@@ -412,7 +411,7 @@ async fn caps_and_freeze_hold_under_a_storm_of_concurrent_registrations() {
     )
     .await;
     assert!(r.status().is_success(), "{}", r.status());
-    let (accepted, _) = storm_of(&server.url, "third", 1000, json!({})).await;
+    let (accepted, _) = storm(&server.url, "third", 1000).await;
     assert_eq!(accepted, 5, "the raised cap");
     assert_eq!(stored_registrations(&server.url).await, 105);
     drop(server);
@@ -420,21 +419,12 @@ async fn caps_and_freeze_hold_under_a_storm_of_concurrent_registrations() {
     let frozen = json!({"expect_nodes": 2, "freeze_on_ready": true, "files": [{"path": "f", "template": "x"}]});
     std::fs::write(dir.path().join("frozen.json"), frozen.to_string()).unwrap();
     let server = support::Proc::start(dir.path(), "serve --store memory: --policy frozen.json");
-    let (accepted, refused) = storm(&server.url, 8, json!({})).await;
-    assert_eq!(accepted, 2, "{refused:?}");
-    assert!(refused.iter().all(|c| c == "frozen"), "{refused:?}");
-    assert_eq!(stored_registrations(&server.url).await, 2);
+    storm_admits(&server.url, 8, 2, "frozen").await;
     drop(server);
 
     // The operator's default cap and metadata budget apply with no policy at all.
     let server = support::Proc::start(dir.path(), "serve --store memory: --max-registrations 30");
-    let (accepted, refused) = storm(&server.url, 60, json!({})).await;
-    assert_eq!(accepted, 30);
-    assert!(
-        refused.iter().all(|c| c == "registration_cap"),
-        "{refused:?}"
-    );
-    assert_eq!(stored_registrations(&server.url).await, 30);
+    storm_admits(&server.url, 60, 30, "registration_cap").await;
     drop(server);
 
     let server = support::Proc::start(dir.path(), "serve --store memory: --metadata-budget 100000");

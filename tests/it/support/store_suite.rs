@@ -231,55 +231,25 @@ pub async fn failed_precondition_changes_nothing_and_names_the_key(store: DynSto
 
 pub async fn absent_and_mod_revision_preconditions_hold(store: DynStore) {
     let key = k("prod", "cfg", "cas");
-    let r1 = store
-        .apply(
-            Batch::new()
-                .check(key.clone(), Precondition::Absent)
-                .put(key.clone(), json!(1)),
-        )
+    // Puts `value` at `key` on the condition that `checked` meets `precondition`.
+    let put_if = |checked: Key, precondition: Precondition, value: i64| {
+        let store = store.clone();
+        let batch = Batch::new()
+            .check(checked, precondition)
+            .put(key.clone(), json!(value));
+        async move { store.apply(batch).await }
+    };
+    let conflict = |r: Result<u64, Error>| matches!(r, Err(Error::Conflict { .. }));
+    let r1 = put_if(key.clone(), Precondition::Absent, 1).await.unwrap();
+    let again = put_if(key.clone(), Precondition::Absent, 9).await;
+    assert!(conflict(again), "absent fails once present");
+    let r2 = put_if(key.clone(), Precondition::ModRevision(r1), 2)
         .await
         .unwrap();
-    let again = store
-        .apply(
-            Batch::new()
-                .check(key.clone(), Precondition::Absent)
-                .put(key.clone(), json!(9)),
-        )
-        .await;
-    assert!(
-        matches!(again, Err(Error::Conflict { .. })),
-        "absent fails once present"
-    );
-    let r2 = store
-        .apply(
-            Batch::new()
-                .check(key.clone(), Precondition::ModRevision(r1))
-                .put(key.clone(), json!(2)),
-        )
-        .await
-        .unwrap();
-    let stale = store
-        .apply(
-            Batch::new()
-                .check(key.clone(), Precondition::ModRevision(r1))
-                .put(key.clone(), json!(3)),
-        )
-        .await;
-    assert!(
-        matches!(stale, Err(Error::Conflict { .. })),
-        "a stale revision fails"
-    );
-    let missing = store
-        .apply(
-            Batch::new()
-                .check(k("prod", "cfg", "nope"), Precondition::ModRevision(r2))
-                .put(key.clone(), json!(4)),
-        )
-        .await;
-    assert!(
-        matches!(missing, Err(Error::Conflict { .. })),
-        "mod_revision on an absent key fails"
-    );
+    let stale = put_if(key.clone(), Precondition::ModRevision(r1), 3).await;
+    assert!(conflict(stale), "a stale revision fails");
+    let missing = put_if(k("prod", "cfg", "nope"), Precondition::ModRevision(r2), 4).await;
+    assert!(conflict(missing), "mod_revision on an absent key fails");
     assert_eq!(store.get(&key).await.unwrap().unwrap().value, json!(2));
 }
 
@@ -336,22 +306,14 @@ pub async fn public_filter_never_shows_reserved_namespaces(store: DynStore) {
         )
         .await
         .unwrap();
-    let first_public = tokio::time::timeout(Duration::from_secs(20), public.next())
-        .await
-        .expect("public watcher got nothing")
-        .unwrap()
-        .unwrap();
+    let first_public = next_event(&mut public).await;
     assert_eq!(
         first_public.revision, mixed,
         "the reserved-only batch is skipped"
     );
     assert_eq!(first_public.changes.len(), 1);
     assert_eq!(first_public.changes[0].key.namespace, "prod");
-    let first_all = tokio::time::timeout(Duration::from_secs(20), all.next())
-        .await
-        .expect("internal watcher got nothing")
-        .unwrap()
-        .unwrap();
+    let first_all = next_event(&mut all).await;
     assert_eq!(
         first_all.revision, hidden,
         "internal watchers see reserved namespaces"
@@ -369,11 +331,7 @@ pub async fn namespace_filter_shows_one_namespace(store: DynStore) {
         .put(k("__system__", "init-state", "x"), json!("v1"))
         .await
         .unwrap();
-    let event = tokio::time::timeout(Duration::from_secs(20), watch.next())
-        .await
-        .expect("namespace watcher got nothing")
-        .unwrap()
-        .unwrap();
+    let event = next_event(&mut watch).await;
     assert_eq!(event.revision, rev);
     assert!(
         event
@@ -421,32 +379,14 @@ pub async fn json_values_round_trip(store: DynStore) {
         "neg": -12,
         "s": "line\nbreak \"quoted\""
     });
-    store
-        .put(k("prod", "cfg", "v"), value.clone())
-        .await
-        .unwrap();
-    assert_eq!(
+    for (key, value) in [("v", value), ("scalar", json!(null))] {
         store
-            .get(&k("prod", "cfg", "v"))
+            .put(k("prod", "cfg", key), value.clone())
             .await
-            .unwrap()
-            .unwrap()
-            .value,
-        value
-    );
-    store
-        .put(k("prod", "cfg", "scalar"), json!(null))
-        .await
-        .unwrap();
-    assert_eq!(
-        store
-            .get(&k("prod", "cfg", "scalar"))
-            .await
-            .unwrap()
-            .unwrap()
-            .value,
-        json!(null)
-    );
+            .unwrap();
+        let stored = store.get(&k("prod", "cfg", key)).await.unwrap().unwrap();
+        assert_eq!(stored.value, value, "{key}");
+    }
 }
 
 async fn next_event(watch: &mut bootsync::store::Watch) -> bootsync::store::ChangeEvent {

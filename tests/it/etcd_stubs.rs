@@ -24,7 +24,7 @@ fn committed_etcd_stubs_match_the_proto() {
     let committed = std::fs::read_to_string(&committed_path).unwrap_or_default();
     assert!(
         committed == fresh,
-        "{} is stale: regenerate it with `BOOTSYNC_REGENERATE=1 cargo test --test etcd_stubs`",
+        "{} is stale: regenerate it with `BOOTSYNC_REGENERATE=1 cargo test --test it etcd_stubs`",
         committed_path.display()
     );
 }

@@ -7,10 +7,11 @@
 //! counting against its source (many nodes behind one NAT are fine) and may use the reserve.
 //!
 //! Past those caps a connection gets a *probation* slot, at most a few per source, with a
-//! short head deadline and no keep-alive: it may ask `/healthz`, or anything with a valid
-//! token; everything else gets 503. Past that too, it is closed at once. A liveness probe
-//! from its own address therefore always finds a slot, however many connections another
-//! address churns through.
+//! short head deadline and no keep-alive: it may ask `/healthz` or `/readyz`, or anything
+//! with a valid token; everything else gets 503. Past that too, it is closed at once. A probe
+//! from its own address therefore finds a slot however many connections a few other addresses
+//! hold; an outsider with more than 64 addresses churning probation can still crowd it
+//! (specs/security.md lists this as open).
 //!
 //! Held requests (long-polls) from unproven sources are capped per source as well.
 
@@ -67,7 +68,7 @@ pub struct GateLimits {
     pub max_connections: usize,
     /// Unproven connections one source may hold (0: no per-source cap).
     pub per_source: usize,
-    /// Requests one unproven source may hold open (long-polls).
+    /// Requests one unproven source may hold open (long-polls; 0: no per-source cap).
     pub holds_per_source: usize,
 }
 
@@ -140,7 +141,8 @@ impl Gate {
     fn hold(self: &Arc<Self>, source: Source) -> Option<Hold> {
         let mut state = self.state();
         let held = state.sources.entry(source).or_default();
-        if held.holds >= self.limits.holds_per_source {
+        let cap = self.limits.holds_per_source;
+        if cap != 0 && held.holds >= cap {
             return None;
         }
         held.holds += 1;
@@ -158,11 +160,6 @@ impl Gate {
                 sources.remove(&source);
             }
         }
-    }
-
-    /// Sources with anything counted (for tests and the status of the limits).
-    pub fn sources(&self) -> usize {
-        self.state().sources.len()
     }
 }
 
@@ -254,5 +251,80 @@ impl Drop for Hold {
         if let Some((gate, source)) = self.gate.take() {
             gate.release(source, |held, _| held.holds -= 1);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn gate(max_connections: usize, per_source: usize, holds_per_source: usize) -> Arc<Gate> {
+        Gate::new(GateLimits {
+            max_connections,
+            per_source,
+            holds_per_source,
+        })
+    }
+
+    fn peer(last: u8) -> SocketAddr {
+        SocketAddr::from(([10, 0, 0, last], 40000))
+    }
+
+    #[test]
+    fn a_source_past_its_share_gets_probation_then_nothing_and_others_still_get_slots() {
+        let gate = gate(100, 2, 1);
+        let held: Vec<_> = (0..2).map(|_| gate.admit(peer(1)).unwrap()).collect();
+        assert!(held.iter().all(|c| !c.on_probation()));
+        let probation: Vec<_> = (0..PROBATION_PER_SOURCE)
+            .map(|_| gate.admit(peer(1)).expect("a probation slot"))
+            .collect();
+        assert!(probation.iter().all(|c| c.on_probation()));
+        assert!(gate.admit(peer(1)).is_none(), "past probation: closed");
+        let other = gate
+            .admit(peer(2))
+            .expect("another source has its own share");
+        assert!(!other.on_probation());
+        // A token proves the connection: it stops counting, and its source gets a slot back.
+        held[0].prove();
+        assert!(!gate.admit(peer(1)).unwrap().on_probation());
+    }
+
+    #[test]
+    fn unproven_connections_leave_a_quarter_of_the_slots_to_proven_ones() {
+        let gate = gate(8, 0, 0);
+        let unproven: Vec<_> = (1..=6).map(|i| gate.admit(peer(i)).unwrap()).collect();
+        assert!(unproven.iter().all(|c| !c.on_probation()));
+        let next = gate.admit(peer(7)).unwrap();
+        assert!(
+            next.on_probation(),
+            "three quarters of 8 are unproven already"
+        );
+        drop(unproven);
+        assert!(
+            gate.state().sources.len() == 1,
+            "released sources are forgotten"
+        );
+    }
+
+    #[test]
+    fn held_requests_are_capped_per_source_and_zero_means_no_cap() {
+        let capped = gate(100, 10, 2);
+        let conn = capped.admit(peer(1)).unwrap();
+        let holds: Vec<_> = (0..2).map(|_| conn.hold(false).unwrap()).collect();
+        assert!(
+            conn.hold(false).is_none(),
+            "a third long-poll is answered at once"
+        );
+        assert!(
+            conn.hold(true).is_some(),
+            "a request with a token is always held"
+        );
+        drop(holds);
+        assert!(conn.hold(false).is_some(), "released holds free the share");
+
+        let uncapped = gate(100, 0, 0);
+        let conn = uncapped.admit(peer(1)).unwrap();
+        let holds: Vec<_> = (0..50).filter_map(|_| conn.hold(false)).collect();
+        assert_eq!(holds.len(), 50);
     }
 }

@@ -156,6 +156,10 @@ impl<S: Send + Sync> FromRequestParts<S> for Caller {
     }
 }
 
+/// What a connection on probation may still ask without a token: the liveness and readiness
+/// probes, so an orchestrator keeps seeing a healthy server while outsiders fill the slots.
+const PROBES: [&str; 2] = ["/healthz", "/readyz"];
+
 /// Per request, before anything is read: notes whether it carries one of `tokens` (which
 /// proves its connection), turns away what a connection on probation may not ask, and holds
 /// its body to the server's [`BodyRules`].
@@ -176,7 +180,7 @@ pub async fn admit(
     if let Some(conn) = &conn {
         if proven {
             conn.prove();
-        } else if conn.on_probation() && request.uri().path() != "/healthz" {
+        } else if conn.on_probation() && !PROBES.contains(&request.uri().path()) {
             return ApiError::unavailable(
                 "the server is at its connection limit for requests without a token; retry",
             )

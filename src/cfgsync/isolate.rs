@@ -21,7 +21,7 @@ use serde::{Deserialize, Serialize};
 use serde_json::Value;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-use tokio::sync::{Mutex, Semaphore};
+use tokio::sync::Semaphore;
 
 use super::ArtifactFile;
 use super::policy::{CompiledPolicy, Policy, RenderLimits};
@@ -109,7 +109,10 @@ pub(super) fn load_message(
 #[derive(Debug)]
 pub struct Workers {
     isolation: Isolation,
-    slots: Vec<Mutex<Option<Worker>>>,
+    /// Processes waiting for work. A render takes one out (or starts one) and puts it back
+    /// when it answered, so no two renders ever share a process.
+    idle: std::sync::Mutex<Vec<Worker>>,
+    /// One permit per process that may exist.
     free: Semaphore,
 }
 
@@ -124,11 +127,10 @@ struct Worker {
 impl Workers {
     /// At most `count` render processes, started when first needed.
     pub fn new(isolation: Isolation, count: usize) -> Self {
-        let count = count.max(1);
         Self {
             isolation,
-            slots: (0..count).map(|_| Mutex::new(None)).collect(),
-            free: Semaphore::new(count),
+            idle: std::sync::Mutex::default(),
+            free: Semaphore::new(count.max(1)),
         }
     }
 
@@ -147,44 +149,45 @@ impl Workers {
             .acquire()
             .await
             .map_err(|_| "the render processes are shut down".to_string())?;
-        // A free slot exists while the permit is held; prefer one that holds this epoch.
-        let mut chosen = None;
-        for slot in &self.slots {
-            if let Ok(guard) = slot.try_lock() {
-                let holds = guard.as_ref().is_some_and(|w| w.loaded == Some(epoch));
-                if holds || chosen.is_none() {
-                    chosen = Some(guard);
-                }
-                if holds {
-                    break;
-                }
-            }
-        }
-        let mut slot = chosen.ok_or_else(|| "no render process is free".to_string())?;
-        if slot.is_none() {
-            *slot = Some(self.spawn()?);
-        }
-        let worker = slot.as_mut().expect("set above");
+        // With the permit held, either an idle process exists or fewer than the allowed
+        // number are alive: take the one that holds this epoch, else any, else start one. A
+        // render dropped half-way drops its worker too, which stops the process rather than
+        // leave it out of step.
+        let taken = {
+            let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
+            let holder = idle.iter().position(|w| w.loaded == Some(epoch));
+            holder
+                .or(idle.len().checked_sub(1))
+                .map(|at| idle.swap_remove(at))
+        };
+        let mut worker = match taken {
+            Some(worker) => worker,
+            None => self.spawn()?,
+        };
         let asked = tokio::time::timeout(
             deadline + GRACE,
             worker.render(epoch, load, Request::Render { index, budget }),
         )
         .await;
-        match asked {
+        let answer = match asked {
             Ok(Ok(Response::Files(files))) => Ok(files),
             Ok(Ok(Response::Failed(reason))) => Err(reason),
-            Ok(Ok(Response::Loaded)) => Err("the render process answered out of turn".into()),
-            Ok(Err(_)) => {
-                let mut dead = slot.take().expect("set above");
-                Err(self.why_died(&mut dead).await)
+            // Out of step with its process: dropping the worker stops it.
+            Ok(Ok(Response::Loaded)) => {
+                return Err("the render process answered out of turn".into());
             }
+            Ok(Err(_)) => return Err(self.why_died(&mut worker).await),
             Err(_) => {
-                let mut late = slot.take().expect("set above");
-                let _ = late.child.start_kill();
-                let _ = late.child.wait().await;
-                Err("the render passed its deadline (its process was stopped)".into())
+                let _ = worker.child.start_kill();
+                let _ = worker.child.wait().await;
+                return Err("the render passed its deadline (its process was stopped)".into());
             }
-        }
+        };
+        self.idle
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .push(worker);
+        answer
     }
 
     fn spawn(&self) -> Result<Worker, String> {

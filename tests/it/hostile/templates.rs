@@ -83,3 +83,46 @@ async fn every_template_bomb_fails_only_its_own_node_and_the_server_stays_small(
         "of the server through four template bombs",
     );
 }
+
+/// Renders in processes of their own share a few processes among many requests: with more
+/// nodes fetching at once than there are render processes, every node is served its own file.
+#[it::test(multi_thread)]
+async fn concurrent_renders_share_the_render_processes_and_every_node_is_served() {
+    // `set` could grow a value without writing it, so this template renders in a process.
+    let template = "{% set me = node.identifier %}{{ me }} of {{ peers | length }}";
+    let ids: Vec<String> = (0..40).map(|i| format!("n{i:02}")).collect();
+    let policy =
+        json!({"expect_identifiers": ids, "files": [{"path": "f.txt", "template": template}]});
+    let (_dir, server) = support::serve_policy(&policy, "--render-threads 2");
+    let url = server.url.clone();
+    for id in &ids {
+        let node = json!({"identifier": id, "ip": "10.0.0.1"});
+        let (status, _) = support::post(&url, "/register", &node).await;
+        assert_eq!(status, 202, "{id}");
+    }
+    let fetches = ids.iter().map(|id| {
+        let (url, id) = (url.clone(), id.clone());
+        tokio::spawn(async move {
+            let node = json!({"identifier": id, "ip": "10.0.0.1"});
+            let (status, body) = support::post(&url, "/node?wait=30", &node).await;
+            (id, status.as_u16(), body)
+        })
+    });
+    for fetch in fetches.collect::<Vec<_>>() {
+        let (id, status, body) = fetch.await.unwrap();
+        assert_eq!(status, 200, "{id}: {body}");
+        assert_eq!(body["files"][0]["content"], format!("{id} of 39"));
+    }
+    // The renders ran in render processes, and no more of them than asked for.
+    let children = render_processes(server.pid());
+    assert!((1..=2).contains(&children), "{children} render processes");
+}
+
+/// The child processes of `pid` (its render processes).
+fn render_processes(pid: u32) -> usize {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
+    tasks
+        .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("children")).ok())
+        .map(|children| children.split_whitespace().count())
+        .sum()
+}

@@ -311,6 +311,7 @@ impl Service {
         let id = &registration.identifier;
         // Admission decides on the loaded state, never on the empty view of a starting server.
         let loaded = self.loaded().await?;
+        let mut charged = false;
         for attempt in 0..REGISTER_ATTEMPTS {
             let guessed =
                 attempt == 0 && loaded.registration(id).is_none() && !loaded.was_removed(id);
@@ -329,10 +330,14 @@ impl Service {
                 self.secret_for(existing, &registration, peer, presented)?;
             // After the secret: a caller without it learns nothing of the stored record.
             rules(&self.current(), &registration, existing)?;
-            // A change peers see renders every node's files again: at a bounded rate.
-            if existing.is_some_and(|old| {
-                old.ip != registration.ip || old.metadata != registration.metadata
-            }) {
+            // A change peers see renders every node's files again: at a bounded rate, charged
+            // once per registration however often its write is retried.
+            if !charged
+                && existing.is_some_and(|old| {
+                    old.ip != registration.ip || old.metadata != registration.metadata
+                })
+            {
+                charged = true;
                 self.changes.take(id).map_err(|retry_after_secs| {
                     RegisterError::TooManyChanges {
                         identifier: id.clone(),

@@ -87,6 +87,15 @@ impl ErrorCode {
         }
     }
 
+    /// Whether the same request may succeed later unchanged: the server was busy, paced the
+    /// caller, or ran out of time, and said to retry.
+    pub fn is_transient(self) -> bool {
+        matches!(
+            self,
+            Self::Unavailable | Self::TooManyRequests | Self::Timeout
+        )
+    }
+
     /// The code a bare status stands for (a framework's rejection, or an old peer's answer).
     pub fn for_status(status: StatusCode) -> Self {
         match status {

@@ -369,6 +369,13 @@ impl CfgsyncClient {
                     last = format!("no config yet: {message}");
                     self.pause(&mut backoff, deadline).await;
                 }
+                // Busy, paced or slow: the server said to retry, and the registration is
+                // sent again in case it was the one refused.
+                Err(ClientError::Refused { code, message, .. }) if code.is_transient() => {
+                    registered = false;
+                    last = format!("{code}: {message}");
+                    self.pause(&mut backoff, deadline).await;
+                }
                 Err(err @ ClientError::Unreachable { .. }) => {
                     registered = false;
                     last = crate::telemetry::error_chain(&err);

@@ -551,3 +551,48 @@ async fn watch_backs_off_against_a_server_that_answers_at_once() {
     watch.signal("TERM");
     assert_eq!(watch.wait_exit(Duration::from_secs(15)), Some(0));
 }
+
+/// A server that is busy (503), paces the caller (429) or times a body out (408) says to
+/// retry: the one-shot client does, and gets its files, instead of giving up at once.
+#[it::test]
+async fn the_client_retries_what_the_server_says_to_retry() {
+    let answers = Arc::new(Mutex::new(vec![
+        (408, "timeout"),
+        (429, "too_many_requests"),
+        (503, "unavailable"),
+    ]));
+    // Each route first answers the refusals in turn, then serves.
+    let refuse = |answers: Arc<Mutex<Vec<(u16, &'static str)>>>| {
+        let next = answers.lock().unwrap().pop();
+        next.map(|(status, code)| {
+            let body = json!({"code": code, "message": "retry"});
+            (StatusCode::from_u16(status).unwrap(), Json(body)).into_response()
+        })
+    };
+    let register = {
+        let answers = answers.clone();
+        move || async move { refuse(answers).unwrap_or_else(|| StatusCode::ACCEPTED.into_response()) }
+    };
+    let node = move || async move {
+        refuse(answers).unwrap_or_else(|| {
+            Json(json!({"schema_version": 1, "files": [{"path": "a.txt", "content": "served"}]}))
+                .into_response()
+        })
+    };
+    let app = axum::Router::new()
+        .route("/register", post(register))
+        .route("/node", post(node));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let dir = tempfile::tempdir().unwrap();
+    let outputs = ArtifactOutputMap::new().with_root(dir.path());
+    let registration = NodeRegistration::new("a", "10.0.0.1".parse().unwrap());
+    fetch_and_write_artifacts(&registration, &url, &outputs)
+        .await
+        .expect("served after the refusals that said to retry");
+    assert_eq!(
+        std::fs::read_to_string(dir.path().join("a.txt")).unwrap(),
+        "served"
+    );
+}

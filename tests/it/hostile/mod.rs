@@ -139,7 +139,7 @@ async fn hostile_templates_fail_only_their_own_node() {
     assert_eq!(good.status(), 200);
 }
 
-/// Every distinct method token used to become a permanent metric series.
+/// Odd method tokens must not each become a permanent metric series.
 #[it::test(multi_thread)]
 async fn a_flood_of_odd_methods_leaves_the_metrics_small() {
     let dir = tempfile::tempdir().unwrap();

@@ -23,9 +23,8 @@ fn policy(files: &[&str]) -> serde_json::Value {
     json!({"expect_nodes": 1, "files": files})
 }
 
-/// The watcher never deleted files a newer payload dropped, so an operator who stopped
-/// serving a file left it on every node. Now it deletes them, beneath its output folder
-/// only: a routed file is the operator's.
+/// A file a newer payload drops is deleted from the node, so an operator can stop serving one;
+/// beneath the output folder only: a routed file is the operator's.
 #[it::test(multi_thread)]
 async fn files_a_newer_payload_dropped_are_deleted_beneath_the_output_folder_only() {
     let first = policy(&["keep.txt", "gone/old.txt", "/routed.txt"]);
@@ -59,8 +58,8 @@ async fn files_a_newer_payload_dropped_are_deleted_beneath_the_output_folder_onl
     );
 }
 
-/// SIGTERM was ignored while a hook ran, so a stuck hook held the watcher (and a pod's
-/// shutdown) until it finished. The watcher now stops at once and stops the hook too.
+/// A stuck hook must not hold the watcher (and a pod's shutdown): on SIGTERM the watcher
+/// stops at once, and stops the hook's whole process group with it.
 #[it::test(multi_thread)]
 async fn sigterm_stops_the_watcher_while_its_hook_runs() {
     let dir = support::dir_with(&[("policy.json", &policy(&["a.txt"]).to_string())]);
@@ -68,18 +67,39 @@ async fn sigterm_stops_the_watcher_while_its_hook_runs() {
     let mut watch = watcher(
         dir.path(),
         &server.url,
-        "touch hook.started; sleep 60; touch hook.finished",
+        "sleep 60 & echo $! > sleep.pid; echo $$ > hook.pid; wait",
     );
     let d = dir.path().to_path_buf();
-    support::wait_for(Duration::from_secs(20), "the hook to start", || {
+    let pids = support::wait_for(Duration::from_secs(20), "the hook to start", || {
         let d = d.clone();
-        async move { d.join("hook.started").exists().then_some(()) }
+        async move {
+            let read = |name| {
+                std::fs::read_to_string(d.join(name))
+                    .ok()?
+                    .trim()
+                    .parse()
+                    .ok()
+            };
+            Some([read("hook.pid")?, read("sleep.pid")?])
+        }
     })
     .await;
+    let pids: [u32; 2] = pids;
     watch.signal("TERM");
     assert_eq!(watch.wait_exit(Duration::from_secs(10)), Some(0));
-    assert!(
-        !d.join("hook.finished").exists(),
-        "the hook ran on after SIGTERM"
-    );
+    // The hook's shell and the process it started are both gone (or only wait to be reaped).
+    support::wait_for(
+        Duration::from_secs(10),
+        "the hook's processes to end",
+        || async move { pids.iter().all(|pid| !running(*pid)).then_some(()) },
+    )
+    .await;
+}
+
+/// Whether `pid` is a live process (not gone, not a zombie).
+fn running(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).is_ok_and(|stat| {
+        stat.rsplit_once(") ")
+            .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+    })
 }

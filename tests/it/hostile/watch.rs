@@ -103,3 +103,69 @@ fn running(pid: u32) -> bool {
             .is_some_and(|(_, rest)| !rest.starts_with('Z'))
     })
 }
+
+/// A long list of changed paths must not keep the hook from starting (an environment past
+/// ~128 KiB cannot start a program): the list is always in the file
+/// `BOOTSYNC_CHANGED_PATHS_FILE` names, and in `BOOTSYNC_CHANGED_PATHS` only while short.
+#[it::test(multi_thread)]
+async fn a_hook_gets_a_long_list_of_changed_paths_from_a_file() {
+    let names: Vec<String> = (0..400)
+        .map(|i| format!("many/{}-{i:04}.txt", "p".repeat(150)))
+        .collect();
+    let first = policy(&names.iter().map(String::as_str).collect::<Vec<_>>());
+    let dir = support::dir_with(&[("policy.json", &first.to_string())]);
+    let server = Proc::start(dir.path(), "serve --store memory: --policy policy.json");
+    // Each run copies the file and notes whether the variable was set, by epoch.
+    let hook = r#"cp "$BOOTSYNC_CHANGED_PATHS_FILE" "seen-$BOOTSYNC_EPOCH"; if [ -n "${BOOTSYNC_CHANGED_PATHS+set}" ]; then printf %s "$BOOTSYNC_CHANGED_PATHS" > "env-$BOOTSYNC_EPOCH"; fi; echo $BOOTSYNC_EPOCH >> epochs"#;
+    let _watch = watcher(dir.path(), &server.url, hook);
+    let d = dir.path().to_path_buf();
+    let first_epoch: u64 = support::wait_for(Duration::from_secs(30), "the first hook run", || {
+        let d = d.clone();
+        async move {
+            let epochs = std::fs::read_to_string(d.join("epochs")).ok()?;
+            epochs.lines().next()?.trim().parse().ok()
+        }
+    })
+    .await;
+    let seen = std::fs::read_to_string(d.join(format!("seen-{first_epoch}"))).unwrap();
+    let listed: Vec<&str> = seen.lines().collect();
+    assert!(
+        seen.len() > 32 << 10,
+        "the list is long: {} bytes",
+        seen.len()
+    );
+    assert_eq!(listed.len(), names.len(), "every written file is listed");
+    for name in &names {
+        let dest = d.join("out").join(name).display().to_string();
+        assert!(listed.contains(&dest.as_str()), "{dest} is not listed");
+    }
+    assert!(
+        !d.join(format!("env-{first_epoch}")).exists(),
+        "a list this long is not put in the environment"
+    );
+
+    // One file changes: a short list, in the file and in the variable alike.
+    let mut second = first.clone();
+    second["files"][0]["template"] = json!("changed");
+    let at = format!("{}/v1/config/__cfgsync__/policy/current", server.url);
+    let put = bootsync::tls::plain_client()
+        .put(at)
+        .json(&second)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200);
+    let next_epoch: u64 = support::wait_for(Duration::from_secs(30), "the second hook run", || {
+        let d = d.clone();
+        async move {
+            let epochs = std::fs::read_to_string(d.join("epochs")).ok()?;
+            epochs.lines().nth(1)?.trim().parse().ok()
+        }
+    })
+    .await;
+    let changed = d.join("out").join(&names[0]).display().to_string();
+    let seen = std::fs::read_to_string(d.join(format!("seen-{next_epoch}"))).unwrap();
+    assert_eq!(seen.trim_end(), changed);
+    let env = std::fs::read_to_string(d.join(format!("env-{next_epoch}"))).unwrap();
+    assert_eq!(env, changed);
+}

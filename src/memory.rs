@@ -12,32 +12,30 @@ pub fn limit() -> Option<u64> {
     )
 }
 
-/// The limit read under a cgroup mount `root`, for the membership lines of `/proc/self/cgroup`.
+/// The limit read under a cgroup mount `root`, for the membership lines of `/proc/self/cgroup`:
+/// the smallest set on the process's group or any group above it, since a limit on a parent
+/// (a systemd slice, a pod) binds every group beneath it.
 fn limit_under(root: &Path, membership: &str) -> Option<u64> {
     for line in membership.lines() {
         let mut fields = line.splitn(3, ':');
         let (_, controllers, path) = (fields.next()?, fields.next()?, fields.next()?);
-        let relative = path.trim_start_matches('/');
-        let candidates = if controllers.is_empty() {
+        let (mount, file) = if controllers.is_empty() {
             // cgroup v2: one unified hierarchy.
-            vec![
-                root.join(relative).join("memory.max"),
-                root.join("memory.max"),
-            ]
+            (root.to_path_buf(), "memory.max")
         } else if controllers.split(',').any(|c| c == "memory") {
-            vec![
-                root.join("memory")
-                    .join(relative)
-                    .join("memory.limit_in_bytes"),
-                root.join("memory").join("memory.limit_in_bytes"),
-            ]
+            (root.join("memory"), "memory.limit_in_bytes")
         } else {
             continue;
         };
-        for candidate in candidates {
-            if let Some(limit) = read_limit(&candidate) {
-                return Some(limit);
-            }
+        let group = mount.join(path.trim_start_matches('/'));
+        // From the process's group up to the mount, never above it.
+        let limit = group
+            .ancestors()
+            .take_while(|dir| dir.starts_with(&mount))
+            .filter_map(|dir| read_limit(&dir.join(file)))
+            .min();
+        if limit.is_some() {
+            return limit;
         }
     }
     None
@@ -87,5 +85,20 @@ mod tests {
         assert_eq!(limit_under(limited.path(), membership), Some(256 << 20));
         let unlimited = tree(group, file, "9223372036854771712");
         assert_eq!(limit_under(unlimited.path(), membership), None);
+    }
+
+    #[test]
+    fn a_limit_on_a_parent_group_binds_the_groups_beneath_it() {
+        let membership = "0::/system.slice/app.service\n";
+        let root = tree("system.slice/app.service", "memory.max", "max\n");
+        std::fs::write(root.path().join("system.slice/memory.max"), "268435456\n").unwrap();
+        assert_eq!(limit_under(root.path(), membership), Some(256 << 20));
+        // The smaller one wins, wherever it is set.
+        std::fs::write(
+            root.path().join("system.slice/app.service/memory.max"),
+            "134217728\n",
+        )
+        .unwrap();
+        assert_eq!(limit_under(root.path(), membership), Some(128 << 20));
     }
 }

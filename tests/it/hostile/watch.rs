@@ -23,6 +23,18 @@ fn policy(files: &[&str]) -> serde_json::Value {
     json!({"expect_nodes": 1, "files": files})
 }
 
+/// Installs `policy` as the server's current one (a server without tokens).
+async fn put_policy(url: &str, policy: &serde_json::Value) {
+    let at = format!("{url}/v1/config/__cfgsync__/policy/current");
+    let put = bootsync::tls::plain_client()
+        .put(at)
+        .json(policy)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(put.status(), 200, "the policy was not installed");
+}
+
 /// A file a newer payload drops is deleted from the node, so an operator can stop serving one;
 /// beneath the output folder only: a routed file is the operator's.
 #[it::test(multi_thread)]
@@ -37,15 +49,7 @@ async fn files_a_newer_payload_dropped_are_deleted_beneath_the_output_folder_onl
         async move { d.join("out/gone/old.txt").exists().then_some(()) }
     })
     .await;
-    let second = policy(&["keep.txt"]);
-    let at = format!("{}/v1/config/__cfgsync__/policy/current", server.url);
-    let put = bootsync::tls::plain_client()
-        .put(at)
-        .json(&second)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), 200);
+    put_policy(&server.url, &policy(&["keep.txt"])).await;
     support::wait_for(Duration::from_secs(20), "the dropped file deleted", || {
         let d = d.clone();
         async move { (!d.join("out/gone/old.txt").exists()).then_some(()) }
@@ -147,14 +151,7 @@ async fn a_hook_gets_a_long_list_of_changed_paths_from_a_file() {
     // One file changes: a short list, in the file and in the variable alike.
     let mut second = first.clone();
     second["files"][0]["template"] = json!("changed");
-    let at = format!("{}/v1/config/__cfgsync__/policy/current", server.url);
-    let put = bootsync::tls::plain_client()
-        .put(at)
-        .json(&second)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(put.status(), 200);
+    put_policy(&server.url, &second).await;
     let next_epoch: u64 = support::wait_for(Duration::from_secs(30), "the second hook run", || {
         let d = d.clone();
         async move {

@@ -161,7 +161,7 @@ impl Epoch {
         &self,
         policy: &CompiledPolicy,
         identifier: &str,
-        workers: &Workers,
+        workers: &Arc<Workers>,
     ) -> Rendered {
         let index = self
             .scope(policy)
@@ -188,7 +188,7 @@ impl Epoch {
             .get_or_init(|| async {
                 let budget = limits.max_payload_bytes;
                 let files = workers
-                    .render(self.revision, &load, None, budget, limits.deadline)
+                    .render(self.revision, load.clone(), None, budget, limits.deadline)
                     .await;
                 files
                     .map(|files| Shared::new(&files))
@@ -198,7 +198,7 @@ impl Epoch {
             .clone()?;
         let budget = limits.max_payload_bytes.saturating_sub(shared.json.len());
         let files = workers
-            .render(self.revision, &load, Some(index), budget, limits.deadline)
+            .render(self.revision, load, Some(index), budget, limits.deadline)
             .await
             .map_err(Arc::<str>::from)?;
         Ok(Arc::new(Body::assemble(

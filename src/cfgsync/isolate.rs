@@ -136,12 +136,34 @@ impl Workers {
 
     /// Renders the member at `index` (or the shared files) of the epoch `load` describes, in
     /// a render process, within `budget` bytes and `deadline`.
+    ///
+    /// The exchange runs in a task of its own: a caller that goes away (a node hanging up, a
+    /// request deadline) leaves it to finish and put its process back, so hanging up cannot
+    /// make the server stop and restart processes and load the whole epoch into each again.
     pub(super) async fn render(
+        self: &Arc<Self>,
+        epoch: u64,
+        load: Arc<Vec<u8>>,
+        index: Option<usize>,
+        budget: usize,
+        deadline: Duration,
+    ) -> Result<Vec<ArtifactFile>, String> {
+        let workers = self.clone();
+        let exchange = tokio::spawn(async move {
+            workers
+                .exchange(epoch, &load, Request::Render { index, budget }, deadline)
+                .await
+        });
+        exchange
+            .await
+            .unwrap_or_else(|err| Err(format!("the render task failed: {err}")))
+    }
+
+    async fn exchange(
         &self,
         epoch: u64,
         load: &[u8],
-        index: Option<usize>,
-        budget: usize,
+        request: Request,
         deadline: Duration,
     ) -> Result<Vec<ArtifactFile>, String> {
         let _free = self
@@ -150,9 +172,7 @@ impl Workers {
             .await
             .map_err(|_| "the render processes are shut down".to_string())?;
         // With the permit held, either an idle process exists or fewer than the allowed
-        // number are alive: take the one that holds this epoch, else any, else start one. A
-        // render dropped half-way drops its worker too, which stops the process rather than
-        // leave it out of step.
+        // number are alive: take the one that holds this epoch, else any, else start one.
         let taken = {
             let mut idle = self.idle.lock().unwrap_or_else(|e| e.into_inner());
             let holder = idle.iter().position(|w| w.loaded == Some(epoch));
@@ -164,22 +184,24 @@ impl Workers {
             Some(worker) => worker,
             None => self.spawn()?,
         };
-        let asked = tokio::time::timeout(
-            deadline + GRACE,
-            worker.render(epoch, load, Request::Render { index, budget }),
-        )
-        .await;
+        let asked =
+            tokio::time::timeout(deadline + GRACE, worker.render(epoch, load, request)).await;
+        // A process that failed is stopped and reaped before its permit is given back, so no
+        // more than the allowed number are ever alive.
         let answer = match asked {
             Ok(Ok(Response::Files(files))) => Ok(files),
             Ok(Ok(Response::Failed(reason))) => Err(reason),
-            // Out of step with its process: dropping the worker stops it.
             Ok(Ok(Response::Loaded)) => {
-                return Err("the render process answered out of turn".into());
+                worker.stop().await;
+                return Err("the render process answered out of turn (it was stopped)".into());
             }
-            Ok(Err(_)) => return Err(self.why_died(&mut worker).await),
+            Ok(Err(_)) => {
+                let why = self.why_died(&mut worker).await;
+                worker.stop().await;
+                return Err(why);
+            }
             Err(_) => {
-                let _ = worker.child.start_kill();
-                let _ = worker.child.wait().await;
+                worker.stop().await;
                 return Err("the render passed its deadline (its process was stopped)".into());
             }
         };
@@ -226,15 +248,18 @@ impl Workers {
                 format!("the render ran out of memory (its process may use {mib} MiB)")
             }
             Ok(Ok(status)) => format!("the render process ended: {status}"),
-            _ => {
-                let _ = worker.child.start_kill();
-                "the render process stopped answering".to_string()
-            }
+            _ => "the render process stopped answering".to_string(),
         }
     }
 }
 
 impl Worker {
+    /// Kills the process and reaps it.
+    async fn stop(&mut self) {
+        let _ = self.child.start_kill();
+        let _ = self.child.wait().await;
+    }
+
     async fn render(
         &mut self,
         epoch: u64,

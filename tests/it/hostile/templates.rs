@@ -114,15 +114,74 @@ async fn concurrent_renders_share_the_render_processes_and_every_node_is_served(
         assert_eq!(body["files"][0]["content"], format!("{id} of 39"));
     }
     // The renders ran in render processes, and no more of them than asked for.
-    let children = render_processes(server.pid());
+    let children = render_processes(server.pid()).len();
     assert!((1..=2).contains(&children), "{children} render processes");
 }
 
-/// The child processes of `pid` (its render processes).
-fn render_processes(pid: u32) -> usize {
+/// The live child processes of `pid` (its render processes); one that ended and waits to be
+/// reaped is not counted.
+fn render_processes(pid: u32) -> std::collections::BTreeSet<u32> {
     let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).unwrap();
     tasks
         .filter_map(|task| std::fs::read_to_string(task.ok()?.path().join("children")).ok())
-        .map(|children| children.split_whitespace().count())
-        .sum()
+        .flat_map(|children| {
+            children
+                .split_whitespace()
+                .filter_map(|c| c.parse().ok())
+                .collect::<Vec<u32>>()
+        })
+        .filter(|child| {
+            std::fs::read_to_string(format!("/proc/{child}/stat")).is_ok_and(|stat| {
+                stat.rsplit_once(") ")
+                    .is_some_and(|(_, rest)| !rest.starts_with('Z'))
+            })
+        })
+        .collect()
+}
+
+/// A node that hangs up while its render runs must not cost the server its render process:
+/// the render finishes and the process serves the next node, rather than being stopped and
+/// started again with the whole epoch loaded anew.
+#[it::test(multi_thread)]
+async fn nodes_hanging_up_mid_render_do_not_restart_the_render_process() {
+    // `set` puts the template in a process; the loop makes each render take a while.
+    let template = "{% set me = node.identifier %}{% for i in range(1000) %}{% for j in range(400) %}{% endfor %}{% endfor %}{{ me }}";
+    let ids: Vec<String> = (0..12).map(|i| format!("n{i:02}")).collect();
+    let policy =
+        json!({"expect_identifiers": ids, "files": [{"path": "f.txt", "template": template}]});
+    let (_dir, server) = support::serve_policy(&policy, "--render-threads 1");
+    let url = server.url.clone();
+    for id in &ids {
+        let node = json!({"identifier": id, "ip": "10.0.0.1"});
+        let (status, _) = support::post(&url, "/register", &node).await;
+        assert_eq!(status, 202, "{id}");
+    }
+    let fetch = |id: &str| json!({"identifier": id, "ip": "10.0.0.1"});
+    let (status, body) = support::post(&url, "/node", &fetch(&ids[0])).await;
+    assert_eq!(status, 200, "{body}");
+    let started = render_processes(server.pid());
+    assert_eq!(started.len(), 1, "{started:?}");
+    let impatient = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_millis(30))
+        .build()
+        .unwrap();
+    for id in &ids[1..11] {
+        let asked = impatient
+            .post(format!("{url}/node"))
+            .json(&fetch(id))
+            .send()
+            .await;
+        assert!(
+            asked.is_err(),
+            "{id} was answered within 30 ms: the render is too quick to hang up on"
+        );
+    }
+    let (status, body) = support::post(&url, "/node", &fetch(&ids[11])).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["files"][0]["content"], "n11");
+    assert_eq!(
+        render_processes(server.pid()),
+        started,
+        "the render process was stopped and another started"
+    );
 }

@@ -232,7 +232,9 @@ impl ServerArgs {
                 .max(self.body_limit),
             max_connections,
             per_source,
-            holds_per_source: self.max_held_per_source.unwrap_or(per_source / 2),
+            holds_per_source: self
+                .max_held_per_source
+                .unwrap_or_else(|| server::conn::default_holds_per_source(per_source)),
         }
     }
 

@@ -170,7 +170,7 @@ enum Class {
     Unproven,
     /// A request on it showed a valid token.
     Proven,
-    /// Past the caps: `/healthz`, or one request with a token, then closed.
+    /// Past the caps: `/healthz` or `/readyz`, or one request with a token, then closed.
     Probation,
 }
 
@@ -321,6 +321,14 @@ mod tests {
         );
         drop(holds);
         assert!(conn.hold(false).is_some(), "released holds free the share");
+
+        assert_eq!(
+            super::super::default_holds_per_source(1),
+            1,
+            "never 0 (no cap)"
+        );
+        assert_eq!(super::super::default_holds_per_source(0), 0);
+        assert_eq!(super::super::default_holds_per_source(64), 32);
 
         let uncapped = gate(100, 0, 0);
         let conn = uncapped.admit(peer(1)).unwrap();

@@ -65,8 +65,18 @@ pub struct ConnectionLimits {
     /// Connections one source address (an IPv6 /64) may hold before any of its requests
     /// showed a token; 0 for no cap.
     pub per_source: usize,
-    /// Requests one source may hold open (long-polls) without a token.
+    /// Requests one source may hold open (long-polls) without a token; 0 for no cap.
     pub holds_per_source: usize,
+}
+
+/// Default of [`ConnectionLimits::holds_per_source`]: half the connections a source may hold
+/// (at least one, since 0 would mean no cap), and no cap when those have none.
+pub fn default_holds_per_source(per_source: usize) -> usize {
+    if per_source == 0 {
+        0
+    } else {
+        (per_source / 2).max(1)
+    }
 }
 
 /// Default of [`ConnectionLimits::per_source`] for `max_connections`: an eighth of them, so
@@ -91,7 +101,7 @@ impl Default for ConnectionLimits {
             body_budget: DEFAULT_BODY_BUDGET,
             max_connections,
             per_source,
-            holds_per_source: per_source / 2,
+            holds_per_source: default_holds_per_source(per_source),
         }
     }
 }

@@ -178,6 +178,10 @@ pub struct ErrorDetails {
     /// The newest revision whose history is gone (`compacted`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub compacted: Option<Revision>,
+    /// Seconds until the same request would be taken (`too_many_requests` for a node's
+    /// changes); the answer's `Retry-After` header says the same.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_secs: Option<u64>,
 }
 
 impl ErrorDetails {

@@ -35,6 +35,8 @@ pub enum ClientError {
         code: ErrorCode,
         /// The server's message.
         message: String,
+        /// How long the server asked the client to wait before trying again (`Retry-After`).
+        retry_after: Option<Duration>,
     },
     /// The payload did not decode.
     #[error("the payload from {url} is not valid")]
@@ -181,6 +183,13 @@ impl CfgsyncClient {
 
     async fn refused(url: String, response: reqwest::Response) -> ClientError {
         let status = response.status();
+        // Seconds only: the HTTP-date form is not sent by bootsync, and a client that cannot
+        // read it falls back on its own backoff.
+        let retry_after = response
+            .headers()
+            .get(reqwest::header::RETRY_AFTER)
+            .and_then(|value| value.to_str().ok()?.trim().parse().ok())
+            .map(Duration::from_secs);
         let text = small_text(response).await;
         let body = ErrorBody::from_answer(status, &text);
         ClientError::Refused {
@@ -188,6 +197,15 @@ impl CfgsyncClient {
             status,
             code: body.code,
             message: body.message,
+            retry_after,
+        }
+    }
+
+    /// How long the server asked to wait before `err`'s request is sent again, if it did.
+    pub fn retry_after(err: &ClientError) -> Option<Duration> {
+        match err {
+            ClientError::Refused { retry_after, .. } => *retry_after,
+            _ => None,
         }
     }
 
@@ -371,10 +389,16 @@ impl CfgsyncClient {
                 }
                 // Busy, paced or slow: the server said to retry, and the registration is
                 // sent again in case it was the one refused.
-                Err(ClientError::Refused { code, message, .. }) if code.is_transient() => {
+                Err(ClientError::Refused {
+                    code,
+                    message,
+                    retry_after,
+                    ..
+                }) if code.is_transient() => {
                     registered = false;
                     last = format!("{code}: {message}");
-                    self.pause(&mut backoff, deadline).await;
+                    self.pause_at_least(&mut backoff, deadline, retry_after)
+                        .await;
                 }
                 Err(err @ ClientError::Unreachable { .. }) => {
                     registered = false;
@@ -387,7 +411,19 @@ impl CfgsyncClient {
     }
 
     async fn pause(&self, backoff: &mut Backoff, deadline: tokio::time::Instant) {
-        let until = (tokio::time::Instant::now() + backoff.fail()).min(deadline);
+        self.pause_at_least(backoff, deadline, None).await;
+    }
+
+    /// Waits the next backoff step, or what the server asked (`Retry-After`) when that is
+    /// longer; never past `deadline`.
+    async fn pause_at_least(
+        &self,
+        backoff: &mut Backoff,
+        deadline: tokio::time::Instant,
+        asked: Option<Duration>,
+    ) {
+        let pause = backoff.fail().max(asked.unwrap_or_default());
+        let until = (tokio::time::Instant::now() + pause).min(deadline);
         tokio::time::sleep_until(until).await;
     }
 }

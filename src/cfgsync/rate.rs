@@ -51,6 +51,16 @@ impl ChangeRate {
         }
         Err(((1.0 - *tokens) / per_second).ceil() as u64)
     }
+
+    /// Returns a change taken for `identifier` that was never stored (the registration was
+    /// refused after the take), so a refusal does not cost the node one.
+    pub(super) fn give_back(&self, identifier: &str) {
+        let capacity = f64::from(self.per_minute);
+        let mut buckets = self.buckets.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some((tokens, _)) = buckets.get_mut(identifier) {
+            *tokens = (*tokens + 1.0).min(capacity);
+        }
+    }
 }
 
 #[cfg(test)]
@@ -71,5 +81,22 @@ mod tests {
         assert!(rate.take("n").is_ok(), "one change comes back every 20 s");
         assert!(rate.take("n").is_err());
         assert!(ChangeRate::new(0).take("n").is_ok(), "0 means unlimited");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_change_given_back_can_be_taken_again_but_never_past_the_burst() {
+        let rate = ChangeRate::new(3);
+        for _ in 0..3 {
+            rate.take("n").unwrap();
+        }
+        rate.give_back("n");
+        assert!(rate.take("n").is_ok(), "the change given back");
+        assert!(rate.take("n").is_err());
+        let fresh = ChangeRate::new(2);
+        fresh.take("m").unwrap();
+        fresh.give_back("m");
+        fresh.give_back("m");
+        assert!(fresh.take("m").is_ok() && fresh.take("m").is_ok());
+        assert!(fresh.take("m").is_err(), "no more than the burst");
     }
 }

@@ -308,10 +308,30 @@ impl Service {
         presented: Option<&str>,
     ) -> Result<Registered, RegisterError> {
         check(&registration)?;
+        let id = registration.identifier.clone();
+        let mut charged = false;
+        let registered = self
+            .write_registration(registration, peer, presented, &mut charged)
+            .await;
+        // A change that was refused (or may not have been stored) does not cost the node one.
+        if registered.is_err() && charged {
+            self.changes.give_back(&id);
+        }
+        registered
+    }
+
+    /// [`Self::register`]'s decide-and-write, retried on races; `charged` says whether a
+    /// change was taken from the node's rate.
+    async fn write_registration(
+        &self,
+        registration: NodeRegistration,
+        peer: Option<SocketAddr>,
+        presented: Option<&str>,
+        charged: &mut bool,
+    ) -> Result<Registered, RegisterError> {
         let id = &registration.identifier;
         // Admission decides on the loaded state, never on the empty view of a starting server.
         let loaded = self.loaded().await?;
-        let mut charged = false;
         for attempt in 0..REGISTER_ATTEMPTS {
             let guessed =
                 attempt == 0 && loaded.registration(id).is_none() && !loaded.was_removed(id);
@@ -332,12 +352,11 @@ impl Service {
             rules(&self.current(), &registration, existing)?;
             // A change peers see renders every node's files again: at a bounded rate, charged
             // once per registration however often its write is retried.
-            if !charged
+            if !*charged
                 && existing.is_some_and(|old| {
                     old.ip != registration.ip || old.metadata != registration.metadata
                 })
             {
-                charged = true;
                 self.changes.take(id).map_err(|retry_after_secs| {
                     RegisterError::TooManyChanges {
                         identifier: id.clone(),
@@ -345,6 +364,7 @@ impl Service {
                         retry_after_secs,
                     }
                 })?;
+                *charged = true;
             }
             let now = now_ms();
             let record = RegistrationRecord {

@@ -20,8 +20,8 @@ use crate::cfgsync::{ArtifactFile, ArtifactOutputMap, NodeArtifactsPayload, Node
 const HOLD: Duration = Duration::from_secs(55);
 
 /// Changed paths up to this size also go in `BOOTSYNC_CHANGED_PATHS`; the list is always in
-/// the file `BOOTSYNC_CHANGED_PATHS_FILE` names (an environment past ~128 KiB cannot start a
-/// program at all).
+/// the file `BOOTSYNC_CHANGED_PATHS_FILE` names (Linux refuses to start a program with one
+/// environment string past 128 KiB, and the whole environment shares the argument space).
 const CHANGED_PATHS_ENV_MAX: usize = 32 << 10;
 
 /// What the watch needs besides the client.
@@ -157,9 +157,12 @@ impl Watch<'_> {
                     register = true;
                     Some(backoff.fail())
                 }
+                // Anything else (a 429 for changing too often among them): after a pause, at
+                // least as long as the server asked for.
                 Err(err) => {
                     self.note("error", &format!("error: {err}"));
-                    Some(backoff.fail())
+                    let asked = CfgsyncClient::retry_after(&err).unwrap_or_default();
+                    Some(backoff.fail().max(asked))
                 }
             };
             if let Some(pause) = pause {

@@ -86,7 +86,14 @@ impl From<ErrorBody> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        (self.body.status(), Json(self.body)).into_response()
+        let retry_after = self.body.details.retry_after_secs;
+        let mut response = (self.body.status(), Json(self.body)).into_response();
+        if let Some(secs) = retry_after {
+            response
+                .headers_mut()
+                .insert(axum::http::header::RETRY_AFTER, secs.into());
+        }
+        response
     }
 }
 

@@ -89,7 +89,16 @@ impl From<RegisterError> for ApiError {
             }
             RegisterError::Frozen(_) | RegisterError::RemovedFromFrozenSet(_) => ErrorCode::Frozen,
             RegisterError::IpChanged { .. } => ErrorCode::IpChanged,
-            RegisterError::TooManyChanges { .. } => ErrorCode::TooManyRequests,
+            RegisterError::TooManyChanges {
+                retry_after_secs, ..
+            } => {
+                let details = ErrorDetails {
+                    retry_after_secs: Some(*retry_after_secs),
+                    ..ErrorDetails::default()
+                };
+                let body = ErrorBody::new(ErrorCode::TooManyRequests, err.to_string());
+                return ApiError::from(body.with_details(details));
+            }
             RegisterError::Cap(_) => ErrorCode::RegistrationCap,
             RegisterError::Budget(_) => ErrorCode::MetadataBudget,
             RegisterError::KeptRacing => ErrorCode::Conflict,

@@ -553,31 +553,38 @@ async fn watch_backs_off_against_a_server_that_answers_at_once() {
 }
 
 /// A server that is busy (503), paces the caller (429) or times a body out (408) says to
-/// retry: the one-shot client does, and gets its files, instead of giving up at once.
+/// retry: the one-shot client does, on either route, and gets its files instead of giving up
+/// at once; a refused fetch registers again first.
 #[it::test]
 async fn the_client_retries_what_the_server_says_to_retry() {
-    let answers = Arc::new(Mutex::new(vec![
-        (408, "timeout"),
-        (429, "too_many_requests"),
-        (503, "unavailable"),
-    ]));
-    // Each route first answers the refusals in turn, then serves.
-    let refuse = |answers: Arc<Mutex<Vec<(u16, &'static str)>>>| {
-        let next = answers.lock().unwrap().pop();
-        next.map(|(status, code)| {
+    type Refusals = Arc<Mutex<(Vec<(u16, &'static str)>, usize)>>;
+    // Each route answers its own refusals in turn (last first), then serves; both count calls.
+    let route =
+        |refusals: Vec<(u16, &'static str)>| -> Refusals { Arc::new(Mutex::new((refusals, 0))) };
+    let refuse = |route: &Refusals| {
+        let mut route = route.lock().unwrap();
+        route.1 += 1;
+        route.0.pop().map(|(status, code)| {
             let body = json!({"code": code, "message": "retry"});
             (StatusCode::from_u16(status).unwrap(), Json(body)).into_response()
         })
     };
+    let registers = route(vec![(429, "too_many_requests"), (408, "timeout")]);
+    let nodes = route(vec![(503, "unavailable")]);
     let register = {
-        let answers = answers.clone();
-        move || async move { refuse(answers).unwrap_or_else(|| StatusCode::ACCEPTED.into_response()) }
+        let registers = registers.clone();
+        move || async move { refuse(&registers).unwrap_or_else(|| StatusCode::ACCEPTED.into_response()) }
     };
-    let node = move || async move {
-        refuse(answers).unwrap_or_else(|| {
-            Json(json!({"schema_version": 1, "files": [{"path": "a.txt", "content": "served"}]}))
+    let node = {
+        let nodes = nodes.clone();
+        move || async move {
+            refuse(&nodes).unwrap_or_else(|| {
+                Json(
+                    json!({"schema_version": 1, "files": [{"path": "a.txt", "content": "served"}]}),
+                )
                 .into_response()
-        })
+            })
+        }
     };
     let app = axum::Router::new()
         .route("/register", post(register))
@@ -594,5 +601,37 @@ async fn the_client_retries_what_the_server_says_to_retry() {
     assert_eq!(
         std::fs::read_to_string(dir.path().join("a.txt")).unwrap(),
         "served"
+    );
+    // 408, 429, accepted; the fetch refused with 503; registered again, then served.
+    assert_eq!(registers.lock().unwrap().1, 4, "registrations");
+    assert_eq!(nodes.lock().unwrap().1, 2, "fetches");
+}
+
+/// A server's `Retry-After` reaches the caller with the refusal, so the client waits at least
+/// that long rather than sending a refused change again at its own pace.
+#[it::test]
+async fn a_refusal_carries_the_server_s_retry_after() {
+    let refuse = || async {
+        let body = json!({"code": "too_many_requests", "message": "changing too often"});
+        (
+            StatusCode::TOO_MANY_REQUESTS,
+            [(axum::http::header::RETRY_AFTER, "17")],
+            Json(body),
+        )
+            .into_response()
+    };
+    let app = axum::Router::new().route("/register", post(refuse));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let registration = NodeRegistration::new("a", "10.0.0.1".parse().unwrap());
+    let err = CfgsyncClient::new(&url)
+        .register_node(&registration)
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        CfgsyncClient::retry_after(&err),
+        Some(Duration::from_secs(17)),
+        "{err:?}"
     );
 }

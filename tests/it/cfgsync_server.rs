@@ -567,3 +567,58 @@ async fn a_library_materializer_serves_through_build_cfgsync_router() {
         json!({"path": "/config.yaml", "content": "port: 3000"})
     );
 }
+
+/// A node's change rate counts changes that were stored: a change refused for another reason
+/// (here the metadata budget) gives its turn back, so the node is not then paced for changes
+/// it never made.
+#[it::test]
+async fn a_refused_change_does_not_use_up_the_node_s_change_rate() {
+    let mut options = bootsync::server::ServerOptions::default();
+    options.cfgsync.admission.metadata_budget = 10_000;
+    options.cfgsync.node_changes_per_minute = 3;
+    let server = TestServer::with_options(options).await;
+    let register = |metadata: Value| {
+        let server = &server;
+        async move {
+            let node = json!({"identifier": "n", "ip": "10.0.0.1", "metadata": metadata});
+            let (status, body) = server
+                .call(reqwest::Method::POST, "/register", Some(node))
+                .await;
+            (
+                status.as_u16(),
+                body["code"].as_str().unwrap_or("").to_string(),
+            )
+        }
+    };
+    assert_eq!(register(json!({"v": 0})).await.0, 202);
+    for _ in 0..3 {
+        let too_big = json!({"blob": "x".repeat(20_000)});
+        assert_eq!(register(too_big).await, (409, "metadata_budget".into()));
+    }
+    // The three refusals cost nothing: the burst of three changes is whole.
+    for v in 1..=3 {
+        assert_eq!(register(json!({"v": v})).await.0, 202, "change {v}");
+    }
+    assert_eq!(
+        register(json!({"v": 4})).await,
+        (429, "too_many_requests".into())
+    );
+    // The refusal says when to come back, in its details and in `Retry-After` (3 a minute:
+    // one every 20 s).
+    let node = json!({"identifier": "n", "ip": "10.0.0.1", "metadata": {"v": 5}});
+    let refused = reqwest::Client::new()
+        .post(format!("{}/register", server.url()))
+        .json(&node)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(refused.status(), 429);
+    let header = refused.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .to_string();
+    let body: Value = refused.json().await.unwrap();
+    let secs = body["details"]["retry_after_secs"].as_u64().unwrap();
+    assert!((1..=20).contains(&secs), "{body}");
+    assert_eq!(header, secs.to_string());
+}

@@ -3,8 +3,9 @@
 
 use std::path::Path;
 
-/// The memory limit of this process's cgroup in bytes, if one is set (cgroup v2's
-/// `memory.max`, else v1's `memory.limit_in_bytes`).
+/// The memory limit that binds this process in bytes, if one is set: the smallest cgroup v2
+/// `memory.max` (else v1 `memory.limit_in_bytes`) on its group or a group above it, as far up
+/// as the process can see (a private cgroup namespace hides the groups above its root).
 pub fn limit() -> Option<u64> {
     limit_under(
         Path::new("/sys/fs/cgroup"),

@@ -84,22 +84,33 @@ async fn every_template_bomb_fails_only_its_own_node_and_the_server_stays_small(
     );
 }
 
+/// A server whose policy serves `template` as `f.txt` to `count` named nodes (`n00`, ...),
+/// all registered.
+async fn registered(
+    template: &str,
+    count: usize,
+    flags: &str,
+) -> (tempfile::TempDir, support::Proc, Vec<String>) {
+    let ids: Vec<String> = (0..count).map(|i| format!("n{i:02}")).collect();
+    let policy =
+        json!({"expect_identifiers": ids, "files": [{"path": "f.txt", "template": template}]});
+    let (dir, server) = support::serve_policy(&policy, flags);
+    for id in &ids {
+        let node = json!({"identifier": id, "ip": "10.0.0.1"});
+        let (status, _) = support::post(&server.url, "/register", &node).await;
+        assert_eq!(status, 202, "{id}");
+    }
+    (dir, server, ids)
+}
+
 /// Renders in processes of their own share a few processes among many requests: with more
 /// nodes fetching at once than there are render processes, every node is served its own file.
 #[it::test(multi_thread)]
 async fn concurrent_renders_share_the_render_processes_and_every_node_is_served() {
     // `set` could grow a value without writing it, so this template renders in a process.
     let template = "{% set me = node.identifier %}{{ me }} of {{ peers | length }}";
-    let ids: Vec<String> = (0..40).map(|i| format!("n{i:02}")).collect();
-    let policy =
-        json!({"expect_identifiers": ids, "files": [{"path": "f.txt", "template": template}]});
-    let (_dir, server) = support::serve_policy(&policy, "--render-threads 2");
+    let (_dir, server, ids) = registered(template, 40, "--render-threads 2").await;
     let url = server.url.clone();
-    for id in &ids {
-        let node = json!({"identifier": id, "ip": "10.0.0.1"});
-        let (status, _) = support::post(&url, "/register", &node).await;
-        assert_eq!(status, 202, "{id}");
-    }
     let fetches = ids.iter().map(|id| {
         let (url, id) = (url.clone(), id.clone());
         tokio::spawn(async move {
@@ -146,16 +157,8 @@ fn render_processes(pid: u32) -> std::collections::BTreeSet<u32> {
 async fn nodes_hanging_up_mid_render_do_not_restart_the_render_process() {
     // `set` puts the template in a process; the loop makes each render take a while.
     let template = "{% set me = node.identifier %}{% for i in range(1000) %}{% for j in range(400) %}{% endfor %}{% endfor %}{{ me }}";
-    let ids: Vec<String> = (0..12).map(|i| format!("n{i:02}")).collect();
-    let policy =
-        json!({"expect_identifiers": ids, "files": [{"path": "f.txt", "template": template}]});
-    let (_dir, server) = support::serve_policy(&policy, "--render-threads 1");
+    let (_dir, server, ids) = registered(template, 12, "--render-threads 1").await;
     let url = server.url.clone();
-    for id in &ids {
-        let node = json!({"identifier": id, "ip": "10.0.0.1"});
-        let (status, _) = support::post(&url, "/register", &node).await;
-        assert_eq!(status, 202, "{id}");
-    }
     let fetch = |id: &str| json!({"identifier": id, "ip": "10.0.0.1"});
     let (status, body) = support::post(&url, "/node", &fetch(&ids[0])).await;
     assert_eq!(status, 200, "{body}");

@@ -113,7 +113,7 @@ pub struct Workers {
     /// when it answered, so no two renders ever share a process.
     idle: std::sync::Mutex<Vec<Worker>>,
     /// One permit per process that may exist.
-    free: Semaphore,
+    free: Arc<Semaphore>,
 }
 
 #[derive(Debug)]
@@ -130,16 +130,18 @@ impl Workers {
         Self {
             isolation,
             idle: std::sync::Mutex::default(),
-            free: Semaphore::new(count.max(1)),
+            free: Arc::new(Semaphore::new(count.max(1))),
         }
     }
 
     /// Renders the member at `index` (or the shared files) of the epoch `load` describes, in
     /// a render process, within `budget` bytes and `deadline`.
     ///
-    /// The exchange runs in a task of its own: a caller that goes away (a node hanging up, a
-    /// request deadline) leaves it to finish and put its process back, so hanging up cannot
-    /// make the server stop and restart processes and load the whole epoch into each again.
+    /// The caller waits for a process; once it has one, the exchange runs in a task of its
+    /// own: a caller that goes away then (a node hanging up, a request deadline) leaves it to
+    /// finish and put its process back, so hanging up cannot make the server stop and restart
+    /// processes and load the whole epoch into each again. A caller that goes away while it
+    /// still waits leaves nothing behind.
     pub(super) async fn render(
         self: &Arc<Self>,
         epoch: u64,
@@ -148,8 +150,15 @@ impl Workers {
         budget: usize,
         deadline: Duration,
     ) -> Result<Vec<ArtifactFile>, String> {
+        let permit = self
+            .free
+            .clone()
+            .acquire_owned()
+            .await
+            .map_err(|_| "the render processes are shut down".to_string())?;
         let workers = self.clone();
         let exchange = tokio::spawn(async move {
+            let _permit = permit;
             workers
                 .exchange(epoch, &load, Request::Render { index, budget }, deadline)
                 .await
@@ -159,6 +168,7 @@ impl Workers {
             .unwrap_or_else(|err| Err(format!("the render task failed: {err}")))
     }
 
+    /// One exchange with a process, by a caller holding a permit.
     async fn exchange(
         &self,
         epoch: u64,
@@ -166,11 +176,6 @@ impl Workers {
         request: Request,
         deadline: Duration,
     ) -> Result<Vec<ArtifactFile>, String> {
-        let _free = self
-            .free
-            .acquire()
-            .await
-            .map_err(|_| "the render processes are shut down".to_string())?;
         // With the permit held, either an idle process exists or fewer than the allowed
         // number are alive: take the one that holds this epoch, else any, else start one.
         let taken = {

@@ -422,8 +422,13 @@ impl CfgsyncClient {
         deadline: tokio::time::Instant,
         asked: Option<Duration>,
     ) {
-        let pause = backoff.fail().max(asked.unwrap_or_default());
-        let until = (tokio::time::Instant::now() + pause).min(deadline);
+        let now = tokio::time::Instant::now();
+        // Whatever the server asks, never past the deadline (nor overflowing the clock).
+        let pause = backoff
+            .fail()
+            .max(asked.unwrap_or_default())
+            .min(deadline.saturating_duration_since(now));
+        let until = now + pause;
         tokio::time::sleep_until(until).await;
     }
 }

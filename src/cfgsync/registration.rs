@@ -313,8 +313,11 @@ impl Service {
         let registered = self
             .write_registration(registration, peer, presented, &mut charged)
             .await;
-        // A change that was refused (or may not have been stored) does not cost the node one.
-        if registered.is_err() && charged {
+        // A change that was refused does not cost the node one; a store error may have
+        // come after the write committed, so that change stays counted.
+        if charged
+            && matches!(&registered, Err(err) if !matches!(err, RegisterError::Unavailable(_)))
+        {
             self.changes.give_back(&id);
         }
         registered

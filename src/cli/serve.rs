@@ -133,7 +133,7 @@ pub(crate) struct ServerArgs {
 
     /// Requests one source may hold open (long-polls) without a token; past it they are
     /// answered at once (`/node`) or refused with 429 (`/v1/changes`); 0 for no cap [default:
-    /// half its connections, no cap when those have none].
+    /// half its connections, at least 1; no cap when those have none].
     #[arg(long, env = "BOOTSYNC_MAX_HELD_PER_SOURCE")]
     pub(crate) max_held_per_source: Option<usize>,
 

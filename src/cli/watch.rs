@@ -19,6 +19,9 @@ use crate::cfgsync::{ArtifactFile, ArtifactOutputMap, NodeArtifactsPayload, Node
 /// How long each watch request asks the server to hold it (servers cap it, 60 s by default).
 const HOLD: Duration = Duration::from_secs(55);
 
+/// The longest pause between two tries, whatever a server's `Retry-After` says.
+const LONGEST_PAUSE: Duration = Duration::from_secs(60);
+
 /// Changed paths up to this size also go in `BOOTSYNC_CHANGED_PATHS`; the list is always in
 /// the file `BOOTSYNC_CHANGED_PATHS_FILE` names (Linux refuses to start a program with one
 /// environment string past 128 KiB, and the whole environment shares the argument space).
@@ -47,7 +50,7 @@ impl Watch<'_> {
     ) -> u8 {
         let mut current = first;
         // Spaces the requests to a server that does not hold them, or that is not there.
-        let mut backoff = Backoff::new(Duration::from_secs(1), Duration::from_secs(60));
+        let mut backoff = Backoff::new(Duration::from_secs(1), LONGEST_PAUSE);
         let mut register = false;
         // After registering again, the server may be a new one whose epochs started over:
         // its current payload is taken as it is, whatever its epoch.
@@ -157,11 +160,13 @@ impl Watch<'_> {
                     register = true;
                     Some(backoff.fail())
                 }
-                // Anything else (a 429 for changing too often among them): after a pause, at
-                // least as long as the server asked for.
+                // Anything else (a 429 for changing too often among them): after a pause at
+                // least as long as the server asked for, within the backoff's longest.
                 Err(err) => {
                     self.note("error", &format!("error: {err}"));
-                    let asked = CfgsyncClient::retry_after(&err).unwrap_or_default();
+                    let asked = CfgsyncClient::retry_after(&err)
+                        .unwrap_or_default()
+                        .min(LONGEST_PAUSE);
                     Some(backoff.fail().max(asked))
                 }
             };

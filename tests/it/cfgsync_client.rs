@@ -13,7 +13,7 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
 use bootsync::cfgsync::{
-    ArtifactOutputMap, CfgsyncClient, NodeRegistration, fetch_and_write_artifacts,
+    ArtifactOutputMap, CfgsyncClient, ClientError, NodeRegistration, fetch_and_write_artifacts,
 };
 use serde_json::{Value, json};
 
@@ -608,23 +608,28 @@ async fn the_client_retries_what_the_server_says_to_retry() {
 }
 
 /// A server's `Retry-After` reaches the caller with the refusal, so the client waits at least
-/// that long rather than sending a refused change again at its own pace.
+/// that long rather than sending a refused change again at its own pace; and never past its
+/// own timeout, however long the server asks.
 #[it::test]
 async fn a_refusal_carries_the_server_s_retry_after() {
-    let refuse = || async {
-        let body = json!({"code": "too_many_requests", "message": "changing too often"});
-        (
-            StatusCode::TOO_MANY_REQUESTS,
-            [(axum::http::header::RETRY_AFTER, "17")],
-            Json(body),
-        )
-            .into_response()
-    };
-    let app = axum::Router::new().route("/register", post(refuse));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    async fn refusing(retry_after: &'static str) -> String {
+        let refuse = move || async move {
+            let body = json!({"code": "too_many_requests", "message": "changing too often"});
+            (
+                StatusCode::TOO_MANY_REQUESTS,
+                [(axum::http::header::RETRY_AFTER, retry_after)],
+                Json(body),
+            )
+                .into_response()
+        };
+        let app = axum::Router::new().route("/register", post(refuse));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let url = format!("http://{}", listener.local_addr().unwrap());
+        tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+        url
+    }
     let registration = NodeRegistration::new("a", "10.0.0.1".parse().unwrap());
+    let url = refusing("17").await;
     let err = CfgsyncClient::new(&url)
         .register_node(&registration)
         .await
@@ -633,5 +638,14 @@ async fn a_refusal_carries_the_server_s_retry_after() {
         CfgsyncClient::retry_after(&err),
         Some(Duration::from_secs(17)),
         "{err:?}"
+    );
+
+    let url = refusing("18446744073709551615").await;
+    let gave_up = CfgsyncClient::new(&url)
+        .register_and_wait(&registration, Duration::from_millis(300), false, &|_| {})
+        .await;
+    assert!(
+        matches!(gave_up, Err(ClientError::GaveUp { .. })),
+        "{gave_up:?}"
     );
 }

@@ -2,11 +2,13 @@
 //! server module: handlers name these sets in their annotations, and the document is built from
 //! the handlers.
 
+// The sets are only ever read by utoipa's derive, never built as values.
+#![allow(dead_code)]
+
 use crate::api::ErrorBody;
 
 /// Refusals of every route that reads a JSON body: one set, described once.
 #[derive(utoipa::IntoResponses)]
-#[allow(dead_code)]
 pub(super) enum JsonBodyRefused {
     /// Malformed JSON, or an invalid name, header or field
     #[response(status = 400)]
@@ -29,7 +31,6 @@ pub(super) enum JsonBodyRefused {
 /// The refusals of a `/v1` write beyond its body's: a failed precondition, or a value
 /// `__cfgsync__` would refuse.
 #[derive(utoipa::IntoResponses)]
-#[allow(dead_code)]
 pub(super) enum WriteRefused {
     /// A precondition failed (the message and `details.key` name it); nothing was written
     #[response(status = 409)]
@@ -41,7 +42,6 @@ pub(super) enum WriteRefused {
 
 /// The refusal of every route that needs the admin token.
 #[derive(utoipa::IntoResponses)]
-#[allow(dead_code)]
 pub(super) enum AdminRequired {
     /// Missing or wrong admin token (when one is configured)
     #[response(status = 401)]
@@ -50,7 +50,6 @@ pub(super) enum AdminRequired {
 
 /// The refusal of the node routes without the join token.
 #[derive(utoipa::IntoResponses)]
-#[allow(dead_code)]
 pub(super) enum JoinRequired {
     /// Missing or wrong join token, or (strict mode) node secret
     #[response(status = 401)]
@@ -59,7 +58,6 @@ pub(super) enum JoinRequired {
 
 /// The refusals of a read that may name a reserved namespace.
 #[derive(utoipa::IntoResponses)]
-#[allow(dead_code)]
 pub(super) enum ReadRefused {
     /// An invalid name
     #[response(status = 400)]

@@ -65,6 +65,16 @@ pub enum ClientError {
     },
 }
 
+impl ClientError {
+    /// How long the server asked to wait before the request is sent again, if it did.
+    pub fn retry_after(&self) -> Option<Duration> {
+        match self {
+            ClientError::Refused { retry_after, .. } => *retry_after,
+            _ => None,
+        }
+    }
+}
+
 /// One answer of `POST /node`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum FetchOutcome {
@@ -198,14 +208,6 @@ impl CfgsyncClient {
             code: body.code,
             message: body.message,
             retry_after,
-        }
-    }
-
-    /// How long the server asked to wait before `err`'s request is sent again, if it did.
-    pub fn retry_after(err: &ClientError) -> Option<Duration> {
-        match err {
-            ClientError::Refused { retry_after, .. } => *retry_after,
-            _ => None,
         }
     }
 

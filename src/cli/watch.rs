@@ -164,9 +164,7 @@ impl Watch<'_> {
                 // least as long as the server asked for, within the backoff's longest.
                 Err(err) => {
                     self.note("error", &format!("error: {err}"));
-                    let asked = CfgsyncClient::retry_after(&err)
-                        .unwrap_or_default()
-                        .min(LONGEST_PAUSE);
+                    let asked = err.retry_after().unwrap_or_default().min(LONGEST_PAUSE);
                     Some(backoff.fail().max(asked))
                 }
             };

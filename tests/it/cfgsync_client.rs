@@ -634,11 +634,7 @@ async fn a_refusal_carries_the_server_s_retry_after() {
         .register_node(&registration)
         .await
         .expect_err("refused");
-    assert_eq!(
-        CfgsyncClient::retry_after(&err),
-        Some(Duration::from_secs(17)),
-        "{err:?}"
-    );
+    assert_eq!(err.retry_after(), Some(Duration::from_secs(17)), "{err:?}");
 
     let url = refusing("18446744073709551615").await;
     let gave_up = CfgsyncClient::new(&url)

@@ -5,6 +5,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 
 use crate::bootstrap::{InitContext, InitError, Initialiser};
+use crate::cfgsync::rollout::VersionKind;
 use crate::cfgsync::{NodeArtifactsBundle, state};
 
 /// Params of `cfgsync-bundle`.
@@ -14,6 +15,14 @@ use crate::cfgsync::{NodeArtifactsBundle, state};
 struct Params {
     /// The bundle file (YAML or JSON), relative to the spec file.
     bundle_file: String,
+    /// Succeed only once the bundle's rollout (its `rollout:` section) has reached every node,
+    /// and fail with the reason when it halts or is rolled back; the run's `timeout` must
+    /// cover the whole rollout.
+    #[serde(default)]
+    wait_for_rollout: bool,
+    /// Install even while another rollout is under way (which ends that rollout).
+    #[serde(default)]
+    force: bool,
 }
 
 /// The `cfgsync-bundle` class.
@@ -23,12 +32,18 @@ struct CfgsyncBundle(Params);
 impl Initialiser for CfgsyncBundle {
     async fn run(&self, ctx: &InitContext) -> Result<(), InitError> {
         let bundle = NodeArtifactsBundle::load(&ctx.resolve(&self.0.bundle_file))?;
-        let revision = state::install_bundle(ctx.store.as_ref(), &bundle).await?;
+        let installed = state::install_bundle(ctx.store.as_ref(), &bundle, self.0.force).await?;
         tracing::info!(
             nodes = bundle.nodes.len(),
-            revision,
+            version = installed.version,
+            rollout = installed.rollout,
+            unchanged = installed.unchanged,
             "installed the cfgsync bundle"
         );
+        if self.0.wait_for_rollout {
+            state::wait_for_rollout(ctx.store.as_ref(), VersionKind::Bundle, installed.version)
+                .await?;
+        }
         Ok(())
     }
 }
@@ -53,6 +68,8 @@ mod tests {
         )]);
         CfgsyncBundle(Params {
             bundle_file: "b.yaml".into(),
+            wait_for_rollout: false,
+            force: false,
         })
         .run(&ctx)
         .await
@@ -69,6 +86,8 @@ mod tests {
         .unwrap();
         let err = CfgsyncBundle(Params {
             bundle_file: "bad.yaml".into(),
+            wait_for_rollout: false,
+            force: false,
         })
         .run(&ctx.with_flags(Some("v1"), "v2"))
         .await

@@ -4,6 +4,7 @@ use async_trait::async_trait;
 use serde::Deserialize;
 
 use crate::bootstrap::{InitContext, InitError, Initialiser};
+use crate::cfgsync::rollout::VersionKind;
 use crate::cfgsync::{Policy, state};
 
 /// Params of `cfgsync-policy`.
@@ -13,6 +14,14 @@ use crate::cfgsync::{Policy, state};
 struct Params {
     /// The policy file (YAML or JSON), relative to the spec file.
     policy_file: String,
+    /// Succeed only once the policy's rollout (its `rollout:` section) has reached every node,
+    /// and fail with the reason when it halts or is rolled back; the run's `timeout` must
+    /// cover the whole rollout.
+    #[serde(default)]
+    wait_for_rollout: bool,
+    /// Install even while another rollout is under way (which ends that rollout).
+    #[serde(default)]
+    force: bool,
 }
 
 /// The `cfgsync-policy` class.
@@ -22,8 +31,18 @@ struct CfgsyncPolicy(Params);
 impl Initialiser for CfgsyncPolicy {
     async fn run(&self, ctx: &InitContext) -> Result<(), InitError> {
         let compiled = Policy::load(&ctx.resolve(&self.0.policy_file))?;
-        let revision = state::install_policy(ctx.store.as_ref(), compiled.policy()).await?;
-        tracing::info!(revision, "installed the cfgsync policy");
+        let installed =
+            state::install_policy(ctx.store.as_ref(), compiled.policy(), self.0.force).await?;
+        tracing::info!(
+            version = installed.version,
+            rollout = installed.rollout,
+            unchanged = installed.unchanged,
+            "installed the cfgsync policy"
+        );
+        if self.0.wait_for_rollout {
+            state::wait_for_rollout(ctx.store.as_ref(), VersionKind::Policy, installed.version)
+                .await?;
+        }
         Ok(())
     }
 }
@@ -47,6 +66,8 @@ mod tests {
         )]);
         let err = CfgsyncPolicy(Params {
             policy_file: "p.yaml".into(),
+            wait_for_rollout: false,
+            force: false,
         })
         .run(&ctx)
         .await

@@ -27,6 +27,9 @@ pub struct NodeArtifactsBundle {
     /// Files appended to every node's payload.
     #[serde(default)]
     pub shared_files: Vec<ArtifactFile>,
+    /// How a change to this bundle reaches a running fleet: in waves; absent, at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<super::rollout::RolloutPlan>,
 }
 
 impl NodeArtifactsBundle {
@@ -42,7 +45,11 @@ impl NodeArtifactsBundle {
 
     /// Every problem: duplicate identifiers, bad or duplicate paths in one node's payload.
     pub fn validate(&self) -> Result<(), Vec<String>> {
-        let mut problems = Vec::new();
+        let mut problems = self
+            .rollout
+            .as_ref()
+            .map(super::rollout::RolloutPlan::problems)
+            .unwrap_or_default();
         let mut shared = BTreeSet::new();
         for (i, file) in self.shared_files.iter().enumerate() {
             let at = format!("shared_files[{i}]");

@@ -19,6 +19,8 @@ pub mod policy;
 pub mod rate;
 pub mod registration;
 pub mod render;
+pub mod report;
+pub mod rollout;
 pub mod service;
 pub mod state;
 pub mod template;

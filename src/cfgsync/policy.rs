@@ -16,6 +16,7 @@ use super::template::{Scope, Templates};
 use super::{ArtifactFile, NodeRegistration};
 use crate::files::{FileError, check_canonical_payload_path, parse_file};
 
+pub use super::rollout::RolloutPlan;
 pub use super::template::RenderLimits;
 
 /// One templated file.
@@ -66,6 +67,10 @@ pub struct Policy {
     /// Files rendered once and appended to every node's payload.
     #[serde(default)]
     pub shared_files: Vec<TemplateFile>,
+    /// How a change to this policy reaches a running fleet: in waves (see
+    /// [`RolloutPlan`]); absent, every node gets it at once.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<RolloutPlan>,
 }
 
 impl Policy {
@@ -124,6 +129,9 @@ impl Policy {
                 }
             }
             _ => {}
+        }
+        if let Some(plan) = &self.rollout {
+            problems.extend(plan.problems());
         }
         if self.files.is_empty() && self.shared_files.is_empty() {
             problems.push("the policy renders no files: add files or shared_files".to_string());

@@ -90,7 +90,7 @@ impl TestServer {
         if let Some(yaml) = &setup.policy {
             let policy: Policy = serde_saphyr::from_str(yaml).expect("the policy parses");
             let compiled = policy.compile().expect("the policy is valid");
-            install_policy(store.as_ref(), compiled.policy())
+            install_policy(store.as_ref(), compiled.policy(), false)
                 .await
                 .unwrap();
         }
@@ -98,7 +98,9 @@ impl TestServer {
             let bundle: NodeArtifactsBundle =
                 serde_saphyr::from_str(yaml).expect("the bundle parses");
             bundle.validate().expect("the bundle is valid");
-            install_bundle(store.as_ref(), &bundle).await.unwrap();
+            install_bundle(store.as_ref(), &bundle, false)
+                .await
+                .unwrap();
         }
         let mut server = Self::spawn(store, setup.options).await;
         server._dir = Some(dir);

@@ -1,0 +1,243 @@
+//! Applied-state reports: what each watching node did with the payload it got (`POST /report`).
+//!
+//! A report is node data like a registration: one record per node in `__cfgsync__/report`,
+//! replaced by the node's next report, so every server sees it and a restart keeps it. One
+//! task per server takes reports as they come and writes every one waiting as one batch, so a
+//! fleet reporting at once costs a few store commits, not one per node.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+
+use serde::{Deserialize, Serialize};
+use tokio::sync::{mpsc, oneshot};
+
+use crate::store::{self, Batch, CFGSYNC_NAMESPACE, DynStore, Key, Revision};
+
+/// Kind of report records (key = node identifier).
+pub const REPORT: &str = "report";
+
+/// Longest stderr tail kept, in bytes.
+pub const MAX_STDERR_TAIL: usize = 2048;
+
+/// Reports packed into one store commit at most.
+const MAX_PER_BATCH: usize = 1000;
+
+/// Reports waiting for a commit at most; past it a report is refused with 503.
+const MAX_WAITING: usize = 8 * MAX_PER_BATCH;
+
+/// The key of a node's report.
+pub fn report_key(identifier: &str) -> Key {
+    Key::new(CFGSYNC_NAMESPACE, REPORT, identifier)
+}
+
+/// How applying a payload went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// Written, and the hook (if any) succeeded.
+    Ok,
+    /// Not written, or the hook failed.
+    Failed,
+}
+
+/// A stored report (`__cfgsync__/report/<identifier>`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Report {
+    /// The epoch of the payload applied.
+    pub epoch: Revision,
+    /// Its version (the policy or bundle revision), when the server named one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<Revision>,
+    /// How it went.
+    pub result: Outcome,
+    /// The hook's exit status, when it exited with one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub exit_status: Option<i32>,
+    /// The end of the hook's stderr (or why nothing was written), at most 2 KiB.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stderr_tail: Option<String>,
+    /// How long the write and the hook took, ms.
+    #[serde(default)]
+    pub duration_ms: u64,
+    /// When the server took it, Unix ms.
+    pub reported_ms: u64,
+}
+
+impl Report {
+    /// Whether it says the payload was applied.
+    pub fn is_ok(&self) -> bool {
+        self.result == Outcome::Ok
+    }
+
+    /// A failure in one line: the exit status and the stderr tail.
+    pub fn describe_failure(&self) -> String {
+        let status = self
+            .exit_status
+            .map_or_else(|| "failed".to_string(), |s| format!("exit {s}"));
+        match self.stderr_tail.as_deref().map(str::trim) {
+            Some(tail) if !tail.is_empty() => format!("{status}: {tail}"),
+            _ => status,
+        }
+    }
+
+    /// Whether `next` tells nothing this one does not (a repeated report is not written).
+    pub fn same_as(&self, next: &Report) -> bool {
+        self.epoch == next.epoch
+            && self.version == next.version
+            && self.result == next.result
+            && self.exit_status == next.exit_status
+            && self.stderr_tail == next.stderr_tail
+    }
+}
+
+/// Keeps the last `MAX_STDERR_TAIL` bytes of `text`, cut at a character boundary.
+pub fn tail(text: &str) -> &str {
+    if text.len() <= MAX_STDERR_TAIL {
+        return text;
+    }
+    let mut start = text.len() - MAX_STDERR_TAIL;
+    while !text.is_char_boundary(start) {
+        start += 1;
+    }
+    &text[start..]
+}
+
+type Reply = oneshot::Sender<Result<Revision, String>>;
+
+/// Counts of what the report task wrote.
+#[derive(Debug, Default)]
+pub struct ReportCounts {
+    /// Reports written.
+    pub written: AtomicU64,
+    /// Store commits they took.
+    pub commits: AtomicU64,
+}
+
+/// The handle reports are written through.
+#[derive(Debug, Clone)]
+pub struct Reports {
+    queue: mpsc::Sender<(String, Report, Reply)>,
+    counts: Arc<ReportCounts>,
+}
+
+/// Why a report was not written.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportRefused {
+    /// Too many reports are waiting for a commit.
+    #[error("too many reports are waiting to be stored; retry shortly")]
+    Busy,
+    /// The store failed.
+    #[error(transparent)]
+    Store(#[from] store::Error),
+}
+
+impl Reports {
+    /// Starts the report task on `store`.
+    pub fn start(store: DynStore) -> Self {
+        let (queue, waiting) = mpsc::channel(MAX_WAITING);
+        let counts = Arc::new(ReportCounts::default());
+        tokio::spawn(write_reports(store, waiting, counts.clone()));
+        Self { queue, counts }
+    }
+
+    /// Stores `report` for `identifier`: the revision it was stored at.
+    pub async fn submit(
+        &self,
+        identifier: String,
+        report: Report,
+    ) -> Result<Revision, ReportRefused> {
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .try_send((identifier, report, reply))
+            .map_err(|_| ReportRefused::Busy)?;
+        let stopped = || "the report task has stopped".to_string();
+        let written = answer.await.unwrap_or_else(|_| Err(stopped()));
+        Ok(written.map_err(store::Error::Unavailable)?)
+    }
+
+    /// What was written so far.
+    pub fn counts(&self) -> &ReportCounts {
+        &self.counts
+    }
+}
+
+/// Takes every report waiting, writes them as one batch (a node's latest report wins), and
+/// answers each with the commit's revision.
+async fn write_reports(
+    store: DynStore,
+    mut waiting: mpsc::Receiver<(String, Report, Reply)>,
+    counts: Arc<ReportCounts>,
+) {
+    let mut taken = Vec::with_capacity(MAX_PER_BATCH);
+    while waiting.recv_many(&mut taken, MAX_PER_BATCH).await > 0 {
+        let mut batch = Batch::new();
+        let mut keys = std::collections::HashSet::with_capacity(taken.len());
+        // Later reports of one node replace earlier ones: write the last of each.
+        for (identifier, report, _) in taken.iter().rev() {
+            if keys.insert(identifier.as_str()) {
+                let value = serde_json::to_value(report).expect("a report serialises");
+                batch = batch.put(report_key(identifier), value);
+            }
+        }
+        let written = batch.ops.len() as u64;
+        let result = store.apply(batch).await.map_err(|err| err.to_string());
+        if result.is_ok() {
+            counts.written.fetch_add(written, Ordering::Relaxed);
+            counts.commits.fetch_add(1, Ordering::Relaxed);
+        }
+        for (_, _, reply) in taken.drain(..) {
+            let _ = reply.send(result.clone());
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::StoreExt;
+    use crate::store::memory::MemoryStore;
+
+    fn report(epoch: Revision) -> Report {
+        Report {
+            epoch,
+            version: Some(epoch),
+            result: Outcome::Ok,
+            exit_status: None,
+            stderr_tail: None,
+            duration_ms: 3,
+            reported_ms: 1,
+        }
+    }
+
+    #[test]
+    fn a_long_stderr_keeps_its_end_at_a_character_boundary() {
+        let text = format!("{}é{}", "a".repeat(10), "b".repeat(MAX_STDERR_TAIL - 1));
+        let kept = tail(&text);
+        assert!(kept.len() <= MAX_STDERR_TAIL);
+        assert!(kept.ends_with('b') && !kept.contains('a'), "{kept}");
+        assert_eq!(tail("short"), "short");
+    }
+
+    #[tokio::test]
+    async fn reports_waiting_together_take_one_commit_and_the_latest_wins() {
+        let store: DynStore = Arc::new(MemoryStore::new(Default::default()));
+        let reports = Reports::start(store.clone());
+        // Polled in order, so they queue in order: node n{k} reports epoch k, then k + 100.
+        let submits = (0..200u64).map(|i| reports.submit(format!("n{}", i % 100), report(i)));
+        for result in futures_util::future::join_all(submits).await {
+            result.unwrap();
+        }
+        let stored = store.values(CFGSYNC_NAMESPACE, REPORT).await.unwrap();
+        assert_eq!(stored.len(), 100);
+        for (identifier, value) in &stored {
+            let k: u64 = identifier[1..].parse().unwrap();
+            assert_eq!(
+                value["epoch"],
+                k + 100,
+                "{identifier}: the latest report wins"
+            );
+        }
+        let commits = reports.counts().commits.load(Ordering::Relaxed);
+        assert!(commits < 200, "{commits} commits for 200 reports");
+    }
+}

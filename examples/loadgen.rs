@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 
 use async_trait::async_trait;
 use bootsync::bootstrap::{Engine, EngineOptions, HttpGate, Outcome, Registry, Spec};
-use bootsync::cfgsync::{Policy, state};
+use bootsync::cfgsync::{Policy, install, state};
 use bootsync::client::{ApiClient, RemoteStore};
 use bootsync::metrics::Metrics;
 use bootsync::server::{self, AppState, ServerOptions};
@@ -97,7 +97,7 @@ async fn b1s(n: usize, peer_list: bool) -> Value {
     .unwrap();
     seed_registrations(&store, n).await;
     let started = Instant::now();
-    state::install_policy(store.as_ref(), &policy, true)
+    install::install_policy(store.as_ref(), &policy, true)
         .await
         .unwrap();
     let url = start_server(store).await;
@@ -573,7 +573,7 @@ async fn restart(n: usize) -> Value {
             "files": [{"path": "/config.yaml", "template": PeerForm::Loop.template()}],
         }))
         .unwrap();
-        state::install_policy(store.as_ref(), &policy, true)
+        install::install_policy(store.as_ref(), &policy, true)
             .await
             .unwrap();
     }
@@ -613,7 +613,7 @@ async fn b2(n: usize) -> Value {
         "files": [{"path": "/config.yaml", "template": "id: {{ node.identifier }}\npeers: [{% for p in peers %}{{ p.ip }},{% endfor %}]\n"}],
     }))
     .unwrap();
-    state::install_policy(store.as_ref(), &policy, true)
+    install::install_policy(store.as_ref(), &policy, true)
         .await
         .unwrap();
     let url = start_server(store).await;
@@ -677,7 +677,7 @@ async fn b3() -> Value {
         json!({"expect_nodes": 10_000_000, "files": [{"path": "a", "template": "x"}]}),
     )
     .unwrap();
-    state::install_policy(store.as_ref(), &policy, true)
+    install::install_policy(store.as_ref(), &policy, true)
         .await
         .unwrap();
     let url = start_server(store).await;

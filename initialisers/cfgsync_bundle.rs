@@ -6,7 +6,7 @@ use serde::Deserialize;
 
 use crate::bootstrap::{InitContext, InitError, Initialiser};
 use crate::cfgsync::rollout::VersionKind;
-use crate::cfgsync::{NodeArtifactsBundle, state};
+use crate::cfgsync::{NodeArtifactsBundle, install};
 
 /// Params of `cfgsync-bundle`.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -32,7 +32,7 @@ struct CfgsyncBundle(Params);
 impl Initialiser for CfgsyncBundle {
     async fn run(&self, ctx: &InitContext) -> Result<(), InitError> {
         let bundle = NodeArtifactsBundle::load(&ctx.resolve(&self.0.bundle_file))?;
-        let installed = state::install_bundle(ctx.store.as_ref(), &bundle, self.0.force).await?;
+        let installed = install::install_bundle(ctx.store.as_ref(), &bundle, self.0.force).await?;
         tracing::info!(
             nodes = bundle.nodes.len(),
             version = installed.version,
@@ -41,7 +41,7 @@ impl Initialiser for CfgsyncBundle {
             "installed the cfgsync bundle"
         );
         if self.0.wait_for_rollout {
-            state::wait_for_rollout(ctx.store.as_ref(), VersionKind::Bundle, installed.version)
+            install::wait_for_rollout(ctx.store.as_ref(), VersionKind::Bundle, installed.version)
                 .await?;
         }
         Ok(())
@@ -58,6 +58,7 @@ crate::register!(
 mod tests {
     use super::super::testing::sandbox;
     use super::*;
+    use crate::cfgsync::state;
     use crate::store::{CFGSYNC_NAMESPACE, Key};
 
     #[tokio::test]

@@ -5,7 +5,7 @@ use serde::Deserialize;
 
 use crate::bootstrap::{InitContext, InitError, Initialiser};
 use crate::cfgsync::rollout::VersionKind;
-use crate::cfgsync::{Policy, state};
+use crate::cfgsync::{Policy, install};
 
 /// Params of `cfgsync-policy`.
 #[derive(Debug, Clone, Deserialize, schemars::JsonSchema)]
@@ -32,7 +32,7 @@ impl Initialiser for CfgsyncPolicy {
     async fn run(&self, ctx: &InitContext) -> Result<(), InitError> {
         let compiled = Policy::load(&ctx.resolve(&self.0.policy_file))?;
         let installed =
-            state::install_policy(ctx.store.as_ref(), compiled.policy(), self.0.force).await?;
+            install::install_policy(ctx.store.as_ref(), compiled.policy(), self.0.force).await?;
         tracing::info!(
             version = installed.version,
             rollout = installed.rollout,
@@ -40,7 +40,7 @@ impl Initialiser for CfgsyncPolicy {
             "installed the cfgsync policy"
         );
         if self.0.wait_for_rollout {
-            state::wait_for_rollout(ctx.store.as_ref(), VersionKind::Policy, installed.version)
+            install::wait_for_rollout(ctx.store.as_ref(), VersionKind::Policy, installed.version)
                 .await?;
         }
         Ok(())

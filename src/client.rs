@@ -13,6 +13,7 @@ use serde_json::Value;
 use crate::api::Token;
 use crate::api::cfgsync::{NodesBody, ReplaceRequest};
 use crate::api::config::{ChangesBody, EntryBody, NamespaceBody, Namespaces, TypeBody, Written};
+use crate::api::rollout::{Command, PreviewBody, PreviewRequest, RolloutStatus, VersionKind};
 use crate::api::status::HistoryBody;
 use crate::api::{ErrorBody, ErrorCode};
 use crate::store::{
@@ -264,6 +265,38 @@ impl ApiClient {
         let builder = self.request(Method::POST, &path).json(&request);
         let written: Written = self.send(&path, builder).await?;
         Ok(written.revision)
+    }
+
+    /// `GET /v1/rollout`: the rollout under way, or the last one.
+    pub async fn rollout(&self) -> Result<RolloutStatus, Error> {
+        self.send("/v1/rollout", self.request(Method::GET, "/v1/rollout"))
+            .await
+    }
+
+    /// `POST /v1/rollout/{command}`: pause, resume, promote or roll back.
+    pub async fn rollout_command(&self, command: Command) -> Result<RolloutStatus, Error> {
+        let path = format!("/v1/rollout/{}", command.name());
+        self.send(&path, self.request(Method::POST, &path)).await
+    }
+
+    /// `PUT /v1/cfgsync/policy` (or `bundle`): installs a version; `force` installs even
+    /// during a rollout. Answers `{version, rollout, unchanged}`.
+    pub async fn install(
+        &self,
+        kind: VersionKind,
+        value: &Value,
+        force: bool,
+    ) -> Result<Value, Error> {
+        let path = format!("/v1/cfgsync/{}?force={force}", kind.name());
+        let builder = self.request(Method::PUT, &path).json(value);
+        self.send(&path, builder).await
+    }
+
+    /// `POST /v1/cfgsync/preview`: a candidate policy against the current registrations.
+    pub async fn preview(&self, request: &PreviewRequest) -> Result<PreviewBody, Error> {
+        let path = "/v1/cfgsync/preview";
+        let builder = self.request(Method::POST, path).json(request);
+        self.send(path, builder).await
     }
 
     /// `GET /v1/history`, or one initialiser's with `name`.

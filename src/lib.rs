@@ -42,6 +42,7 @@ pub mod cfgsync;
 pub mod cli;
 pub mod client;
 pub mod clock;
+pub mod duration;
 pub mod files;
 pub mod memory;
 pub mod metrics;

@@ -88,6 +88,48 @@ pub struct NodeInfo {
     /// The node it replaced, if it was placed by `nodes replace`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub replaces: Option<String>,
+    /// The epoch it is served now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_epoch: Option<u64>,
+    /// The version (policy or bundle revision) it is served now.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub served_version: Option<u64>,
+    /// Its latest applied-state report (watching clients report every apply).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub applied: Option<crate::api::rollout::Report>,
+    /// In one word: `applied` (reported ok on what it is served), `failed`, `applying`
+    /// (reported an older epoch), `not_reporting` (served, never reported: a seed or one-shot
+    /// client), `waiting` (nothing served yet).
+    pub state: NodeState,
+}
+
+/// Where a node stands, from its reports.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum NodeState {
+    /// It reported ok on the epoch it is served.
+    Applied,
+    /// Its latest report is a failure.
+    Failed,
+    /// It reported an older epoch than it is served.
+    Applying,
+    /// Served, but it never reported (seed and one-shot clients do not).
+    NotReporting,
+    /// Nothing is served to it yet.
+    Waiting,
+}
+
+impl NodeState {
+    /// Its name as the CLI shows it.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Applied => "applied",
+            Self::Failed => "failed",
+            Self::Applying => "applying",
+            Self::NotReporting => "served, not reporting",
+            Self::Waiting => "waiting",
+        }
+    }
 }
 
 /// The body of `GET /v1/nodes`.
@@ -146,6 +188,10 @@ pub struct NodeArtifactsPayload {
     /// Addition: the store revision this payload was materialised at (old clients ignore it).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub epoch: Option<u64>,
+    /// Addition: the version (policy or bundle revision) it was rendered from; a watching
+    /// client reports it back.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<u64>,
 }
 
 impl NodeArtifactsPayload {
@@ -155,6 +201,7 @@ impl NodeArtifactsPayload {
             schema_version: SCHEMA_VERSION,
             files,
             epoch: None,
+            version: None,
         }
     }
 }

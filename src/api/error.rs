@@ -54,6 +54,10 @@ pub enum ErrorCode {
     UnclaimedRecord,
     /// 409 (cfgsync): an operator replaced this node by another; it cannot register again.
     Replaced,
+    /// 409 (cfgsync): a rollout is under way; another version is installed only when forced.
+    RolloutInProgress,
+    /// 409 (cfgsync): no rollout is running, or the command does not apply in its state.
+    NoRollout,
     /// A code this build does not know (a newer server); the status tells what it means.
     #[serde(other)]
     Unknown,
@@ -74,7 +78,9 @@ impl ErrorCode {
             | Self::RegistrationCap
             | Self::MetadataBudget
             | Self::UnclaimedRecord
-            | Self::Replaced => StatusCode::CONFLICT,
+            | Self::Replaced
+            | Self::RolloutInProgress
+            | Self::NoRollout => StatusCode::CONFLICT,
             Self::Compacted => StatusCode::GONE,
             Self::TooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::Timeout => StatusCode::REQUEST_TIMEOUT,
@@ -142,6 +148,8 @@ impl ErrorCode {
             Self::MetadataBudget => "metadata_budget",
             Self::UnclaimedRecord => "unclaimed_record",
             Self::Replaced => "replaced",
+            Self::RolloutInProgress => "rollout_in_progress",
+            Self::NoRollout => "no_rollout",
             Self::Unknown => "unknown",
         }
     }
@@ -409,6 +417,8 @@ mod tests {
             ErrorCode::MetadataBudget,
             ErrorCode::UnclaimedRecord,
             ErrorCode::Replaced,
+            ErrorCode::RolloutInProgress,
+            ErrorCode::NoRollout,
         ];
         for code in codes {
             let wire = serde_json::to_value(code).unwrap();

@@ -10,6 +10,7 @@ pub mod auth;
 pub mod cfgsync;
 pub mod config;
 pub mod error;
+pub mod rollout;
 pub mod status;
 pub mod system;
 

@@ -2,7 +2,7 @@
 //! operator-chosen flag changes, with state in the reserved `__system__` namespace.
 
 pub mod assess;
-pub mod duration;
+pub use crate::duration;
 pub mod engine;
 pub mod initialiser;
 pub mod lease;

@@ -29,7 +29,7 @@ pub struct NodeArtifactsBundle {
     pub shared_files: Vec<ArtifactFile>,
     /// How a change to this bundle reaches a running fleet: in waves; absent, at once.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub rollout: Option<super::rollout::RolloutPlan>,
+    pub rollout: Option<super::plan::RolloutPlan>,
 }
 
 impl NodeArtifactsBundle {
@@ -48,7 +48,7 @@ impl NodeArtifactsBundle {
         let mut problems = self
             .rollout
             .as_ref()
-            .map(super::rollout::RolloutPlan::problems)
+            .map(super::plan::RolloutPlan::problems)
             .unwrap_or_default();
         let mut shared = BTreeSet::new();
         for (i, file) in self.shared_files.iter().enumerate() {

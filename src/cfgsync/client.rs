@@ -9,6 +9,7 @@ use reqwest::StatusCode;
 use super::{NodeArtifactsPayload, NodeRegistration};
 use crate::api::NODE_SECRET_HEADER;
 use crate::api::cfgsync::Registered;
+use crate::api::rollout::ReportBody;
 use crate::api::{ErrorBody, ErrorCode, Token};
 use crate::backoff::Backoff;
 
@@ -169,14 +170,14 @@ impl CfgsyncClient {
     fn post(
         &self,
         path: &str,
-        registration: &NodeRegistration,
+        body: &impl serde::Serialize,
         timeout: Duration,
     ) -> reqwest::RequestBuilder {
         let mut request = self
             .http
             .post(format!("{}{path}", self.base))
             .timeout(timeout)
-            .json(registration);
+            .json(body);
         if let Some(token) = &self.join_token {
             request = request.bearer_auth(token.expose());
         }
@@ -232,6 +233,32 @@ impl CfgsyncClient {
             *self.node_secret.lock().expect("secret lock poisoned") = Some(secret);
         }
         Ok(())
+    }
+
+    /// `POST /report`: what the node did with a payload. `Ok(false)` when the server does not
+    /// take reports (an older bootsync or a seed server answers 404 or 405).
+    pub async fn report(&self, report: &ReportBody) -> Result<bool, ClientError> {
+        let url = format!("{}/report", self.base);
+        let response = self
+            .post("/report", report, Duration::from_secs(30))
+            .send()
+            .await
+            .map_err(unreachable(&url))?;
+        let status = response.status();
+        if status.is_success() {
+            return Ok(true);
+        }
+        let refused = Self::refused(url, response).await;
+        // No such route: a seed server (plain text) or an older bootsync (`not_found`).
+        let unknown_route = matches!(
+            &refused,
+            ClientError::Refused { code: ErrorCode::NotFound | ErrorCode::MethodNotAllowed | ErrorCode::BadRequest, status, .. }
+                if *status == StatusCode::NOT_FOUND || *status == StatusCode::METHOD_NOT_ALLOWED
+        );
+        if unknown_route {
+            return Ok(false);
+        }
+        Err(refused)
     }
 
     /// One `POST /node`, held by the server up to `wait` (servers that do not long-poll answer at once).

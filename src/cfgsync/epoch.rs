@@ -10,7 +10,7 @@ use tokio::sync::OnceCell;
 
 use super::NodeRegistration;
 use super::materialize::{RegistrationSnapshot, RegistrationSnapshotMaterializer};
-use super::payload::{Body, Prepared, Shared, prepare_catalog, write_files};
+use super::payload::{Body, Prepared, Shared, Stamp, prepare_catalog, write_files};
 use super::policy::CompiledPolicy;
 
 use super::isolate::{Member, Workers, load_message};
@@ -23,6 +23,25 @@ use crate::store::Revision;
 /// Persistent: a clone is O(1) and an update O(log n), so each published view and epoch keeps
 /// its own version of the set without copying it.
 pub(super) type Registrations = imbl::OrdMap<Arc<str>, Arc<RegistrationRecord>>;
+
+/// The members `policy` serves, in order: identifier order, except that a replacement takes
+/// the place of the node it replaced. Templates' `index` and rollout waves both follow it.
+pub(super) fn members<'a>(
+    registrations: &'a Registrations,
+    policy: &CompiledPolicy,
+) -> Vec<&'a RegistrationRecord> {
+    let mut members: Vec<&RegistrationRecord> = registrations
+        .values()
+        .filter(|r| policy.serves(&r.identifier))
+        .map(Arc::as_ref)
+        .collect();
+    if members.iter().any(|r| r.slot.is_some()) {
+        members.sort_by(|a, b| {
+            (a.order(), a.identifier.as_str()).cmp(&(b.order(), b.identifier.as_str()))
+        });
+    }
+    members
+}
 
 /// Where the epoch's payloads come from.
 #[derive(Clone)]
@@ -38,8 +57,14 @@ pub(super) type Catalog = Result<Option<Arc<HashMap<String, Prepared>>>, Arc<str
 /// One state of the registered set that payloads are rendered for. Everything here is
 /// computed at most once, and only when a node asks.
 pub(super) struct Epoch {
-    /// The store revision the set last changed at; payloads carry it as `epoch`.
+    /// The store revision the set last changed at; payloads carry it as `epoch` (or a later
+    /// one: the revision a node's rollout wave was reached at).
     pub revision: Revision,
+    /// The version (policy revision) rendered, `None` for a library materializer.
+    pub version: Option<Revision>,
+    /// What render processes know this epoch by: unique, as two versions of one epoch are
+    /// live during a rollout.
+    load_id: u64,
     pub(super) source: Source,
     pub(super) registrations: Registrations,
     scope: OnceLock<Arc<Scope>>,
@@ -111,9 +136,17 @@ debug_fields!(Epoch { revision });
 impl Epoch {
     /// A ready state of `registrations` at `revision`, served from `source`; nothing is
     /// computed until a node asks.
-    pub(super) fn new(revision: Revision, source: Source, registrations: Registrations) -> Self {
+    pub(super) fn new(
+        revision: Revision,
+        version: Option<Revision>,
+        source: Source,
+        registrations: Registrations,
+    ) -> Self {
+        static LOADS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Self {
             revision,
+            version,
+            load_id: LOADS.fetch_add(1, Ordering::Relaxed),
             source,
             registrations,
             scope: OnceLock::new(),
@@ -125,21 +158,9 @@ impl Epoch {
         }
     }
 
-    /// The members in order: identifier order, except that a replacement takes the place of
-    /// the node it replaced.
+    /// The members in order (see [`members`]).
     fn members(&self, policy: &CompiledPolicy) -> Vec<&RegistrationRecord> {
-        let mut members: Vec<&RegistrationRecord> = self
-            .registrations
-            .values()
-            .filter(|r| policy.serves(&r.identifier))
-            .map(Arc::as_ref)
-            .collect();
-        if members.iter().any(|r| r.slot.is_some()) {
-            members.sort_by(|a, b| {
-                (a.order(), a.identifier.as_str()).cmp(&(b.order(), b.identifier.as_str()))
-            });
-        }
-        members
+        members(&self.registrations, policy)
     }
 
     /// The members with what templates see of them (built once).
@@ -162,6 +183,7 @@ impl Epoch {
         policy: &CompiledPolicy,
         identifier: &str,
         workers: &Arc<Workers>,
+        stamp: Stamp,
     ) -> Rendered {
         let index = self
             .scope(policy)
@@ -179,7 +201,7 @@ impl Epoch {
                         metadata: r.metadata.clone(),
                     })
                     .collect();
-                load_message(self.revision, policy, members).map_err(Arc::from)
+                load_message(self.load_id, policy, members).map_err(Arc::from)
             })
             .clone()?;
         let limits = policy.limits();
@@ -188,7 +210,7 @@ impl Epoch {
             .get_or_init(|| async {
                 let budget = limits.max_payload_bytes;
                 let files = workers
-                    .render(self.revision, load.clone(), None, budget, limits.deadline)
+                    .render(self.load_id, load.clone(), None, budget, limits.deadline)
                     .await;
                 files
                     .map(|files| Shared::new(&files))
@@ -198,13 +220,13 @@ impl Epoch {
             .clone()?;
         let budget = limits.max_payload_bytes.saturating_sub(shared.json.len());
         let files = workers
-            .render(self.revision, load, Some(index), budget, limits.deadline)
+            .render(self.load_id, load, Some(index), budget, limits.deadline)
             .await
             .map_err(Arc::<str>::from)?;
         Ok(Arc::new(Body::assemble(
             |out| write_files(out, &files),
             shared,
-            self.revision,
+            stamp,
         )))
     }
 
@@ -221,7 +243,7 @@ impl Epoch {
     }
 
     /// Renders one node's answer (on a pool thread).
-    fn render_node(&self, policy: &CompiledPolicy, identifier: &str) -> Rendered {
+    fn render_node(&self, policy: &CompiledPolicy, identifier: &str, stamp: Stamp) -> Rendered {
         let scope = self.scope(policy);
         let Some(index) = scope.index_of(identifier) else {
             return Err(Arc::from(format!("{identifier:?} is not a member")));
@@ -239,7 +261,7 @@ impl Epoch {
             Arc::new(Body::assemble(
                 |out| write_files(out, &files),
                 shared,
-                self.revision,
+                stamp,
             ))
         });
         self.cost.record(started.elapsed());
@@ -262,21 +284,26 @@ impl Epoch {
         policy: CompiledPolicy,
         identifier: Arc<str>,
         renderers: Renderers,
+        served: Revision,
     ) -> Rendered {
+        let stamp = Stamp {
+            epoch: served,
+            version: self.version,
+        };
         let started = Instant::now();
         let inline = self.cost.inline();
         let epoch = self.revision;
         let id = identifier.clone();
         let failures = renderers.failures.clone();
         let result = match (&renderers.workers, policy.unbounded()) {
-            (Some(workers), Some(_)) => self.render_isolated(&policy, &id, workers).await,
+            (Some(workers), Some(_)) => self.render_isolated(&policy, &id, workers, stamp).await,
             _ if inline => {
-                let render = move || self.render_node(&policy, &id);
+                let render = move || self.render_node(&policy, &id, stamp);
                 std::panic::catch_unwind(std::panic::AssertUnwindSafe(render))
                     .unwrap_or_else(|_| Err(Arc::from("the render panicked")))
             }
             _ => {
-                let render = move || self.render_node(&policy, &id);
+                let render = move || self.render_node(&policy, &id, stamp);
                 renderers
                     .pool
                     .run(render)

@@ -73,7 +73,7 @@ enum Request {
     /// Holds this epoch from now on.
     Load {
         epoch: u64,
-        policy: Policy,
+        policy: Box<Policy>,
         limits: RenderLimits,
         members: Vec<Member>,
     },
@@ -96,7 +96,7 @@ pub(super) fn load_message(
 ) -> Result<Arc<Vec<u8>>, String> {
     let request = Request::Load {
         epoch,
-        policy: policy.policy().clone(),
+        policy: Box::new(policy.policy().clone()),
         limits: policy.limits(),
         members,
     };
@@ -326,7 +326,7 @@ pub fn worker_main(memory_bytes: u64) -> ExitCode {
                 limits,
                 members,
                 ..
-            }) => match policy.compile_with(limits) {
+            }) => match (*policy).compile_with(limits) {
                 Ok(compiled) => {
                     let scope = Scope::new(
                         members

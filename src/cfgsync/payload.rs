@@ -64,6 +64,15 @@ pub(super) fn write_files(out: &mut Vec<u8>, files: &[ArtifactFile]) {
     }
 }
 
+/// What a body says it is: its epoch, and the version it was rendered from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Stamp {
+    /// The epoch (see [`Body::epoch`]).
+    pub epoch: Revision,
+    /// The version, when there is one (a library materializer has none).
+    pub version: Option<Revision>,
+}
+
 /// One node's answer body, and where the shared files sit in it.
 #[derive(Debug)]
 pub struct Body {
@@ -71,6 +80,8 @@ pub struct Body {
     pub bytes: Bytes,
     /// The epoch the body carries.
     pub epoch: Revision,
+    /// The version (policy or bundle revision) it was rendered from, when there is one.
+    pub version: Option<Revision>,
     /// Whether it came from the bundle (whose epoch is the bundle's revision).
     pub(super) from_bundle: bool,
     /// Length of the part before the shared files.
@@ -79,8 +90,8 @@ pub struct Body {
 }
 
 impl Body {
-    pub(super) fn new(node_files: &[u8], shared: Arc<Shared>, epoch: Revision) -> Self {
-        Self::assemble(|out| out.extend_from_slice(node_files), shared, epoch)
+    pub(super) fn new(node_files: &[u8], shared: Arc<Shared>, stamp: Stamp) -> Self {
+        Self::assemble(|out| out.extend_from_slice(node_files), shared, stamp)
     }
 
     /// The body around the node's files, written by `node_files` straight into the one buffer
@@ -88,8 +99,9 @@ impl Body {
     pub(super) fn assemble(
         node_files: impl FnOnce(&mut Vec<u8>),
         shared: Arc<Shared>,
-        epoch: Revision,
+        stamp: Stamp,
     ) -> Self {
+        let Stamp { epoch, version } = stamp;
         let mut out = Vec::with_capacity(shared.json.len() + 64);
         out.extend_from_slice(b"{\"schema_version\":1,\"files\":[");
         let start = out.len();
@@ -101,10 +113,14 @@ impl Body {
         out.extend_from_slice(&shared.json);
         out.extend_from_slice(b"],\"epoch\":");
         write!(out, "{epoch}").expect("writing to memory cannot fail");
+        if let Some(version) = version {
+            write!(out, ",\"version\":{version}").expect("writing to memory cannot fail");
+        }
         out.push(b'}');
         Self {
             bytes: Bytes::from(out),
             epoch,
+            version,
             from_bundle: false,
             head,
             shared,
@@ -130,9 +146,9 @@ pub(super) struct Prepared {
 }
 
 impl Prepared {
-    /// The answer body at `epoch`.
-    pub(super) fn body(&self, epoch: Revision, from_bundle: bool) -> Arc<Body> {
-        let mut body = Body::new(&self.files, self.shared.clone(), epoch);
+    /// The answer body stamped with `stamp`.
+    pub(super) fn body(&self, stamp: Stamp, from_bundle: bool) -> Arc<Body> {
+        let mut body = Body::new(&self.files, self.shared.clone(), stamp);
         body.from_bundle = from_bundle;
         Arc::new(body)
     }

@@ -16,7 +16,7 @@ use super::template::{Scope, Templates};
 use super::{ArtifactFile, NodeRegistration};
 use crate::files::{FileError, check_canonical_payload_path, parse_file};
 
-pub use super::rollout::RolloutPlan;
+pub use super::plan::RolloutPlan;
 pub use super::template::RenderLimits;
 
 /// One templated file.

@@ -515,7 +515,8 @@ impl Service {
             // Only views newer than the one just answered from are worth another look.
             let changes = changes.get_or_insert_with(|| self.subscribe());
             changes.mark_unchanged();
-            let newer = changes.wait_for(|s| s.revision > serving.revision);
+            // Reports and other namespaces change no answer: they wake nobody.
+            let newer = changes.wait_for(|s| s.served_revision > serving.served_revision);
             match tokio::time::timeout_at(deadline, newer).await {
                 Ok(Ok(next)) => serving = next.clone(),
                 _ => {

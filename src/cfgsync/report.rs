@@ -8,87 +8,22 @@
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use serde::{Deserialize, Serialize};
 use tokio::sync::{mpsc, oneshot};
 
-use crate::store::{self, Batch, CFGSYNC_NAMESPACE, DynStore, Key, Revision};
+use std::net::IpAddr;
 
-/// Kind of report records (key = node identifier).
-pub const REPORT: &str = "report";
-
-/// Longest stderr tail kept, in bytes.
-pub const MAX_STDERR_TAIL: usize = 2048;
+use super::registration::RegisterError;
+use super::service::Service;
+pub use super::state::{REPORT, report_key};
+use crate::api::cfgsync::NodeRegistration;
+pub use crate::api::rollout::{MAX_STDERR_TAIL, Outcome, Report, ReportBody};
+use crate::store::{self, Batch, DynStore, Revision};
 
 /// Reports packed into one store commit at most.
 const MAX_PER_BATCH: usize = 1000;
 
 /// Reports waiting for a commit at most; past it a report is refused with 503.
 const MAX_WAITING: usize = 8 * MAX_PER_BATCH;
-
-/// The key of a node's report.
-pub fn report_key(identifier: &str) -> Key {
-    Key::new(CFGSYNC_NAMESPACE, REPORT, identifier)
-}
-
-/// How applying a payload went.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "snake_case")]
-pub enum Outcome {
-    /// Written, and the hook (if any) succeeded.
-    Ok,
-    /// Not written, or the hook failed.
-    Failed,
-}
-
-/// A stored report (`__cfgsync__/report/<identifier>`).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Report {
-    /// The epoch of the payload applied.
-    pub epoch: Revision,
-    /// Its version (the policy or bundle revision), when the server named one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub version: Option<Revision>,
-    /// How it went.
-    pub result: Outcome,
-    /// The hook's exit status, when it exited with one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit_status: Option<i32>,
-    /// The end of the hook's stderr (or why nothing was written), at most 2 KiB.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stderr_tail: Option<String>,
-    /// How long the write and the hook took, ms.
-    #[serde(default)]
-    pub duration_ms: u64,
-    /// When the server took it, Unix ms.
-    pub reported_ms: u64,
-}
-
-impl Report {
-    /// Whether it says the payload was applied.
-    pub fn is_ok(&self) -> bool {
-        self.result == Outcome::Ok
-    }
-
-    /// A failure in one line: the exit status and the stderr tail.
-    pub fn describe_failure(&self) -> String {
-        let status = self
-            .exit_status
-            .map_or_else(|| "failed".to_string(), |s| format!("exit {s}"));
-        match self.stderr_tail.as_deref().map(str::trim) {
-            Some(tail) if !tail.is_empty() => format!("{status}: {tail}"),
-            _ => status,
-        }
-    }
-
-    /// Whether `next` tells nothing this one does not (a repeated report is not written).
-    pub fn same_as(&self, next: &Report) -> bool {
-        self.epoch == next.epoch
-            && self.version == next.version
-            && self.result == next.result
-            && self.exit_status == next.exit_status
-            && self.stderr_tail == next.stderr_tail
-    }
-}
 
 /// Keeps the last `MAX_STDERR_TAIL` bytes of `text`, cut at a character boundary.
 pub fn tail(text: &str) -> &str {
@@ -191,11 +126,136 @@ async fn write_reports(
     }
 }
 
+/// Why a report was refused; nothing was stored.
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    /// The request's identifier, secret or registration check failed.
+    #[error(transparent)]
+    Node(#[from] RegisterError),
+    /// No such node is registered or in the bundle.
+    #[error("{0:?} is not a registered node: register before reporting")]
+    UnknownNode(String),
+    /// The epoch is newer than anything served.
+    #[error("epoch {epoch} is newer than the store's revision {revision}: no server has served it")]
+    FutureEpoch {
+        /// The epoch reported.
+        epoch: Revision,
+        /// The store's revision.
+        revision: Revision,
+    },
+    /// The version is newer than the epoch it came with.
+    #[error(
+        "version {version} is newer than epoch {epoch}: a payload's version is at most its epoch"
+    )]
+    FutureVersion {
+        /// The version reported.
+        version: Revision,
+        /// The epoch reported.
+        epoch: Revision,
+    },
+    /// The stderr tail is over its limit.
+    #[error("stderr_tail is {size} bytes, over the limit of {MAX_STDERR_TAIL}")]
+    TailTooLarge {
+        /// Its size.
+        size: usize,
+    },
+    /// The node reports faster than a watcher can.
+    #[error(
+        "{identifier:?} reported more than {per_minute} times a minute (retry in {retry_after_secs} s)"
+    )]
+    TooMany {
+        /// The node.
+        identifier: String,
+        /// The limit.
+        per_minute: u32,
+        /// When one would be taken.
+        retry_after_secs: u64,
+    },
+    /// The report queue is full, or the store failed.
+    #[error(transparent)]
+    Refused(#[from] ReportRefused),
+}
+
+/// What became of a report.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Taken {
+    /// Stored at this revision.
+    Stored(Revision),
+    /// Nothing new (the same as the stored one, or older): not written.
+    Kept,
+}
+
+impl Service {
+    /// Takes a watching node's report: checks it as a `/node` request is checked (the join
+    /// token is the router's; the node secret here, in strict mode), bounds it, and stores
+    /// it with the next batch.
+    pub async fn report(
+        &self,
+        body: ReportBody,
+        secret: Option<&str>,
+    ) -> Result<Taken, ReportError> {
+        if let Some(tail) = &body.stderr_tail
+            && tail.len() > MAX_STDERR_TAIL
+        {
+            return Err(ReportError::TailTooLarge { size: tail.len() });
+        }
+        if let Some(version) = body.version
+            && version > body.epoch
+        {
+            return Err(ReportError::FutureVersion {
+                version,
+                epoch: body.epoch,
+            });
+        }
+        let probe = NodeRegistration::new(body.identifier.clone(), IpAddr::from([0, 0, 0, 0]));
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
+        let mut serving = self.authorize_node(&probe, secret, deadline).await?;
+        let id = &body.identifier;
+        if serving.registration(id).is_none() && serving.bundle_has(id) != Some(true) {
+            return Err(ReportError::UnknownNode(id.clone()));
+        }
+        if body.epoch > serving.revision {
+            let revision = self.store.revision().await.map_err(ReportRefused::from)?;
+            if body.epoch > revision {
+                return Err(ReportError::FutureEpoch {
+                    epoch: body.epoch,
+                    revision,
+                });
+            }
+            serving = self.caught_up(body.epoch, deadline).await;
+        }
+        let report = Report {
+            epoch: body.epoch,
+            version: body.version,
+            result: body.result,
+            exit_status: body.exit_status,
+            stderr_tail: body.stderr_tail,
+            duration_ms: body.duration_ms,
+            reported_ms: crate::clock::now_ms(),
+        };
+        if let Some(stored) = serving.report(id)
+            && (stored.same_as(&report) || stored.epoch > report.epoch)
+        {
+            return Ok(Taken::Kept);
+        }
+        self.report_rate
+            .take(id)
+            .map_err(|retry_after_secs| ReportError::TooMany {
+                identifier: id.clone(),
+                per_minute: self.report_rate.per_minute(),
+                retry_after_secs,
+            })?;
+        Ok(Taken::Stored(
+            self.reports.submit(id.clone(), report).await?,
+        ))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::StoreExt;
     use crate::store::memory::MemoryStore;
+    use crate::store::{CFGSYNC_NAMESPACE, StoreExt};
 
     fn report(epoch: Revision) -> Report {
         Report {

@@ -20,12 +20,13 @@ use super::admission::{Admission, AdmissionLimits};
 use super::epoch::{Rendered, Renderers, Source};
 use super::isolate::Workers;
 use super::materialize::RegistrationSnapshotMaterializer;
-use super::payload::Body;
+use super::payload::{Body, Stamp};
 use super::policy::RenderLimits;
 use super::rate::ChangeRate;
 use super::render::{DEFAULT_CACHE_BYTES, RenderCache, RenderFailures, RenderPool, Weigh};
+use super::report::Reports;
 use super::view::{Readiness, Serving, View};
-use crate::api::cfgsync::{NodeInfo, NodesBody};
+use crate::api::cfgsync::{NodeInfo, NodeState, NodesBody};
 use crate::backoff::Backoff;
 use crate::store::{CFGSYNC_NAMESPACE, DynStore, ResumableWatch, Resumed, Revision, WatchFilter};
 
@@ -68,6 +69,10 @@ impl Default for ServiceOptions {
     }
 }
 
+/// Reports one node may make a minute (bursts of as many): a watcher reports once per
+/// payload it applies, and applies at most one every `--min-hook-interval` (2 s).
+pub const REPORTS_PER_MINUTE: u32 = 60;
+
 /// Default of [`ServiceOptions::node_changes_per_minute`]: a node that re-registers with
 /// changing metadata makes every watching node reload, so a few changes a minute at most.
 pub const DEFAULT_NODE_CHANGES_PER_MINUTE: u32 = 3;
@@ -107,9 +112,14 @@ pub struct Service {
     pub(super) store: DynStore,
     pub(super) options: ServiceOptions,
     current: watch::Receiver<Arc<Serving>>,
-    renderers: Renderers,
-    rendered: RenderCache<(Arc<str>, Revision), Rendered>,
-    gzipped: RenderCache<(Arc<str>, Revision, bool), Gzipped>,
+    pub(super) renderers: Renderers,
+    rendered: RenderCache<(Arc<str>, Stamp), Rendered>,
+    gzipped: RenderCache<(Arc<str>, Stamp, bool), Gzipped>,
+    pub(super) reports: Reports,
+    /// How often each node may report (a watcher reports at most once per hook interval).
+    pub(super) report_rate: ChangeRate,
+    /// Stops the rollout's steering task with the service.
+    steering: std::sync::OnceLock<tokio_util::sync::DropGuard>,
     pub(super) admission: Admission,
     pub(super) changes: ChangeRate,
     /// The epoch each node was last served, since this process started.
@@ -151,8 +161,12 @@ impl Service {
             gzipped: RenderCache::new(budget / 2),
             admission,
             changes,
+            reports: Reports::start(store.clone()),
+            report_rate: ChangeRate::new(REPORTS_PER_MINUTE),
+            steering: std::sync::OnceLock::new(),
             fetched: Default::default(),
         });
+        let _ = service.steering.set(super::steer::start(&service));
         tokio::spawn(watcher(
             store,
             View::new(custom, service.options.render_limits),
@@ -199,9 +213,9 @@ impl Service {
 
     /// Drops cached payloads of epochs older than `epoch`.
     fn forget_before(&self, epoch: Revision) {
-        self.rendered.retain(|(_, e)| *e >= epoch);
+        self.rendered.retain(|(_, stamp)| stamp.epoch >= epoch);
         self.gzipped
-            .retain(|(_, e, from_bundle)| *from_bundle || *e >= epoch);
+            .retain(|(_, stamp, from_bundle)| *from_bundle || stamp.epoch >= epoch);
     }
 
     /// Failed renders: their count and the last one.
@@ -225,8 +239,8 @@ impl Service {
         if !serving.loaded {
             return NodeAnswer::NotReady("the server is still loading its state");
         }
-        if let Some(prepared) = serving.bundle.as_ref().and_then(|b| b.get(identifier)) {
-            return NodeAnswer::Ready(prepared.body(serving.bundle_epoch, true));
+        if let Some((prepared, stamp)) = serving.bundle_route(identifier) {
+            return NodeAnswer::Ready(prepared.body(stamp, true));
         }
         let epoch = match &serving.readiness {
             Readiness::Absent if serving.bundle.is_some() => return NodeAnswer::Missing,
@@ -262,11 +276,17 @@ impl Service {
                 let Some((registered, _)) = serving.registrations.get_key_value(identifier) else {
                     return NodeAnswer::Unregistered;
                 };
-                let key = (registered.clone(), epoch.revision);
+                // During a rollout, a node before its wave gets the stable version.
+                let (epoch, stamp) = serving.policy_route(&epoch, identifier);
+                let Source::Policy(policy) = &epoch.source else {
+                    return NodeAnswer::Failed(Arc::from("a rollout's version is not a policy"));
+                };
+                let key = (registered.clone(), stamp);
                 let render = epoch.clone().render(
                     policy.clone(),
                     registered.clone(),
                     self.renderers.clone(),
+                    stamp.epoch,
                 );
                 match self.rendered.get_or_render(key, || render).await {
                     Ok(body) => NodeAnswer::Ready(body),
@@ -277,7 +297,13 @@ impl Service {
                 match epoch.catalog(materializer, &self.renderers.pool).await {
                     Ok(None) => NodeAnswer::NotReady("waiting for the expected nodes to register"),
                     Ok(Some(payloads)) => match payloads.get(identifier) {
-                        Some(prepared) => NodeAnswer::Ready(prepared.body(epoch.revision, false)),
+                        Some(prepared) => {
+                            let stamp = Stamp {
+                                epoch: epoch.revision,
+                                version: None,
+                            };
+                            NodeAnswer::Ready(prepared.body(stamp, false))
+                        }
                         None => NodeAnswer::Missing,
                     },
                     Err(reason) => NodeAnswer::Failed(reason.clone()),
@@ -292,7 +318,11 @@ impl Service {
         if body.bytes.len() < GZIP_MIN_BYTES {
             return None;
         }
-        let key = (Arc::from(identifier), body.epoch, body.from_bundle);
+        let stamp = Stamp {
+            epoch: body.epoch,
+            version: body.version,
+        };
+        let key = (Arc::from(identifier), stamp, body.from_bundle);
         let pool = self.renderers.pool.clone();
         let body = body.clone();
         let gzipped = self
@@ -330,16 +360,32 @@ impl Service {
         let mut nodes: Vec<NodeInfo> = serving
             .registration_records()
             .map(|r| {
-                let fetched_epoch = fetched.get(r.identifier.as_str()).copied();
+                let id = r.identifier.as_str();
+                let fetched_epoch = fetched.get(id).copied();
+                let served = serving.served_stamp(id);
+                let applied = serving.report(id).cloned();
+                let state = match (&applied, served) {
+                    (Some(report), _) if !report.is_ok() => NodeState::Failed,
+                    (Some(report), Some(stamp)) if report.epoch >= stamp.epoch => {
+                        NodeState::Applied
+                    }
+                    (Some(_), _) => NodeState::Applying,
+                    (None, Some(_)) => NodeState::NotReporting,
+                    (None, None) => NodeState::Waiting,
+                };
                 NodeInfo {
                     identifier: r.identifier.clone(),
                     ip: r.ip.to_string(),
-                    index: scope.as_ref().and_then(|s| s.index_of(&r.identifier)),
+                    index: scope.as_ref().and_then(|s| s.index_of(id)),
                     first_seen_ms: r.first_seen_ms,
                     last_seen_ms: r.last_seen_ms,
                     fetched_epoch,
-                    current: current.is_some() && fetched_epoch == current,
+                    current: served.is_some_and(|s| fetched_epoch == Some(s.epoch)),
                     replaces: r.replaces.clone(),
+                    served_epoch: served.map(|s| s.epoch),
+                    served_version: served.and_then(|s| s.version),
+                    applied,
+                    state,
                 }
             })
             .collect();

@@ -10,8 +10,10 @@ use serde_json::Value;
 use super::bundle::NodeArtifactsBundle;
 use super::epoch::{Epoch, Registrations, Source};
 use super::materialize::{NodeArtifactsCatalog, RegistrationSnapshotMaterializer};
-use super::payload::{Body, Prepared, prepare_catalog};
+use super::payload::{Body, Prepared, Stamp, prepare_catalog};
 use super::policy::{CompiledPolicy, Policy, RenderLimits};
+use super::report::{REPORT, Report};
+use super::rollout::{PREVIOUS, Previous, ROLLOUT, Stored, VersionKind, WAVE};
 use super::state::{BUNDLE, CURRENT, POLICY, REGISTRATION, REMOVED, RegistrationRecord, Removal};
 use crate::store::{CFGSYNC_NAMESPACE, ChangeEvent, NamespaceTree, Revision};
 
@@ -40,10 +42,82 @@ pub struct Serving {
     pub(super) bundle: Option<Arc<HashMap<String, Prepared>>>,
     pub(super) bundle_epoch: Revision,
     pub(super) policy: Option<CompiledPolicy>,
+    /// The installed policy's version (its revision), even when it does not compile.
+    pub(super) policy_version: Option<Revision>,
     pub(super) readiness: Readiness,
     /// Identifiers removed by an operator (whether or not registered again since), and for
     /// each whether it was replaced by another node.
     pub(super) removed: Arc<BTreeMap<Arc<str>, bool>>,
+    /// The revision of the last change that can change a `/node` answer: reports and other
+    /// namespaces do not, so they wake no held request.
+    pub served_revision: Revision,
+    /// Each node's latest applied-state report.
+    pub(super) reports: Reports,
+    /// The rollout record as stored (running, or the last one).
+    pub(super) record: Option<Stored>,
+    /// The stable version kept during a rollout.
+    pub(super) previous: Option<Arc<Previous>>,
+    /// Who gets which version while a rollout governs what is served.
+    pub(super) split: Option<Arc<Split>>,
+}
+
+/// Reports by identifier (persistent, as registrations are).
+pub(super) type Reports = imbl::OrdMap<Arc<str>, Arc<Report>>;
+
+/// Who gets which version while a rollout governs what is served: members in slot order, the
+/// waves reached (each a cumulative cutoff and the epoch its nodes got the target at), and the
+/// stable version for everyone past them.
+#[derive(Debug)]
+pub(super) struct Split {
+    pub(super) kind: VersionKind,
+    pub(super) target: Revision,
+    pub(super) stable_version: Revision,
+    /// The target's members in slot order.
+    pub(super) members: Vec<Arc<str>>,
+    positions: HashMap<Arc<str>, usize>,
+    /// Per wave reached: how many members it covers (cumulative), and the epoch its nodes
+    /// got the target at.
+    reached: Vec<(usize, Revision)>,
+    /// The stable version, while the rollout is under way.
+    pub(super) stable: Option<StableVersion>,
+}
+
+/// The stable version, ready to serve.
+#[derive(Debug)]
+pub(super) enum StableVersion {
+    /// A policy's epoch (rendered on demand, as the target's).
+    Policy(Readiness),
+    /// A bundle, prepared.
+    Bundle(Arc<HashMap<String, Prepared>>),
+}
+
+/// Which version a node gets during a rollout.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Assigned {
+    /// The target, at an epoch no older than `floor`.
+    Target { floor: Revision },
+    /// The stable version.
+    Stable,
+}
+
+impl Split {
+    /// Which version `identifier` gets.
+    pub(super) fn assign(&self, identifier: &str) -> Assigned {
+        let target = Assigned::Target { floor: self.target };
+        let Some(&position) = self.positions.get(identifier) else {
+            return target;
+        };
+        for &(cutoff, floor) in &self.reached {
+            if position < cutoff {
+                return Assigned::Target { floor };
+            }
+        }
+        if self.stable.is_some() {
+            Assigned::Stable
+        } else {
+            target
+        }
+    }
 }
 
 /// What `/node` answers for one identifier.
@@ -123,6 +197,97 @@ impl Serving {
         self.removed.contains_key(identifier)
     }
 
+    /// The split when it concerns `kind`.
+    fn split_of(&self, kind: VersionKind) -> Option<&Split> {
+        self.split.as_deref().filter(|split| split.kind == kind)
+    }
+
+    /// A bundle node's prepared payload and its stamp (the stable bundle's, before its wave).
+    pub(super) fn bundle_route(&self, identifier: &str) -> Option<(&Prepared, Stamp)> {
+        let prepared = self.bundle.as_ref()?.get(identifier)?;
+        let epoch = self.bundle_epoch;
+        let target = |floor: Revision| {
+            let stamp = Stamp {
+                epoch: epoch.max(floor),
+                version: Some(epoch),
+            };
+            Some((prepared, stamp))
+        };
+        let Some(split) = self.split_of(VersionKind::Bundle) else {
+            return target(epoch);
+        };
+        match (split.assign(identifier), &split.stable) {
+            (Assigned::Stable, Some(StableVersion::Bundle(stable))) => match stable.get(identifier)
+            {
+                Some(old) => Some((
+                    old,
+                    Stamp {
+                        epoch,
+                        version: Some(split.stable_version),
+                    },
+                )),
+                None => target(epoch),
+            },
+            (Assigned::Target { floor }, _) => target(floor),
+            _ => target(epoch),
+        }
+    }
+
+    /// The epoch that serves `identifier` at `target` (the ready policy epoch), and its stamp.
+    pub(super) fn policy_route<'a>(
+        &'a self,
+        target: &'a Arc<Epoch>,
+        identifier: &str,
+    ) -> (&'a Arc<Epoch>, Stamp) {
+        let stamp = |epoch: &Epoch, floor: Revision| Stamp {
+            epoch: target.revision.max(floor),
+            version: epoch.version,
+        };
+        let Some(split) = self.split_of(VersionKind::Policy) else {
+            return (target, stamp(target, 0));
+        };
+        match (split.assign(identifier), &split.stable) {
+            (Assigned::Stable, Some(StableVersion::Policy(Readiness::Epoch(stable)))) => {
+                (stable, stamp(stable, 0))
+            }
+            (Assigned::Target { floor }, _) => (target, stamp(target, floor)),
+            _ => (target, stamp(target, 0)),
+        }
+    }
+
+    /// What `identifier` is served now (epoch and version), without rendering anything.
+    pub fn served_stamp(&self, identifier: &str) -> Option<Stamp> {
+        if let Some((_, stamp)) = self.bundle_route(identifier) {
+            return Some(stamp);
+        }
+        match &self.readiness {
+            Readiness::Epoch(epoch) if self.registrations.contains_key(identifier) => {
+                Some(self.policy_route(epoch, identifier).1)
+            }
+            _ => None,
+        }
+    }
+
+    /// A node's latest applied-state report.
+    pub fn report(&self, identifier: &str) -> Option<&Report> {
+        self.reports.get(identifier).map(Arc::as_ref)
+    }
+
+    /// The rollout record as stored, if any.
+    pub fn rollout(&self) -> Option<&Stored> {
+        self.record.as_ref()
+    }
+
+    /// The installed version of `kind`.
+    pub fn installed(&self, kind: VersionKind) -> Option<Revision> {
+        match kind {
+            VersionKind::Policy => self.policy_version,
+            VersionKind::Bundle => {
+                (self.bundle.is_some() || self.bundle_epoch > 0).then_some(self.bundle_epoch)
+            }
+        }
+    }
+
     /// Whether the bundle names `identifier`; `None` when no bundle is installed.
     pub fn bundle_has(&self, identifier: &str) -> Option<bool> {
         self.bundle.as_ref().map(|b| b.contains_key(identifier))
@@ -145,7 +310,24 @@ pub(super) struct View {
     /// Set when `named_present` must be counted afresh (after a load or a policy change).
     recount: bool,
     dirty_bundle: bool,
+    reports: Reports,
+    rollout: Option<Stored>,
+    previous: Option<Arc<Previous>>,
+    /// Wave markers: wave number → the revision it was reached at.
+    waves: BTreeMap<usize, Revision>,
+    /// Set when who gets which version may have changed.
+    dirty_split: bool,
+    served_revision: Revision,
+    /// The stable version compiled or prepared, kept while its version is the same.
+    stable_cache: Option<(Revision, StableSource)>,
     last: Serving,
+}
+
+/// A stable version decoded once.
+#[derive(Clone)]
+enum StableSource {
+    Policy(CompiledPolicy),
+    Bundle(Arc<HashMap<String, Prepared>>),
 }
 
 impl View {
@@ -165,6 +347,13 @@ impl View {
             dirty_bundle: true,
             named_present: 0,
             recount: true,
+            reports: Reports::new(),
+            rollout: None,
+            previous: None,
+            waves: BTreeMap::new(),
+            dirty_split: true,
+            served_revision: 0,
+            stable_cache: None,
             last: Serving::default(),
         }
     }
@@ -201,8 +390,40 @@ impl View {
             .get(POLICY)
             .and_then(|t| t.get(CURRENT))
             .map(|e| (e.value.clone(), e.mod_revision));
+        self.reports = tree
+            .types
+            .get(REPORT)
+            .map(|reports| {
+                reports
+                    .iter()
+                    .filter_map(|(id, e)| Some((Arc::from(id.as_str()), decode_report(&e.value)?)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.rollout = tree
+            .types
+            .get(ROLLOUT)
+            .and_then(|t| t.get(CURRENT))
+            .and_then(|e| decode_rollout(&e.value, e.mod_revision));
+        self.previous = tree
+            .types
+            .get(PREVIOUS)
+            .and_then(|t| t.get(CURRENT))
+            .and_then(|e| decode_previous(&e.value));
+        self.waves = tree
+            .types
+            .get(WAVE)
+            .map(|waves| {
+                waves
+                    .iter()
+                    .filter_map(|(k, e)| Some((k.parse().ok()?, e.mod_revision)))
+                    .collect()
+            })
+            .unwrap_or_default();
+        self.served_revision = tree.revision;
         self.dirty_catalog = true;
         self.dirty_bundle = true;
+        self.dirty_split = true;
         self.recount = true;
     }
 
@@ -215,7 +436,37 @@ impl View {
             if key.namespace != CFGSYNC_NAMESPACE {
                 continue;
             }
+            if key.kind != REPORT {
+                self.served_revision = event.revision;
+            }
             match (key.kind.as_str(), &change.value) {
+                (REPORT, Some(value)) => {
+                    if let Some(report) = decode_report(value) {
+                        self.reports.insert(Arc::from(key.key.as_str()), report);
+                    }
+                }
+                (REPORT, None) => {
+                    self.reports.remove(key.key.as_str());
+                }
+                (ROLLOUT, value) if key.key == CURRENT => {
+                    self.rollout = value
+                        .as_ref()
+                        .and_then(|v| decode_rollout(v, event.revision));
+                    self.dirty_split = true;
+                }
+                (PREVIOUS, value) if key.key == CURRENT => {
+                    self.previous = value.as_ref().and_then(decode_previous);
+                    self.dirty_split = true;
+                }
+                (WAVE, value) => {
+                    if let Ok(k) = key.key.parse() {
+                        match value {
+                            Some(_) => self.waves.insert(k, event.revision),
+                            None => self.waves.remove(&k),
+                        };
+                        self.dirty_split = true;
+                    }
+                }
                 (REGISTRATION, Some(value)) => {
                     let Some(record) = decode_registration(&key.key, value) else {
                         continue;
@@ -251,6 +502,7 @@ impl View {
                 (BUNDLE, value) if key.key == CURRENT => {
                     self.bundle = value.clone().map(|v| (v, event.revision));
                     self.dirty_bundle = true;
+                    self.dirty_split = true;
                     // A node moved between the bundle and the policy must see a newer epoch,
                     // never an older one (a watcher waits for a newer one).
                     self.dirty_catalog = true;
@@ -258,6 +510,7 @@ impl View {
                 (POLICY, value) if key.key == CURRENT => {
                     self.policy = value.clone().map(|v| (v, event.revision));
                     self.dirty_catalog = true;
+                    self.dirty_split = true;
                     self.recount = true;
                 }
                 _ => {}
@@ -279,9 +532,16 @@ impl View {
     pub(super) fn rebuild(&mut self) -> Serving {
         let mut next = self.last.clone();
         next.revision = self.revision;
+        next.served_revision = self.served_revision;
         next.loaded = true;
         next.registrations = self.registrations.clone();
         next.removed = self.removed.clone();
+        next.reports = self.reports.clone();
+        next.record = self.rollout.clone();
+        next.previous = self.previous.clone();
+        next.policy_version = self.policy.as_ref().map(|(_, revision)| *revision);
+        // Membership moves waves' cutoffs; a new epoch moves the stable version's too.
+        self.dirty_split |= self.dirty_catalog || self.dirty_bundle;
         if self.dirty_bundle {
             next.bundle_epoch = self.bundle.as_ref().map_or(0, |(_, epoch)| *epoch);
             next.bundle = self
@@ -315,20 +575,164 @@ impl View {
                 }
             };
             next.readiness = match (source, ready) {
-                (Some(source), Some(true)) => Readiness::Epoch(Arc::new(Epoch::new(
-                    self.revision,
-                    source,
-                    registrations.clone(),
-                ))),
+                (Some(source), Some(true)) => {
+                    let version = match &source {
+                        Source::Policy(_) => self.policy.as_ref().map(|(_, revision)| *revision),
+                        Source::Custom(_) => None,
+                    };
+                    Readiness::Epoch(Arc::new(Epoch::new(
+                        self.revision,
+                        version,
+                        source,
+                        registrations.clone(),
+                    )))
+                }
                 (Some(_), _) => Readiness::NotReady,
                 (None, _) => Readiness::Absent,
             };
             self.dirty_catalog = false;
         }
         next.named = self.named_present;
+        if self.dirty_split {
+            next.split = self.split(&next).map(Arc::new);
+            self.dirty_split = false;
+        }
         self.last = next.clone();
         next
     }
+
+    /// Who gets which version, when a rollout governs what `next` serves.
+    fn split(&mut self, next: &Serving) -> Option<Split> {
+        let stored = self.rollout.clone()?;
+        let kind = stored.record.kind;
+        if !stored.governs(next.installed(kind)) {
+            return None;
+        }
+        let members: Vec<Arc<str>> = match kind {
+            VersionKind::Policy => {
+                let policy = next.policy.as_ref()?;
+                super::epoch::members(&self.registrations, policy)
+                    .into_iter()
+                    .map(|r| Arc::from(r.identifier.as_str()))
+                    .collect()
+            }
+            VersionKind::Bundle => {
+                let mut ids: Vec<Arc<str>> = next
+                    .bundle
+                    .as_ref()?
+                    .keys()
+                    .map(|id| Arc::from(id.as_str()))
+                    .collect();
+                ids.sort();
+                ids
+            }
+        };
+        let target = stored.target();
+        let record = &stored.record;
+        let reached = (0..=record.wave.min(record.plan.last_wave()))
+            .map(|k| {
+                let floor = match k {
+                    0 => target,
+                    k => self.waves.get(&k).copied().unwrap_or(stored.mod_revision),
+                };
+                (record.plan.cutoff(k, members.len()), floor)
+            })
+            .collect();
+        let stable = match self.previous.clone() {
+            Some(previous)
+                if record.state.is_active()
+                    && previous.kind == kind
+                    && previous.version == record.stable =>
+            {
+                self.stable_version(&previous, next)
+            }
+            _ => None,
+        };
+        let positions = members
+            .iter()
+            .enumerate()
+            .map(|(i, id)| (id.clone(), i))
+            .collect();
+        Some(Split {
+            kind,
+            target,
+            stable_version: record.stable,
+            members,
+            positions,
+            reached,
+            stable,
+        })
+    }
+
+    /// The stable version ready to serve beside `next`'s target (compiled or prepared once
+    /// per version; its epoch shares the target's revision).
+    fn stable_version(&mut self, previous: &Previous, next: &Serving) -> Option<StableVersion> {
+        let source = match &self.stable_cache {
+            Some((version, source)) if *version == previous.version => source.clone(),
+            _ => {
+                let source = match previous.kind {
+                    VersionKind::Policy => {
+                        StableSource::Policy(compile_policy(&previous.value, self.limits)?)
+                    }
+                    VersionKind::Bundle => StableSource::Bundle(prepare_bundle(&previous.value)?),
+                };
+                self.stable_cache = Some((previous.version, source.clone()));
+                source
+            }
+        };
+        Some(match source {
+            StableSource::Bundle(prepared) => StableVersion::Bundle(prepared),
+            StableSource::Policy(policy) => {
+                let Readiness::Epoch(target) = &next.readiness else {
+                    return None;
+                };
+                // The same epoch object while neither epoch nor version moved, so what it
+                // computed once (member list, shared files) is kept.
+                if let Some(StableVersion::Policy(Readiness::Epoch(kept))) =
+                    self.last.split.as_ref().and_then(|s| s.stable.as_ref())
+                    && kept.revision == target.revision
+                    && kept.version == Some(previous.version)
+                {
+                    return Some(StableVersion::Policy(Readiness::Epoch(kept.clone())));
+                }
+                let named = self
+                    .registrations
+                    .keys()
+                    .filter(|id| policy.serves(id))
+                    .count();
+                if !policy.is_ready(self.registrations.len(), named) {
+                    return Some(StableVersion::Policy(Readiness::NotReady));
+                }
+                StableVersion::Policy(Readiness::Epoch(Arc::new(Epoch::new(
+                    target.revision,
+                    Some(previous.version),
+                    Source::Policy(policy),
+                    self.registrations.clone(),
+                ))))
+            }
+        })
+    }
+}
+
+fn decode_report(value: &Value) -> Option<Arc<Report>> {
+    serde_json::from_value(value.clone()).ok().map(Arc::new)
+}
+
+fn decode_rollout(value: &Value, mod_revision: Revision) -> Option<Stored> {
+    match serde_json::from_value(value.clone()) {
+        Ok(record) => Some(Stored {
+            record,
+            mod_revision,
+        }),
+        Err(err) => {
+            tracing::error!(error = %err, "the stored rollout record does not decode; ignoring it");
+            None
+        }
+    }
+}
+
+fn decode_previous(value: &Value) -> Option<Arc<Previous>> {
+    serde_json::from_value(value.clone()).ok().map(Arc::new)
 }
 
 fn decode_registration(id: &str, value: &Value) -> Option<Arc<RegistrationRecord>> {

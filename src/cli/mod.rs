@@ -8,6 +8,7 @@ mod config;
 mod history;
 mod nodes;
 mod report;
+mod rollout;
 mod schema;
 mod serve;
 mod watch;
@@ -62,6 +63,12 @@ pub enum Command {
     /// The registered nodes: list, remove, replace.
     #[command(subcommand)]
     Nodes(nodes::NodesCommand),
+    /// See and steer the rollout of a policy or bundle change on a running server.
+    #[command(subcommand)]
+    Rollout(rollout::RolloutCommand),
+    /// Preview (`diff`) or install a policy on a running server.
+    #[command(subcommand)]
+    Policy(rollout::PolicyCommand),
     /// Operate the config store from a shell.
     #[command(subcommand)]
     Config(config::ConfigCommand),
@@ -121,6 +128,8 @@ async fn dispatch(command: Command) -> anyhow::Result<u8> {
         Command::History(args) => history::run(args).await,
         Command::Client(args) => client::run(args).await,
         Command::Nodes(command) => nodes::run(command).await,
+        Command::Rollout(command) => rollout::run_rollout(command).await,
+        Command::Policy(command) => rollout::run_policy(command).await,
         Command::Config(command) => config::run(command).await,
         Command::Schema(args) => schema::run(args),
         Command::Completions(args) => Ok(completions::run(args)),

@@ -253,12 +253,12 @@ impl ServerArgs {
             .await
             .with_context(|| format!("opening store {}", self.store))?;
         if let Some(bundle) = &preload.bundle {
-            cfgsync::state::install_bundle(store.as_ref(), bundle, false)
+            cfgsync::install::install_bundle(store.as_ref(), bundle, false)
                 .await
                 .context("installing the bundle")?;
         }
         if let Some(policy) = &preload.policy {
-            cfgsync::state::install_policy(store.as_ref(), policy.policy(), false)
+            cfgsync::install::install_policy(store.as_ref(), policy.policy(), false)
                 .await
                 .context("installing the policy")?;
         }

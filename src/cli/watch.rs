@@ -12,6 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::report::Reporter;
 use super::{EXIT_FAILURE, EXIT_OK};
 use crate::api::ErrorCode;
+use crate::api::rollout::{MAX_STDERR_TAIL, Outcome, ReportBody};
 use crate::backoff::Backoff;
 use crate::cfgsync::client::{CfgsyncClient, ClientError, WatchOutcome};
 use crate::cfgsync::{ArtifactFile, ArtifactOutputMap, NodeArtifactsPayload, NodeRegistration};
@@ -59,12 +60,16 @@ impl Watch<'_> {
         let mut pending: BTreeSet<String> =
             written.iter().map(|p| p.display().to_string()).collect();
         let mut last_hook = tokio::time::Instant::now();
-        if !self
+        let mut reporting = true;
+        let started = std::time::Instant::now();
+        let Some(outcome) = self
             .hook(&mut pending, current.epoch.unwrap_or_default(), &shutdown)
             .await
-        {
+        else {
             return EXIT_OK;
-        }
+        };
+        self.report(&current, outcome, started, &mut reporting)
+            .await;
         loop {
             // Epochs that come faster than the hook may run are coalesced: the next one is
             // asked for only once the interval has passed, and the server answers with the
@@ -97,8 +102,10 @@ impl Watch<'_> {
                 {
                     register = false;
                     backoff.reset();
+                    let started = std::time::Instant::now();
                     match self.apply(&current, &next, &mut pending, &shutdown).await {
-                        Applied::Written => {
+                        Applied::Written(outcome) => {
+                            self.report(&next, outcome, started, &mut reporting).await;
                             current = next;
                             resync = false;
                             last_hook = tokio::time::Instant::now();
@@ -106,7 +113,11 @@ impl Watch<'_> {
                         }
                         Applied::Stopped => return EXIT_OK,
                         // Not written: the same epoch is asked for again, after a pause.
-                        Applied::NotWritten => Some(backoff.fail()),
+                        Applied::NotWritten(why) => {
+                            let outcome = HookOutcome::failed(None, why);
+                            self.report(&next, outcome, started, &mut reporting).await;
+                            Some(backoff.fail())
+                        }
                     }
                 }
                 Ok((WatchOutcome::Payload(_), _)) if resync => {
@@ -177,6 +188,40 @@ impl Watch<'_> {
         }
     }
 
+    /// Tells the server what became of `payload` (`POST /report`), unless it said it does not
+    /// take reports. A report that cannot be delivered is noted and not retried: the next
+    /// apply reports again.
+    async fn report(
+        &self,
+        payload: &NodeArtifactsPayload,
+        outcome: HookOutcome,
+        started: std::time::Instant,
+        reporting: &mut bool,
+    ) {
+        let Some(epoch) = payload.epoch.filter(|_| *reporting) else {
+            return;
+        };
+        let body = ReportBody {
+            identifier: self.registration.identifier.clone(),
+            epoch,
+            version: payload.version,
+            result: if outcome.ok {
+                Outcome::Ok
+            } else {
+                Outcome::Failed
+            },
+            exit_status: outcome.exit_status,
+            stderr_tail: (!outcome.stderr_tail.is_empty())
+                .then(|| crate::cfgsync::report::tail(&outcome.stderr_tail).to_string()),
+            duration_ms: started.elapsed().as_millis() as u64,
+        };
+        match self.client.report(&body).await {
+            Ok(true) => {}
+            Ok(false) => *reporting = false,
+            Err(err) => self.note("error", &format!("the apply was not reported: {err}")),
+        }
+    }
+
     fn note(&self, event: &str, text: &str) {
         let identifier = &self.registration.identifier;
         self.report
@@ -199,7 +244,7 @@ impl Watch<'_> {
                     "error",
                     &format!("error: the new files were not written: {err}"),
                 );
-                return Applied::NotWritten;
+                return Applied::NotWritten(format!("the new files were not written: {err}"));
             }
         };
         let mut changed = changed_paths(&current.files, &next.files, &written);
@@ -216,49 +261,45 @@ impl Watch<'_> {
             json!({"epoch": epoch, "changed": changed, "removed": removed}),
         );
         pending.extend(changed);
-        if self.hook(pending, epoch, shutdown).await {
-            Applied::Written
-        } else {
-            Applied::Stopped
+        match self.hook(pending, epoch, shutdown).await {
+            Some(outcome) => Applied::Written(outcome),
+            None => Applied::Stopped,
         }
     }
 
     /// Runs the hook for `pending` (when there is a hook and anything is pending), and forgets
-    /// them once it succeeded. `false` when SIGTERM came meanwhile: the hook was stopped.
+    /// them once it succeeded. `None` when SIGTERM came meanwhile: the hook was stopped.
     async fn hook(
         &self,
         pending: &mut BTreeSet<String>,
         epoch: u64,
         shutdown: &CancellationToken,
-    ) -> bool {
+    ) -> Option<HookOutcome> {
         let Some(command) = self.on_change else {
             pending.clear();
-            return true;
+            return Some(HookOutcome::ok());
         };
         if pending.is_empty() {
-            return true;
+            return Some(HookOutcome::ok());
         }
         let paths: Vec<String> = pending.iter().cloned().collect();
-        match self.run_hook(command, &paths, epoch, shutdown).await {
-            Some(true) => {
-                pending.clear();
-                true
-            }
-            Some(false) => true,
-            None => false,
+        let outcome = self.run_hook(command, &paths, epoch, shutdown).await?;
+        if outcome.ok {
+            pending.clear();
         }
+        Some(outcome)
     }
 
-    /// Runs `command` with `sh -c`: `Some(true)` when it succeeded, `Some(false)` when it
-    /// failed (reported; it runs again at the next epoch, and the files stay written), `None`
-    /// when SIGTERM came first (the hook is sent SIGTERM too, and not waited for).
+    /// Runs `command` with `sh -c`, its stderr passed through and its tail kept: how it went
+    /// (a failure is noted; it runs again at the next epoch, and the files stay written), or
+    /// `None` when SIGTERM came first (the hook is sent SIGTERM too, and not waited for).
     async fn run_hook(
         &self,
         command: &str,
         changed: &[String],
         epoch: u64,
         shutdown: &CancellationToken,
-    ) -> Option<bool> {
+    ) -> Option<HookOutcome> {
         let list = changed.join("\n");
         let file = match changed_paths_file(&list) {
             Ok(file) => file,
@@ -267,7 +308,10 @@ impl Watch<'_> {
                     "hook_failed",
                     &format!("--on-change not run: cannot write the changed paths: {err}"),
                 );
-                return Some(false);
+                return Some(HookOutcome::failed(
+                    None,
+                    format!("the changed paths could not be written: {err}"),
+                ));
             }
         };
         let mut hook = tokio::process::Command::new("sh");
@@ -278,6 +322,7 @@ impl Watch<'_> {
             .env("BOOTSYNC_IDENTIFIER", &self.registration.identifier)
             // Its own process group, so SIGTERM reaches what the hook started too.
             .process_group(0)
+            .stderr(std::process::Stdio::piped())
             .kill_on_drop(true);
         if list.len() <= CHANGED_PATHS_ENV_MAX {
             hook.env("BOOTSYNC_CHANGED_PATHS", &list);
@@ -289,9 +334,14 @@ impl Watch<'_> {
                     "hook_failed",
                     &format!("--on-change could not start: {err}"),
                 );
-                return Some(false);
+                return Some(HookOutcome::failed(
+                    None,
+                    format!("--on-change could not start: {err}"),
+                ));
             }
         };
+        let stderr = child.stderr.take();
+        let tail = tokio::spawn(pass_stderr_through(stderr));
         let status = tokio::select! {
             status = child.wait() => status,
             () = shutdown.cancelled() => {
@@ -301,24 +351,88 @@ impl Watch<'_> {
                 return None;
             }
         };
+        // The hook has exited; what it left running may hold stderr open, so the tail is
+        // waited for only briefly.
+        let stderr_tail = tokio::time::timeout(Duration::from_secs(1), tail)
+            .await
+            .ok()
+            .and_then(Result::ok)
+            .unwrap_or_default();
         match status {
-            Ok(status) if status.success() => return Some(true),
-            Ok(status) => self.note(
-                "hook_failed",
-                &format!("--on-change {status}; the files stay written and it runs again at the next epoch"),
-            ),
-            Err(err) => self.note("hook_failed", &format!("--on-change could not be waited for: {err}")),
+            Ok(status) if status.success() => Some(HookOutcome::ok()),
+            Ok(status) => {
+                self.note(
+                    "hook_failed",
+                    &format!("--on-change {status}; the files stay written and it runs again at the next epoch"),
+                );
+                Some(HookOutcome::failed(status.code(), stderr_tail))
+            }
+            Err(err) => {
+                self.note(
+                    "hook_failed",
+                    &format!("--on-change could not be waited for: {err}"),
+                );
+                Some(HookOutcome::failed(None, err.to_string()))
+            }
         }
-        Some(false)
+    }
+}
+
+/// Copies the hook's stderr to ours as it comes, and returns its last 2 KiB.
+async fn pass_stderr_through(stderr: Option<tokio::process::ChildStderr>) -> String {
+    use std::io::Write as _;
+    use tokio::io::AsyncReadExt as _;
+    let Some(mut stderr) = stderr else {
+        return String::new();
+    };
+    let ours = std::io::stderr();
+    let mut kept: Vec<u8> = Vec::new();
+    let mut chunk = [0u8; 4096];
+    while let Ok(n) = stderr.read(&mut chunk).await {
+        if n == 0 {
+            break;
+        }
+        let _ = ours.lock().write_all(&chunk[..n]);
+        kept.extend_from_slice(&chunk[..n]);
+        if kept.len() > 2 * MAX_STDERR_TAIL {
+            kept.drain(..kept.len() - MAX_STDERR_TAIL);
+        }
+    }
+    let text = String::from_utf8_lossy(&kept);
+    crate::cfgsync::report::tail(&text).to_string()
+}
+
+/// How the hook went.
+struct HookOutcome {
+    ok: bool,
+    exit_status: Option<i32>,
+    stderr_tail: String,
+}
+
+impl HookOutcome {
+    fn ok() -> Self {
+        Self {
+            ok: true,
+            exit_status: None,
+            stderr_tail: String::new(),
+        }
+    }
+
+    fn failed(exit_status: Option<i32>, stderr_tail: String) -> Self {
+        Self {
+            ok: false,
+            exit_status,
+            stderr_tail,
+        }
     }
 }
 
 /// How applying a payload ended.
 enum Applied {
     /// Written, and the hook ran (or was not needed).
-    Written,
-    /// Nothing was written.
-    NotWritten,
+    Written(HookOutcome),
+    /// Nothing was written, and why.
+    NotWritten(String),
     /// SIGTERM came while the hook ran.
     Stopped,
 }

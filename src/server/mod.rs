@@ -10,6 +10,7 @@ pub mod nodes;
 pub mod openapi;
 mod page;
 mod refusals;
+mod rollout;
 mod spawn;
 pub mod status;
 

@@ -19,9 +19,11 @@ use super::conn::Caller;
 use super::refusals::{JoinRequired, JsonBodyRefused};
 use super::{ApiError, ApiJson};
 use crate::api::cfgsync::{NodeArtifactsPayload, NodeQuery, NodeRegistration, Registered};
+use crate::api::rollout::ReportBody;
 use crate::api::{ErrorBody, ErrorCode, ErrorDetails, NODE_SECRET_HEADER, Token};
 use crate::cfgsync::registration::RegisterError;
 use crate::cfgsync::registration::Served;
+use crate::cfgsync::report::{ReportError, ReportRefused, Taken};
 use crate::cfgsync::service::Service;
 
 /// What the node routes need.
@@ -58,6 +60,62 @@ where
     OpenApiRouter::new()
         .routes(routes!(register))
         .routes(routes!(node))
+        .routes(routes!(report))
+}
+
+impl From<ReportError> for ApiError {
+    fn from(err: ReportError) -> Self {
+        let message = err.to_string();
+        match err {
+            ReportError::Node(err) => err.into(),
+            ReportError::UnknownNode(_) => ApiError::new(ErrorCode::MissingConfig, message),
+            ReportError::FutureEpoch { .. } | ReportError::FutureVersion { .. } => {
+                ApiError::unprocessable(message)
+            }
+            ReportError::TailTooLarge { .. } => ApiError::new(ErrorCode::TooLarge, message),
+            ReportError::TooMany {
+                retry_after_secs, ..
+            } => {
+                let details = ErrorDetails {
+                    retry_after_secs: Some(retry_after_secs),
+                    ..ErrorDetails::default()
+                };
+                let body = ErrorBody::new(ErrorCode::TooManyRequests, message);
+                ApiError::from(body.with_details(details))
+            }
+            ReportError::Refused(ReportRefused::Busy) => ApiError::unavailable(message),
+            ReportError::Refused(ReportRefused::Store(err)) => err.into(),
+        }
+    }
+}
+
+/// What a watching node did with a payload: stored per node in `__cfgsync__`, shown in
+/// `/v1/nodes`, and what a rollout's waves wait for.
+#[utoipa::path(post, path = "/report", tag = "cfgsync",
+    request_body(content = ReportBody, content_type = "application/json"),
+    params(("x-bootsync-node-secret" = Option<String>, Header, description = "Strict mode: the secret given at registration")),
+    security((), ("join" = [])),
+    responses(
+        (status = 202, description = "Stored (or the same as the stored one)"),
+        (status = 404, description = "`missing_config`: no such node is registered", body = ErrorBody),
+        (status = 413, description = "The stderr tail is over 2 KiB", body = ErrorBody),
+        (status = 422, description = "An epoch or version no server has served", body = ErrorBody),
+        (status = 429, description = "The node reports too often", body = ErrorBody),
+        JoinRequired, JsonBodyRefused,
+    ))]
+async fn report(
+    State(routes): State<NodeRoutes>,
+    _: Join,
+    NodeSecret(secret): NodeSecret,
+    ApiJson(body): ApiJson<ReportBody>,
+) -> Result<Response, ApiError> {
+    let taken = routes.service.report(body, secret.as_deref()).await?;
+    let stored = matches!(taken, Taken::Stored(_));
+    Ok((
+        StatusCode::ACCEPTED,
+        axum::Json(serde_json::json!({ "stored": stored })),
+    )
+        .into_response())
 }
 
 impl From<RegisterError> for ApiError {

@@ -26,6 +26,7 @@ use super::AppState;
         (name = "cfgsync", description = "The node protocol, wire-compatible with cfgsync"),
         (name = "status", description = "Reconciler and cfgsync state"),
         (name = "nodes", description = "Registered nodes: list, remove, replace"),
+        (name = "rollout", description = "Changes to a running fleet: install, rollout, preview"),
         (name = "health", description = "Liveness, readiness and metrics"),
         (name = "meta", description = "This description"),
     ),
@@ -65,6 +66,7 @@ pub(super) fn api() -> OpenApiRouter<AppState> {
         .merge(super::page::api())
         .merge(super::nodes::api())
         .merge(super::lifecycle::api())
+        .merge(super::rollout::api())
         .routes(routes!(openapi_json))
 }
 

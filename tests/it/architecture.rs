@@ -15,6 +15,7 @@ use std::path::Path;
 const FOUNDATION: &[&str] = &[
     "backoff",
     "clock",
+    "duration",
     "files",
     "memory",
     "metrics",

@@ -460,7 +460,7 @@ async fn two_servers_on_one_store_share_registrations_and_payloads() {
         bootsync::store::Limits::default(),
     ));
     let policy: bootsync::cfgsync::Policy = serde_saphyr::from_str(POLICY_3).unwrap();
-    bootsync::cfgsync::state::install_policy(store.as_ref(), &policy, false)
+    bootsync::cfgsync::install::install_policy(store.as_ref(), &policy, false)
         .await
         .unwrap();
     let mut urls = Vec::new();

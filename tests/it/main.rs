@@ -21,6 +21,7 @@ mod node_lifecycle;
 mod openapi;
 mod reconciler;
 mod remote_errors;
+mod rollout;
 mod schema;
 mod serve_smoke;
 mod status_page;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use bootsync::api::Token;
 use bootsync::cfgsync::CfgsyncClient;
-use bootsync::cfgsync::state::{install_bundle, install_policy};
+use bootsync::cfgsync::install::{install_bundle, install_policy};
 use bootsync::cfgsync::{NodeArtifactsBundle, Policy};
 use bootsync::client::{ApiClient, RemoteStore};
 use bootsync::metrics::Metrics;

@@ -10,6 +10,7 @@ pub mod client;
 mod epoch;
 pub mod gzip;
 pub mod install;
+pub mod intake;
 pub mod isolate;
 pub mod lifecycle;
 pub mod materialize;

@@ -10,12 +10,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
-use std::net::IpAddr;
-
-use super::registration::RegisterError;
-use super::service::Service;
 pub use super::state::{REPORT, report_key};
-use crate::api::cfgsync::NodeRegistration;
 pub use crate::api::rollout::{MAX_STDERR_TAIL, Outcome, Report, ReportBody};
 use crate::store::{self, Batch, DynStore, Revision};
 
@@ -123,131 +118,6 @@ async fn write_reports(
         for (_, _, reply) in taken.drain(..) {
             let _ = reply.send(result.clone());
         }
-    }
-}
-
-/// Why a report was refused; nothing was stored.
-#[derive(Debug, thiserror::Error)]
-pub enum ReportError {
-    /// The request's identifier, secret or registration check failed.
-    #[error(transparent)]
-    Node(#[from] RegisterError),
-    /// No such node is registered or in the bundle.
-    #[error("{0:?} is not a registered node: register before reporting")]
-    UnknownNode(String),
-    /// The epoch is newer than anything served.
-    #[error("epoch {epoch} is newer than the store's revision {revision}: no server has served it")]
-    FutureEpoch {
-        /// The epoch reported.
-        epoch: Revision,
-        /// The store's revision.
-        revision: Revision,
-    },
-    /// The version is newer than the epoch it came with.
-    #[error(
-        "version {version} is newer than epoch {epoch}: a payload's version is at most its epoch"
-    )]
-    FutureVersion {
-        /// The version reported.
-        version: Revision,
-        /// The epoch reported.
-        epoch: Revision,
-    },
-    /// The stderr tail is over its limit.
-    #[error("stderr_tail is {size} bytes, over the limit of {MAX_STDERR_TAIL}")]
-    TailTooLarge {
-        /// Its size.
-        size: usize,
-    },
-    /// The node reports faster than a watcher can.
-    #[error(
-        "{identifier:?} reported more than {per_minute} times a minute (retry in {retry_after_secs} s)"
-    )]
-    TooMany {
-        /// The node.
-        identifier: String,
-        /// The limit.
-        per_minute: u32,
-        /// When one would be taken.
-        retry_after_secs: u64,
-    },
-    /// The report queue is full, or the store failed.
-    #[error(transparent)]
-    Refused(#[from] ReportRefused),
-}
-
-/// What became of a report.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Taken {
-    /// Stored at this revision.
-    Stored(Revision),
-    /// Nothing new (the same as the stored one, or older): not written.
-    Kept,
-}
-
-impl Service {
-    /// Takes a watching node's report: checks it as a `/node` request is checked (the join
-    /// token is the router's; the node secret here, in strict mode), bounds it, and stores
-    /// it with the next batch.
-    pub async fn report(
-        &self,
-        body: ReportBody,
-        secret: Option<&str>,
-    ) -> Result<Taken, ReportError> {
-        if let Some(tail) = &body.stderr_tail
-            && tail.len() > MAX_STDERR_TAIL
-        {
-            return Err(ReportError::TailTooLarge { size: tail.len() });
-        }
-        if let Some(version) = body.version
-            && version > body.epoch
-        {
-            return Err(ReportError::FutureVersion {
-                version,
-                epoch: body.epoch,
-            });
-        }
-        let probe = NodeRegistration::new(body.identifier.clone(), IpAddr::from([0, 0, 0, 0]));
-        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
-        let mut serving = self.authorize_node(&probe, secret, deadline).await?;
-        let id = &body.identifier;
-        if serving.registration(id).is_none() && serving.bundle_has(id) != Some(true) {
-            return Err(ReportError::UnknownNode(id.clone()));
-        }
-        if body.epoch > serving.revision {
-            let revision = self.store.revision().await.map_err(ReportRefused::from)?;
-            if body.epoch > revision {
-                return Err(ReportError::FutureEpoch {
-                    epoch: body.epoch,
-                    revision,
-                });
-            }
-            serving = self.caught_up(body.epoch, deadline).await;
-        }
-        let report = Report {
-            epoch: body.epoch,
-            version: body.version,
-            result: body.result,
-            exit_status: body.exit_status,
-            stderr_tail: body.stderr_tail,
-            duration_ms: body.duration_ms,
-            reported_ms: crate::clock::now_ms(),
-        };
-        if let Some(stored) = serving.report(id)
-            && (stored.same_as(&report) || stored.epoch > report.epoch)
-        {
-            return Ok(Taken::Kept);
-        }
-        self.report_rate
-            .take(id)
-            .map_err(|retry_after_secs| ReportError::TooMany {
-                identifier: id.clone(),
-                per_minute: self.report_rate.per_minute(),
-                retry_after_secs,
-            })?;
-        Ok(Taken::Stored(
-            self.reports.submit(id.clone(), report).await?,
-        ))
     }
 }
 

@@ -166,7 +166,7 @@ impl Service {
             steering: std::sync::OnceLock::new(),
             fetched: Default::default(),
         });
-        let _ = service.steering.set(super::steer::start(&service));
+        let _ = service.steering.set(start_steering(&service));
         tokio::spawn(watcher(
             store,
             View::new(custom, service.options.render_limits),
@@ -454,4 +454,39 @@ async fn watcher(
         }
         publish(&tx, &service, view.rebuild());
     }
+}
+
+/// Runs until `stop` is cancelled (the service is dropped) or the service is gone.
+async fn steer(service: std::sync::Weak<Service>, stop: tokio_util::sync::CancellationToken) {
+    let Some(mut changes) = service.upgrade().map(|s| s.subscribe()) else {
+        return;
+    };
+    loop {
+        let serving = changes.borrow_and_update().clone();
+        let wake_at_ms = match service.upgrade() {
+            Some(service) => service.steer_once(&serving).await,
+            None => return,
+        };
+        let sleep = async {
+            match wake_at_ms {
+                Some(at) => {
+                    let wait = at.saturating_sub(crate::clock::now_ms());
+                    tokio::time::sleep(Duration::from_millis(wait.max(1))).await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            changed = changes.changed() => if changed.is_err() { return },
+            () = sleep => {}
+            () = stop.cancelled() => return,
+        }
+    }
+}
+
+/// Keeps the service's steering task alive as long as the service.
+fn start_steering(service: &Arc<Service>) -> tokio_util::sync::DropGuard {
+    let stop = tokio_util::sync::CancellationToken::new();
+    tokio::spawn(steer(Arc::downgrade(service), stop.clone()));
+    stop.drop_guard()
 }

@@ -3,11 +3,6 @@
 //! the next step and writes it guarded by the record's mod revision. Every server runs one;
 //! when two write the same step, the guard lets one through and the other sees it in its view.
 
-use std::sync::{Arc, Weak};
-use std::time::Duration;
-
-use tokio_util::sync::CancellationToken;
-
 use super::rollout::{
     self, Command, CommandStep, Fleet, RolloutState, Stored, version_key, wave_health,
 };
@@ -15,34 +10,6 @@ use super::service::Service;
 use super::view::Serving;
 use crate::api::rollout::{RolloutStatus, WaveStatus};
 use crate::store::{self, Precondition, Revision};
-
-/// Runs until `stop` is cancelled (the service is dropped) or the service is gone.
-pub(super) async fn steer(service: Weak<Service>, stop: CancellationToken) {
-    let Some(mut changes) = service.upgrade().map(|s| s.subscribe()) else {
-        return;
-    };
-    loop {
-        let serving = changes.borrow_and_update().clone();
-        let wake_at_ms = match service.upgrade() {
-            Some(service) => service.steer_once(&serving).await,
-            None => return,
-        };
-        let sleep = async {
-            match wake_at_ms {
-                Some(at) => {
-                    let wait = at.saturating_sub(crate::clock::now_ms());
-                    tokio::time::sleep(Duration::from_millis(wait.max(1))).await;
-                }
-                None => std::future::pending().await,
-            }
-        };
-        tokio::select! {
-            changed = changes.changed() => if changed.is_err() { return },
-            () = sleep => {}
-            () = stop.cancelled() => return,
-        }
-    }
-}
 
 /// Why an operator's command was not carried out.
 #[derive(Debug, thiserror::Error)]
@@ -61,7 +28,7 @@ pub enum RolloutError {
 impl Service {
     /// One look at the rollout in `serving`: writes the next step if there is one, and says
     /// when time alone would change the answer.
-    async fn steer_once(&self, serving: &Serving) -> Option<u64> {
+    pub(super) async fn steer_once(&self, serving: &Serving) -> Option<u64> {
         let stored = serving.record.as_ref()?;
         let split = serving.split.as_ref()?;
         if stored.record.state != RolloutState::Running {
@@ -243,11 +210,4 @@ fn log_step(step: &rollout::Step, revision: Revision) {
             _ => tracing::debug!(revision, "rollout: record updated"),
         },
     }
-}
-
-/// Keeps the service's steering task alive as long as the service.
-pub(super) fn start(service: &Arc<Service>) -> tokio_util::sync::DropGuard {
-    let stop = CancellationToken::new();
-    tokio::spawn(steer(Arc::downgrade(service), stop.clone()));
-    stop.drop_guard()
 }

@@ -21,9 +21,10 @@ use super::{ApiError, ApiJson};
 use crate::api::cfgsync::{NodeArtifactsPayload, NodeQuery, NodeRegistration, Registered};
 use crate::api::rollout::ReportBody;
 use crate::api::{ErrorBody, ErrorCode, ErrorDetails, NODE_SECRET_HEADER, Token};
+use crate::cfgsync::intake::{ReportError, Taken};
 use crate::cfgsync::registration::RegisterError;
 use crate::cfgsync::registration::Served;
-use crate::cfgsync::report::{ReportError, ReportRefused, Taken};
+use crate::cfgsync::report::ReportRefused;
 use crate::cfgsync::service::Service;
 
 /// What the node routes need.

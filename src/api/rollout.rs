@@ -19,9 +19,9 @@ pub enum Outcome {
     Failed,
 }
 
-/// A stored report (`__cfgsync__/report/<identifier>`).
+/// What a node did with one payload: the part of a report the node sends.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct Report {
+pub struct Applied {
     /// The epoch of the payload applied.
     pub epoch: Revision,
     /// Its version (the policy or bundle revision), when the server named one.
@@ -38,11 +38,9 @@ pub struct Report {
     /// How long the write and the hook took, ms.
     #[serde(default)]
     pub duration_ms: u64,
-    /// When the server took it, Unix ms.
-    pub reported_ms: u64,
 }
 
-impl Report {
+impl Applied {
     /// Whether it says the payload was applied.
     pub fn is_ok(&self) -> bool {
         self.result == Outcome::Ok
@@ -59,38 +57,34 @@ impl Report {
         }
     }
 
-    /// Whether `next` tells nothing this one does not (a repeated report is not written).
-    pub fn same_as(&self, next: &Report) -> bool {
-        self.epoch == next.epoch
-            && self.version == next.version
-            && self.result == next.result
-            && self.exit_status == next.exit_status
-            && self.stderr_tail == next.stderr_tail
+    /// Whether `next` tells nothing this one does not (its duration aside): a repeated report
+    /// is not written.
+    pub fn same_as(&self, next: &Applied) -> bool {
+        Self {
+            duration_ms: next.duration_ms,
+            ..self.clone()
+        } == *next
     }
 }
 
-/// The body of `POST /report`: what a watching node did with a payload.
+/// The body of `POST /report`. Unknown fields are ignored, as in the other node bodies.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
 pub struct ReportBody {
     /// The node.
     pub identifier: String,
-    /// The epoch of the payload it applied.
-    pub epoch: Revision,
-    /// The payload's version, when the server named one.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub version: Option<Revision>,
-    /// How it went.
-    pub result: Outcome,
-    /// The hook's exit status.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub exit_status: Option<i32>,
-    /// The end of the hook's stderr, at most 2 KiB.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub stderr_tail: Option<String>,
-    /// How long writing and the hook took, ms.
-    #[serde(default)]
-    pub duration_ms: u64,
+    /// What it did.
+    #[serde(flatten)]
+    pub applied: Applied,
+}
+
+/// A stored report (`__cfgsync__/report/<identifier>`): what the node sent, and when.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Report {
+    /// What the node did.
+    #[serde(flatten)]
+    pub applied: Applied,
+    /// When the server took it, Unix ms.
+    pub reported_ms: u64,
 }
 
 /// Which installed thing a rollout changes.

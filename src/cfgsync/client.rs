@@ -252,7 +252,7 @@ impl CfgsyncClient {
         // No such route: a seed server (plain text) or an older bootsync (`not_found`).
         let unknown_route = matches!(
             &refused,
-            ClientError::Refused { code: ErrorCode::NotFound | ErrorCode::MethodNotAllowed | ErrorCode::BadRequest, status, .. }
+            ClientError::Refused { code: ErrorCode::NotFound | ErrorCode::MethodNotAllowed, status, .. }
                 if *status == StatusCode::NOT_FOUND || *status == StatusCode::METHOD_NOT_ALLOWED
         );
         if unknown_route {

@@ -266,7 +266,9 @@ pub async fn wait_for_rollout(
             }
             Some(_) => {}
         }
-        // Woken by the next change to `__cfgsync__`, or after a backoff if the watch fails.
+        // Looked at again when the rollout or the installed version changes (reports, which
+        // come by the thousand, do not count), or after a backoff if the watch fails.
+        let watched = [rollout_key(), version_key(kind)];
         match store
             .watch(
                 revision + 1,
@@ -275,7 +277,11 @@ pub async fn wait_for_rollout(
             .await
         {
             Ok(mut watch) => {
-                let _ = watch.next().await;
+                while let Some(Ok(event)) = watch.next().await {
+                    if event.changes.iter().any(|c| watched.contains(&c.key)) {
+                        break;
+                    }
+                }
                 backoff.reset();
             }
             Err(_) => tokio::time::sleep(backoff.fail()).await,

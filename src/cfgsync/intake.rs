@@ -77,47 +77,42 @@ impl Service {
         body: ReportBody,
         secret: Option<&str>,
     ) -> Result<Taken, ReportError> {
-        if let Some(tail) = &body.stderr_tail
+        let ReportBody {
+            identifier,
+            applied,
+        } = body;
+        if let Some(tail) = &applied.stderr_tail
             && tail.len() > MAX_STDERR_TAIL
         {
             return Err(ReportError::TailTooLarge { size: tail.len() });
         }
-        if let Some(version) = body.version
-            && version > body.epoch
+        if let Some(version) = applied.version
+            && version > applied.epoch
         {
             return Err(ReportError::FutureVersion {
                 version,
-                epoch: body.epoch,
+                epoch: applied.epoch,
             });
         }
-        let probe = NodeRegistration::new(body.identifier.clone(), IpAddr::from([0, 0, 0, 0]));
+        let probe = NodeRegistration::new(identifier.clone(), IpAddr::from([0, 0, 0, 0]));
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
         let mut serving = self.authorize_node(&probe, secret, deadline).await?;
-        let id = &body.identifier;
+        let id = &identifier;
         if serving.registration(id).is_none() && serving.bundle_has(id) != Some(true) {
             return Err(ReportError::UnknownNode(id.clone()));
         }
-        if body.epoch > serving.revision {
+        if applied.epoch > serving.revision {
             let revision = self.store.revision().await.map_err(ReportRefused::from)?;
-            if body.epoch > revision {
+            if applied.epoch > revision {
                 return Err(ReportError::FutureEpoch {
-                    epoch: body.epoch,
+                    epoch: applied.epoch,
                     revision,
                 });
             }
-            serving = self.caught_up(body.epoch, deadline).await;
+            serving = self.caught_up(applied.epoch, deadline).await;
         }
-        let report = Report {
-            epoch: body.epoch,
-            version: body.version,
-            result: body.result,
-            exit_status: body.exit_status,
-            stderr_tail: body.stderr_tail,
-            duration_ms: body.duration_ms,
-            reported_ms: crate::clock::now_ms(),
-        };
         if let Some(stored) = serving.report(id)
-            && (stored.same_as(&report) || stored.epoch > report.epoch)
+            && (stored.applied.same_as(&applied) || stored.applied.epoch > applied.epoch)
         {
             return Ok(Taken::Kept);
         }
@@ -128,8 +123,12 @@ impl Service {
                 per_minute: self.report_rate.per_minute(),
                 retry_after_secs,
             })?;
+        let report = Report {
+            applied,
+            reported_ms: crate::clock::now_ms(),
+        };
         Ok(Taken::Stored(
-            self.reports.submit(id.clone(), report).await?,
+            self.reports.submit(identifier, report).await?,
         ))
     }
 }

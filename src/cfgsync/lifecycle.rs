@@ -9,6 +9,7 @@ use serde_json::json;
 use super::policy::Policy;
 use super::state::{
     Ledger, RegistrationRecord, Removal, ledger_key, policy_key, registration_key, removed_key,
+    report_key,
 };
 use crate::api::cfgsync::check_identifier;
 use crate::clock::now_ms;
@@ -55,6 +56,8 @@ pub async fn remove(store: &dyn Store, identifier: &str) -> Result<Revision, Lif
     let batch = Batch::new()
         .check(key.clone(), Precondition::ModRevision(revision))
         .delete(key)
+        // What it applied goes with it: a rollout no longer waits for it.
+        .delete(report_key(identifier))
         .put(removed_key(identifier), json!(marker))
         .put(ledger_key(), Ledger::stale());
     Ok(store.apply(batch).await?)
@@ -106,6 +109,7 @@ pub async fn replace(
         .check(old_key.clone(), Precondition::ModRevision(revision))
         .check(new_key.clone(), Precondition::Absent)
         .delete(old_key)
+        .delete(report_key(old))
         .put(new_key.clone(), json!(replacement))
         .put(removed_key(old), json!(marker))
         .delete(removed_key(new))

@@ -19,7 +19,7 @@ pub mod output;
 pub mod payload;
 pub mod plan;
 pub mod policy;
-mod preview;
+pub mod preview;
 pub mod rate;
 pub mod registration;
 pub mod render;

@@ -46,10 +46,11 @@ impl WaveSize {
             Self::Count(count) => (*count as usize).min(members),
             Self::Percent(text) => {
                 let percent = Self::percent(text).unwrap_or(100.0);
-                ((members as f64 * percent / 100.0).ceil() as usize).clamp(1, members.max(1))
+                ((members as f64 * percent / 100.0).ceil() as usize)
+                    .clamp(1, members.max(1))
+                    .min(members)
             }
         }
-        .min(members)
     }
 }
 

@@ -59,6 +59,17 @@ struct Tally {
     failed: Vec<PreviewFailure>,
 }
 
+/// Why a preview was not made.
+#[derive(Debug, thiserror::Error)]
+pub enum PreviewError {
+    /// The candidate is invalid, or the node asked for is unknown (every problem listed).
+    #[error("{}", .0.join("; "))]
+    Invalid(Vec<String>),
+    /// Another preview is running: one renders the whole fleet on every core already.
+    #[error("another preview is running; retry when it has finished")]
+    Busy,
+}
+
 impl Service {
     /// Renders `candidate` for every registered node and compares it with the installed
     /// policy's render; diffs for `node` only, or for the first `show` changed nodes. The
@@ -68,14 +79,22 @@ impl Service {
         candidate: Policy,
         node: Option<&str>,
         show: usize,
-    ) -> Result<PreviewBody, Vec<String>> {
+    ) -> Result<PreviewBody, PreviewError> {
         let started = Instant::now();
-        let candidate = candidate.compile_with(self.options.render_limits)?;
+        let _one = self
+            .previewing
+            .try_acquire()
+            .map_err(|_| PreviewError::Busy)?;
+        let candidate = candidate
+            .compile_with(self.options.render_limits)
+            .map_err(PreviewError::Invalid)?;
         let serving = self.current();
         if let Some(node) = node
             && serving.registration(node).is_none()
         {
-            return Err(vec![format!("node {node:?} is not registered")]);
+            return Err(PreviewError::Invalid(vec![format!(
+                "node {node:?} is not registered"
+            )]));
         }
         let installed = serving.policy.clone();
         let installed_version = serving.policy_version;
@@ -95,7 +114,7 @@ impl Service {
             .pool
             .run(work)
             .await
-            .map_err(|err| vec![err])?;
+            .map_err(|err| PreviewError::Invalid(vec![err]))?;
         Ok(PreviewBody {
             installed: installed_version,
             nodes,

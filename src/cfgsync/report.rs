@@ -129,12 +129,14 @@ mod tests {
 
     fn report(epoch: Revision) -> Report {
         Report {
-            epoch,
-            version: Some(epoch),
-            result: Outcome::Ok,
-            exit_status: None,
-            stderr_tail: None,
-            duration_ms: 3,
+            applied: crate::api::rollout::Applied {
+                epoch,
+                version: Some(epoch),
+                result: Outcome::Ok,
+                exit_status: None,
+                stderr_tail: None,
+                duration_ms: 3,
+            },
             reported_ms: 1,
         }
     }

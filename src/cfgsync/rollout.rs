@@ -224,7 +224,7 @@ pub fn wave_health(record: &RolloutRecord, target: Revision, fleet: &Fleet<'_>) 
         ..WaveHealth::default()
     };
     for identifier in &fleet.members[..reached] {
-        match (fleet.report)(identifier) {
+        match (fleet.report)(identifier).map(|r| &r.applied) {
             None => health.silent += 1,
             Some(report) if report.version == Some(target) && report.is_ok() => health.ok += 1,
             Some(report) if report.version == Some(target) => health.failed.push(Failure {
@@ -455,16 +455,18 @@ mod tests {
 
     fn report(version: Revision, ok: bool) -> Report {
         Report {
-            epoch: version,
-            version: Some(version),
-            result: if ok {
-                super::super::report::Outcome::Ok
-            } else {
-                super::super::report::Outcome::Failed
+            applied: crate::api::rollout::Applied {
+                epoch: version,
+                version: Some(version),
+                result: if ok {
+                    super::super::report::Outcome::Ok
+                } else {
+                    super::super::report::Outcome::Failed
+                },
+                exit_status: (!ok).then_some(3),
+                stderr_tail: (!ok).then(|| "bad config".into()),
+                duration_ms: 1,
             },
-            exit_status: (!ok).then_some(3),
-            stderr_tail: (!ok).then(|| "bad config".into()),
-            duration_ms: 1,
             reported_ms: 1,
         }
     }

@@ -118,6 +118,8 @@ pub struct Service {
     pub(super) reports: Reports,
     /// How often each node may report (a watcher reports at most once per hook interval).
     pub(super) report_rate: ChangeRate,
+    /// One preview at a time (each renders the whole fleet on every core).
+    pub(super) previewing: tokio::sync::Semaphore,
     /// Stops the rollout's steering task with the service.
     steering: std::sync::OnceLock<tokio_util::sync::DropGuard>,
     pub(super) admission: Admission,
@@ -164,6 +166,7 @@ impl Service {
             reports: Reports::start(store.clone()),
             report_rate: ChangeRate::new(REPORTS_PER_MINUTE),
             steering: std::sync::OnceLock::new(),
+            previewing: tokio::sync::Semaphore::new(1),
             fetched: Default::default(),
         });
         let _ = service.steering.set(start_steering(&service));
@@ -365,8 +368,8 @@ impl Service {
                 let served = serving.served_stamp(id);
                 let applied = serving.report(id).cloned();
                 let state = match (&applied, served) {
-                    (Some(report), _) if !report.is_ok() => NodeState::Failed,
-                    (Some(report), Some(stamp)) if report.epoch >= stamp.epoch => {
+                    (Some(report), _) if !report.applied.is_ok() => NodeState::Failed,
+                    (Some(report), Some(stamp)) if report.applied.epoch >= stamp.epoch => {
                         NodeState::Applied
                     }
                     (Some(_), _) => NodeState::Applying,

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use super::report::Reporter;
 use super::{EXIT_FAILURE, EXIT_OK};
 use crate::api::ErrorCode;
-use crate::api::rollout::{MAX_STDERR_TAIL, Outcome, ReportBody};
+use crate::api::rollout::{self, MAX_STDERR_TAIL, Outcome, ReportBody};
 use crate::backoff::Backoff;
 use crate::cfgsync::client::{CfgsyncClient, ClientError, WatchOutcome};
 use crate::cfgsync::{ArtifactFile, ArtifactOutputMap, NodeArtifactsPayload, NodeRegistration};
@@ -203,17 +203,19 @@ impl Watch<'_> {
         };
         let body = ReportBody {
             identifier: self.registration.identifier.clone(),
-            epoch,
-            version: payload.version,
-            result: if outcome.ok {
-                Outcome::Ok
-            } else {
-                Outcome::Failed
+            applied: rollout::Applied {
+                epoch,
+                version: payload.version,
+                result: if outcome.ok {
+                    Outcome::Ok
+                } else {
+                    Outcome::Failed
+                },
+                exit_status: outcome.exit_status,
+                stderr_tail: (!outcome.stderr_tail.is_empty())
+                    .then(|| crate::cfgsync::report::tail(&outcome.stderr_tail).to_string()),
+                duration_ms: started.elapsed().as_millis() as u64,
             },
-            exit_status: outcome.exit_status,
-            stderr_tail: (!outcome.stderr_tail.is_empty())
-                .then(|| crate::cfgsync::report::tail(&outcome.stderr_tail).to_string()),
-            duration_ms: started.elapsed().as_millis() as u64,
         };
         match self.client.report(&body).await {
             Ok(true) => {}

@@ -9,6 +9,7 @@ use axum::http::request::Parts;
 use axum::response::{IntoResponse, Response};
 
 use super::conn::body::BodyError;
+use crate::api::ErrorDetails;
 pub use crate::api::{ErrorBody, ErrorCode};
 use crate::store;
 use crate::telemetry::error_chain;
@@ -46,6 +47,17 @@ impl ApiError {
     /// 422: well-formed but invalid content.
     pub fn unprocessable(message: impl Into<String>) -> Self {
         Self::new(ErrorCode::Invalid, message)
+    }
+
+    /// 429 with the seconds to wait (`details.retry_after_secs` and `Retry-After`).
+    pub fn too_many(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        let details = ErrorDetails {
+            retry_after_secs: Some(retry_after_secs),
+            ..ErrorDetails::default()
+        };
+        ErrorBody::new(ErrorCode::TooManyRequests, message)
+            .with_details(details)
+            .into()
     }
 
     /// 503: a dependency (the store) is unavailable.

@@ -76,14 +76,7 @@ impl From<ReportError> for ApiError {
             ReportError::TailTooLarge { .. } => ApiError::new(ErrorCode::TooLarge, message),
             ReportError::TooMany {
                 retry_after_secs, ..
-            } => {
-                let details = ErrorDetails {
-                    retry_after_secs: Some(retry_after_secs),
-                    ..ErrorDetails::default()
-                };
-                let body = ErrorBody::new(ErrorCode::TooManyRequests, message);
-                ApiError::from(body.with_details(details))
-            }
+            } => ApiError::too_many(message, retry_after_secs),
             ReportError::Refused(ReportRefused::Busy) => ApiError::unavailable(message),
             ReportError::Refused(ReportRefused::Store(err)) => err.into(),
         }
@@ -150,14 +143,7 @@ impl From<RegisterError> for ApiError {
             RegisterError::IpChanged { .. } => ErrorCode::IpChanged,
             RegisterError::TooManyChanges {
                 retry_after_secs, ..
-            } => {
-                let details = ErrorDetails {
-                    retry_after_secs: Some(*retry_after_secs),
-                    ..ErrorDetails::default()
-                };
-                let body = ErrorBody::new(ErrorCode::TooManyRequests, err.to_string());
-                return ApiError::from(body.with_details(details));
-            }
+            } => return ApiError::too_many(err.to_string(), *retry_after_secs),
             RegisterError::Cap(_) => ErrorCode::RegistrationCap,
             RegisterError::Budget(_) => ErrorCode::MetadataBudget,
             RegisterError::KeptRacing => ErrorCode::Conflict,

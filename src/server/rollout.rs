@@ -14,16 +14,16 @@ use super::error::ApiPath;
 use super::refusals::{AdminRequired, JsonBodyRefused};
 use super::{ApiError, ApiJson, AppState};
 use crate::api::ErrorCode;
-use crate::api::rollout::{Command, PreviewBody, PreviewRequest, RolloutStatus};
+use crate::api::rollout::{Command, PreviewBody, PreviewRequest, RolloutStatus, VersionKind};
 use crate::cfgsync::install::{self, InstallError};
+use crate::cfgsync::preview::PreviewError;
 use crate::cfgsync::{NodeArtifactsBundle, Policy, RolloutError};
 
 pub(super) fn api() -> OpenApiRouter<AppState> {
     OpenApiRouter::new()
         .routes(routes!(status))
         .routes(routes!(command))
-        .routes(routes!(install_policy))
-        .routes(routes!(install_bundle))
+        .routes(routes!(install))
         .routes(routes!(preview))
 }
 
@@ -130,50 +130,38 @@ async fn command(
         .ok_or_else(|| ApiError::unavailable("the rollout changed meanwhile; ask again"))
 }
 
-/// Installs a registration policy (a `rollout:` section rolls it out in waves).
-#[utoipa::path(put, path = "/v1/cfgsync/policy", tag = "rollout",
-    params(InstallQuery),
-    request_body(content = Object, content_type = "application/json", description = "The policy, as its file holds it"),
+/// Installs a policy or a bundle, checked as its file would be; a `rollout:` section rolls
+/// it out in waves.
+#[utoipa::path(put, path = "/v1/cfgsync/{kind}", tag = "rollout",
+    params(("kind" = VersionKind, Path, description = "`policy` or `bundle`"), InstallQuery),
+    request_body(content = Object, content_type = "application/json", description = "The policy or bundle, as its file holds it"),
     security((), ("admin" = [])),
     responses(
         (status = 200, description = "Installed", body = InstalledBody),
         (status = 409, description = "`rollout_in_progress`: a rollout is under way (use `?force=true`)", body = crate::api::ErrorBody),
-        (status = 422, description = "The policy is invalid (every problem listed)", body = crate::api::ErrorBody),
+        (status = 422, description = "Invalid (every problem listed)", body = crate::api::ErrorBody),
         AdminRequired, JsonBodyRefused,
     ))]
-async fn install_policy(
+async fn install(
     State(state): State<AppState>,
     _: Admin,
+    ApiPath(kind): ApiPath<VersionKind>,
     Query(query): Query<InstallQuery>,
     ApiJson(value): ApiJson<Value>,
 ) -> Result<Json<InstalledBody>, ApiError> {
-    let policy: Policy = decode(value, "policy")?;
-    let compiled = policy.compile().map_err(problems)?;
-    let installed =
-        install::install_policy(state.store.as_ref(), compiled.policy(), query.force).await?;
-    Ok(Json(installed.into()))
-}
-
-/// Installs a bundle (a `rollout:` section rolls it out in waves).
-#[utoipa::path(put, path = "/v1/cfgsync/bundle", tag = "rollout",
-    params(InstallQuery),
-    request_body(content = Object, content_type = "application/json", description = "The bundle, as its file holds it"),
-    security((), ("admin" = [])),
-    responses(
-        (status = 200, description = "Installed", body = InstalledBody),
-        (status = 409, description = "`rollout_in_progress`: a rollout is under way (use `?force=true`)", body = crate::api::ErrorBody),
-        (status = 422, description = "The bundle is invalid (every problem listed)", body = crate::api::ErrorBody),
-        AdminRequired, JsonBodyRefused,
-    ))]
-async fn install_bundle(
-    State(state): State<AppState>,
-    _: Admin,
-    Query(query): Query<InstallQuery>,
-    ApiJson(value): ApiJson<Value>,
-) -> Result<Json<InstalledBody>, ApiError> {
-    let bundle: NodeArtifactsBundle = decode(value, "bundle")?;
-    bundle.validate().map_err(problems)?;
-    let installed = install::install_bundle(state.store.as_ref(), &bundle, query.force).await?;
+    let store = state.store.as_ref();
+    let installed = match kind {
+        VersionKind::Policy => {
+            let policy: Policy = decode(value, "policy")?;
+            let compiled = policy.compile().map_err(problems)?;
+            install::install_policy(store, compiled.policy(), query.force).await?
+        }
+        VersionKind::Bundle => {
+            let bundle: NodeArtifactsBundle = decode(value, "bundle")?;
+            bundle.validate().map_err(problems)?;
+            install::install_bundle(store, &bundle, query.force).await?
+        }
+    };
     Ok(Json(installed.into()))
 }
 
@@ -185,6 +173,7 @@ async fn install_bundle(
     responses(
         (status = 200, description = "The preview", body = PreviewBody),
         (status = 422, description = "The candidate is invalid (every problem listed), or the node is unknown", body = crate::api::ErrorBody),
+        (status = 429, description = "Another preview is running", body = crate::api::ErrorBody),
         AdminRequired, JsonBodyRefused,
     ))]
 async fn preview(
@@ -197,7 +186,10 @@ async fn preview(
         .cfgsync
         .preview(policy, request.node.as_deref(), request.show.unwrap_or(3))
         .await
-        .map_err(problems)?;
+        .map_err(|err| match err {
+            PreviewError::Invalid(list) => problems(list),
+            PreviewError::Busy => ApiError::new(ErrorCode::TooManyRequests, err.to_string()),
+        })?;
     Ok(Json(body))
 }
 

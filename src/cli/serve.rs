@@ -253,16 +253,34 @@ impl ServerArgs {
             .await
             .with_context(|| format!("opening store {}", self.store))?;
         if let Some(bundle) = &preload.bundle {
-            cfgsync::install::install_bundle(store.as_ref(), bundle, false)
-                .await
-                .context("installing the bundle")?;
+            keep_rollout(
+                cfgsync::install::install_bundle(store.as_ref(), bundle, false).await,
+                "bundle",
+            )?;
         }
         if let Some(policy) = &preload.policy {
-            cfgsync::install::install_policy(store.as_ref(), policy.policy(), false)
-                .await
-                .context("installing the policy")?;
+            keep_rollout(
+                cfgsync::install::install_policy(store.as_ref(), policy.policy(), false).await,
+                "policy",
+            )?;
         }
         Ok(AppState::new(store, options, Arc::new(Metrics::new())).await?)
+    }
+}
+
+/// A server restarted during a rollout serves the rollout it finds: the file it was started
+/// with is not forced over it (an operator installs with `bootsync policy install --force`).
+fn keep_rollout(
+    installed: Result<cfgsync::install::Installed, cfgsync::install::InstallError>,
+    what: &str,
+) -> anyhow::Result<()> {
+    match installed {
+        Ok(_) => Ok(()),
+        Err(err @ cfgsync::install::InstallError::RolloutInProgress { .. }) => {
+            tracing::warn!(error = %err, "the {what} file was not installed; the rollout under way goes on");
+            Ok(())
+        }
+        Err(err) => Err(err).with_context(|| format!("installing the {what}")),
     }
 }
 

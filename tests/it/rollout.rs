@@ -1,70 +1,103 @@
 //! Changes to a running fleet, against the real binary: 20 watching nodes take a policy change
-//! in waves `[1, "25%", "100%"]`, report what they applied, and a bad change stops after the
-//! first wave and is rolled back.
+//! in waves `[1, "25%", "100%"]` and report what they applied; a bad change stops after the
+//! first wave and is rolled back; operators pause, resume, promote and force; a kill -9 and a
+//! second server on etcd do not lose the rollout; seed-style clients are served by wave and
+//! hold none.
 
 use std::path::Path;
 use std::time::Duration;
 
+use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::support::{self, Proc};
 
 const NODES: usize = 20;
 
-/// Every node writes one file naming the content `marker`; waves as the issue names them.
-fn policy(marker: &str, on_failure: &str) -> Value {
+/// Every node writes one file naming `marker`; `extra` is merged into the `rollout:` section.
+fn policy_with(marker: &str, extra: Value) -> Value {
+    let mut rollout = json!({"waves": [1, "25%", "100%"], "progress_deadline": "2m"});
+    rollout
+        .as_object_mut()
+        .unwrap()
+        .extend(extra.as_object().unwrap().clone());
     json!({
         "expect_nodes": NODES,
         "files": [{"path": "app.conf", "template": format!("node={{{{ node.identifier }}}} {marker}")}],
-        "rollout": {"waves": [1, "25%", "100%"], "on_failure": on_failure, "progress_deadline": "2m"},
+        "rollout": rollout,
     })
+}
+
+fn policy(marker: &str) -> Value {
+    policy_with(marker, json!({}))
 }
 
 /// The hook fails (exit 3, "bad config" on stderr) on content marked `bad`.
 const HOOK: &str = "echo $BOOTSYNC_EPOCH >> $BOOTSYNC_IDENTIFIER.hook; if grep -q bad $BOOTSYNC_IDENTIFIER/app.conf; then echo 'bad config' >&2; exit 3; fi";
 
-fn fleet(dir: &Path, url: &str) -> Vec<Proc> {
-    (0..NODES)
+fn id(i: usize) -> String {
+    format!("n{i:02}")
+}
+
+fn ip(i: usize) -> String {
+    format!("10.0.0.{}", i + 1)
+}
+
+/// A watcher for each of `nodes`, each on the server `url_of(i)` names.
+fn watchers(
+    dir: &Path,
+    nodes: impl Iterator<Item = usize>,
+    url_of: impl Fn(usize) -> String,
+) -> Vec<Proc> {
+    nodes
         .map(|i| {
-            let id = format!("n{i:02}");
-            let ip = format!("10.0.0.{}", i + 1);
-            support::watcher(dir, url, &id, &ip, HOOK, &["--min-hook-interval", "0s"])
+            support::watcher(
+                dir,
+                &url_of(i),
+                &id(i),
+                &ip(i),
+                HOOK,
+                &["--min-hook-interval", "0s"],
+            )
         })
         .collect()
 }
 
-async fn get(url: &str, path: &str) -> (u16, Value) {
-    let answer = bootsync::tls::plain_client()
-        .get(format!("{url}{path}"))
-        .send()
-        .await
-        .unwrap();
-    let status = answer.status().as_u16();
-    (status, answer.json().await.unwrap_or(Value::Null))
+fn fleet(dir: &Path, url: &str) -> Vec<Proc> {
+    watchers(dir, 0..NODES, |_| url.to_string())
 }
 
-async fn send(
-    url: &str,
-    method: reqwest::Method,
-    path: &str,
-    body: Option<&Value>,
-) -> (u16, Value) {
-    let mut request = bootsync::tls::plain_client().request(method, format!("{url}{path}"));
-    if let Some(body) = body {
-        request = request.json(body);
-    }
-    let answer = request.send().await.unwrap();
-    let status = answer.status().as_u16();
-    (status, answer.json().await.unwrap_or(Value::Null))
+async fn call(url: &str, method: Method, path: &str, body: Option<Value>) -> (u16, Value) {
+    let (status, body) = support::call(method, &format!("{url}{path}"), None, body).await;
+    (status.as_u16(), body)
 }
 
-/// Waits until every node reported ok on `version` (or any version, with `None`).
-async fn all_applied(url: &str, version: Option<u64>, what: &str) -> Vec<Value> {
+/// Installs `policy` through `PUT /v1/cfgsync/policy`.
+async fn install(url: &str, policy: &Value, force: bool) -> (u16, Value) {
+    let path = format!("/v1/cfgsync/policy?force={force}");
+    call(url, Method::PUT, &path, Some(policy.clone())).await
+}
+
+/// Installs `policy`, which must start a rollout; its version.
+async fn start_rollout(url: &str, policy: &Value) -> u64 {
+    let (status, installed) = install(url, policy, false).await;
+    assert_eq!(status, 200, "{installed}");
+    assert_eq!(installed["rollout"], true, "{installed}");
+    installed["version"].as_u64().unwrap()
+}
+
+async fn command(url: &str, name: &str) -> (u16, Value) {
+    call(url, Method::POST, &format!("/v1/rollout/{name}"), None).await
+}
+
+/// The nodes once every one of `count` reported ok on `version` (or on anything, with `None`).
+async fn all_applied(url: &str, count: usize, version: Option<u64>, what: &str) -> Vec<Value> {
     support::wait_for(Duration::from_secs(60), what, || async move {
-        let (_, body) = get(url, "/v1/nodes").await;
+        let (_, body) = call(url, Method::GET, "/v1/nodes", None).await;
         let nodes = body["nodes"].as_array()?.clone();
-        let done = nodes.len() == NODES
-            && nodes.iter().all(|n| {
+        let reporting: Vec<&Value> = nodes.iter().filter(|n| !n["applied"].is_null()).collect();
+        let done = reporting.len() == count
+            && reporting.iter().all(|n| {
                 n["applied"]["result"] == "ok"
                     && version.is_none_or(|v| n["applied"]["version"] == v)
             });
@@ -73,72 +106,63 @@ async fn all_applied(url: &str, version: Option<u64>, what: &str) -> Vec<Value> 
     .await
 }
 
-async fn rollout_state(url: &str, state: &'static str) -> Value {
-    support::wait_for(Duration::from_secs(60), state, || async move {
-        let (_, body) = get(url, "/v1/rollout").await;
-        (body["state"] == state).then_some(body)
+/// The rollout once `done` holds for its status.
+async fn rollout_when(url: &str, what: &str, done: impl Fn(&Value) -> bool) -> Value {
+    support::wait_for(Duration::from_secs(60), what, || {
+        let done = &done;
+        async move {
+            let (_, body) = call(url, Method::GET, "/v1/rollout", None).await;
+            done(&body).then_some(body)
+        }
     })
     .await
+}
+
+async fn rollout_state(url: &str, state: &'static str) -> Value {
+    rollout_when(url, state, |s| s["state"] == state).await
 }
 
 fn content(dir: &Path, id: &str) -> String {
     std::fs::read_to_string(dir.join(id).join("app.conf")).unwrap_or_default()
 }
 
-#[it::test(multi_thread)]
-async fn a_good_change_rolls_out_wave_by_wave_in_slot_order() {
-    let (dir, server) = support::serve_policy(&policy("v1", "halt"), "");
-    let _fleet = fleet(dir.path(), &server.url);
-    all_applied(&server.url, None, "every node applied v1").await;
-    let (status, installed) = send(
-        &server.url,
-        reqwest::Method::PUT,
-        "/v1/cfgsync/policy",
-        Some(&policy("v2", "halt")),
-    )
-    .await;
-    assert_eq!(status, 200, "{installed}");
-    assert_eq!(installed["rollout"], true, "{installed}");
-    let version = installed["version"].as_u64().unwrap();
-    let nodes = all_applied(&server.url, Some(version), "every node applied v2").await;
-    let at = |id: &str| -> u64 {
-        let node = nodes.iter().find(|n| n["identifier"] == id).unwrap();
+/// Asserts from the reports' times that each wave applied before the next began.
+fn assert_wave_order(nodes: &[Value]) {
+    let at = |i: usize| -> u64 {
+        let node = nodes.iter().find(|n| n["identifier"] == id(i)).unwrap();
         node["applied"]["reported_ms"].as_u64().unwrap()
     };
-    let wave = |range: std::ops::Range<usize>| -> Vec<u64> {
-        range.map(|i| at(&format!("n{i:02}"))).collect()
-    };
+    let wave = |range: std::ops::Range<usize>| -> Vec<u64> { range.map(at).collect() };
     let (first, second, third) = (wave(0..1), wave(1..5), wave(5..NODES));
     assert!(
         first.iter().max() <= second.iter().min() && second.iter().max() <= third.iter().min(),
         "reports out of wave order: {first:?} {second:?} {third:?}"
     );
+}
+
+#[it::test(multi_thread)]
+async fn a_good_change_rolls_out_wave_by_wave_in_slot_order() {
+    let (dir, server) = support::serve_policy(&policy("v1"), "");
+    let _fleet = fleet(dir.path(), &server.url);
+    all_applied(&server.url, NODES, None, "every node applied v1").await;
+    let version = start_rollout(&server.url, &policy("v2")).await;
+    let nodes = all_applied(&server.url, NODES, Some(version), "every node applied v2").await;
+    assert_wave_order(&nodes);
     let done = rollout_state(&server.url, "complete").await;
     assert_eq!(done["target"], version);
-    // Another install now goes through at once (nothing runs).
-    let (status, _) = send(
-        &server.url,
-        reqwest::Method::PUT,
-        "/v1/cfgsync/policy",
-        Some(&policy("v3", "halt")),
-    )
-    .await;
-    assert_eq!(status, 200);
+    let (status, _) = install(&server.url, &policy("v3"), false).await;
+    assert_eq!(
+        status, 200,
+        "nothing runs now: another install goes through"
+    );
 }
 
 #[it::test(multi_thread)]
 async fn a_bad_change_halts_after_the_first_wave_and_a_rollback_restores_it() {
-    let (dir, server) = support::serve_policy(&policy("v1", "halt"), "");
+    let (dir, server) = support::serve_policy(&policy("v1"), "");
     let _fleet = fleet(dir.path(), &server.url);
-    all_applied(&server.url, None, "every node applied v1").await;
-    let (status, installed) = send(
-        &server.url,
-        reqwest::Method::PUT,
-        "/v1/cfgsync/policy",
-        Some(&policy("bad", "halt")),
-    )
-    .await;
-    assert_eq!(status, 200, "{installed}");
+    all_applied(&server.url, NODES, None, "every node applied v1").await;
+    start_rollout(&server.url, &policy("bad")).await;
     let halted = rollout_state(&server.url, "halted").await;
     let failures = halted["failures"].as_array().unwrap();
     assert_eq!(failures.len(), 1, "{halted}");
@@ -152,53 +176,37 @@ async fn a_bad_change_halts_after_the_first_wave_and_a_rollback_restores_it() {
     );
     assert_eq!(halted["wave"], 1, "{halted}");
     for i in 1..NODES {
-        let id = format!("n{i:02}");
         assert!(
-            !content(dir.path(), &id).contains("bad"),
-            "{id} saw the bad files"
+            !content(dir.path(), &id(i)).contains("bad"),
+            "{} saw the bad files",
+            id(i)
         );
     }
     assert!(content(dir.path(), "n00").contains("bad"));
-    // Another install is refused while it is halted, unless forced.
-    let (status, refused) = send(
-        &server.url,
-        reqwest::Method::PUT,
-        "/v1/cfgsync/policy",
-        Some(&policy("v4", "halt")),
-    )
-    .await;
+    let (status, refused) = install(&server.url, &policy("v4"), false).await;
     assert_eq!(
         (status, refused["code"].as_str()),
         (409, Some("rollout_in_progress")),
         "{refused}"
     );
     let hooks_before = support::hook_runs(dir.path(), "n00").len();
-    let (status, rolled) = send(
-        &server.url,
-        reqwest::Method::POST,
-        "/v1/rollout/rollback",
-        None,
-    )
-    .await;
+    let (status, rolled) = command(&server.url, "rollback").await;
     assert_eq!(status, 200, "{rolled}");
     let d = dir.path().to_path_buf();
-    support::wait_for(Duration::from_secs(30), "n00's files restored", || {
-        let d = d.clone();
-        async move { content(&d, "n00").contains("v1").then_some(()) }
-    })
-    .await;
-    support::wait_for(Duration::from_secs(30), "n00's hook ran again", || {
-        let d = d.clone();
-        async move { (support::hook_runs(&d, "n00").len() > hooks_before).then_some(()) }
-    })
-    .await;
-    let (status, none) = send(
-        &server.url,
-        reqwest::Method::POST,
-        "/v1/rollout/pause",
-        None,
+    support::wait_for(
+        Duration::from_secs(30),
+        "n00's files restored and its hook run again",
+        || {
+            let d = d.clone();
+            async move {
+                (content(&d, "n00").contains("v1")
+                    && support::hook_runs(&d, "n00").len() > hooks_before)
+                    .then_some(())
+            }
+        },
     )
     .await;
+    let (status, none) = command(&server.url, "pause").await;
     assert_eq!(
         (status, none["code"].as_str()),
         (409, Some("no_rollout")),
@@ -207,23 +215,232 @@ async fn a_bad_change_halts_after_the_first_wave_and_a_rollback_restores_it() {
 }
 
 #[it::test(multi_thread)]
-async fn an_invalid_rollout_section_is_refused_naming_the_field() {
-    let (_dir, server) = support::serve_policy(&policy("v1", "halt"), "");
-    let mut bad = policy("v2", "halt");
-    bad["rollout"]["waves"] = json!([5, 2, "50%"]);
-    let (status, body) = send(
+async fn a_rollback_on_failure_restores_the_wave_by_itself() {
+    let (dir, server) = support::serve_policy(&policy("v1"), "");
+    let _fleet = fleet(dir.path(), &server.url);
+    all_applied(&server.url, NODES, None, "every node applied v1").await;
+    start_rollout(
         &server.url,
-        reqwest::Method::PUT,
-        "/v1/cfgsync/policy",
-        Some(&bad),
+        &policy_with("bad", json!({"on_failure": "rollback"})),
     )
     .await;
+    let rolled = rollout_state(&server.url, "rolled_back").await;
+    assert!(
+        rolled["reason"].as_str().unwrap().contains("n00"),
+        "{rolled}"
+    );
+    let d = dir.path().to_path_buf();
+    support::wait_for(Duration::from_secs(30), "n00 back on v1", || {
+        let d = d.clone();
+        async move { content(&d, "n00").contains("v1").then_some(()) }
+    })
+    .await;
+    // Every node reports the restored version, and only n00 ran its hook for it.
+    all_applied(&server.url, NODES, None, "every node ok again").await;
+}
+
+#[it::test(multi_thread)]
+async fn pause_resume_promote_and_a_forced_install_each_work() {
+    let (dir, server) = support::serve_policy(&policy("v1"), "");
+    let url = &server.url;
+    let _fleet = fleet(dir.path(), url);
+    all_applied(url, NODES, None, "every node applied v1").await;
+    // A long pause holds the rollout after its first wave.
+    let version = start_rollout(url, &policy_with("v2", json!({"pause": "1h"}))).await;
+    rollout_when(url, "wave 1 healthy", |s| s["ok"] == 1).await;
+    let (status, paused) = command(url, "pause").await;
+    assert_eq!(
+        (status, paused["state"].as_str()),
+        (200, Some("paused")),
+        "{paused}"
+    );
+    let (status, again) = command(url, "pause").await;
+    assert_eq!(
+        (status, again["code"].as_str()),
+        (409, Some("no_rollout")),
+        "{again}"
+    );
+    let (status, resumed) = command(url, "resume").await;
+    assert_eq!(
+        (status, resumed["state"].as_str()),
+        (200, Some("running")),
+        "{resumed}"
+    );
+    assert!(
+        !content(dir.path(), "n05").contains("v2"),
+        "wave 3 is not reached yet"
+    );
+    let (status, promoted) = command(url, "promote").await;
+    assert_eq!(
+        (status, promoted["state"].as_str()),
+        (200, Some("complete")),
+        "{promoted}"
+    );
+    all_applied(
+        url,
+        NODES,
+        Some(version),
+        "every node applied v2 after the promote",
+    )
+    .await;
+    // A forced install over a running rollout goes to every node at once.
+    start_rollout(url, &policy_with("v3", json!({"pause": "1h"}))).await;
+    let (status, forced) = install(
+        url,
+        &json!({
+            "expect_nodes": NODES,
+            "files": [{"path": "app.conf", "template": "node={{ node.identifier }} v4"}],
+        }),
+        true,
+    )
+    .await;
+    assert_eq!(
+        (status, forced["rollout"].as_bool()),
+        (200, Some(false)),
+        "{forced}"
+    );
+    let v4 = forced["version"].as_u64().unwrap();
+    all_applied(url, NODES, Some(v4), "every node applied the forced v4").await;
+    assert!(content(dir.path(), "n19").contains("v4"));
+}
+
+#[it::test(multi_thread)]
+async fn a_rollout_goes_on_from_its_wave_after_a_kill_9() {
+    let (dir, mut server) = support::serve_policy(&policy("v1"), "");
+    let port = server.url.rsplit(':').next().unwrap().to_string();
+    let url = server.url.clone();
+    let _fleet = fleet(dir.path(), &url);
+    all_applied(&url, NODES, None, "every node applied v1").await;
+    let version = start_rollout(&url, &policy_with("v2", json!({"pause": "3s"}))).await;
+    rollout_when(&url, "wave 2 reached", |s| s["wave"] == 2).await;
+    server.kill9();
+    let restarted = Proc::start(
+        dir.path(),
+        &format!("{} --listen 127.0.0.1:{port}", support::SERVE_POLICY),
+    );
+    let (status, resumed) = call(&restarted.url, Method::GET, "/v1/rollout", None).await;
+    assert_eq!(status, 200, "{resumed}");
+    assert!(
+        resumed["wave"].as_u64() >= Some(2),
+        "it starts from the wave it had reached: {resumed}"
+    );
+    assert_eq!(
+        resumed["target"], version,
+        "the file it restarted with was not forced over it"
+    );
+    // (A restarted server serves every node a new epoch, so the nodes report again: the
+    // reports' times say nothing of the wave order here.)
+    all_applied(&url, NODES, Some(version), "every node applied v2").await;
+    rollout_state(&url, "complete").await;
+}
+
+/// A seed client's registration (it sends no `wait`, and never reports).
+async fn seed_register(url: &str, i: usize) {
+    let me = json!({"identifier": id(i), "ip": ip(i)});
+    let (status, _) = call(url, Method::POST, "/register", Some(me)).await;
+    assert_eq!(status, 202);
+}
+
+/// A seed client's fetch, tried again until it is served; the content of its file.
+async fn seed_fetch(url: &str, i: usize) -> String {
+    let me = json!({"identifier": id(i), "ip": ip(i)});
+    support::wait_for(Duration::from_secs(30), "a seed client served", || {
+        let me = me.clone();
+        async move {
+            let (status, payload) = call(url, Method::POST, "/node", Some(me)).await;
+            (status == 200).then(|| payload["files"][0]["content"].as_str().unwrap().to_string())
+        }
+    })
+    .await
+}
+
+#[it::test(multi_thread)]
+async fn seed_clients_are_served_by_wave_and_hold_none() {
+    // n00 (wave 1), n02 (wave 2) and n12 (wave 3) are seed clients; the rest watch.
+    let seeds = [0, 2, 12];
+    let (dir, server) = support::serve_policy(&policy("v1"), "");
+    let url = &server.url;
+    let _watchers = watchers(
+        dir.path(),
+        (0..NODES).filter(|i| !seeds.contains(i)),
+        |_| url.clone(),
+    );
+    for i in seeds {
+        seed_register(url, i).await;
+    }
+    for i in seeds {
+        assert!(seed_fetch(url, i).await.contains("v1"));
+    }
+    all_applied(url, NODES - seeds.len(), None, "every watcher applied v1").await;
+    let version = start_rollout(url, &policy_with("v2", json!({"pause": "1h"}))).await;
+    // Wave 1 is one seed client: it does not report, so it holds nothing.
+    let held = rollout_when(url, "wave 1 healthy", |s| s["silent"] == 1).await;
+    assert_eq!(held["pending"], json!([]), "{held}");
+    assert!(seed_fetch(url, 0).await.contains("v2"), "n00 is in wave 1");
+    assert!(
+        seed_fetch(url, 2).await.contains("v1"),
+        "n02 waits for wave 2"
+    );
+    let (status, _) = command(url, "resume").await;
+    assert_eq!(status, 409, "a running rollout is not resumed");
+    let (_, promoted) = command(url, "promote").await;
+    assert_eq!(promoted["state"], "complete");
+    all_applied(
+        url,
+        NODES - seeds.len(),
+        Some(version),
+        "every watcher applied v2",
+    )
+    .await;
+    assert!(seed_fetch(url, 12).await.contains("v2"));
+    let (_, nodes) = call(url, Method::GET, "/v1/nodes", None).await;
+    let n12 = nodes["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["identifier"] == "n12")
+        .unwrap();
+    assert_eq!(n12["state"], "not_reporting", "{n12}");
+}
+
+#[cfg(feature = "etcd")]
+#[it::test(multi_thread, needs = etcd)]
+async fn two_servers_on_one_etcd_run_one_rollout() {
+    let cluster = tokio::task::spawn_blocking(|| support::etcd::EtcdCluster::start(1))
+        .await
+        .unwrap();
+    let store = cluster.store_url("rollout");
+    let dir = support::dir_with(&[("policy.json", &policy("v1").to_string())]);
+    let a = Proc::start(
+        dir.path(),
+        &format!("serve --store {store} --policy policy.json"),
+    );
+    let b = Proc::start(dir.path(), &format!("serve --store {store}"));
+    // Even nodes watch through a, odd ones through b.
+    let urls = [a.url.clone(), b.url.clone()];
+    let _fleet = watchers(dir.path(), 0..NODES, |i| urls[i % 2].clone());
+    all_applied(&a.url, NODES, None, "every node applied v1").await;
+    let version = start_rollout(&b.url, &policy("v2")).await;
+    let nodes = all_applied(&a.url, NODES, Some(version), "every node applied v2").await;
+    assert_wave_order(&nodes);
+    let on_a = rollout_state(&a.url, "complete").await;
+    let on_b = rollout_state(&b.url, "complete").await;
+    for field in ["target", "stable", "wave", "started_ms", "updated_ms"] {
+        assert_eq!(on_a[field], on_b[field], "{field}: {on_a} vs {on_b}");
+    }
+}
+
+#[it::test(multi_thread)]
+async fn an_invalid_rollout_section_is_refused_naming_the_field() {
+    let (_dir, server) = support::serve_policy(&policy("v1"), "");
+    let bad = policy_with("v2", json!({"waves": [5, 2, "50%"]}));
+    let (status, body) = install(&server.url, &bad, false).await;
     assert_eq!(status, 422, "{body}");
     let message = body["message"].as_str().unwrap();
     assert!(
         message.contains("rollout.waves[1]") && message.contains("rollout.waves[2]"),
         "{message}"
     );
-    let (status, _) = get(&server.url, "/v1/rollout").await;
+    let (status, _) = call(&server.url, Method::GET, "/v1/rollout", None).await;
     assert_eq!(status, 409, "nothing was installed, so no rollout is known");
 }

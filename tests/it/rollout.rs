@@ -444,3 +444,107 @@ async fn an_invalid_rollout_section_is_refused_naming_the_field() {
     let (status, _) = call(&server.url, Method::GET, "/v1/rollout", None).await;
     assert_eq!(status, 409, "nothing was installed, so no rollout is known");
 }
+
+/// `wait_for_rollout` (what `cfgsync-policy` runs with `wait_for_rollout: true`) ends with the
+/// rollout: an error naming the halt and the node's stderr, or success once it completes.
+#[it::test(multi_thread)]
+async fn waiting_for_a_rollout_fails_with_its_halt_and_succeeds_with_its_completion() {
+    use bootsync::cfgsync::Policy;
+    use bootsync::cfgsync::install::{self, InstallError};
+    use bootsync::cfgsync::rollout::VersionKind;
+
+    let two = |marker: &str| -> Policy {
+        serde_json::from_value(json!({
+            "expect_nodes": 2,
+            "files": [{"path": "f", "template": marker}],
+            "rollout": {"waves": [1, "100%"]},
+        }))
+        .unwrap()
+    };
+    let server = support::TestServer::with(support::Setup::policy(
+        "expect_nodes: 2\nfiles: [{path: f, template: v1}]\n",
+    ))
+    .await;
+    let url = server.url().to_string();
+    let store = server.store().clone();
+    let me = |id: &str| json!({"identifier": id, "ip": "10.0.0.1"});
+    // Both nodes watch: each fetches and reports what it got.
+    let apply = |id: &'static str, after: u64, result: &'static str| {
+        let url = url.clone();
+        async move {
+            let (_, payload) = call(
+                &url,
+                Method::POST,
+                &format!("/node?wait=10&after={after}"),
+                Some(me(id)),
+            )
+            .await;
+            let report = json!({"identifier": id, "epoch": payload["epoch"], "version": payload["version"],
+                                "result": result, "exit_status": 1, "stderr_tail": "boom at startup"});
+            let (status, body) = call(&url, Method::POST, "/report", Some(report)).await;
+            assert_eq!(status, 202, "{id} after {after}: {payload} -> {body}");
+            payload["epoch"].as_u64().unwrap()
+        }
+    };
+    for id in ["a", "b"] {
+        assert_eq!(
+            call(&url, Method::POST, "/register", Some(me(id))).await.0,
+            202
+        );
+    }
+    let (ea, eb) = (apply("a", 0, "ok").await, apply("b", 0, "ok").await);
+    let bad = install::install_policy(store.as_ref(), &two("bad"), false)
+        .await
+        .unwrap();
+    assert!(bad.rollout);
+    let waiting = tokio::spawn({
+        let store = store.clone();
+        async move { install::wait_for_rollout(store.as_ref(), VersionKind::Policy, bad.version).await }
+    });
+    let ea = apply("a", ea, "failed").await;
+    let ended = tokio::time::timeout(Duration::from_secs(30), waiting).await;
+    match ended
+        .expect("the wait ends when the rollout halts")
+        .unwrap()
+    {
+        Err(err @ InstallError::RolloutFailed { .. }) => {
+            let text = err.to_string();
+            assert!(
+                text.contains("halted") && text.contains("boom at startup"),
+                "{text}"
+            );
+        }
+        other => panic!("{other:?}"),
+    }
+    let good = install::install_policy(store.as_ref(), &two("good"), true)
+        .await
+        .unwrap();
+    let waiting = tokio::spawn({
+        let store = store.clone();
+        async move { install::wait_for_rollout(store.as_ref(), VersionKind::Policy, good.version).await }
+    });
+    // a (wave 1) gets the new version; b keeps the stable one until a reported ok.
+    apply("a", ea, "ok").await;
+    let mut after = eb;
+    for _ in 0..3 {
+        after = apply("b", after, "ok").await;
+        if after >= good.version && all_ok_on(&url, good.version).await {
+            break;
+        }
+    }
+    let ended = tokio::time::timeout(Duration::from_secs(30), waiting).await;
+    ended
+        .expect("the wait ends when the rollout completes")
+        .unwrap()
+        .expect("the rollout completes");
+}
+
+/// Whether both nodes' reports say ok on `version`.
+async fn all_ok_on(url: &str, version: u64) -> bool {
+    let (_, body) = call(url, Method::GET, "/v1/nodes", None).await;
+    body["nodes"].as_array().is_some_and(|nodes| {
+        nodes
+            .iter()
+            .all(|n| n["applied"]["version"] == version && n["applied"]["result"] == "ok")
+    })
+}

@@ -7,6 +7,7 @@ mod client;
 mod memory;
 mod network;
 mod registrations;
+mod reports;
 mod steps;
 mod templates;
 mod watch;

@@ -82,6 +82,23 @@ pub struct CfgsyncSummary {
     pub render_failures: u64,
     /// The last failed render.
     pub last_render_failure: Option<RenderFailure>,
+    /// Registered nodes by the version they last reported and how it went.
+    #[serde(default)]
+    pub applied: Vec<VersionCount>,
+    /// The rollout under way, or the last one while its version is installed.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::api::rollout::RolloutStatus>,
+}
+
+/// How many registered nodes last reported one version with one result.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct VersionCount {
+    /// The version they reported (`None`: they never reported, or named none).
+    pub version: Option<Revision>,
+    /// `ok`, `failed`, or `not_reporting`.
+    pub result: String,
+    /// How many.
+    pub nodes: usize,
 }
 
 /// One failed render.

@@ -5,8 +5,8 @@
 //! task per server takes reports as they come and writes every one waiting as one batch, so a
 //! fleet reporting at once costs a few store commits, not one per node.
 
+use prometheus_client::metrics::counter::Counter;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
 
 use tokio::sync::{mpsc, oneshot};
 
@@ -34,13 +34,13 @@ pub fn tail(text: &str) -> &str {
 
 type Reply = oneshot::Sender<Result<Revision, String>>;
 
-/// Counts of what the report task wrote.
+/// Counts of what the report task wrote (shared with `/metrics`).
 #[derive(Debug, Default)]
 pub struct ReportCounts {
     /// Reports written.
-    pub written: AtomicU64,
+    pub written: Counter,
     /// Store commits they took.
-    pub commits: AtomicU64,
+    pub commits: Counter,
 }
 
 /// The handle reports are written through.
@@ -112,8 +112,8 @@ async fn write_reports(
         let written = batch.ops.len() as u64;
         let result = store.apply(batch).await.map_err(|err| err.to_string());
         if result.is_ok() {
-            counts.written.fetch_add(written, Ordering::Relaxed);
-            counts.commits.fetch_add(1, Ordering::Relaxed);
+            counts.written.inc_by(written);
+            counts.commits.inc();
         }
         for (_, _, reply) in taken.drain(..) {
             let _ = reply.send(result.clone());
@@ -169,7 +169,7 @@ mod tests {
                 "{identifier}: the latest report wins"
             );
         }
-        let commits = reports.counts().commits.load(Ordering::Relaxed);
+        let commits = reports.counts().commits.get();
         assert!(commits < 200, "{commits} commits for 200 reports");
     }
 }

@@ -27,6 +27,7 @@ use super::render::{DEFAULT_CACHE_BYTES, RenderCache, RenderFailures, RenderPool
 use super::report::Reports;
 use super::view::{Readiness, Serving, View};
 use crate::api::cfgsync::{NodeInfo, NodeState, NodesBody};
+use crate::api::status::VersionCount;
 use crate::backoff::Backoff;
 use crate::store::{CFGSYNC_NAMESPACE, DynStore, ResumableWatch, Resumed, Revision, WatchFilter};
 
@@ -346,6 +347,35 @@ impl Service {
                 fetched.insert(identifier.to_string(), epoch);
             }
         }
+    }
+
+    /// Registered nodes by the version they last reported and its result, most first.
+    pub fn applied_versions(&self, serving: &Serving) -> Vec<VersionCount> {
+        let mut counts: std::collections::BTreeMap<(Option<Revision>, &'static str), usize> =
+            Default::default();
+        for record in serving.registration_records() {
+            let key = match serving.report(&record.identifier) {
+                Some(report) if report.applied.is_ok() => (report.applied.version, "ok"),
+                Some(report) => (report.applied.version, "failed"),
+                None => (None, "not_reporting"),
+            };
+            *counts.entry(key).or_default() += 1;
+        }
+        let mut list: Vec<VersionCount> = counts
+            .into_iter()
+            .map(|((version, result), nodes)| VersionCount {
+                version,
+                result: result.to_string(),
+                nodes,
+            })
+            .collect();
+        list.sort_by(|a, b| b.nodes.cmp(&a.nodes));
+        list
+    }
+
+    /// What the report task wrote.
+    pub fn report_counts(&self) -> &super::report::ReportCounts {
+        self.reports.counts()
     }
 
     /// Every registered node in member order, with its index in the current epoch and the

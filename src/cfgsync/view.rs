@@ -273,6 +273,11 @@ impl Serving {
         self.reports.get(identifier).map(Arc::as_ref)
     }
 
+    /// The installed policy's version.
+    pub fn policy_version(&self) -> Option<Revision> {
+        self.policy_version
+    }
+
     /// The rollout record as stored, if any.
     pub fn rollout(&self) -> Option<&Stored> {
         self.record.as_ref()

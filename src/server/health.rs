@@ -57,6 +57,7 @@ async fn readyz(State(state): State<AppState>) -> Result<Json<Ready>, ApiError> 
     responses((status = 200, description = "Metrics", body = String,
         content_type = "application/openmetrics-text")))]
 async fn metrics(State(state): State<AppState>) -> impl IntoResponse {
+    state.refresh_node_gauges();
     (
         [(
             header::CONTENT_TYPE,

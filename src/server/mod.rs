@@ -25,6 +25,7 @@ use axum::response::Response;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use tokio_util::sync::CancellationToken;
 use tower_http::trace::TraceLayer;
@@ -91,6 +92,8 @@ pub struct AppState {
     /// The cfgsync serving engine.
     pub cfgsync: Arc<Service>,
     http: Arc<HttpMetrics>,
+    /// `bootsync_cfgsync_nodes`, set at each scrape.
+    nodes: Family<NodeLabels, Gauge>,
     /// The budget and pace every request body is held to.
     body_rules: conn::body::BodyRules,
     /// When the server state was built.
@@ -122,6 +125,22 @@ impl AppState {
             "Payload renders that failed (template error, fuel, deadline or output limit)",
             cfgsync.render_failures().count.clone(),
         );
+        metrics.register(
+            "cfgsync_reports_written",
+            "Applied-state reports stored",
+            cfgsync.report_counts().written.clone(),
+        );
+        metrics.register(
+            "cfgsync_report_commits",
+            "Store commits the reports took (reports come in batches)",
+            cfgsync.report_counts().commits.clone(),
+        );
+        let nodes = Family::<NodeLabels, Gauge>::default();
+        metrics.register(
+            "cfgsync_nodes",
+            "Registered nodes by the version they last reported (installed, stable, other or none) and its result",
+            nodes.clone(),
+        );
         Ok(Self {
             store,
             body_rules: options.connections.body_rules(),
@@ -129,9 +148,44 @@ impl AppState {
             metrics,
             cfgsync,
             http,
+            nodes,
             started: Instant::now(),
         })
     }
+
+    /// Sets `bootsync_cfgsync_nodes` from the current view (called at each scrape). A version
+    /// label names the installed or the stable version only, so a node reporting odd
+    /// versions cannot grow the label set.
+    pub(crate) fn refresh_node_gauges(&self) {
+        let serving = self.cfgsync.current();
+        let live: Vec<u64> = [
+            serving.policy_version(),
+            serving.rollout().map(|r| r.record.stable),
+            serving.installed(crate::api::rollout::VersionKind::Bundle),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        self.nodes.clear();
+        for count in self.cfgsync.applied_versions(&serving) {
+            let version = match count.version {
+                None => "none".to_string(),
+                Some(v) if live.contains(&v) => v.to_string(),
+                Some(_) => "other".to_string(),
+            };
+            let labels = NodeLabels {
+                version,
+                result: count.result,
+            };
+            self.nodes.get_or_create(&labels).inc_by(count.nodes as i64);
+        }
+    }
+}
+
+#[derive(Debug, Clone, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NodeLabels {
+    version: String,
+    result: String,
 }
 
 impl auth::Tokens for AppState {

@@ -206,6 +206,7 @@ fn render(
         initialisers => status.initialisers.iter().map(|i| initialiser_row(i, now)).collect::<Vec<_>>(),
         runs => recent_runs(history, now),
         serving, registered => registrations.len(), nodes,
+        applied => cfgsync.applied, rollout => cfgsync.rollout,
         more => registrations.len().saturating_sub(MAX_LISTED),
     };
     templates()

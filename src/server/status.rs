@@ -185,5 +185,7 @@ fn cfgsync_summary(state: &AppState) -> CfgsyncSummary {
         render_cache_bytes: state.cfgsync.cached_bytes(),
         render_failures: state.cfgsync.render_failures().count.get(),
         last_render_failure: state.cfgsync.render_failures().last(),
+        applied: state.cfgsync.applied_versions(&serving),
+        rollout: state.cfgsync.rollout_status(&serving),
     }
 }

@@ -150,6 +150,31 @@ async fn a_good_change_rolls_out_wave_by_wave_in_slot_order() {
     assert_wave_order(&nodes);
     let done = rollout_state(&server.url, "complete").await;
     assert_eq!(done["target"], version);
+    // The status, the page and the metrics count the nodes by version and result.
+    let (_, status) = call(&server.url, Method::GET, "/v1/status", None).await;
+    assert_eq!(
+        status["cfgsync"]["applied"],
+        json!([{"version": version, "result": "ok", "nodes": NODES}]),
+        "{status}"
+    );
+    let page = reqwest::get(format!("{}/", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        page.contains("id=rollout") && page.contains("complete"),
+        "{page}"
+    );
+    let metrics = reqwest::get(format!("{}/metrics", server.url))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let line = format!("bootsync_cfgsync_nodes{{version=\"{version}\",result=\"ok\"}} {NODES}");
+    assert!(metrics.contains(&line), "{line} not in:\n{metrics}");
     let (status, _) = install(&server.url, &policy("v3"), false).await;
     assert_eq!(
         status, 200,
@@ -164,6 +189,15 @@ async fn a_bad_change_halts_after_the_first_wave_and_a_rollback_restores_it() {
     all_applied(&server.url, NODES, None, "every node applied v1").await;
     start_rollout(&server.url, &policy("bad")).await;
     let halted = rollout_state(&server.url, "halted").await;
+    let (_, status) = call(&server.url, Method::GET, "/v1/status", None).await;
+    let failed: Vec<&Value> = status["cfgsync"]["applied"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["result"] == "failed")
+        .collect();
+    assert_eq!(failed.len(), 1, "{status}");
+    assert_eq!(failed[0]["nodes"], 1, "{status}");
     let failures = halted["failures"].as_array().unwrap();
     assert_eq!(failures.len(), 1, "{halted}");
     assert_eq!(failures[0]["identifier"], "n00");

@@ -369,7 +369,7 @@ impl Service {
                 nodes,
             })
             .collect();
-        list.sort_by(|a, b| b.nodes.cmp(&a.nodes));
+        list.sort_by_key(|count| std::cmp::Reverse(count.nodes));
         list
     }
 

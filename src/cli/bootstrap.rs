@@ -348,12 +348,63 @@ pub(super) async fn plan(args: PlanArgs) -> anyhow::Result<u8> {
             (false, false, Some(old)) => format!("will run, {old} → {}", e.flag),
             (false, false, None) => format!("will run, (none) → {} (first run)", e.flag),
         };
+        let line = match (assessment.converged, e.class.as_str()) {
+            (false, "cfgsync-policy") => {
+                format!(
+                    "{line}; {}",
+                    policy_effect(&client, &args.spec, &e.params).await
+                )
+            }
+            _ => line,
+        };
         println!(
             "{}",
             super::report::printable(&format!("{}: {line}", e.name))
         );
     }
     Ok(EXIT_OK)
+}
+
+/// What installing a pending `cfgsync-policy` would change, from the server's preview.
+async fn policy_effect(
+    client: &crate::client::ApiClient,
+    spec: &std::path::Path,
+    params: &serde_json::Value,
+) -> String {
+    let Some(file) = params["policy_file"].as_str() else {
+        return "its policy_file is not named".into();
+    };
+    let path = spec
+        .parent()
+        .unwrap_or(std::path::Path::new("."))
+        .join(file);
+    let policy = match crate::cfgsync::Policy::load(&path) {
+        Ok(compiled) => compiled.policy().clone(),
+        Err(err) => return format!("its policy does not load: {err}"),
+    };
+    let request = crate::api::rollout::PreviewRequest {
+        policy: serde_json::to_value(&policy).unwrap_or_default(),
+        node: None,
+        show: Some(0),
+    };
+    match client.preview(&request).await {
+        Ok(p) => format!(
+            "the new policy would change {} of {} node(s){}{}",
+            p.changed,
+            p.nodes,
+            if p.failed.is_empty() {
+                String::new()
+            } else {
+                format!(", {} would fail to render", p.failed.len())
+            },
+            if policy.rollout.is_some() {
+                ", rolled out in waves"
+            } else {
+                ", all at once"
+            }
+        ),
+        Err(err) => format!("no preview: {err}"),
+    }
 }
 
 fn print_table(body: &StatusBody) {

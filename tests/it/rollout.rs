@@ -582,3 +582,81 @@ async fn all_ok_on(url: &str, version: u64) -> bool {
             .all(|n| n["applied"]["version"] == version && n["applied"]["result"] == "ok")
     })
 }
+
+/// `policy diff` and `plan` render a candidate against the live registrations without
+/// installing it.
+#[it::test(multi_thread)]
+async fn a_preview_counts_and_diffs_a_candidate_without_installing_it() {
+    let three = |template: &str| {
+        json!({"expect_nodes": 3, "files": [{"path": "app.conf", "template": template}]})
+            .to_string()
+    };
+    let candidate = three(
+        "{{ node.identifier }} port=8080\n{% if node.identifier == 'n1' %}{{ 1 // 0 }}{% endif %}",
+    );
+    let spec = "initialisers:\n  - name: policy\n    class: cfgsync-policy\n    flag: v2\n    params: {policy_file: candidate.json}\n";
+    let dir = support::dir_with(&[
+        ("policy.json", &three("{{ node.identifier }} port=80\n")),
+        ("candidate.json", &candidate),
+        ("broken.json", &three("{% for %}")),
+        ("spec.yaml", spec),
+    ]);
+    let server = Proc::start(dir.path(), "serve --store memory: --policy policy.json");
+    let url = &server.url;
+    for i in 0..3 {
+        let me = json!({"identifier": id(i).replace("n0", "n"), "ip": ip(i)});
+        assert_eq!(call(url, Method::POST, "/register", Some(me)).await.0, 202);
+    }
+    let (code, out, err) = support::cli(
+        dir.path(),
+        &format!("policy diff --policy candidate.json --server {url}"),
+    );
+    assert_eq!(code, 1, "a node fails to render: {out}{err}");
+    assert!(
+        out.contains("3 node(s): 2 would change, 0 stay the same, 1 fail to render"),
+        "{out}"
+    );
+    assert!(
+        out.contains("n1:") && out.contains("--- a/app.conf") && out.contains("+n0 port=8080"),
+        "{out}"
+    );
+    let (_, json_out, _) = support::cli(
+        dir.path(),
+        &format!("policy diff --policy candidate.json --node n2 --output json --server {url}"),
+    );
+    let body: Value = serde_json::from_str(&json_out).unwrap();
+    assert_eq!(body["diffs"][0]["identifier"], "n2", "{body}");
+    assert!(
+        body["diffs"][0]["diff"]
+            .as_str()
+            .unwrap()
+            .contains("-n2 port=80"),
+        "{body}"
+    );
+    let (code, _, err) = support::cli(
+        dir.path(),
+        &format!("policy diff --policy broken.json --server {url}"),
+    );
+    assert_ne!(code, 0);
+    assert!(
+        err.contains("broken.json") && err.contains("template error"),
+        "{err}"
+    );
+    let (code, out, err) =
+        support::cli(dir.path(), &format!("plan --spec spec.yaml --server {url}"));
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("the new policy would change 2 of 3 node(s), 1 would fail to render"),
+        "{out}"
+    );
+    // Nothing was installed.
+    let fetched = call(
+        url,
+        Method::POST,
+        "/node",
+        Some(json!({"identifier": "n0", "ip": ip(0)})),
+    )
+    .await
+    .1;
+    assert_eq!(fetched["files"][0]["content"], "n0 port=80", "{fetched}");
+}

@@ -1,11 +1,12 @@
 //! Whole-system figures for `shared/design/quality.md`: B1 (`/node` throughput and latency at
 //! 1k/10k/100k registrations), B2 (long-poll convergence), B3 over HTTP (durable registrations
-//! per second), B5 (a steady wake with 500 initialisers), and B4/B7 (idle cost and start-up of
-//! the release binary).
+//! per second), B5 (a steady wake with 500 initialisers), B4/B7 (idle cost and start-up of
+//! the release binary), B8 (`rollout`: a policy change reaching 5 000 watchers, with and
+//! without waves) and B9 (`preview`: a policy diff against 10 000 registrations).
 //!
 //! ```sh
 //! cargo build --release
-//! cargo run --release --example loadgen -- all          # or: b1 b2 b3 b5 idle
+//! cargo run --release --example loadgen -- all          # or: b1 b2 b3 b5 b8 b9 idle
 //! BOOTSYNC_IDLE_SECS=600 cargo run --release --example loadgen -- idle   # the full B4 window
 //! ```
 //! Each part prints its figures; the summary goes to `target/bench/loadgen.json`. B6 runs B1
@@ -668,6 +669,252 @@ async fn b2(n: usize) -> Value {
     json!({"n": n, "p50_ms": p50, "p99_ms": p99, "max_ms": max})
 }
 
+/// One simulated watcher of B8: fetches, reports ok, and holds `?wait&after` for the next
+/// epoch, for ever; counts its first report of a version newer than the first it got.
+async fn watcher(
+    http: reqwest::Client,
+    url: String,
+    token: &'static str,
+    i: usize,
+    reached: Arc<AtomicUsize>,
+) {
+    let me = registration(i);
+    let mut after: Option<u64> = None;
+    let mut first: Option<u64> = None;
+    let mut last: Option<(Value, Option<u64>)> = None;
+    let mut counted = false;
+    loop {
+        let path = match after {
+            Some(epoch) => format!("{url}/node?wait=55&after={epoch}"),
+            None => format!("{url}/node?wait=55"),
+        };
+        let Ok(answer) = http.post(path).bearer_auth(token).json(&me).send().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        if answer.status() != 200 {
+            continue;
+        }
+        let payload: Value = answer.json().await.unwrap();
+        let (epoch, version) = (payload["epoch"].as_u64(), payload["version"].as_u64());
+        // As `client --watch`: the same files and version at a new epoch are not applied
+        // again, nor reported.
+        if last.as_ref() == Some(&(payload["files"].clone(), version)) {
+            after = epoch;
+            continue;
+        }
+        last = Some((payload["files"].clone(), version));
+        let report = json!({"identifier": me["identifier"], "epoch": epoch, "version": version, "result": "ok"});
+        // A pooled connection the server closed meanwhile fails the send: try again, as the
+        // watcher does.
+        let mut tries = 0;
+        loop {
+            let sent = http
+                .post(format!("{url}/report"))
+                .bearer_auth(token)
+                .json(&report)
+                .send()
+                .await;
+            match sent {
+                Ok(r) if r.status() == 202 => break,
+                Ok(r) => {
+                    let status = r.status();
+                    panic!(
+                        "a report was refused: {status} {}",
+                        r.text().await.unwrap_or_default()
+                    );
+                }
+                Err(err) if tries < 5 => {
+                    tries += 1;
+                    let _ = err;
+                }
+                Err(err) => panic!("a report could not be sent: {err}"),
+            }
+        }
+        let first = *first.get_or_insert(version.unwrap_or_default());
+        if !counted && version.is_some_and(|v| v > first) {
+            counted = true;
+            reached.fetch_add(1, Ordering::AcqRel);
+        }
+        after = epoch;
+    }
+}
+
+/// The value of one metric line in a `/metrics` answer.
+async fn metric(http: &reqwest::Client, url: &str, name: &str) -> f64 {
+    let text = http
+        .get(format!("{url}/metrics"))
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
+        .unwrap_or(0.0)
+}
+
+/// B8: a policy change reaching `n` watching nodes (simulated: they write nothing and report
+/// ok), with or without `waves: ["1%", "10%", "100%"]` and pause 0: the time from the install
+/// to every node reporting the new version, report writes per store commit, server RSS.
+async fn b8(n: usize, waves: bool) -> Value {
+    const TOKEN: &str = "b8-join-token";
+    let file = |marker: &str| json!({"path": "/config.yaml", "template": format!("id: {{{{ node.identifier }}}}\nindex: {{{{ index }}}}\n{marker}\n")});
+    let v1 = json!({"expect_nodes": n, "files": [file("v1")]});
+    let dir = tempfile::tempdir().unwrap();
+    let token_file = dir.path().join("join.token");
+    std::fs::write(&token_file, TOKEN).unwrap();
+    let policy_path = dir.path().join("policy.json");
+    std::fs::write(&policy_path, v1.to_string()).unwrap();
+    let store = format!("sqlite:{}/store.db", dir.path().display());
+    let (token_arg, policy_arg) = (
+        token_file.display().to_string(),
+        policy_path.display().to_string(),
+    );
+    let (child, url, _) = start_binary(
+        &[
+            "serve",
+            "--store",
+            &store,
+            "--policy",
+            &policy_arg,
+            "--join-token-file",
+            &token_arg,
+            // 5 000 nodes from one address: the per-source cap on connections that have not
+            // shown a token yet is lifted, as 5 000 real nodes come from 5 000 addresses.
+            "--max-connections-per-source",
+            "0",
+        ],
+        std::fs::File::create(std::env::temp_dir().join("bootsync-b8-server.log"))
+            .unwrap()
+            .into(),
+        Duration::from_secs(30),
+    )
+    .await;
+    let server = Server {
+        child,
+        url: url.clone(),
+        _dir: dir,
+    };
+    let http = reqwest::Client::builder()
+        .pool_max_idle_per_host(n + 64)
+        .build()
+        .unwrap();
+    for chunk in (0..n).collect::<Vec<_>>().chunks(CONCURRENCY) {
+        let all = chunk.iter().map(|&i| {
+            http.post(format!("{url}/register"))
+                .bearer_auth(TOKEN)
+                .json(&registration(i))
+                .send()
+        });
+        for r in futures_util::future::join_all(all).await {
+            assert_eq!(r.unwrap().status(), 202);
+        }
+    }
+    let reached = Arc::new(AtomicUsize::new(0));
+    let watchers: Vec<_> = (0..n)
+        .map(|i| {
+            tokio::spawn(watcher(
+                http.clone(),
+                url.clone(),
+                TOKEN,
+                i,
+                reached.clone(),
+            ))
+        })
+        .collect();
+    // Every node on v1 first: its report written.
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while metric(
+        &http,
+        &url,
+        "bootsync_cfgsync_nodes{version=\"1\",result=\"ok\"}",
+    )
+    .await
+        < n as f64
+    {
+        assert!(Instant::now() < deadline, "the fleet did not settle on v1");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let mut v2 = json!({"expect_nodes": n, "files": [file("v2")]});
+    if waves {
+        v2["rollout"] = json!({"waves": ["1%", "10%", "100%"], "pause": "0s"});
+    }
+    let (written0, commits0) = (
+        metric(&http, &url, "bootsync_cfgsync_reports_written_total").await,
+        metric(&http, &url, "bootsync_cfgsync_report_commits_total").await,
+    );
+    let installed_at = Instant::now();
+    let answer = http
+        .put(format!("{url}/v1/cfgsync/policy"))
+        .json(&v2)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(answer.status(), 200, "the install was refused");
+    let deadline = Instant::now() + Duration::from_secs(300);
+    while reached.load(Ordering::Acquire) < n {
+        assert!(
+            Instant::now() < deadline,
+            "only {} of {n} reached v2",
+            reached.load(Ordering::Acquire)
+        );
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    let took = installed_at.elapsed();
+    // Reports of the change still in flight are written within a moment.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let written = metric(&http, &url, "bootsync_cfgsync_reports_written_total").await - written0;
+    let commits = metric(&http, &url, "bootsync_cfgsync_report_commits_total").await - commits0;
+    let rss = server.peak_rss_mb();
+    for w in watchers {
+        w.abort();
+    }
+    let name = if waves {
+        "waves [1%, 10%, 100%], pause 0"
+    } else {
+        "no waves"
+    };
+    println!(
+        "B8 n={n} {name}: every node reported the new version {:.2} s after the install; {written:.0} report writes in {commits:.0} commits ({:.1} per commit); server peak RSS {rss:.0} MB",
+        took.as_secs_f64(),
+        written / commits.max(1.0)
+    );
+    json!({"n": n, "waves": waves, "install_to_all_reported_s": took.as_secs_f64(), "report_writes": written, "report_commits": commits, "writes_per_commit": written / commits.max(1.0), "server_peak_rss_mb": rss})
+}
+
+/// B9: `policy diff` of a change to the B1 policy (each node's file lists all its peers,
+/// native helper) against `n` registrations, through `POST /v1/cfgsync/preview`.
+async fn b9(n: usize, form: PeerForm) -> Value {
+    let policy = json!({"expect_nodes": n, "files": [{"path": "/config.yaml", "template": form.template()}]});
+    let server = Server::start(&policy).await;
+    let http = http_pool(CONCURRENCY);
+    storm(&http, &server.url, n).await;
+    let candidate = json!({"expect_nodes": n, "files": [{"path": "/config.yaml", "template": format!("{}port: 8080\n", form.template())}]});
+    let started = Instant::now();
+    let body: Value = http
+        .post(format!("{}/v1/cfgsync/preview", server.url))
+        .json(&json!({"policy": candidate}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let took = started.elapsed();
+    assert_eq!(body["changed"], n, "{body}");
+    let rss = server.peak_rss_mb();
+    println!(
+        "B9 n={n} peers={}: preview summary ({} of {n} would change, with 3 diffs) in {:.2} s (server {} ms); server peak RSS {rss:.0} MB",
+        form.name(),
+        body["changed"],
+        took.as_secs_f64(),
+        body["elapsed_ms"]
+    );
+    json!({"n": n, "form": form.name(), "preview_s": took.as_secs_f64(), "server_ms": body["elapsed_ms"], "peak_rss_mb": rss})
+}
+
 /// B3 over HTTP: durable registrations per second with 64 registrants on SQLite.
 async fn b3() -> Value {
     let dir = tempfile::tempdir().unwrap();
@@ -1038,6 +1285,21 @@ async fn main() {
     }
     if want("b5") {
         summary.insert("b5", b5().await);
+    }
+    if want("b8") || want("rollout") {
+        let n = sizes(&[5_000])[0];
+        let mut runs = Vec::new();
+        for waves in [false, true] {
+            runs.push(b8(n, waves).await);
+        }
+        summary.insert("b8_rollout", Value::Array(runs));
+    }
+    if want("b9") || want("preview") {
+        let mut runs = Vec::new();
+        for form in [PeerForm::Helper, PeerForm::Loop] {
+            runs.push(b9(10_000, form).await);
+        }
+        summary.insert("b9_preview", Value::Array(runs));
     }
     if want("idle") {
         summary.insert("b4_b7", idle().await);

@@ -399,7 +399,13 @@ impl Service {
                 let applied = serving.report(id).cloned();
                 let state = match (&applied, served) {
                     (Some(report), _) if !report.applied.is_ok() => NodeState::Failed,
-                    (Some(report), Some(stamp)) if report.applied.epoch >= stamp.epoch => {
+                    // The same version counts too: a node that got the same files at a new
+                    // epoch writes and reports nothing.
+                    (Some(report), Some(stamp))
+                        if report.applied.epoch >= stamp.epoch
+                            || (stamp.version.is_some()
+                                && report.applied.version == stamp.version) =>
+                    {
                         NodeState::Applied
                     }
                     (Some(_), _) => NodeState::Applying,

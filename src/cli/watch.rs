@@ -97,6 +97,19 @@ impl Watch<'_> {
                 () = shutdown.cancelled() => return EXIT_OK,
             };
             let pause = match result {
+                // A new epoch with the same files and version (a rollout's wave moved past
+                // this node, a peer's heartbeat): nothing to write, run or report.
+                Ok((WatchOutcome::Payload(next), _))
+                    if newer(&current, &next)
+                        && next.files == current.files
+                        && next.version == current.version =>
+                {
+                    register = false;
+                    backoff.reset();
+                    resync = false;
+                    current = next;
+                    None
+                }
                 Ok((WatchOutcome::Payload(next), _))
                     if newer(&current, &next) || (resync && differs(&current, &next)) =>
                 {

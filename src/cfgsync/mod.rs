@@ -7,6 +7,7 @@
 pub mod admission;
 pub mod bundle;
 pub mod client;
+pub mod direct;
 mod epoch;
 pub mod gzip;
 pub mod install;

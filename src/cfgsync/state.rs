@@ -19,11 +19,8 @@ use std::net::IpAddr;
 use serde::{Deserialize, Serialize};
 use serde_json::Value;
 
-use super::bundle::NodeArtifactsBundle;
-use super::policy::Policy;
-use crate::api::cfgsync::MAX_METADATA_BYTES;
 use crate::api::rollout::VersionKind;
-use crate::store::{self, Batch, CFGSYNC_NAMESPACE, Key, Op, Revision};
+use crate::store::{self, CFGSYNC_NAMESPACE, Key, Revision};
 
 /// Kind of registration records (key = node identifier).
 pub const REGISTRATION: &str = "registration";
@@ -198,136 +195,5 @@ pub fn metadata_bytes(metadata: Option<&Value>) -> u64 {
     match metadata {
         None | Some(Value::Null) => 0,
         Some(value) => store::encoded_len(value) as u64,
-    }
-}
-
-/// Checks a batch written straight into the store (through `/v1`) as the server would check
-/// the same things loaded from files, and guards what it bypasses: a bundle or policy is
-/// validated whole, a registration must decode, name its own key and keep its metadata within
-/// the limit, and the ledger is the server's alone. A batch that touches registrations also
-/// marks the ledger stale in the same commit, so caps keep holding. Every problem is listed.
-pub fn guard_direct_write(batch: Batch) -> Result<Batch, Vec<String>> {
-    let mut problems = Vec::new();
-    let mut touches_registrations = false;
-    for op in &batch.ops {
-        let key = op.key();
-        if key.namespace != CFGSYNC_NAMESPACE {
-            continue;
-        }
-        if key.kind == ADMISSION {
-            problems.push(format!(
-                "{key}: the admission ledger is kept by the server; write the registrations and it is counted afresh"
-            ));
-            continue;
-        }
-        if [ROLLOUT, PREVIOUS, WAVE].contains(&key.kind.as_str()) {
-            problems.push(format!(
-                "{key}: the rollout's state is kept by the server; use `/v1/rollout` or `bootsync rollout`"
-            ));
-            continue;
-        }
-        if key.kind == REPORT {
-            problems.push(format!(
-                "{key}: reports are written by the nodes themselves (`POST /report`)"
-            ));
-            continue;
-        }
-        touches_registrations |= key.kind == REGISTRATION;
-        if let Op::Put { key, value } = op
-            && let Err(mut found) = check_value(key, value)
-        {
-            problems.append(&mut found);
-        }
-    }
-    if !problems.is_empty() {
-        return Err(problems);
-    }
-    Ok(if touches_registrations {
-        batch.put(ledger_key(), Ledger::stale())
-    } else {
-        batch
-    })
-}
-
-/// Checks one value bound for `__cfgsync__` (see [`guard_direct_write`]).
-fn check_value(key: &Key, value: &Value) -> Result<(), Vec<String>> {
-    fn decode<T: serde::de::DeserializeOwned>(key: &Key, value: &Value) -> Result<T, Vec<String>> {
-        serde_json::from_value(value.clone()).map_err(|err| vec![format!("{key}: {err}")])
-    }
-    match key.kind.as_str() {
-        BUNDLE => decode::<NodeArtifactsBundle>(key, value)?.validate(),
-        POLICY => decode::<Policy>(key, value)?.compile().map(|_| ()),
-        REGISTRATION => {
-            let record: RegistrationRecord = decode(key, value)?;
-            let mut problems = Vec::new();
-            if record.identifier != key.key {
-                problems.push(format!(
-                    "{key}: the record names {:?}, not its own key",
-                    record.identifier
-                ));
-            }
-            let size = metadata_bytes(Some(&record.metadata));
-            if size > MAX_METADATA_BYTES as u64 {
-                problems.push(format!(
-                    "{key}: metadata is {size} bytes, over the limit of {MAX_METADATA_BYTES}"
-                ));
-            }
-            if problems.is_empty() {
-                Ok(())
-            } else {
-                Err(problems)
-            }
-        }
-        _ => Ok(()),
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use serde_json::json;
-
-    use super::*;
-
-    fn record(id: &str, metadata: Value) -> Value {
-        json!({"identifier": id, "ip": "10.0.0.1", "metadata": metadata,
-               "first_seen_ms": 1, "last_seen_ms": 1})
-    }
-
-    #[test]
-    fn a_direct_registration_write_marks_the_ledger_stale_in_the_same_batch() {
-        let batch = Batch::new().put(registration_key("a"), record("a", json!({})));
-        let guarded = guard_direct_write(batch).unwrap();
-        let ledger = guarded.ops.iter().find(|op| op.key() == &ledger_key());
-        assert!(
-            matches!(ledger, Some(Op::Put { value, .. }) if value["stale"] == true),
-            "{guarded:?}"
-        );
-        let unrelated = Batch::new().put(Key::new("prod", "cfg", "a"), json!(1));
-        assert_eq!(guard_direct_write(unrelated).unwrap().ops.len(), 1);
-    }
-
-    #[test]
-    fn the_ledger_cannot_be_written_or_deleted_directly() {
-        for batch in [
-            Batch::new().put(ledger_key(), json!({"registrations": 0})),
-            Batch::new().delete(ledger_key()),
-        ] {
-            let problems = guard_direct_write(batch).unwrap_err();
-            assert!(problems[0].contains("kept by the server"), "{problems:?}");
-        }
-    }
-
-    #[test]
-    fn every_problem_of_a_direct_write_is_listed() {
-        let big = json!({"blob": "x".repeat(MAX_METADATA_BYTES)});
-        let batch = Batch::new()
-            .put(registration_key("a"), record("b", json!({})))
-            .put(registration_key("c"), record("c", big))
-            .put(policy_key(), json!({"expect_nodes": 0}));
-        let problems = guard_direct_write(batch).unwrap_err();
-        for expected in ["names \"b\"", "over the limit", "at least 1"] {
-            let listed = problems.iter().any(|p| p.contains(expected));
-            assert!(listed, "{expected}: {problems:?}");
-        }
     }
 }

@@ -263,7 +263,7 @@ async fn apply_batch(
 /// so nothing the server would refuse to serve gets stored, and one that writes registrations
 /// marks the admission ledger stale in the same commit, so caps keep holding.
 fn guarded(batch: Batch) -> Result<Batch, ApiError> {
-    crate::cfgsync::state::guard_direct_write(batch)
+    crate::cfgsync::direct::guard_direct_write(batch)
         .map_err(|problems| ApiError::unprocessable(problems.join("; ")))
 }
 

@@ -59,3 +59,31 @@ async fn log_lines_written_to_a_file_carry_no_colour_escapes() {
         "escape bytes in a non-terminal log:\n{log:?}"
     );
 }
+
+/// The README's main job: `run --spec examples/quickstart.yaml` on the embedded SQLite store
+/// converges every step (its `cfgsync-policy` installs through the server's `/v1`).
+#[it::test(multi_thread)]
+async fn the_quickstart_main_job_converges() {
+    let dir = tempfile::tempdir().unwrap();
+    let spec = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples/quickstart.yaml");
+    let server = support::Proc::start(
+        dir.path(),
+        &format!("run --spec {} --store sqlite:store.db", spec.display()),
+    );
+    let url = format!("{}/v1/status", server.url);
+    let status = support::wait_for(Duration::from_secs(60), "the quickstart converged", || {
+        let url = url.clone();
+        async move {
+            let (_, status) = support::call(reqwest::Method::GET, &url, None, None).await;
+            (status["converged"] == true).then_some(status)
+        }
+    })
+    .await;
+    let names: Vec<&str> = status["initialisers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|i| i["name"].as_str().unwrap())
+        .collect();
+    assert!(names.contains(&"node-policy"), "{status}");
+}

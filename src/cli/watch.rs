@@ -60,7 +60,10 @@ impl Watch<'_> {
         let mut pending: BTreeSet<String> =
             written.iter().map(|p| p.display().to_string()).collect();
         let mut last_hook = tokio::time::Instant::now();
-        let mut reporting = true;
+        let mut reporting = Reporting {
+            enabled: true,
+            undelivered: None,
+        };
         let started = std::time::Instant::now();
         let Some(outcome) = self
             .hook(&mut pending, current.epoch.unwrap_or_default(), &shutdown)
@@ -79,6 +82,9 @@ impl Watch<'_> {
                 () = tokio::time::sleep_until(next_hook) => {}
                 () = shutdown.cancelled() => return EXIT_OK,
             }
+            // A report the server did not get (it restarted, say) is sent again first: a wave
+            // waits for it, and the same files at a later epoch are not reported.
+            self.deliver(&mut reporting).await;
             resync |= register;
             let step = async {
                 if register {
@@ -202,19 +208,18 @@ impl Watch<'_> {
     }
 
     /// Tells the server what became of `payload` (`POST /report`), unless it said it does not
-    /// take reports. A report that cannot be delivered is noted and not retried: the next
-    /// apply reports again.
+    /// take reports; one not delivered is kept and sent again by [`Self::deliver`].
     async fn report(
         &self,
         payload: &NodeArtifactsPayload,
         outcome: HookOutcome,
         started: std::time::Instant,
-        reporting: &mut bool,
+        reporting: &mut Reporting,
     ) {
-        let Some(epoch) = payload.epoch.filter(|_| *reporting) else {
+        let Some(epoch) = payload.epoch else {
             return;
         };
-        let body = ReportBody {
+        reporting.undelivered = Some(ReportBody {
             identifier: self.registration.identifier.clone(),
             applied: rollout::Applied {
                 epoch,
@@ -229,11 +234,29 @@ impl Watch<'_> {
                     .then(|| crate::cfgsync::report::tail(&outcome.stderr_tail).to_string()),
                 duration_ms: started.elapsed().as_millis() as u64,
             },
+        });
+        self.deliver(reporting).await;
+    }
+
+    /// Sends the report not yet delivered, if any. It is kept after a failure the server calls
+    /// transient (or no answer), and dropped after a refusal, which would not change.
+    async fn deliver(&self, reporting: &mut Reporting) {
+        let Some(body) = reporting.undelivered.take().filter(|_| reporting.enabled) else {
+            return;
         };
         match self.client.report(&body).await {
             Ok(true) => {}
-            Ok(false) => *reporting = false,
-            Err(err) => self.note("error", &format!("the apply was not reported: {err}")),
+            Ok(false) => reporting.enabled = false,
+            Err(err) => {
+                self.note("error", &format!("the apply was not reported: {err}"));
+                let transient = match &err {
+                    ClientError::Refused { code, .. } => code.is_transient(),
+                    _ => true,
+                };
+                if transient {
+                    reporting.undelivered = Some(body);
+                }
+            }
         }
     }
 
@@ -415,6 +438,14 @@ async fn pass_stderr_through(stderr: Option<tokio::process::ChildStderr>) -> Str
     }
     let text = String::from_utf8_lossy(&kept);
     crate::cfgsync::report::tail(&text).to_string()
+}
+
+/// What the watcher owes the server.
+struct Reporting {
+    /// Whether the server takes reports (a seed server or an older bootsync does not).
+    enabled: bool,
+    /// The latest report, until it is delivered.
+    undelivered: Option<ReportBody>,
 }
 
 /// How the hook went.

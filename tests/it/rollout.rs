@@ -217,6 +217,15 @@ async fn a_bad_change_halts_after_the_first_wave_and_a_rollback_restores_it() {
         );
     }
     assert!(content(dir.path(), "n00").contains("bad"));
+    let (code, out, err) = support::cli(
+        dir.path(),
+        &format!("rollout status --server {}", server.url),
+    );
+    assert_eq!(code, 1, "a halted rollout: {out}{err}");
+    assert!(
+        out.contains("halted") && out.contains("failed: n00") && out.contains("bad config"),
+        "{out}"
+    );
     let (status, refused) = install(&server.url, &policy("v4"), false).await;
     assert_eq!(
         (status, refused["code"].as_str()),

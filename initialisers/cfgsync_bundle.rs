@@ -33,17 +33,13 @@ impl Initialiser for CfgsyncBundle {
     async fn run(&self, ctx: &InitContext) -> Result<(), InitError> {
         let bundle = NodeArtifactsBundle::load(&ctx.resolve(&self.0.bundle_file))?;
         let installed = install::install_bundle(ctx.store.as_ref(), &bundle, self.0.force).await?;
-        tracing::info!(
-            nodes = bundle.nodes.len(),
-            version = installed.version,
-            rollout = installed.rollout,
-            unchanged = installed.unchanged,
-            "installed the cfgsync bundle"
-        );
-        if self.0.wait_for_rollout {
-            install::wait_for_rollout(ctx.store.as_ref(), VersionKind::Bundle, installed.version)
-                .await?;
-        }
+        install::settle(
+            ctx.store.as_ref(),
+            VersionKind::Bundle,
+            installed,
+            self.0.wait_for_rollout,
+        )
+        .await?;
         Ok(())
     }
 }

@@ -33,16 +33,13 @@ impl Initialiser for CfgsyncPolicy {
         let compiled = Policy::load(&ctx.resolve(&self.0.policy_file))?;
         let installed =
             install::install_policy(ctx.store.as_ref(), compiled.policy(), self.0.force).await?;
-        tracing::info!(
-            version = installed.version,
-            rollout = installed.rollout,
-            unchanged = installed.unchanged,
-            "installed the cfgsync policy"
-        );
-        if self.0.wait_for_rollout {
-            install::wait_for_rollout(ctx.store.as_ref(), VersionKind::Policy, installed.version)
-                .await?;
-        }
+        install::settle(
+            ctx.store.as_ref(),
+            VersionKind::Policy,
+            installed,
+            self.0.wait_for_rollout,
+        )
+        .await?;
         Ok(())
     }
 }

@@ -226,6 +226,27 @@ pub async fn install(
     Err(InstallError::KeptRacing(kind.name()))
 }
 
+/// What an installer does after an install: says what happened and, when asked, waits for
+/// the version's rollout to end (see [`wait_for_rollout`]).
+pub async fn settle(
+    store: &dyn Store,
+    kind: VersionKind,
+    installed: Installed,
+    wait: bool,
+) -> Result<(), InstallError> {
+    tracing::info!(
+        kind = kind.name(),
+        version = installed.version,
+        rollout = installed.rollout,
+        unchanged = installed.unchanged,
+        "installed"
+    );
+    if wait {
+        wait_for_rollout(store, kind, installed.version).await?;
+    }
+    Ok(())
+}
+
 /// Waits until the rollout of `version` ends: `Ok` once it completed (or when `version` had
 /// no rollout), else why it did not — halted, rolled back, or ended by another install.
 pub async fn wait_for_rollout(

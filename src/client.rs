@@ -2,11 +2,12 @@
 //! [`RemoteStore`], the [`Store`] trait spoken over that API — so the reconciler runs the same
 //! code in-process (`run`, through the real listener) and remote (`bootstrap --server`).
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
 use futures_util::stream;
-use reqwest::{Method, RequestBuilder, StatusCode};
+use reqwest::{Method, StatusCode};
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 
@@ -16,6 +17,7 @@ use crate::api::config::{ChangesBody, EntryBody, NamespaceBody, Namespaces, Type
 use crate::api::rollout::{Command, PreviewBody, PreviewRequest, RolloutStatus, VersionKind};
 use crate::api::status::HistoryBody;
 use crate::api::{ErrorBody, ErrorCode};
+use crate::servers::{Endpoint, Failover, Servers};
 use crate::store::{
     self, Batch, ChangeEvent, Entry, Key, Listing, NamespaceTree, Revision, Store, Watch,
     WatchFilter,
@@ -55,6 +57,16 @@ pub enum Error {
 }
 
 impl Error {
+    /// Whether another server should be asked: the request never reached this one, or
+    /// (`repeatable`, a request that says the same when sent twice) it got no answer or a 5xx.
+    pub fn fails_over(&self, repeatable: bool) -> bool {
+        match self {
+            Error::Unreachable { source, .. } => repeatable || source.is_connect(),
+            Error::Status { status, .. } => repeatable && status.is_server_error(),
+            Error::Decode { .. } => false,
+        }
+    }
+
     /// The HTTP status, when the server answered.
     pub fn status(&self) -> Option<StatusCode> {
         match self {
@@ -64,11 +76,12 @@ impl Error {
     }
 }
 
-/// A client of one bootsync server's `/v1` API.
+/// A client of a bootsync server's `/v1` API, or of several sharing one store: it moves to
+/// the next server when the one in use does not answer or answers 5xx. A request that may
+/// not be sent twice (a batch, a rollout command) moves only when it never reached a server.
 #[derive(Debug, Clone)]
 pub struct ApiClient {
-    base: String,
-    http: reqwest::Client,
+    failover: Arc<Failover>,
     admin_token: Option<Token>,
 }
 
@@ -86,16 +99,27 @@ impl ApiClient {
     /// A client of the server at `base` over an existing HTTP client (its TLS settings and
     /// pool), so one process can share one: each rustls client loads the system's roots.
     pub fn with_http_client(base: impl Into<String>, http: reqwest::Client) -> Self {
+        Self::with_servers(Servers::one(base, http))
+    }
+
+    /// A client of these servers, preferred in the listed order.
+    pub fn with_servers(servers: Servers) -> Self {
         Self {
-            base: base.into().trim_end_matches('/').to_string(),
-            http,
+            failover: Arc::new(Failover::new(servers)),
             admin_token: None,
         }
     }
 
     /// Trusts these CA certificates beside the system's (for a server with a private CA).
     pub fn with_ca_certs(mut self, certs: &[reqwest::Certificate]) -> Result<Self, reqwest::Error> {
-        self.http = crate::tls::http_client(certs, reqwest::Client::builder())?;
+        let targets = self
+            .failover
+            .servers()
+            .iter()
+            .map(|e| e.target.clone())
+            .collect();
+        let servers = Servers::connect(targets, |b| crate::tls::http_client(certs, b))?;
+        self.failover = Arc::new(Failover::new(servers));
         Ok(self)
     }
 
@@ -105,67 +129,77 @@ impl ApiClient {
         self
     }
 
-    /// The server's base URL.
-    pub fn base_url(&self) -> &str {
-        &self.base
+    /// The base URL of the server in use now.
+    pub fn base_url(&self) -> String {
+        let failover = &self.failover;
+        failover
+            .servers()
+            .get(failover.current())
+            .target
+            .url
+            .clone()
     }
 
-    /// The underlying HTTP client (shares its connection pool).
-    pub fn http(&self) -> &reqwest::Client {
-        &self.http
+    /// The servers it may use.
+    pub fn servers(&self) -> &Servers {
+        self.failover.servers()
     }
 
-    fn url(&self, path: &str) -> String {
-        format!("{}{}", self.base, path)
-    }
-
-    fn request(&self, method: Method, path: &str) -> RequestBuilder {
-        let mut builder = self
-            .http
-            .request(method, self.url(path))
-            .timeout(REQUEST_TIMEOUT);
-        if let Some(token) = &self.admin_token {
-            builder = builder.bearer_auth(token.expose());
-        }
-        builder
-    }
-
+    /// Sends `method path` (with `body`, if any) to the server in use, moving on as the type
+    /// comment says, and decodes a successful answer.
     async fn send<T: DeserializeOwned>(
         &self,
+        method: Method,
         path: &str,
-        builder: RequestBuilder,
+        body: Option<&dyn erased::Body>,
+        timeout: Duration,
     ) -> Result<T, Error> {
-        let url = self.url(path);
-        let response = builder.send().await.map_err(|source| Error::Unreachable {
-            url: url.clone(),
-            source,
-        })?;
-        let status = response.status();
-        if !status.is_success() {
-            let text = response.text().await.unwrap_or_default();
-            let body = ErrorBody::from_answer(status, &text);
-            return Err(Error::Status { url, status, body });
-        }
-        response
-            .json::<T>()
+        // GET, PUT and DELETE say the same when sent twice; a POST may not.
+        let repeatable = method != Method::POST;
+        let ask = |endpoint: &Endpoint| {
+            let url = format!("{}{path}", endpoint.target.url);
+            let mut builder = endpoint.http.request(method.clone(), &url).timeout(timeout);
+            if let Some(token) = &self.admin_token {
+                builder = builder.bearer_auth(token.expose());
+            }
+            if let Some(body) = body {
+                builder = body.attach(builder);
+            }
+            async move {
+                let response = builder.send().await.map_err(|source| Error::Unreachable {
+                    url: url.clone(),
+                    source,
+                })?;
+                let status = response.status();
+                if !status.is_success() {
+                    let text = response.text().await.unwrap_or_default();
+                    let body = ErrorBody::from_answer(status, &text);
+                    return Err(Error::Status { url, status, body });
+                }
+                response
+                    .json::<T>()
+                    .await
+                    .map_err(|source| Error::Decode { url, source })
+            }
+        };
+        self.failover
+            .call(ask, |err: &Error| err.fails_over(repeatable))
             .await
-            .map_err(|source| Error::Decode { url, source })
+    }
+
+    async fn get_json<T: DeserializeOwned>(&self, path: &str) -> Result<T, Error> {
+        self.send(Method::GET, path, None, REQUEST_TIMEOUT).await
     }
 
     /// `GET /healthz`: whether the process answers.
     pub async fn healthz(&self) -> Result<(), Error> {
-        self.send::<Value>("/healthz", self.request(Method::GET, "/healthz"))
-            .await
-            .map(|_| ())
+        self.get_json::<Value>("/healthz").await.map(|_| ())
     }
 
     /// One entry, or `None` when absent.
     pub async fn get(&self, key: &Key) -> Result<Option<EntryBody>, Error> {
         let path = entry_path(key);
-        match self
-            .send::<EntryBody>(&path, self.request(Method::GET, &path))
-            .await
-        {
+        match self.get_json::<EntryBody>(&path).await {
             Ok(body) => Ok(Some(body)),
             Err(Error::Status { body, .. }) if body.code == ErrorCode::NotFound => Ok(None),
             Err(err) => Err(err),
@@ -176,7 +210,7 @@ impl ApiClient {
     pub async fn put(&self, key: &Key, value: &Value) -> Result<Revision, Error> {
         let path = entry_path(key);
         let written: Written = self
-            .send(&path, self.request(Method::PUT, &path).json(value))
+            .send(Method::PUT, &path, Some(&value), REQUEST_TIMEOUT)
             .await?;
         Ok(written.revision)
     }
@@ -185,7 +219,7 @@ impl ApiClient {
     pub async fn delete(&self, key: &Key) -> Result<Revision, Error> {
         let path = entry_path(key);
         let written: Written = self
-            .send(&path, self.request(Method::DELETE, &path))
+            .send(Method::DELETE, &path, None, REQUEST_TIMEOUT)
             .await?;
         Ok(written.revision)
     }
@@ -193,7 +227,7 @@ impl ApiClient {
     /// Every entry of a type.
     pub async fn list(&self, namespace: &str, kind: &str) -> Result<Listing, Error> {
         let path = format!("/v1/config/{}/{}", segment(namespace), segment(kind));
-        let body: TypeBody = self.send(&path, self.request(Method::GET, &path)).await?;
+        let body: TypeBody = self.get_json(&path).await?;
         Ok(Listing {
             revision: body.revision,
             entries: body.entries,
@@ -203,7 +237,7 @@ impl ApiClient {
     /// A whole namespace.
     pub async fn namespace(&self, namespace: &str) -> Result<NamespaceTree, Error> {
         let path = format!("/v1/config/{}", segment(namespace));
-        let body: NamespaceBody = self.send(&path, self.request(Method::GET, &path)).await?;
+        let body: NamespaceBody = self.get_json(&path).await?;
         Ok(NamespaceTree {
             revision: body.revision,
             types: body.types,
@@ -212,40 +246,33 @@ impl ApiClient {
 
     /// Every namespace (reserved ones only with the admin token) and the store revision.
     pub async fn namespaces(&self) -> Result<(Revision, Vec<String>), Error> {
-        let body: Namespaces = self
-            .send("/v1/config", self.request(Method::GET, "/v1/config"))
-            .await?;
+        let body: Namespaces = self.get_json("/v1/config").await?;
         Ok((body.revision, body.namespaces))
     }
 
     /// Commits an atomic batch.
     pub async fn apply(&self, batch: &Batch) -> Result<Revision, Error> {
         let written: Written = self
-            .send(
-                "/v1/config",
-                self.request(Method::POST, "/v1/config").json(batch),
-            )
+            .send(Method::POST, "/v1/config", Some(batch), REQUEST_TIMEOUT)
             .await?;
         Ok(written.revision)
     }
 
     /// `GET /v1/status`.
     pub async fn status<T: DeserializeOwned>(&self) -> Result<T, Error> {
-        self.send("/v1/status", self.request(Method::GET, "/v1/status"))
-            .await
+        self.get_json("/v1/status").await
     }
 
     /// `GET /v1/nodes`: every registered node.
     pub async fn nodes(&self) -> Result<NodesBody, Error> {
-        self.send("/v1/nodes", self.request(Method::GET, "/v1/nodes"))
-            .await
+        self.get_json("/v1/nodes").await
     }
 
     /// `DELETE /v1/nodes/{id}`: removes a node.
     pub async fn remove_node(&self, identifier: &str) -> Result<Revision, Error> {
         let path = format!("/v1/nodes/{}", segment(identifier));
         let written: Written = self
-            .send(&path, self.request(Method::DELETE, &path))
+            .send(Method::DELETE, &path, None, REQUEST_TIMEOUT)
             .await?;
         Ok(written.revision)
     }
@@ -262,21 +289,21 @@ impl ApiClient {
             identifier: new.to_string(),
             ip,
         };
-        let builder = self.request(Method::POST, &path).json(&request);
-        let written: Written = self.send(&path, builder).await?;
+        let written: Written = self
+            .send(Method::POST, &path, Some(&request), REQUEST_TIMEOUT)
+            .await?;
         Ok(written.revision)
     }
 
     /// `GET /v1/rollout`: the rollout under way, or the last one.
     pub async fn rollout(&self) -> Result<RolloutStatus, Error> {
-        self.send("/v1/rollout", self.request(Method::GET, "/v1/rollout"))
-            .await
+        self.get_json("/v1/rollout").await
     }
 
     /// `POST /v1/rollout/{command}`: pause, resume, promote or roll back.
     pub async fn rollout_command(&self, command: Command) -> Result<RolloutStatus, Error> {
         let path = format!("/v1/rollout/{}", command.name());
-        self.send(&path, self.request(Method::POST, &path)).await
+        self.send(Method::POST, &path, None, REQUEST_TIMEOUT).await
     }
 
     /// `PUT /v1/cfgsync/policy` (or `bundle`): installs a version; `force` installs even
@@ -288,15 +315,15 @@ impl ApiClient {
         force: bool,
     ) -> Result<Value, Error> {
         let path = format!("/v1/cfgsync/{}?force={force}", kind.name());
-        let builder = self.request(Method::PUT, &path).json(value);
-        self.send(&path, builder).await
+        self.send(Method::PUT, &path, Some(value), REQUEST_TIMEOUT)
+            .await
     }
 
     /// `POST /v1/cfgsync/preview`: a candidate policy against the current registrations.
     pub async fn preview(&self, request: &PreviewRequest) -> Result<PreviewBody, Error> {
         let path = "/v1/cfgsync/preview";
-        let builder = self.request(Method::POST, path).json(request);
-        self.send(path, builder).await
+        self.send(Method::POST, path, Some(request), REQUEST_TIMEOUT)
+            .await
     }
 
     /// `GET /v1/history`, or one initialiser's with `name`.
@@ -305,7 +332,7 @@ impl ApiClient {
             Some(name) => format!("/v1/history?name={}", segment(name)),
             None => "/v1/history".to_string(),
         };
-        self.send(&path, self.request(Method::GET, &path)).await
+        self.get_json(&path).await
     }
 
     /// One long-poll of `/v1/changes`: events after `from`, held up to `wait`.
@@ -319,10 +346,22 @@ impl ApiClient {
             "/v1/changes?from={from}&timeout={}&internal={internal}",
             wait.as_secs()
         );
-        let builder = self
-            .request(Method::GET, &path)
-            .timeout(wait + REQUEST_TIMEOUT);
-        self.send(&path, builder).await
+        self.send(Method::GET, &path, None, wait + REQUEST_TIMEOUT)
+            .await
+    }
+}
+
+/// A request body of any serialisable type, behind a reference the request futures share.
+mod erased {
+    /// Attaches itself as a JSON body.
+    pub(super) trait Body: Sync {
+        fn attach(&self, builder: reqwest::RequestBuilder) -> reqwest::RequestBuilder;
+    }
+
+    impl<T: serde::Serialize + Sync> Body for T {
+        fn attach(&self, builder: reqwest::RequestBuilder) -> reqwest::RequestBuilder {
+            builder.json(self)
+        }
     }
 }
 

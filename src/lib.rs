@@ -48,6 +48,7 @@ pub mod memory;
 pub mod metrics;
 pub mod plugin;
 pub mod server;
+pub mod servers;
 pub mod shutdown;
 pub mod store;
 pub mod telemetry;

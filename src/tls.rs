@@ -139,6 +139,10 @@ pub fn plain_client() -> reqwest::Client {
     reqwest::Client::new()
 }
 
+/// How long a connection may take to open: a server that does not accept within it counts
+/// as down, and a client with several servers moves to the next one.
+pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+
 /// The HTTP client every bootsync client builds on: bounded connects, and `extra_roots`
 /// trusted beside the system's roots.
 pub fn http_client(
@@ -147,7 +151,7 @@ pub fn http_client(
 ) -> Result<reqwest::Client, reqwest::Error> {
     install_crypto_provider();
     builder
-        .connect_timeout(Duration::from_secs(5))
+        .connect_timeout(CONNECT_TIMEOUT)
         .redirect(same_origin_redirects())
         .tls_certs_merge(extra_roots.iter().cloned())
         .build()

@@ -81,7 +81,7 @@ pub struct NodeInfo {
     pub first_seen_ms: u64,
     /// Latest registration, Unix ms.
     pub last_seen_ms: u64,
-    /// The newest epoch this server handed it (since the server started).
+    /// The newest epoch any server on this store handed it (a report counts as fetched).
     pub fetched_epoch: Option<u64>,
     /// Whether it has fetched the current epoch.
     pub current: bool,

@@ -12,6 +12,7 @@ use crate::api::cfgsync::Registered;
 use crate::api::rollout::ReportBody;
 use crate::api::{ErrorBody, ErrorCode, Token};
 use crate::backoff::Backoff;
+use crate::servers::{Endpoint, Failover, Servers};
 
 /// Everything that can go wrong talking to a cfgsync server.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,16 @@ pub enum ClientError {
 }
 
 impl ClientError {
+    /// Whether the error says "this server cannot answer now", so another may: no answer, or
+    /// a 5xx.
+    pub fn fails_over(&self) -> bool {
+        match self {
+            ClientError::Unreachable { .. } => true,
+            ClientError::Refused { status, .. } => status.is_server_error(),
+            _ => false,
+        }
+    }
+
     /// How long the server asked to wait before the request is sent again, if it did.
     pub fn retry_after(&self) -> Option<Duration> {
         match self {
@@ -107,11 +118,12 @@ pub struct Progress {
     pub last: String,
 }
 
-/// A client of one cfgsync server.
+/// A client of a cfgsync server, or of several sharing one store: it moves to the next one
+/// when the server in use does not answer or answers 5xx, and keeps its registration, node
+/// secret and epoch across them.
 #[derive(Debug)]
 pub struct CfgsyncClient {
-    base: String,
-    http: reqwest::Client,
+    failover: Failover,
     join_token: Option<Token>,
     node_secret: Mutex<Option<String>>,
     long_poll: Duration,
@@ -122,19 +134,34 @@ pub struct CfgsyncClient {
 pub const DEFAULT_MAX_PAYLOAD_BYTES: usize = 64 << 20;
 /// Bound on an error or registration answer, which is a short JSON object.
 const MAX_SMALL_ANSWER_BYTES: usize = 64 << 10;
+/// How long a registration or a report may take.
+const SMALL_REQUEST_TIMEOUT: Duration = Duration::from_secs(30);
 
 impl CfgsyncClient {
     /// A client of the server at `base` (e.g. `http://127.0.0.1:4400`).
     pub fn new(base: impl Into<String>) -> Self {
+        let http = crate::tls::http_client(&[], reqwest::Client::builder())
+            .expect("a client without extra roots always builds");
+        Self::with_servers(Servers::one(base, http))
+    }
+
+    /// A client of these servers (which share one store), the first listed preferred until
+    /// [`Self::preferring`] says otherwise.
+    pub fn with_servers(servers: Servers) -> Self {
         Self {
-            base: base.into().trim_end_matches('/').to_string(),
-            http: crate::tls::http_client(&[], reqwest::Client::builder())
-                .expect("a client without extra roots always builds"),
+            failover: Failover::new(servers),
             join_token: None,
             node_secret: Mutex::new(None),
             long_poll: Duration::from_secs(30),
             max_payload_bytes: DEFAULT_MAX_PAYLOAD_BYTES,
         }
+    }
+
+    /// Prefers the servers in the order `identifier` ranks them, so a fleet given one list
+    /// spreads over it (see [`crate::servers`]).
+    pub fn preferring(mut self, identifier: &str) -> Self {
+        self.failover = self.failover.prefer_for(identifier);
+        self
     }
 
     /// The largest payload accepted; a larger answer is refused before it is decoded, so
@@ -146,7 +173,15 @@ impl CfgsyncClient {
 
     /// Trusts these CA certificates beside the system's (for a server with a private CA).
     pub fn with_ca_certs(mut self, certs: &[reqwest::Certificate]) -> Result<Self, reqwest::Error> {
-        self.http = crate::tls::http_client(certs, reqwest::Client::builder())?;
+        let targets = self
+            .failover
+            .servers()
+            .iter()
+            .map(|e| e.target.clone())
+            .collect();
+        let servers = Servers::connect(targets, |b| crate::tls::http_client(certs, b))?;
+        let order = self.failover.order();
+        self.failover = Failover::new(servers).with_order(order);
         Ok(self)
     }
 
@@ -162,34 +197,51 @@ impl CfgsyncClient {
         self
     }
 
-    /// The server's base URL.
-    pub fn server(&self) -> &str {
-        &self.base
+    /// The server in use now, as people see it.
+    pub fn server(&self) -> String {
+        let failover = &self.failover;
+        failover.servers().get(failover.current()).target.label()
     }
 
-    fn post(
+    /// The server this client goes back to when it can.
+    pub fn preferred_server(&self) -> String {
+        let failover = &self.failover;
+        failover.servers().get(failover.preferred()).target.label()
+    }
+
+    /// POSTs `body` to `path` on the server in use, moving on to the next while one does not
+    /// answer or answers 5xx (every request of a node is safe to send again: a registration
+    /// and a report replace themselves, a fetch reads). Answers below 500 come back as they
+    /// are, with the URL asked.
+    async fn post(
         &self,
         path: &str,
-        body: &impl serde::Serialize,
+        body: &(impl serde::Serialize + Sync),
         timeout: Duration,
-    ) -> reqwest::RequestBuilder {
-        let mut request = self
-            .http
-            .post(format!("{}{path}", self.base))
-            .timeout(timeout)
-            .json(body);
-        if let Some(token) = &self.join_token {
-            request = request.bearer_auth(token.expose());
-        }
-        if let Some(secret) = self
+    ) -> Result<(String, reqwest::Response), ClientError> {
+        let secret = self
             .node_secret
             .lock()
             .expect("secret lock poisoned")
-            .as_deref()
-        {
-            request = request.header(NODE_SECRET_HEADER, secret);
-        }
-        request
+            .clone();
+        let send = |endpoint: &Endpoint| {
+            let url = format!("{}{path}", endpoint.target.url);
+            let mut request = endpoint.http.post(&url).timeout(timeout).json(body);
+            if let Some(token) = &self.join_token {
+                request = request.bearer_auth(token.expose());
+            }
+            if let Some(secret) = &secret {
+                request = request.header(NODE_SECRET_HEADER, secret);
+            }
+            async move {
+                let response = request.send().await.map_err(unreachable(&url))?;
+                if response.status().is_server_error() {
+                    return Err(Self::refused(url, response).await);
+                }
+                Ok((url, response))
+            }
+        };
+        self.failover.call(send, ClientError::fails_over).await
     }
 
     async fn refused(url: String, response: reqwest::Response) -> ClientError {
@@ -214,12 +266,9 @@ impl CfgsyncClient {
 
     /// `POST /register`; keeps the node secret a strict-mode server returns.
     pub async fn register_node(&self, registration: &NodeRegistration) -> Result<(), ClientError> {
-        let url = format!("{}/register", self.base);
-        let response = self
-            .post("/register", registration, Duration::from_secs(30))
-            .send()
-            .await
-            .map_err(unreachable(&url))?;
+        let (url, response) = self
+            .post("/register", registration, SMALL_REQUEST_TIMEOUT)
+            .await?;
         if !response.status().is_success() {
             return Err(Self::refused(url, response).await);
         }
@@ -238,12 +287,7 @@ impl CfgsyncClient {
     /// `POST /report`: what the node did with a payload. `Ok(false)` when the server does not
     /// take reports (an older bootsync or a seed server answers 404 or 405).
     pub async fn report(&self, report: &ReportBody) -> Result<bool, ClientError> {
-        let url = format!("{}/report", self.base);
-        let response = self
-            .post("/report", report, Duration::from_secs(30))
-            .send()
-            .await
-            .map_err(unreachable(&url))?;
+        let (url, response) = self.post("/report", report, SMALL_REQUEST_TIMEOUT).await?;
         let status = response.status();
         if status.is_success() {
             return Ok(true);
@@ -303,12 +347,9 @@ impl CfgsyncClient {
         registration: &NodeRegistration,
         wait: Duration,
     ) -> Result<WatchOutcome, ClientError> {
-        let url = format!("{}{path}", self.base);
-        let response = self
-            .post(path, registration, wait + Duration::from_secs(30))
-            .send()
-            .await
-            .map_err(unreachable(&url))?;
+        let (url, response) = self
+            .post(path, registration, wait + SMALL_REQUEST_TIMEOUT)
+            .await?;
         match response.status() {
             StatusCode::OK => {
                 let body = read_limited(&url, response, self.max_payload_bytes).await?;
@@ -369,7 +410,7 @@ impl CfgsyncClient {
                 && (changed || now.duration_since(reported) >= Duration::from_secs(10))
             {
                 progress(&Progress {
-                    server: self.base.clone(),
+                    server: self.server(),
                     waited: started.elapsed(),
                     last: last.clone(),
                 });

@@ -9,8 +9,8 @@ use super::policy::Policy;
 use super::report::Report;
 use super::rollout::{Previous, RolloutRecord};
 use super::state::{
-    ADMISSION, BUNDLE, Ledger, POLICY, PREVIOUS, REGISTRATION, REPORT, ROLLOUT, RegistrationRecord,
-    WAVE, ledger_key, metadata_bytes,
+    ADMISSION, BUNDLE, FETCHED, Fetched, Ledger, POLICY, PREVIOUS, REGISTRATION, REPORT, ROLLOUT,
+    RegistrationRecord, WAVE, ledger_key, metadata_bytes,
 };
 use crate::api::cfgsync::MAX_METADATA_BYTES;
 use crate::store::{Batch, CFGSYNC_NAMESPACE, Key, Op};
@@ -74,6 +74,7 @@ fn check_value(key: &Key, value: &Value) -> Result<(), Vec<String>> {
             Err(vec![format!("{key}: a wave marker's key is its number")])
         }
         REPORT => decode::<Report>(key, value).map(|_| ()),
+        FETCHED => decode::<Fetched>(key, value).map(|_| ()),
         BUNDLE => decode::<NodeArtifactsBundle>(key, value)?.validate(),
         POLICY => decode::<Policy>(key, value)?.compile().map(|_| ()),
         REGISTRATION => {

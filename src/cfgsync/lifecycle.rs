@@ -8,8 +8,8 @@ use serde_json::json;
 
 use super::policy::Policy;
 use super::state::{
-    Ledger, RegistrationRecord, Removal, ledger_key, policy_key, registration_key, removed_key,
-    report_key,
+    Ledger, RegistrationRecord, Removal, fetched_key, ledger_key, policy_key, registration_key,
+    removed_key, report_key,
 };
 use crate::api::cfgsync::check_identifier;
 use crate::clock::now_ms;
@@ -58,6 +58,7 @@ pub async fn remove(store: &dyn Store, identifier: &str) -> Result<Revision, Lif
         .delete(key)
         // What it applied goes with it: a rollout no longer waits for it.
         .delete(report_key(identifier))
+        .delete(fetched_key(identifier))
         .put(removed_key(identifier), json!(marker))
         .put(ledger_key(), Ledger::stale());
     Ok(store.apply(batch).await?)
@@ -110,6 +111,7 @@ pub async fn replace(
         .check(new_key.clone(), Precondition::Absent)
         .delete(old_key)
         .delete(report_key(old))
+        .delete(fetched_key(old))
         .put(new_key.clone(), json!(replacement))
         .put(removed_key(old), json!(marker))
         .delete(removed_key(new))

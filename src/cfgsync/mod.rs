@@ -31,6 +31,7 @@ pub mod state;
 mod steer;
 pub mod template;
 pub mod view;
+pub mod watch;
 
 pub use crate::api::cfgsync::{ArtifactFile, NodeArtifactsPayload, NodeRegistration};
 pub use crate::files::FileError;

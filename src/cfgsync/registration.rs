@@ -470,13 +470,20 @@ impl Service {
         after: Option<Revision>,
         deadline: Instant,
     ) -> Result<Served, RegisterError> {
+        // An epoch past this store's revision is from another store (a list of servers that
+        // do not share one, or a store started afresh): the node is answered at once with
+        // what this store serves, rather than held for an epoch that may never come.
+        let after = match after {
+            Some(epoch) if epoch > serving.revision && epoch > self.store.revision().await? => None,
+            after => after,
+        };
         let mut synced = false;
         // Subscribed only once an answer has to wait: a served request needs no subscription.
         let mut changes = None;
         loop {
             let why = match self.answer(&serving, identifier).await {
                 NodeAnswer::Ready(body) => {
-                    self.note_fetched(identifier, body.epoch);
+                    self.note_fetched(&serving, identifier, body.epoch);
                     if after.is_none_or(|after| body.epoch > after) {
                         return Ok(Served::Payload(body));
                     }

@@ -3,16 +3,19 @@
 //! A report is node data like a registration: one record per node in `__cfgsync__/report`,
 //! replaced by the node's next report, so every server sees it and a restart keeps it. One
 //! task per server takes reports as they come and writes every one waiting as one batch, so a
-//! fleet reporting at once costs a few store commits, not one per node.
+//! fleet reporting at once costs a few store commits, not one per node. The same task writes
+//! the fetched records (the newest epoch a server handed a node that does not report).
 
 use prometheus_client::metrics::counter::Counter;
 use std::sync::Arc;
 
 use tokio::sync::{mpsc, oneshot};
 
-pub use super::state::{REPORT, report_key};
+pub use super::state::{FETCHED, Fetched, REPORT, fetched_key, report_key};
 pub use crate::api::rollout::{MAX_STDERR_TAIL, Outcome, Report, ReportBody};
-use crate::store::{self, Batch, DynStore, Revision};
+use serde_json::Value;
+
+use crate::store::{self, Batch, DynStore, Key, Revision};
 
 /// Reports packed into one store commit at most.
 const MAX_PER_BATCH: usize = 1000;
@@ -34,6 +37,9 @@ pub fn tail(text: &str) -> &str {
 
 type Reply = oneshot::Sender<Result<Revision, String>>;
 
+/// One record to write, and who waits for it (nobody, for a fetched record).
+type Waiting = (Key, Value, Option<Reply>);
+
 /// Counts of what the report task wrote (shared with `/metrics`).
 #[derive(Debug, Default)]
 pub struct ReportCounts {
@@ -46,7 +52,7 @@ pub struct ReportCounts {
 /// The handle reports are written through.
 #[derive(Debug, Clone)]
 pub struct Reports {
-    queue: mpsc::Sender<(String, Report, Reply)>,
+    queue: mpsc::Sender<Waiting>,
     counts: Arc<ReportCounts>,
 }
 
@@ -77,12 +83,20 @@ impl Reports {
         report: Report,
     ) -> Result<Revision, ReportRefused> {
         let (reply, answer) = oneshot::channel();
+        let value = serde_json::to_value(&report).expect("a report serialises");
         self.queue
-            .try_send((identifier, report, reply))
+            .try_send((report_key(&identifier), value, Some(reply)))
             .map_err(|_| ReportRefused::Busy)?;
         let stopped = || "the report task has stopped".to_string();
         let written = answer.await.unwrap_or_else(|_| Err(stopped()));
         Ok(written.map_err(store::Error::Unavailable)?)
+    }
+
+    /// Writes `identifier`'s fetched record with a later commit, unless too many records are
+    /// waiting already (it is an observation, not acknowledged data: the next fetch notes it).
+    pub fn note_fetched(&self, identifier: &str, fetched: Fetched) {
+        let value = serde_json::to_value(fetched).expect("a fetched record serialises");
+        let _ = self.queue.try_send((fetched_key(identifier), value, None));
     }
 
     /// What was written so far.
@@ -91,32 +105,34 @@ impl Reports {
     }
 }
 
-/// Takes every report waiting, writes them as one batch (a node's latest report wins), and
-/// answers each with the commit's revision.
+/// Takes every record waiting, writes them as one batch (a node's latest record of a kind
+/// wins), and answers each report with the commit's revision.
 async fn write_reports(
     store: DynStore,
-    mut waiting: mpsc::Receiver<(String, Report, Reply)>,
+    mut waiting: mpsc::Receiver<Waiting>,
     counts: Arc<ReportCounts>,
 ) {
     let mut taken = Vec::with_capacity(MAX_PER_BATCH);
     while waiting.recv_many(&mut taken, MAX_PER_BATCH).await > 0 {
         let mut batch = Batch::new();
         let mut keys = std::collections::HashSet::with_capacity(taken.len());
-        // Later reports of one node replace earlier ones: write the last of each.
-        for (identifier, report, _) in taken.iter().rev() {
-            if keys.insert(identifier.as_str()) {
-                let value = serde_json::to_value(report).expect("a report serialises");
-                batch = batch.put(report_key(identifier), value);
+        let mut reports = 0;
+        // Later records of one node replace earlier ones: write the last of each.
+        for (key, value, _) in taken.iter().rev() {
+            if keys.insert(key) {
+                reports += u64::from(key.kind == REPORT);
+                batch = batch.put(key.clone(), value.clone());
             }
         }
-        let written = batch.ops.len() as u64;
         let result = store.apply(batch).await.map_err(|err| err.to_string());
         if result.is_ok() {
-            counts.written.inc_by(written);
+            counts.written.inc_by(reports);
             counts.commits.inc();
         }
         for (_, _, reply) in taken.drain(..) {
-            let _ = reply.send(result.clone());
+            if let Some(reply) = reply {
+                let _ = reply.send(result.clone());
+            }
         }
     }
 }

@@ -125,7 +125,7 @@ pub struct Service {
     steering: std::sync::OnceLock<tokio_util::sync::DropGuard>,
     pub(super) admission: Admission,
     pub(super) changes: ChangeRate,
-    /// The epoch each node was last served, since this process started.
+    /// The newest epoch this process noted for each node (so each is written once).
     fetched: std::sync::Mutex<HashMap<String, Revision>>,
 }
 
@@ -338,15 +338,32 @@ impl Service {
         gzipped.0
     }
 
-    /// Notes that `identifier` was served its payload of `epoch`.
-    pub(super) fn note_fetched(&self, identifier: &str, epoch: Revision) {
-        let mut fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
-        match fetched.get_mut(identifier) {
-            Some(last) => *last = (*last).max(epoch),
-            None => {
-                fetched.insert(identifier.to_string(), epoch);
+    /// Notes that `identifier` was served its payload of `epoch`, in the store, so every
+    /// server lists it: once per node and epoch, and not for a node that reports (its report
+    /// says what it got).
+    pub(super) fn note_fetched(&self, serving: &Serving, identifier: &str, epoch: Revision) {
+        if serving.report(identifier).is_some()
+            || serving
+                .fetched(identifier)
+                .is_some_and(|stored| stored >= epoch)
+        {
+            return;
+        }
+        {
+            let mut noted = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+            match noted.get_mut(identifier) {
+                Some(last) if *last >= epoch => return,
+                Some(last) => *last = epoch,
+                None => {
+                    noted.insert(identifier.to_string(), epoch);
+                }
             }
         }
+        let record = super::state::Fetched {
+            epoch,
+            fetched_ms: crate::clock::now_ms(),
+        };
+        self.reports.note_fetched(identifier, record);
     }
 
     /// Registered nodes by the version they last reported and its result, most first.
@@ -388,13 +405,12 @@ impl Service {
             },
             _ => None,
         };
-        let fetched = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
         let current = serving.epoch();
         let mut nodes: Vec<NodeInfo> = serving
             .registration_records()
             .map(|r| {
                 let id = r.identifier.as_str();
-                let fetched_epoch = fetched.get(id).copied();
+                let fetched_epoch = serving.fetched(id);
                 let served = serving.served_stamp(id);
                 let applied = serving.report(id).cloned();
                 let state = match (&applied, served) {

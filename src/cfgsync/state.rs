@@ -10,6 +10,7 @@
 //! | `policy` | `current` | [`Policy`] |
 //! | `admission` | `current` | [`Ledger`], kept by the server's admission task |
 //! | `report` | node identifier | [`Report`](super::report::Report): what the node applied |
+//! | `fetched` | node identifier | [`Fetched`]: the newest epoch a server handed the node |
 //! | `rollout` | `current` | [`RolloutRecord`]: the rollout under way (or the last one) |
 //! | `previous` | `current` | [`Previous`]: the stable version kept during a rollout |
 //! | `wave` | wave number | when that wave was reached (its mod revision is the epoch) |
@@ -89,6 +90,25 @@ pub const REPORT: &str = "report";
 /// The key of a node's report.
 pub fn report_key(identifier: &str) -> Key {
     Key::new(CFGSYNC_NAMESPACE, REPORT, identifier)
+}
+
+/// Kind of fetched records (key = node identifier).
+pub const FETCHED: &str = "fetched";
+
+/// The key of a node's fetched record.
+pub fn fetched_key(identifier: &str) -> Key {
+    Key::new(CFGSYNC_NAMESPACE, FETCHED, identifier)
+}
+
+/// The newest epoch any server handed a node, so every server lists the same. Written for
+/// nodes that do not report (seed and one-shot clients); a report says it for the others.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Fetched {
+    /// The epoch.
+    pub epoch: Revision,
+    /// When, Unix ms.
+    pub fetched_ms: u64,
 }
 
 /// The key `kind`'s versions are installed at.

@@ -14,7 +14,9 @@ use super::payload::{Body, Prepared, Stamp, prepare_catalog};
 use super::policy::{CompiledPolicy, Policy, RenderLimits};
 use super::report::{REPORT, Report};
 use super::rollout::{PREVIOUS, Previous, ROLLOUT, Stored, VersionKind, WAVE};
-use super::state::{BUNDLE, CURRENT, POLICY, REGISTRATION, REMOVED, RegistrationRecord, Removal};
+use super::state::{
+    BUNDLE, CURRENT, FETCHED, Fetched, POLICY, REGISTRATION, REMOVED, RegistrationRecord, Removal,
+};
 use crate::store::{CFGSYNC_NAMESPACE, ChangeEvent, NamespaceTree, Revision};
 
 /// The registration-backed catalog's state.
@@ -53,6 +55,8 @@ pub struct Serving {
     pub served_revision: Revision,
     /// Each node's latest applied-state report.
     pub(super) reports: Reports,
+    /// The newest epoch a server handed each node that does not report.
+    pub(super) fetched: Fetches,
     /// The rollout record as stored (running, or the last one).
     pub(super) record: Option<Stored>,
     /// The stable version kept during a rollout.
@@ -63,6 +67,8 @@ pub struct Serving {
 
 /// Reports by identifier (persistent, as registrations are).
 pub(super) type Reports = imbl::OrdMap<Arc<str>, Arc<Report>>;
+/// Node → the newest epoch a server handed it (stored fetched records).
+pub(super) type Fetches = imbl::OrdMap<Arc<str>, Revision>;
 
 /// Who gets which version while a rollout governs what is served: members in slot order, the
 /// waves reached (each a cumulative cutoff and the epoch its nodes got the target at), and the
@@ -268,6 +274,13 @@ impl Serving {
         }
     }
 
+    /// The newest epoch any server handed `identifier`, as stored (a report counts too).
+    pub fn fetched(&self, identifier: &str) -> Option<Revision> {
+        let stored = self.fetched.get(identifier).copied();
+        let reported = self.report(identifier).map(|r| r.applied.epoch);
+        stored.max(reported)
+    }
+
     /// A node's latest applied-state report.
     pub fn report(&self, identifier: &str) -> Option<&Report> {
         self.reports.get(identifier).map(Arc::as_ref)
@@ -316,6 +329,7 @@ pub(super) struct View {
     recount: bool,
     dirty_bundle: bool,
     reports: Reports,
+    fetched: Fetches,
     rollout: Option<Stored>,
     previous: Option<Arc<Previous>>,
     /// Wave markers: wave number → the revision it was reached at.
@@ -353,6 +367,7 @@ impl View {
             named_present: 0,
             recount: true,
             reports: Reports::new(),
+            fetched: Fetches::new(),
             rollout: None,
             previous: None,
             waves: BTreeMap::new(),
@@ -405,6 +420,16 @@ impl View {
                     .collect()
             })
             .unwrap_or_default();
+        self.fetched = tree
+            .types
+            .get(FETCHED)
+            .map(|fetched| {
+                fetched
+                    .iter()
+                    .filter_map(|(id, e)| Some((Arc::from(id.as_str()), decode_fetched(&e.value)?)))
+                    .collect()
+            })
+            .unwrap_or_default();
         self.rollout = tree
             .types
             .get(ROLLOUT)
@@ -441,7 +466,7 @@ impl View {
             if key.namespace != CFGSYNC_NAMESPACE {
                 continue;
             }
-            if key.kind != REPORT {
+            if key.kind != REPORT && key.kind != FETCHED {
                 self.served_revision = event.revision;
             }
             match (key.kind.as_str(), &change.value) {
@@ -452,6 +477,14 @@ impl View {
                 }
                 (REPORT, None) => {
                     self.reports.remove(key.key.as_str());
+                }
+                (FETCHED, Some(value)) => {
+                    if let Some(epoch) = decode_fetched(value) {
+                        self.fetched.insert(Arc::from(key.key.as_str()), epoch);
+                    }
+                }
+                (FETCHED, None) => {
+                    self.fetched.remove(key.key.as_str());
                 }
                 (ROLLOUT, value) if key.key == CURRENT => {
                     self.rollout = value
@@ -542,6 +575,7 @@ impl View {
         next.registrations = self.registrations.clone();
         next.removed = self.removed.clone();
         next.reports = self.reports.clone();
+        next.fetched = self.fetched.clone();
         next.record = self.rollout.clone();
         next.previous = self.previous.clone();
         next.policy_version = self.policy.as_ref().map(|(_, revision)| *revision);
@@ -717,6 +751,12 @@ impl View {
             }
         })
     }
+}
+
+fn decode_fetched(value: &Value) -> Option<Revision> {
+    serde_json::from_value::<Fetched>(value.clone())
+        .ok()
+        .map(|f| f.epoch)
 }
 
 fn decode_report(value: &Value) -> Option<Arc<Report>> {

@@ -19,6 +19,7 @@ use crate::api::system::DEFAULT_HISTORY_LEN;
 use crate::api::system::{INIT_STATE, INIT_STATUS, Status};
 use crate::bootstrap::{Engine, EngineOptions, Facts, HttpGate, Registry, Spec, assess, duration};
 use crate::client::{ApiClient, RemoteStore};
+use crate::servers::{Servers, Target};
 use crate::store::{DynStore, SYSTEM_NAMESPACE};
 
 /// Flags of the reconciler shared by `run` and `bootstrap`.
@@ -145,8 +146,8 @@ fn holder(args: &ReconcilerArgs) -> String {
     })
 }
 
-/// An HTTP client for initialisers that carries the admin token.
-fn http_client(token: Option<&Token>, tls: &ClientTls) -> anyhow::Result<reqwest::Client> {
+/// The admin token as a default header of the reconciler's HTTP clients.
+fn auth_headers(token: Option<&Token>) -> anyhow::Result<reqwest::header::HeaderMap> {
     let mut headers = reqwest::header::HeaderMap::new();
     if let Some(token) = token {
         let mut value =
@@ -155,33 +156,40 @@ fn http_client(token: Option<&Token>, tls: &ClientTls) -> anyhow::Result<reqwest
         value.set_sensitive(true);
         headers.insert(reqwest::header::AUTHORIZATION, value);
     }
-    tls.client(reqwest::Client::builder().default_headers(headers))
+    Ok(headers)
 }
 
 /// Runs the reconciler until shutdown, re-reading the spec on SIGHUP.
 async fn reconcile(
     args: &ReconcilerArgs,
     spec: Spec,
-    server_url: &str,
+    targets: Vec<Target>,
     token: Option<Token>,
     tls: &ClientTls,
     metrics: Option<Arc<crate::metrics::Metrics>>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
-    // One HTTP client for the store, the gate and the initialisers: the token is a default
-    // header, and the store client's own bearer header for the same token takes its place.
-    let http = http_client(token.as_ref(), tls)?;
+    // The token is a default header of every client (the store client's own bearer header
+    // for the same token takes its place): the store's and the gate's, one per server, and
+    // the initialisers'.
+    let headers = auth_headers(token.as_ref())?;
+    let with_token =
+        |builder: reqwest::ClientBuilder| tls.client(builder.default_headers(headers.clone()));
+    let server_url = targets
+        .first()
+        .map(|t| t.url.clone())
+        .context("no server to reconcile against")?;
+    let servers = Servers::connect(targets, with_token)?;
+    let http = with_token(reqwest::Client::builder())?;
     let store: DynStore = Arc::new(RemoteStore::new(
-        ApiClient::with_http_client(server_url, http.clone()).with_admin_token(token),
+        ApiClient::with_servers(servers.clone()).with_admin_token(token),
     ));
-    let gate = Arc::new(HttpGate {
-        url: server_url.to_string(),
-        http: http.clone(),
-    });
+    let gate = Arc::new(HttpGate { servers });
     let options = EngineOptions {
         holder: holder(args),
         lease_ttl: args.lease_ttl,
-        server_url: server_url.to_string(),
+        // Initialisers are given the preferred server.
+        server_url,
         http,
         history_len: args.history_len as usize,
     };
@@ -232,7 +240,8 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<u8> {
         );
         let metrics = Some(running.state().metrics.clone());
         tracker.spawn(async move {
-            reconcile(&reconciler_args, spec, &url, token, &tls, metrics, shutdown).await
+            let own = vec![Target { url, pinned: None }];
+            reconcile(&reconciler_args, spec, own, token, &tls, metrics, shutdown).await
         })
     };
     tracker.close();
@@ -281,7 +290,7 @@ pub(super) async fn bootstrap(args: BootstrapArgs) -> anyhow::Result<u8> {
     reconcile(
         &args.reconciler,
         spec,
-        &args.remote.server,
+        args.remote.server.resolve().await,
         token,
         &tls,
         None,
@@ -316,7 +325,7 @@ pub(super) async fn plan(args: PlanArgs) -> anyhow::Result<u8> {
     let Some(spec) = spec_or_say_why(&args.spec) else {
         return Ok(EXIT_USAGE);
     };
-    let client = args.remote.client()?;
+    let client = args.remote.client().await?;
     let stored = client.list(SYSTEM_NAMESPACE, INIT_STATE).await?;
     let statuses = client.list(SYSTEM_NAMESPACE, INIT_STATUS).await?;
     for e in &spec.entries {
@@ -445,7 +454,7 @@ fn print_table(body: &StatusBody) {
 }
 
 pub(super) async fn status(args: StatusArgs) -> anyhow::Result<u8> {
-    let client = args.remote.client()?;
+    let client = args.remote.client().await?;
     let report = Reporter::new(args.output, args.quiet);
     let started = tokio::time::Instant::now();
     let deadline = started + args.timeout;

@@ -12,14 +12,18 @@ use crate::api::Token;
 use crate::bootstrap::duration;
 use crate::cfgsync::client::{CfgsyncClient, ClientError};
 use crate::cfgsync::node::{NodeError, seed_routes};
+use crate::cfgsync::watch::{Ended, Watch};
 use crate::cfgsync::{ArtifactOutputMap, NodeRegistration};
+use crate::servers::{ServerList, Servers};
 
 /// Flags of `bootsync client` (the seed's `CFG_*` variables work too).
 #[derive(Debug, Args)]
 pub struct ClientArgs {
-    /// The cfgsync server (`http://host:port`; a bare `host:port` means http).
-    #[arg(long, env = "CFG_SERVER_ADDR")]
-    server: String,
+    /// The cfgsync server (`http://host:port`; a bare `host:port` means http), or several
+    /// sharing one store (`A,B,C`): the node moves to the next when one fails, and back to
+    /// its preferred one later. Without it, the seed's `CFG_SERVER_ADDR` (one URL) is used.
+    #[arg(long, env = "BOOTSYNC_SERVER", value_parser = ServerList::parse)]
+    server: Option<ServerList>,
     /// This node's identifier.
     #[arg(long, env = "CFG_HOST_IDENTIFIER")]
     identifier: String,
@@ -77,6 +81,23 @@ pub struct ClientArgs {
     min_hook_interval: Duration,
 }
 
+/// The servers from `--server`/`BOOTSYNC_SERVER`, else the seed's `CFG_SERVER_ADDR` (one
+/// URL); `None` after saying what is wrong.
+fn server_list(flag: Option<ServerList>) -> Option<ServerList> {
+    if let Some(list) = flag {
+        return Some(list);
+    }
+    let Ok(seed) = std::env::var("CFG_SERVER_ADDR") else {
+        eprintln!(
+            "error: name the server: --server URL[,URL...], BOOTSYNC_SERVER or CFG_SERVER_ADDR"
+        );
+        return None;
+    };
+    ServerList::single(&seed)
+        .map_err(|err| eprintln!("error: CFG_SERVER_ADDR: {err}"))
+        .ok()
+}
+
 pub(super) async fn run(args: ClientArgs) -> anyhow::Result<u8> {
     let mut registration = NodeRegistration::new(args.identifier.clone(), args.ip);
     if let Some(json) = &args.metadata {
@@ -105,19 +126,19 @@ pub(super) async fn run(args: ClientArgs) -> anyhow::Result<u8> {
         .as_deref()
         .map(Token::from_file)
         .transpose()?;
-    let server = if args.server.contains("://") {
-        args.server.clone()
-    } else {
-        format!("http://{}", args.server)
+    let Some(list) = server_list(args.server.clone()) else {
+        return Ok(EXIT_USAGE);
     };
     let roots = match &args.ca_cert {
         Some(path) => crate::tls::load_ca(path)?,
         None => Vec::new(),
     };
-    let client = CfgsyncClient::new(&server)
-        .with_ca_certs(&roots)?
+    let servers = Servers::connect(list.resolve().await, |b| crate::tls::http_client(&roots, b))?;
+    let client = CfgsyncClient::with_servers(servers)
+        .preferring(&args.identifier)
         .with_join_token(token)
         .with_max_payload_bytes(args.max_payload_bytes);
+    let server = client.preferred_server();
     let report = Reporter::new(args.output, args.quiet);
     let progress = |p: &crate::cfgsync::client::Progress| {
         report.progress(
@@ -158,17 +179,23 @@ pub(super) async fn run(args: ClientArgs) -> anyhow::Result<u8> {
                 &format!("wrote {} file(s); watching for newer epochs", files.len()),
                 serde_json::json!({"epoch": payload.epoch, "files": files.len()}),
             );
-            let watch = super::watch::Watch {
+            let watch = Watch {
                 client: &client,
                 registration: &registration,
                 outputs: &outputs,
                 on_change: args.on_change.as_deref(),
-                report: &report,
+                events: &report,
                 min_hook_interval: args.min_hook_interval,
             };
-            Ok(watch
-                .run(payload, &files, crate::shutdown::on_signals())
-                .await)
+            Ok(
+                match watch
+                    .run(payload, &files, crate::shutdown::on_signals())
+                    .await
+                {
+                    Ended::Shutdown => EXIT_OK,
+                    Ended::Out => EXIT_FAILURE,
+                },
+            )
         }
         Ok((payload, files)) => {
             match args.output {

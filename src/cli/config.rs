@@ -12,14 +12,16 @@ use super::{EXIT_OK, EXIT_USAGE};
 use crate::api::Token;
 use crate::api::config::PublicEvent;
 use crate::client::ApiClient;
+use crate::servers::{ServerList, Servers};
 use crate::store::{Batch, ChangeEvent, Key, Precondition};
 
-/// Where the server is and how to authenticate.
+/// Where the servers are and how to authenticate.
 #[derive(Debug, Clone, Args)]
 pub struct Remote {
-    /// Base URL of the bootsync server.
-    #[arg(long, default_value = "http://127.0.0.1:4400", env = "BOOTSYNC_SERVER")]
-    pub server: String,
+    /// Base URL of the bootsync server, or several sharing one store (`A,B,C`), tried in
+    /// that order; a name with several addresses is several servers.
+    #[arg(long, default_value = "http://127.0.0.1:4400", env = "BOOTSYNC_SERVER", value_parser = ServerList::parse)]
+    pub server: ServerList,
     /// File holding the admin token.
     #[arg(long, env = "BOOTSYNC_ADMIN_TOKEN_FILE")]
     pub admin_token_file: Option<PathBuf>,
@@ -29,16 +31,18 @@ pub struct Remote {
 }
 
 impl Remote {
-    /// A client of the server with the admin token, if one was given.
-    pub(crate) fn client(&self) -> anyhow::Result<ApiClient> {
+    /// A client of the servers with the admin token, if one was given.
+    pub(crate) async fn client(&self) -> anyhow::Result<ApiClient> {
         let token = self
             .admin_token_file
             .as_deref()
             .map(Token::from_file)
             .transpose()?;
-        Ok(ApiClient::new(&self.server)
-            .with_ca_certs(&self.ca_certs()?)?
-            .with_admin_token(token))
+        let roots = self.ca_certs()?;
+        let servers = Servers::connect(self.server.resolve().await, |b| {
+            crate::tls::http_client(&roots, b)
+        })?;
+        Ok(ApiClient::with_servers(servers).with_admin_token(token))
     }
 
     /// The extra CA certificates to trust (none without `--ca-cert`).
@@ -128,7 +132,7 @@ pub(super) async fn run(command: ConfigCommand) -> anyhow::Result<u8> {
     match command {
         ConfigCommand::Get { entry } => {
             let key = entry.key();
-            match entry.remote.client()?.get(&key).await? {
+            match entry.remote.client().await?.get(&key).await? {
                 Some(body) => print(&body)?,
                 None => anyhow::bail!("no value at {key}"),
             }
@@ -164,11 +168,16 @@ pub(super) async fn run(command: ConfigCommand) -> anyhow::Result<u8> {
             } else if let Some(revision) = if_revision {
                 batch = batch.check(key.clone(), Precondition::ModRevision(revision));
             }
-            let revision = entry.remote.client()?.apply(&batch.put(key, value)).await?;
+            let revision = entry
+                .remote
+                .client()
+                .await?
+                .apply(&batch.put(key, value))
+                .await?;
             print(&serde_json::json!({ "revision": revision }))?;
         }
         ConfigCommand::Delete { entry } => {
-            let revision = entry.remote.client()?.delete(&entry.key()).await?;
+            let revision = entry.remote.client().await?.delete(&entry.key()).await?;
             print(&serde_json::json!({ "revision": revision }))?;
         }
         ConfigCommand::List {
@@ -176,7 +185,7 @@ pub(super) async fn run(command: ConfigCommand) -> anyhow::Result<u8> {
             namespace,
             kind,
         } => {
-            let client = remote.client()?;
+            let client = remote.client().await?;
             match (namespace, kind) {
                 (None, _) => print(&client.namespaces().await?.1)?,
                 (Some(ns), None) => print(&client.namespace(&ns).await?.values())?,
@@ -195,7 +204,7 @@ pub(super) async fn run(command: ConfigCommand) -> anyhow::Result<u8> {
             remote,
             from,
             internal,
-        } => watch(remote.client()?, from, internal).await?,
+        } => watch(remote.client().await?, from, internal).await?,
     }
     Ok(EXIT_OK)
 }

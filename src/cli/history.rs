@@ -21,7 +21,12 @@ pub struct HistoryArgs {
 }
 
 pub(super) async fn run(args: HistoryArgs) -> anyhow::Result<u8> {
-    let body = args.remote.client()?.history(args.name.as_deref()).await?;
+    let body = args
+        .remote
+        .client()
+        .await?
+        .history(args.name.as_deref())
+        .await?;
     match args.output {
         Output::Json => println!("{}", serde_json::to_string_pretty(&body)?),
         Output::Text => print!("{}", super::report::printable(&table(&body))),

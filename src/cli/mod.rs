@@ -11,7 +11,6 @@ mod report;
 mod rollout;
 mod schema;
 mod serve;
-mod watch;
 
 use std::process::ExitCode;
 

@@ -53,18 +53,18 @@ pub struct ReplaceArgs {
 pub(super) async fn run(command: NodesCommand) -> anyhow::Result<u8> {
     match command {
         NodesCommand::List(ListArgs { remote, output }) => {
-            let body = remote.client()?.nodes().await?;
+            let body = remote.client().await?.nodes().await?;
             match output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&body)?),
                 Output::Text => print!("{}", super::report::printable(&table(&body, now_ms()))),
             }
         }
         NodesCommand::Remove { remote, identifier } => {
-            let revision = remote.client()?.remove_node(&identifier).await?;
+            let revision = remote.client().await?.remove_node(&identifier).await?;
             println!("removed {identifier} at revision {revision}");
         }
         NodesCommand::Replace(args) => {
-            let client = args.remote.client()?;
+            let client = args.remote.client().await?;
             let revision = client.replace_node(&args.old, &args.new, args.ip).await?;
             println!("{} replaced {} at revision {revision}", args.new, args.old);
         }

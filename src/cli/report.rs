@@ -45,6 +45,16 @@ pub(crate) struct Reporter {
     sink: Sink,
 }
 
+impl crate::cfgsync::watch::Events for Reporter {
+    fn progress(&self, event: &str, text: &str, fields: Value) {
+        Reporter::progress(self, event, text, fields);
+    }
+
+    fn problem(&self, event: &str, text: &str, fields: Value) {
+        Reporter::problem(self, event, text, fields);
+    }
+}
+
 impl Reporter {
     pub(crate) fn new(output: Output, quiet: bool) -> Self {
         Self::with_sink(output, quiet, Box::new(|line| eprintln!("{line}")))

@@ -93,7 +93,7 @@ pub(super) async fn run_rollout(command: RolloutCommand) -> anyhow::Result<u8> {
         RolloutCommand::Promote(args) => (args, Some(Command::Promote)),
         RolloutCommand::Rollback(args) => (args, Some(Command::Rollback)),
     };
-    let client = args.remote.client()?;
+    let client = args.remote.client().await?;
     let status = match command {
         None => client.rollout().await?,
         Some(command) => client.rollout_command(command).await?,
@@ -118,7 +118,7 @@ pub(super) async fn run_policy(command: PolicyCommand) -> anyhow::Result<u8> {
                 node: args.node,
                 show: Some(args.show),
             };
-            let body = args.remote.client()?.preview(&request).await?;
+            let body = args.remote.client().await?.preview(&request).await?;
             match args.output {
                 Output::Json => println!("{}", serde_json::to_string_pretty(&body)?),
                 Output::Text => print!("{}", printable(&describe_preview(&body))),
@@ -143,7 +143,8 @@ pub(super) async fn run_policy(command: PolicyCommand) -> anyhow::Result<u8> {
             };
             let answer = args
                 .remote
-                .client()?
+                .client()
+                .await?
                 .install(kind, &value, args.force)
                 .await?;
             let version = &answer["version"];

@@ -2,7 +2,7 @@
 //! module it may depend on, and the modules' dependencies form no cycle.
 //!
 //! ```text
-//! foundation (backoff, clock, files, memory, metrics, shutdown, telemetry, tls)
+//! foundation (backoff, clock, files, memory, metrics, servers, shutdown, telemetry, tls)
 //!   ← store ← api ← cfgsync, bootstrap, client ← server ← cli
 //!                    initialisers (bootstrap, cfgsync)
 //! ```
@@ -19,6 +19,7 @@ const FOUNDATION: &[&str] = &[
     "files",
     "memory",
     "metrics",
+    "servers",
     "shutdown",
     "telemetry",
     "tls",

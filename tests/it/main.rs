@@ -14,6 +14,7 @@ mod config_api;
 mod deploy_examples;
 mod etcd;
 mod etcd_stubs;
+mod fleet;
 mod fuzz_seeds;
 mod growing_cluster;
 mod hostile;

@@ -2,15 +2,18 @@
 //! 1k/10k/100k registrations), B2 (long-poll convergence), B3 over HTTP (durable registrations
 //! per second), B5 (a steady wake with 500 initialisers), B4/B7 (idle cost and start-up of
 //! the release binary), B8 (`rollout`: a policy change reaching 5 000 watchers, with and
-//! without waves) and B9 (`preview`: a policy diff against 10 000 registrations).
+//! without waves), B9 (`preview`: a policy diff against 10 000 registrations) and B10
+//! (`drill`: three servers on a three-member etcd, a server and a member killed mid-change).
 //!
 //! ```sh
 //! cargo build --release
-//! cargo run --release --example loadgen -- all          # or: b1 b2 b3 b5 b8 b9 idle
+//! cargo run --release --example loadgen -- all          # or: b1 b2 b3 b5 b8 b9 drill idle
 //! BOOTSYNC_IDLE_SECS=600 cargo run --release --example loadgen -- idle   # the full B4 window
 //! ```
 //! Each part prints its figures; the summary goes to `target/bench/loadgen.json`. B6 runs B1
 //! and B3 on another store: `BOOTSYNC_LOADGEN_STORE=etcd:http://127.0.0.1:2379,... loadgen b1 b3`.
+
+mod drill;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
@@ -212,15 +215,20 @@ impl Server {
 
     /// Peak resident memory so far, in MB.
     fn peak_rss_mb(&self) -> f64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        let kb: f64 = status
-            .lines()
-            .find(|l| l.starts_with("VmHWM:"))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0.0);
-        kb / 1024.0
+        peak_rss_mb(self.child.id())
     }
+}
+
+/// A process's peak resident memory so far, in MB.
+fn peak_rss_mb(pid: u32) -> f64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
+    let kb: f64 = status
+        .lines()
+        .find(|l| l.starts_with("VmHWM:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
+    kb / 1024.0
 }
 
 impl Drop for Server {
@@ -1028,10 +1036,7 @@ async fn b5() -> Value {
         calls: AtomicUsize::new(0),
     });
     let http = bootsync::tls::plain_client();
-    let gate = Arc::new(HttpGate {
-        url: url.clone(),
-        http: http.clone(),
-    });
+    let gate = Arc::new(HttpGate::one(url.clone(), http.clone()));
     let options = EngineOptions {
         holder: "bench".into(),
         lease_ttl: Duration::from_secs(15),
@@ -1300,6 +1305,9 @@ async fn main() {
             runs.push(b9(10_000, form).await);
         }
         summary.insert("b9_preview", Value::Array(runs));
+    }
+    if want("drill") {
+        summary.insert("b10_drill", drill::drill(1_000, 200).await);
     }
     if want("idle") {
         summary.insert("b4_b7", idle().await);

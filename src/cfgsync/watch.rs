@@ -1,6 +1,8 @@
-//! `bootsync client --watch`: after the first write, keep the node's files current. One
-//! request is held at the server until a newer epoch exists; the new set is written
-//! all-or-nothing, then `--on-change` runs with the changed paths in its environment.
+//! The watch of `bootsync client --watch`: after the first write, keep the node's files
+//! current. One request is held at the server until a newer epoch exists; the new set is
+//! written all-or-nothing, then the hook (`--on-change`) runs with the changed paths in its
+//! environment, and the node reports what it applied. A library type, so a load generator
+//! runs the same code for a thousand nodes in one process.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
@@ -9,13 +11,11 @@ use std::time::Duration;
 use serde_json::json;
 use tokio_util::sync::CancellationToken;
 
-use super::report::Reporter;
-use super::{EXIT_FAILURE, EXIT_OK};
+use super::client::{CfgsyncClient, ClientError, WatchOutcome};
+use super::{ArtifactFile, ArtifactOutputMap, NodeArtifactsPayload, NodeRegistration};
 use crate::api::ErrorCode;
 use crate::api::rollout::{self, MAX_STDERR_TAIL, Outcome, ReportBody};
 use crate::backoff::Backoff;
-use crate::cfgsync::client::{CfgsyncClient, ClientError, WatchOutcome};
-use crate::cfgsync::{ArtifactFile, ArtifactOutputMap, NodeArtifactsPayload, NodeRegistration};
 
 /// How long each watch request asks the server to hold it (servers cap it, 60 s by default).
 const HOLD: Duration = Duration::from_secs(55);
@@ -28,27 +28,50 @@ const LONGEST_PAUSE: Duration = Duration::from_secs(60);
 /// environment string past 128 KiB, and the whole environment shares the argument space).
 const CHANGED_PATHS_ENV_MAX: usize = 32 << 10;
 
+/// Where a watch tells what it does: each event has a name, a line for people and fields for
+/// machines (the CLI prints them as text or JSON lines).
+pub trait Events: Send + Sync {
+    /// Something happened as it should (`written`, `server`, `waiting`).
+    fn progress(&self, event: &str, text: &str, fields: serde_json::Value);
+    /// Something went wrong (`error`, `hook_failed`, `registering`).
+    fn problem(&self, event: &str, text: &str, fields: serde_json::Value);
+}
+
+/// How a watch ended.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Ended {
+    /// Shutdown was asked for.
+    Shutdown,
+    /// The node is out for good: replaced by another, or removed from a frozen set.
+    Out,
+}
+
 /// What the watch needs besides the client.
-pub(super) struct Watch<'a> {
-    pub(super) client: &'a CfgsyncClient,
-    pub(super) registration: &'a NodeRegistration,
-    pub(super) outputs: &'a ArtifactOutputMap,
-    pub(super) on_change: Option<&'a str>,
-    pub(super) report: &'a Reporter,
+pub struct Watch<'a> {
+    /// The client of the node's servers.
+    pub client: &'a CfgsyncClient,
+    /// The node.
+    pub registration: &'a NodeRegistration,
+    /// Where its files go.
+    pub outputs: &'a ArtifactOutputMap,
+    /// The shell command run after each write that changed files.
+    pub on_change: Option<&'a str>,
+    /// Where it tells what it does.
+    pub events: &'a dyn Events,
     /// Least time between two runs of the hook: epochs that come faster are coalesced, and
     /// the newest wins.
-    pub(super) min_hook_interval: Duration,
+    pub min_hook_interval: Duration,
 }
 
 impl Watch<'_> {
     /// Watches from `first` (just written to `written`) until `shutdown`. The hook runs for the
     /// first write too, so a watcher that restarted reloads what it may have changed.
-    pub(super) async fn run(
+    pub async fn run(
         &self,
         first: NodeArtifactsPayload,
         written: &[PathBuf],
         shutdown: CancellationToken,
-    ) -> u8 {
+    ) -> Ended {
         let mut current = first;
         // Spaces the requests to a server that does not hold them, or that is not there.
         let mut backoff = Backoff::new(Duration::from_secs(1), LONGEST_PAUSE);
@@ -64,12 +87,13 @@ impl Watch<'_> {
             enabled: true,
             undelivered: None,
         };
+        let mut server = self.client.server();
         let started = std::time::Instant::now();
         let Some(outcome) = self
             .hook(&mut pending, current.epoch.unwrap_or_default(), &shutdown)
             .await
         else {
-            return EXIT_OK;
+            return Ended::Shutdown;
         };
         self.report(&current, outcome, started, &mut reporting)
             .await;
@@ -80,7 +104,7 @@ impl Watch<'_> {
             let next_hook = last_hook + self.min_hook_interval;
             tokio::select! {
                 () = tokio::time::sleep_until(next_hook) => {}
-                () = shutdown.cancelled() => return EXIT_OK,
+                () = shutdown.cancelled() => return Ended::Shutdown,
             }
             // A report the server did not get (it restarted, say) is sent again first: a wave
             // waits for it, and the same files at a later epoch are not reported.
@@ -100,13 +124,15 @@ impl Watch<'_> {
             };
             let result = tokio::select! {
                 result = step => result,
-                () = shutdown.cancelled() => return EXIT_OK,
+                () = shutdown.cancelled() => return Ended::Shutdown,
             };
+            self.note_server(&mut server);
             let pause = match result {
                 // A new epoch with the same files and version (a rollout's wave moved past
-                // this node, a peer's heartbeat): nothing to write, run or report.
+                // this node, a peer's heartbeat, another server's view of the same state):
+                // nothing to write, run or report.
                 Ok((WatchOutcome::Payload(next), _))
-                    if newer(&current, &next)
+                    if takes(&current, &next, resync)
                         && next.files == current.files
                         && next.version == current.version =>
                 {
@@ -116,9 +142,7 @@ impl Watch<'_> {
                     current = next;
                     None
                 }
-                Ok((WatchOutcome::Payload(next), _))
-                    if newer(&current, &next) || (resync && differs(&current, &next)) =>
-                {
+                Ok((WatchOutcome::Payload(next), _)) if takes(&current, &next, resync) => {
                     register = false;
                     backoff.reset();
                     let started = std::time::Instant::now();
@@ -130,7 +154,7 @@ impl Watch<'_> {
                             last_hook = tokio::time::Instant::now();
                             None
                         }
-                        Applied::Stopped => return EXIT_OK,
+                        Applied::Stopped => return Ended::Shutdown,
                         // Not written: the same epoch is asked for again, after a pause.
                         Applied::NotWritten(why) => {
                             let outcome = HookOutcome::failed(None, why);
@@ -183,11 +207,13 @@ impl Watch<'_> {
                     },
                 ) => {
                     self.note("error", &format!("error: {err}; no longer watching"));
-                    return EXIT_FAILURE;
+                    return Ended::Out;
                 }
+                // No server answered. The registration, the secret and the epoch are kept: a
+                // server that comes back on the same store knows them, and one that lost them
+                // says so (425 or 404), which registers again.
                 Err(err @ ClientError::Unreachable { .. }) => {
                     self.note("waiting", &crate::telemetry::error_chain(&err));
-                    register = true;
                     Some(backoff.fail())
                 }
                 // Anything else (a 429 for changing too often among them): after a pause at
@@ -201,7 +227,7 @@ impl Watch<'_> {
             if let Some(pause) = pause {
                 tokio::select! {
                     () = tokio::time::sleep(pause) => {}
-                    () = shutdown.cancelled() => return EXIT_OK,
+                    () = shutdown.cancelled() => return Ended::Shutdown,
                 }
             }
         }
@@ -231,7 +257,7 @@ impl Watch<'_> {
                 },
                 exit_status: outcome.exit_status,
                 stderr_tail: (!outcome.stderr_tail.is_empty())
-                    .then(|| crate::cfgsync::report::tail(&outcome.stderr_tail).to_string()),
+                    .then(|| super::report::tail(&outcome.stderr_tail).to_string()),
                 duration_ms: started.elapsed().as_millis() as u64,
             },
         });
@@ -260,9 +286,22 @@ impl Watch<'_> {
         }
     }
 
+    /// Says which server the watch uses, when it moved to another.
+    fn note_server(&self, last: &mut String) {
+        let now = self.client.server();
+        if now != *last {
+            self.events.progress(
+                "server",
+                &format!("now using {now} (was {last})"),
+                json!({"identifier": self.registration.identifier, "server": now, "was": *last}),
+            );
+            *last = now;
+        }
+    }
+
     fn note(&self, event: &str, text: &str) {
         let identifier = &self.registration.identifier;
-        self.report
+        self.events
             .problem(event, text, json!({"identifier": identifier}));
     }
 
@@ -289,14 +328,14 @@ impl Watch<'_> {
         let removed = self.outputs.remove_dropped(&current.files, &next.files);
         changed.extend(removed.iter().map(|p| p.display().to_string()));
         let epoch = next.epoch.unwrap_or_default();
-        self.report.progress(
+        self.events.progress(
             "written",
             &format!(
                 "epoch {epoch}: {} file(s) changed, {} removed",
                 changed.len() - removed.len(),
                 removed.len()
             ),
-            json!({"epoch": epoch, "changed": changed, "removed": removed}),
+            json!({"epoch": epoch, "version": next.version, "changed": changed, "removed": removed}),
         );
         pending.extend(changed);
         match self.hook(pending, epoch, shutdown).await {
@@ -437,7 +476,7 @@ async fn pass_stderr_through(stderr: Option<tokio::process::ChildStderr>) -> Str
         }
     }
     let text = String::from_utf8_lossy(&kept);
-    crate::cfgsync::report::tail(&text).to_string()
+    super::report::tail(&text).to_string()
 }
 
 /// What the watcher owes the server.
@@ -541,6 +580,15 @@ fn newer(current: &NodeArtifactsPayload, next: &NodeArtifactsPayload) -> bool {
 /// Whether `next` differs from `current` at all (after a server lost its state).
 fn differs(current: &NodeArtifactsPayload, next: &NodeArtifactsPayload) -> bool {
     current.epoch != next.epoch || current.files != next.files
+}
+
+/// Whether the watch takes `next` in place of `current`: a newer payload; after registering
+/// again (`resync`), any other one; and an older epoch, which only a server on another store
+/// answers with (one on this store holds `after` until a newer epoch), so its epochs are the
+/// ones to follow from now on.
+fn takes(current: &NodeArtifactsPayload, next: &NodeArtifactsPayload, resync: bool) -> bool {
+    let older = matches!((current.epoch, next.epoch), (Some(have), Some(got)) if got < have);
+    newer(current, next) || (resync && differs(current, next)) || older
 }
 
 /// The destinations (as written) of the files whose content is new or changed.

@@ -176,6 +176,7 @@ impl Node {
     async fn restart(&mut self) {
         let port: u16 = self.url.rsplit(':').next().unwrap().parse().unwrap();
         let log = self.log.with_extension("restarted.log");
+        self.kill();
         *self = Node::start(self.args.clone(), log, port).await;
     }
 }
@@ -230,7 +231,7 @@ fn identifier(i: usize) -> String {
 /// watch code with every server listed.
 async fn watcher(
     i: usize,
-    servers: Servers,
+    client: Arc<CfgsyncClient>,
     root: PathBuf,
     seen: Arc<Seen>,
     stop: CancellationToken,
@@ -238,9 +239,6 @@ async fn watcher(
     let id = identifier(i);
     let ip = format!("10.1.{}.{}", i / 250, i % 250 + 1);
     let registration = NodeRegistration::new(id.clone(), ip.parse().unwrap());
-    let client = CfgsyncClient::with_servers(servers)
-        .preferring(&id)
-        .with_long_poll(Duration::from_secs(30));
     let outputs = ArtifactOutputMap::new().with_root(root.join(&id));
     let recorder = Recorder {
         identifier: id.clone(),
@@ -354,6 +352,9 @@ async fn all_reported(
 }
 
 pub(crate) async fn drill(watchers: usize, seeds: usize) -> Value {
+    if std::env::var_os("RUST_LOG").is_some() {
+        bootsync::telemetry::init(bootsync::telemetry::LogFormat::Text);
+    }
     let http = bootsync::tls::plain_client();
     let mut etcd = Etcd::start(3);
     etcd.healthy(&http).await;
@@ -401,11 +402,21 @@ pub(crate) async fn drill(watchers: usize, seeds: usize) -> Value {
     let stop = CancellationToken::new();
     let root = dir.path().join("nodes");
     let started = Instant::now();
-    let fleet: Vec<_> = (0..watchers)
+    let clients: Vec<Arc<CfgsyncClient>> = (0..watchers)
         .map(|i| {
+            let client = CfgsyncClient::with_servers(shared.clone())
+                .preferring(&identifier(i))
+                .with_long_poll(Duration::from_secs(30));
+            Arc::new(client)
+        })
+        .collect();
+    let fleet: Vec<_> = clients
+        .iter()
+        .enumerate()
+        .map(|(i, client)| {
             tokio::spawn(watcher(
                 i,
-                shared.clone(),
+                client.clone(),
                 root.clone(),
                 seen.clone(),
                 stop.clone(),
@@ -464,16 +475,41 @@ pub(crate) async fn drill(watchers: usize, seeds: usize) -> Value {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
+    let away = clients
+        .iter()
+        .filter(|c| c.preferred_server() == urls[0] && c.server() != urls[0])
+        .count();
+    println!("  before the kill, {away} watchers preferring server 0 were elsewhere");
     let rss_before_kill = servers[0].peak_rss_mb();
-    servers[0].kill();
-    etcd.kill(0);
+    let what = std::env::var("BOOTSYNC_DRILL_KILL").unwrap_or_else(|_| "both".into());
+    if what == "both" || what == "server" {
+        servers[0].kill();
+    }
+    if what == "both" || what == "etcd" {
+        etcd.kill(0);
+    }
     let killed = Instant::now();
+    // The watchers that were on server 0 move at once: their held requests broke.
+    let orphans: Vec<&Arc<CfgsyncClient>> =
+        clients.iter().filter(|c| c.server() == urls[0]).collect();
+    let orphaned = orphans.len();
+    let moved = loop {
+        if what == "etcd" || orphans.iter().all(|c| c.server() != urls[0]) {
+            break Instant::now();
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(60),
+            "watchers did not move"
+        );
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    };
     let served = all_written(&seen, watchers, v2, Duration::from_secs(300)).await;
     let (reported, _) = all_reported(&http, &urls[1], watchers, v2, Duration::from_secs(300)).await;
     let change = installed.elapsed();
     // Both come back.
     etcd.spawn(0);
     servers[0].restart().await;
+    let restarted = Instant::now();
     let mut seeds_served = 0;
     for task in seed_tasks {
         task.await.expect("every seed client is served");
@@ -508,13 +544,40 @@ pub(crate) async fn drill(watchers: usize, seeds: usize) -> Value {
             .count();
     }
     // Each watcher wrote v1 and v2 once: a move to another server rewrote nothing.
-    let rewrites = {
-        let written = seen.written.lock().unwrap();
-        written
-            .values()
-            .filter(|w| w.iter().map(|(v, _)| *v).collect::<Vec<_>>() != [Some(v1), Some(v2)])
-            .count()
-    };
+    let mut sequences: std::collections::BTreeMap<Vec<Option<u64>>, usize> = Default::default();
+    for writes in seen.written.lock().unwrap().values() {
+        *sequences
+            .entry(writes.iter().map(|(v, _)| *v).collect())
+            .or_default() += 1;
+    }
+    let rewrites: usize = sequences
+        .iter()
+        .filter(|(sequence, _)| **sequence != [Some(v1), Some(v2)])
+        .map(|(_, count)| count)
+        .sum();
+    if rewrites > 0 {
+        println!("  the versions each watcher wrote, and how many wrote them: {sequences:?}");
+    }
+    // The moved watchers come back to their preferred server over a window (each after a
+    // random 15–30 s away, at the end of its held request).
+    let mut back: Vec<f64> = Vec::new();
+    if what != "etcd" {
+        let mut waiting: Vec<&Arc<CfgsyncClient>> = orphans.clone();
+        while !waiting.is_empty() && restarted.elapsed() < Duration::from_secs(150) {
+            waiting.retain(|c| {
+                let home = c.server() == urls[0];
+                if home {
+                    back.push(restarted.elapsed().as_secs_f64());
+                }
+                !home
+            });
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+    let (first_back, last_back) = (
+        back.first().copied().unwrap_or(f64::NAN),
+        back.last().copied().unwrap_or(f64::NAN),
+    );
     stop.cancel();
     for task in fleet {
         let _ = task.await;
@@ -526,13 +589,18 @@ pub(crate) async fn drill(watchers: usize, seeds: usize) -> Value {
         settled.as_secs_f64()
     );
     println!(
-        "  kill -> every watcher served the final version {:.2} s, every report of it stored {:.2} s; install -> all reported {:.2} s",
+        "  kill -> the {orphaned} watchers on server 0 all moved to another {:.3} s; every watcher served the final version {:.2} s, every report of it stored {:.2} s; install -> all reported {:.2} s",
+        secs(moved),
         secs(served),
         secs(reported),
         change.as_secs_f64()
     );
     println!(
         "  lost: {lost_registrations} registrations, {lost_reports} reports (all 3 servers checked); seed clients served {seeds_served}/{seeds}; watchers that wrote anything but v1 then v2: {rewrites}"
+    );
+    println!(
+        "  after server 0's restart, {} of {orphaned} watchers were back on it: the first after {first_back:.1} s, the last after {last_back:.1} s",
+        back.len()
     );
     println!(
         "  peak RSS: server 0 {rss_before_kill:.0} MB before the kill ({:.0} MB restarted), server 1 {:.0} MB, server 2 {:.0} MB",
@@ -542,6 +610,8 @@ pub(crate) async fn drill(watchers: usize, seeds: usize) -> Value {
         "watchers": watchers,
         "seeds": seeds,
         "settled_v1_s": settled.as_secs_f64(),
+        "orphaned_watchers": orphaned,
+        "kill_to_orphans_moved_s": secs(moved),
         "kill_to_all_served_final_s": secs(served),
         "kill_to_all_reported_final_s": secs(reported),
         "install_to_all_reported_s": change.as_secs_f64(),
@@ -549,6 +619,9 @@ pub(crate) async fn drill(watchers: usize, seeds: usize) -> Value {
         "lost_reports": lost_reports,
         "seeds_served": seeds_served,
         "rewrites": rewrites,
+        "returned_to_server0": back.len(),
+        "restart_to_first_return_s": first_back,
+        "restart_to_last_return_s": last_back,
         "peak_rss_mb": {"server0_before_kill": rss_before_kill, "server0_restarted": rss[0], "server1": rss[1], "server2": rss[2]},
     })
 }

@@ -177,6 +177,16 @@ impl RolloutPlan {
             .unwrap_or(0)
     }
 
+    /// How many members waves `0..=wave` cover when the first `settled` of `members` were
+    /// there when the rollout started: waves are cut from those, and the last covers all.
+    pub fn cutoff_of(&self, wave: usize, settled: usize, members: usize) -> usize {
+        if wave >= self.last_wave() {
+            members
+        } else {
+            self.cutoff(wave, settled).min(members)
+        }
+    }
+
     /// The index of the last wave.
     pub fn last_wave(&self) -> usize {
         self.waves.len().saturating_sub(1)

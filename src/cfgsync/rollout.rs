@@ -184,8 +184,13 @@ pub fn clear_waves(batch: Batch) -> Batch {
 
 /// What [`assess`] sees of the fleet.
 pub struct Fleet<'a> {
-    /// The members in slot order (the target's).
+    /// The members in wave order: those registered before the rollout started in slot order,
+    /// then those that joined since, first come first.
     pub members: &'a [&'a str],
+    /// How many of `members` registered before the rollout started. Waves are cut from them,
+    /// so a node that joins never pushes one out of a wave it reached; the last wave covers
+    /// every member.
+    pub settled: usize,
     /// A member's latest report.
     pub report: &'a dyn Fn(&str) -> Option<&'a Report>,
     /// Unix ms now.
@@ -216,9 +221,16 @@ pub struct WaveHealth {
     pub failed: Vec<Failure>,
 }
 
+impl Fleet<'_> {
+    /// How many members waves `0..=wave` of `plan` cover.
+    pub fn cutoff(&self, plan: &RolloutPlan, wave: usize) -> usize {
+        plan.cutoff_of(wave, self.settled, self.members.len())
+    }
+}
+
 /// How the waves reached so far stand, from the reports.
 pub fn wave_health(record: &RolloutRecord, target: Revision, fleet: &Fleet<'_>) -> WaveHealth {
-    let reached = record.plan.cutoff(record.wave, fleet.members.len());
+    let reached = fleet.cutoff(&record.plan, record.wave);
     let mut health = WaveHealth {
         reached,
         ..WaveHealth::default()
@@ -355,10 +367,9 @@ pub fn assess(stored: &Stored, fleet: &Fleet<'_>) -> Assessment {
         };
     }
     // The next wave: skip waves that add no member (a small fleet), so none waits for itself.
-    let members = fleet.members.len();
     let mut wave = record.wave + 1;
     while wave < record.plan.last_wave()
-        && record.plan.cutoff(wave, members) <= record.plan.cutoff(record.wave, members)
+        && fleet.cutoff(&record.plan, wave) <= fleet.cutoff(&record.plan, record.wave)
     {
         wave += 1;
     }
@@ -491,6 +502,7 @@ mod tests {
                 stored,
                 &Fleet {
                     members: &members,
+                    settled: members.len(),
                     report: &lookup,
                     now_ms,
                 },

@@ -40,6 +40,7 @@ impl Service {
             stored,
             &Fleet {
                 members: &members,
+                settled: split.settled,
                 report: &lookup,
                 now_ms: crate::clock::now_ms(),
             },
@@ -82,6 +83,7 @@ impl Service {
         let lookup = |id: &str| serving.report(id);
         let fleet = Fleet {
             members: &members,
+            settled: serving.split.as_ref().map_or(members.len(), |s| s.settled),
             report: &lookup,
             now_ms: crate::clock::now_ms(),
         };
@@ -106,7 +108,7 @@ impl Service {
                 .enumerate()
                 .map(|(k, size)| WaveStatus {
                     size: serde_json::to_value(size).unwrap_or_default(),
-                    cutoff: record.plan.cutoff(k, members.len()),
+                    cutoff: fleet.cutoff(&record.plan, k),
                     reached: k <= record.wave,
                 })
                 .collect(),

@@ -78,9 +78,14 @@ pub(super) struct Split {
     pub(super) kind: VersionKind,
     pub(super) target: Revision,
     pub(super) stable_version: Revision,
-    /// The target's members in slot order.
+    /// The target's members in wave order (see [`super::rollout::Fleet`]).
     pub(super) members: Vec<Arc<str>>,
+    /// How many of them registered before the rollout started.
+    pub(super) settled: usize,
     positions: HashMap<Arc<str>, usize>,
+    /// Members that reported applying the target, with the epoch they reported: they keep it
+    /// whatever the cutoffs do meanwhile (a removal can move one).
+    kept: HashMap<Arc<str>, Revision>,
     /// Per wave reached: how many members it covers (cumulative), and the epoch its nodes
     /// got the target at.
     reached: Vec<(usize, Revision)>,
@@ -113,6 +118,9 @@ impl Split {
         let Some(&position) = self.positions.get(identifier) else {
             return target;
         };
+        if let Some(&floor) = self.kept.get(identifier) {
+            return Assigned::Target { floor };
+        }
         for &(cutoff, floor) in &self.reached {
             if position < cutoff {
                 return Assigned::Target { floor };
@@ -316,6 +324,9 @@ impl Serving {
 pub(super) struct View {
     revision: Revision,
     registrations: Registrations,
+    /// The revision each registration was created at (a rollout's waves are cut from the
+    /// nodes registered before it started).
+    created: imbl::OrdMap<Arc<str>, Revision>,
     removed: Arc<BTreeMap<Arc<str>, bool>>,
     bundle: Option<(Value, Revision)>,
     policy: Option<(Value, Revision)>,
@@ -357,6 +368,7 @@ impl View {
         Self {
             revision: 0,
             registrations: Registrations::new(),
+            created: imbl::OrdMap::new(),
             removed: Arc::default(),
             bundle: None,
             policy: None,
@@ -381,14 +393,17 @@ impl View {
     pub(super) fn load(&mut self, tree: &NamespaceTree) {
         self.revision = tree.revision;
         let mut registrations = Registrations::new();
+        let mut created = imbl::OrdMap::new();
         if let Some(records) = tree.types.get(REGISTRATION) {
             for (id, entry) in records {
                 if let Some(record) = decode_registration(id, &entry.value) {
                     registrations.insert(Arc::from(id.as_str()), record);
+                    created.insert(Arc::from(id.as_str()), entry.create_revision);
                 }
             }
         }
         self.registrations = registrations;
+        self.created = created;
         self.removed = Arc::new(
             tree.types
                 .get(REMOVED)
@@ -519,12 +534,17 @@ impl View {
                         .is_none_or(|old| !old.looks_the_same_as(&record));
                     let visible = self.visible(&key.key);
                     self.dirty_catalog |= changed && visible;
-                    if before.is_none() && visible {
-                        self.named_present += 1;
+                    if before.is_none() {
+                        self.created
+                            .insert(Arc::from(key.key.as_str()), event.revision);
+                        if visible {
+                            self.named_present += 1;
+                        }
                     }
                 }
                 (REGISTRATION, None) if self.registrations.contains_key(key.key.as_str()) => {
                     self.registrations.remove(key.key.as_str());
+                    self.created.remove(key.key.as_str());
                     if self.visible(&key.key) {
                         self.dirty_catalog = true;
                         self.named_present = self.named_present.saturating_sub(1);
@@ -647,13 +667,28 @@ impl View {
         if !stored.governs(next.installed(kind)) {
             return None;
         }
-        let members: Vec<Arc<str>> = match kind {
+        let record = &stored.record;
+        let (members, settled): (Vec<Arc<str>>, usize) = match kind {
             VersionKind::Policy => {
                 let policy = next.policy.as_ref()?;
-                super::epoch::members(&self.registrations, policy)
+                // Those registered before the rollout's install keep their slot order; those
+                // that joined since come after them, first come first.
+                let created = |id: &str| self.created.get(id).copied().unwrap_or(0);
+                let (mut settled, mut joined): (Vec<_>, Vec<_>) =
+                    super::epoch::members(&self.registrations, policy)
+                        .into_iter()
+                        .partition(|r| created(&r.identifier) < stored.target());
+                joined.sort_by(|a, b| {
+                    (created(&a.identifier), &a.identifier)
+                        .cmp(&(created(&b.identifier), &b.identifier))
+                });
+                let count = settled.len();
+                settled.append(&mut joined);
+                let ids = settled
                     .into_iter()
                     .map(|r| Arc::from(r.identifier.as_str()))
-                    .collect()
+                    .collect();
+                (ids, count)
             }
             VersionKind::Bundle => {
                 let mut ids: Vec<Arc<str>> = next
@@ -663,19 +698,25 @@ impl View {
                     .map(|id| Arc::from(id.as_str()))
                     .collect();
                 ids.sort();
-                ids
+                let count = ids.len();
+                (ids, count)
             }
         };
         let target = stored.target();
-        let record = &stored.record;
         let reached = (0..=record.wave.min(record.plan.last_wave()))
             .map(|k| {
                 let floor = match k {
                     0 => target,
                     k => self.waves.get(&k).copied().unwrap_or(stored.mod_revision),
                 };
-                (record.plan.cutoff(k, members.len()), floor)
+                (record.plan.cutoff_of(k, settled, members.len()), floor)
             })
+            .collect();
+        let kept = self
+            .reports
+            .iter()
+            .filter(|(_, report)| report.applied.version == Some(target))
+            .map(|(id, report)| (id.clone(), report.applied.epoch))
             .collect();
         let stable = match self.previous.clone() {
             Some(previous)
@@ -697,7 +738,9 @@ impl View {
             target,
             stable_version: record.stable,
             members,
+            settled,
             positions,
+            kept,
             reached,
             stable,
         })
@@ -946,6 +989,115 @@ mod tests {
             Some(5),
             "new metadata is a new epoch"
         );
+    }
+
+    /// Nodes b, c, d registered under policy v1 (revision 2); at revision 10 a v2 with waves
+    /// `[1, "100%"]` is installed.
+    fn a_rollout_in_its_first_wave() -> (View, Serving) {
+        let registered = |id: &str, ip: &str| put(REGISTRATION, id, record(id, ip, json!({})));
+        let v1 = policy(json!({"expect_nodes": 1}));
+        let mut v2 = policy(json!({"expect_nodes": 1, "rollout": {"waves": [1, "100%"]}}));
+        v2["files"][0]["template"] = json!("v2 {{ node.ip }}");
+        let plan = serde_json::from_value(json!({"waves": [1, "100%"]})).unwrap();
+        let rollout = super::super::rollout::RolloutRecord::new(
+            VersionKind::Policy,
+            2,
+            "digest".into(),
+            plan,
+            100,
+        );
+        let previous = json!({"kind": "policy", "version": 2, "value": v1});
+        fed(vec![
+            event(2, vec![put(POLICY, CURRENT, v1)]),
+            event(
+                3,
+                vec![registered("b", "10.0.0.2"), registered("c", "10.0.0.3")],
+            ),
+            event(4, vec![registered("d", "10.0.0.4")]),
+            event(
+                10,
+                vec![
+                    put(POLICY, CURRENT, v2),
+                    put(PREVIOUS, CURRENT, previous),
+                    put(ROLLOUT, CURRENT, serde_json::to_value(rollout).unwrap()),
+                ],
+            ),
+        ])
+    }
+
+    #[test]
+    fn a_node_that_joins_a_rollout_never_pushes_another_out_of_its_wave() {
+        let (mut view, serving) = a_rollout_in_its_first_wave();
+        let split = serving.split.clone().unwrap();
+        assert!(matches!(split.assign("b"), Assigned::Target { floor: 10 }));
+        assert_eq!(split.assign("c"), Assigned::Stable);
+        // `a` sorts before `b` but registered after the install (its clock said earlier): it
+        // queues behind.
+        let joined = record("a", "10.0.0.1", json!({}));
+        view.apply(&event(11, vec![put(REGISTRATION, "a", joined)]));
+        let split = view.rebuild().split.unwrap();
+        assert!(
+            matches!(split.assign("b"), Assigned::Target { .. }),
+            "b keeps v2"
+        );
+        assert_eq!(split.assign("a"), Assigned::Stable);
+        assert_eq!((split.settled, split.members.len()), (3, 4));
+        assert_eq!(&*split.members[3], "a");
+    }
+
+    #[test]
+    fn a_node_that_reported_the_target_keeps_it_when_a_cutoff_moves() {
+        let (mut view, _) = a_rollout_in_its_first_wave();
+        // d applied the target (promoted by hand, say), then b is removed: the first wave's
+        // one member is now c, and d, past the cutoff, keeps what it applied.
+        let report =
+            json!({"epoch": 12, "version": 10, "result": "ok", "duration_ms": 1, "reported_ms": 1});
+        view.apply(&event(12, vec![put(REPORT, "d", report)]));
+        view.apply(&event(
+            13,
+            vec![Change {
+                key: Key::new(CFGSYNC_NAMESPACE, REGISTRATION, "b"),
+                value: None,
+            }],
+        ));
+        let split = view.rebuild().split.unwrap();
+        assert!(
+            matches!(split.assign("c"), Assigned::Target { floor: 10 }),
+            "the first wave's member"
+        );
+        assert!(
+            matches!(split.assign("d"), Assigned::Target { floor: 12 }),
+            "d reported the target at epoch 12 and keeps it"
+        );
+    }
+
+    #[test]
+    fn fetched_records_are_listed_and_wake_nobody() {
+        let (mut view, serving) = fed(count_policy_and_a(1));
+        let woken = serving.served_revision;
+        assert_eq!(serving.fetched("a"), None);
+        view.apply(&event(
+            4,
+            vec![put(FETCHED, "a", json!({"epoch": 3, "fetched_ms": 7}))],
+        ));
+        let serving = view.rebuild();
+        assert_eq!(serving.fetched("a"), Some(3));
+        assert_eq!(serving.served_revision, woken, "no held /node wakes for it");
+        let report = json!({"epoch": 9, "result": "ok", "duration_ms": 1, "reported_ms": 1});
+        view.apply(&event(5, vec![put(REPORT, "a", report)]));
+        assert_eq!(
+            view.rebuild().fetched("a"),
+            Some(9),
+            "a report counts as fetched"
+        );
+        view.apply(&event(
+            6,
+            vec![Change {
+                key: Key::new(CFGSYNC_NAMESPACE, FETCHED, "a"),
+                value: None,
+            }],
+        ));
+        assert_eq!(view.rebuild().fetched.get("a"), None);
     }
 
     #[test]

@@ -638,6 +638,26 @@ mod tests {
     }
 
     #[test]
+    fn an_older_epoch_is_taken_only_as_another_store_answers_it() {
+        let have = payload(Some(40), &[("a", "1")]);
+        // A server on another store (or a store started afresh) counts from lower epochs.
+        assert!(takes(&have, &payload(Some(3), &[("a", "1")]), false));
+        assert!(takes(&have, &payload(Some(41), &[("a", "1")]), false));
+        assert!(
+            !takes(&have, &payload(Some(40), &[("a", "2")]), false),
+            "same epoch"
+        );
+        assert!(
+            takes(&have, &payload(Some(40), &[("a", "2")]), true),
+            "after registering again"
+        );
+        assert!(
+            !takes(&have, &payload(Some(40), &[("a", "1")]), true),
+            "nothing differs"
+        );
+    }
+
+    #[test]
     fn changed_paths_name_new_and_changed_files_by_destination() {
         let before = [
             ArtifactFile::new("peers", "a"),

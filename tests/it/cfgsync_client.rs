@@ -12,6 +12,7 @@ use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
+use bootsync::cfgsync::client::WatchOutcome;
 use bootsync::cfgsync::{
     ArtifactOutputMap, CfgsyncClient, ClientError, NodeRegistration, fetch_and_write_artifacts,
 };
@@ -365,6 +366,43 @@ async fn the_library_client_long_polls_a_bootsync_server_and_sees_the_epoch() {
         .unwrap();
     assert!(payload.epoch.is_some());
     assert_eq!(payload.files[0].content, "0");
+}
+
+/// A watch's epoch from another store (a list of servers that do not share one, a store
+/// started afresh) is past this store's revision: the node is answered at once with what this
+/// store serves, while an epoch this store reached is held until a newer one.
+#[it::test]
+async fn an_epoch_past_the_store_s_revision_is_answered_at_once() {
+    let dir = support::dir_with(&[(
+        "policy.yaml",
+        "expect_nodes: 1\nfiles:\n  - path: a.txt\n    template: \"{{ index }}\"\n",
+    )]);
+    let server = support::Proc::start(dir.path(), "serve --store memory: --policy policy.yaml");
+    let client = CfgsyncClient::new(&server.url);
+    let me = NodeRegistration::new("a", "10.0.0.1".parse().unwrap());
+    let served = client
+        .register_and_wait(&me, Duration::from_secs(30), false, &|_| {})
+        .await
+        .unwrap();
+    let epoch = served.epoch.unwrap();
+    let asked = std::time::Instant::now();
+    let foreign = client
+        .fetch_newer(&me, Some(epoch + 1_000_000), Duration::from_secs(20))
+        .await
+        .unwrap();
+    match foreign {
+        WatchOutcome::Payload(payload) => assert_eq!(payload.epoch, Some(epoch)),
+        other => panic!("expected the current payload, got {other:?}"),
+    }
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "held for a foreign epoch"
+    );
+    let held = client
+        .fetch_newer(&me, Some(epoch), Duration::from_secs(1))
+        .await
+        .unwrap();
+    assert!(matches!(held, WatchOutcome::Unchanged), "{held:?}");
 }
 
 /// Staging symlinks planted under the names the client once used cannot redirect its write:

@@ -87,6 +87,22 @@ async fn one_member_down_fails_nothing_two_down_fails_fast_and_recovery_needs_no
     }
 }
 
+/// A store opens (and so a server starts) while a member is down, wherever it is in the list.
+#[it::test(multi_thread, needs = etcd)]
+async fn a_store_opens_with_one_member_down() {
+    let mut cluster = cluster(3).await;
+    cluster.stop_member(0);
+    for round in 0..5 {
+        let store = EtcdStore::open(&cluster.store_url("one-down"), Limits::default())
+            .await
+            .unwrap_or_else(|e| panic!("open {round} with the first member down: {e}"));
+        store
+            .put(Key::new("prod", "cfg", format!("k{round}")), json!(round))
+            .await
+            .unwrap();
+    }
+}
+
 /// A spec with one `exec` step running `script` per flag, on a fast cadence.
 fn exec_spec(name: &str, flag: &str, script: &str) -> String {
     format!(

@@ -119,20 +119,39 @@ impl EtcdStore {
             list.push(parsed);
         }
         // The balanced channel connects lazily; one read proves the cluster answers, so a
-        // wrong address fails here rather than at the first request.
+        // wrong address fails here rather than at the first request. A read that reached a
+        // dead member, or came during an election, is tried again for up to 5 s (the balancer
+        // drops a member whose connection failed): a server starts while one member of its
+        // cluster is down.
         let channel = Channel::balance_list(list.into_iter());
-        let probe = KvClient::new(channel.clone())
-            .range(RangeRequest {
-                key: b"\0".to_vec(),
-                count_only: true,
-                ..RangeRequest::default()
-            })
-            .await;
-        if let Err(status) = probe {
+        let mut last = String::new();
+        let until = tokio::time::Instant::now() + Duration::from_secs(5);
+        for attempt in 0.. {
+            if attempt > 0 {
+                if tokio::time::Instant::now() >= until {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            let probe = KvClient::new(channel.clone())
+                .range(RangeRequest {
+                    key: b"\0".to_vec(),
+                    count_only: true,
+                    ..RangeRequest::default()
+                })
+                .await;
+            match probe {
+                Ok(_) => {
+                    last.clear();
+                    break;
+                }
+                Err(status) => last = status.message().to_string(),
+            }
+        }
+        if !last.is_empty() {
             return Err(Error::Unavailable(format!(
-                "cannot connect to etcd at {}: {}",
+                "cannot connect to etcd at {}: {last}",
                 endpoints.join(","),
-                status.message()
             )));
         }
         let mut prefix = prefix.to_string();

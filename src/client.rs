@@ -129,15 +129,10 @@ impl ApiClient {
         self
     }
 
-    /// The base URL of the server in use now.
+    /// The base URL of the server in use.
     pub fn base_url(&self) -> String {
         let failover = &self.failover;
-        failover
-            .servers()
-            .get(failover.current())
-            .target
-            .url
-            .clone()
+        failover.servers().get(failover.in_use()).target.url.clone()
     }
 
     /// The servers it may use.

@@ -391,6 +391,13 @@ impl Failover {
         place.order[place.at]
     }
 
+    /// The server the last request went to (or the next goes to, before a return is due):
+    /// what a person is told, without moving anything.
+    pub fn in_use(&self) -> usize {
+        let place = self.place();
+        place.order[place.at]
+    }
+
     /// The server clients of this list go to first.
     pub fn preferred(&self) -> usize {
         self.place().order[0]

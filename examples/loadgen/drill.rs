@@ -194,6 +194,8 @@ type Write = (Option<u64>, Instant);
 #[derive(Default)]
 struct Seen {
     written: Mutex<HashMap<String, Vec<Write>>>,
+    /// Problems the watchers noted, by their first words.
+    problems: Mutex<std::collections::BTreeMap<String, usize>>,
 }
 
 /// The events of one watcher.
@@ -212,7 +214,11 @@ impl Events for Recorder {
         }
     }
 
-    fn problem(&self, _event: &str, _text: &str, _fields: Value) {}
+    fn problem(&self, event: &str, text: &str, _fields: Value) {
+        let words: Vec<&str> = text.split_whitespace().take(6).collect();
+        let kind = format!("{event}: {}", words.join(" "));
+        *self.seen.problems.lock().unwrap().entry(kind).or_default() += 1;
+    }
 }
 
 fn policy(n: usize, marker: &str) -> Value {
@@ -480,6 +486,20 @@ pub(crate) async fn drill(watchers: usize, seeds: usize) -> Value {
         .filter(|c| c.preferred_server() == urls[0] && c.server() != urls[0])
         .count();
     println!("  before the kill, {away} watchers preferring server 0 were elsewhere");
+    // Whether the member killed leads the cluster (its proposals in flight then time out).
+    let status: Value = http
+        .post(format!(
+            "{}/v3/maintenance/status",
+            etcd.members[0].client_url
+        ))
+        .body("{}")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let leader_killed = status["leader"] == status["header"]["member_id"];
     let rss_before_kill = servers[0].peak_rss_mb();
     let what = std::env::var("BOOTSYNC_DRILL_KILL").unwrap_or_else(|_| "both".into());
     if what == "both" || what == "server" {
@@ -503,6 +523,31 @@ pub(crate) async fn drill(watchers: usize, seeds: usize) -> Value {
         );
         tokio::time::sleep(Duration::from_millis(1)).await;
     };
+    if std::env::var_os("BOOTSYNC_DRILL_TRACE").is_some() {
+        let (http, url) = (http.clone(), urls[1].clone());
+        tokio::spawn(async move {
+            for _ in 0..60 {
+                if let Ok(r) = http.get(format!("{url}/v1/rollout")).send().await
+                    && let Ok(v) = r.json::<Value>().await
+                {
+                    println!(
+                        "  {:.2} s: wave {} {} ok {} pending {} silent {} members {}",
+                        killed.elapsed().as_secs_f64(),
+                        v["wave"],
+                        v["state"],
+                        v["ok"],
+                        v["pending"].as_array().map_or(0, Vec::len),
+                        v["silent"],
+                        v["members"]
+                    );
+                    if v["state"] == "complete" {
+                        return;
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        });
+    }
     let served = all_written(&seen, watchers, v2, Duration::from_secs(300)).await;
     let (reported, _) = all_reported(&http, &urls[1], watchers, v2, Duration::from_secs(300)).await;
     let change = installed.elapsed();
@@ -555,6 +600,10 @@ pub(crate) async fn drill(watchers: usize, seeds: usize) -> Value {
         .filter(|(sequence, _)| **sequence != [Some(v1), Some(v2)])
         .map(|(_, count)| count)
         .sum();
+    println!(
+        "  problems the watchers noted: {:?}",
+        seen.problems.lock().unwrap()
+    );
     if rewrites > 0 {
         println!("  the versions each watcher wrote, and how many wrote them: {sequences:?}");
     }
@@ -595,6 +644,7 @@ pub(crate) async fn drill(watchers: usize, seeds: usize) -> Value {
         secs(reported),
         change.as_secs_f64()
     );
+    println!("  the etcd member killed was the leader: {leader_killed}");
     println!(
         "  lost: {lost_registrations} registrations, {lost_reports} reports (all 3 servers checked); seed clients served {seeds_served}/{seeds}; watchers that wrote anything but v1 then v2: {rewrites}"
     );
@@ -610,6 +660,7 @@ pub(crate) async fn drill(watchers: usize, seeds: usize) -> Value {
         "watchers": watchers,
         "seeds": seeds,
         "settled_v1_s": settled.as_secs_f64(),
+        "etcd_leader_killed": leader_killed,
         "orphaned_watchers": orphaned,
         "kill_to_orphans_moved_s": secs(moved),
         "kill_to_all_served_final_s": secs(served),

@@ -17,8 +17,12 @@ use crate::api::ErrorCode;
 use crate::api::rollout::{self, MAX_STDERR_TAIL, Outcome, ReportBody};
 use crate::backoff::Backoff;
 
-/// How long each watch request asks the server to hold it (servers cap it, 60 s by default).
-const HOLD: Duration = Duration::from_secs(55);
+/// How long each watch request asks the server to hold it (servers cap it, 60 s by default):
+/// 40–55 s, at random, so the requests of a fleet that one change woke together do not all
+/// end, and move to another server, in the same second.
+fn hold() -> Duration {
+    Duration::from_millis(40_000 + fastrand::u64(0..=15_000))
+}
 
 /// The longest pause between two tries, whatever a server's `Retry-After` says.
 const LONGEST_PAUSE: Duration = Duration::from_secs(60);
@@ -118,7 +122,7 @@ impl Watch<'_> {
                 let asked = tokio::time::Instant::now();
                 let outcome = self
                     .client
-                    .fetch_newer(self.registration, after, HOLD)
+                    .fetch_newer(self.registration, after, hold())
                     .await?;
                 Ok::<_, ClientError>((outcome, asked.elapsed()))
             };

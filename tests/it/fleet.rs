@@ -255,3 +255,35 @@ async fn a_one_shot_client_is_served_by_the_next_server_when_the_first_is_down()
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(&id), "{out}");
 }
+
+#[it::test(multi_thread)]
+async fn a_reconciler_given_a_dead_server_first_converges_through_the_next() {
+    let dir = support::dir_with(&[(
+        "spec.yaml",
+        "cadence: { gate_backoff: 1s, retry: 1s, steady: 300s, max_backoff: 2s }\ninitialisers:\n  - { class: exec, name: mark, flag: v1, params: { command: [sh, -c, 'echo ran >> mark.log'] } }\n",
+    )]);
+    let server = Proc::start(dir.path(), "serve --store memory:");
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_url = format!("http://{}", dead.local_addr().unwrap());
+    drop(dead);
+    let list = format!("{dead_url},{}", server.url);
+    let _reconciler = Proc::spawn_bootstrap(
+        &["bootstrap", "--spec", "spec.yaml", "--server", &list],
+        dir.path(),
+    );
+    let (code, out, err) = support::run_cli(
+        &["status", "--server", &list, "--wait", "--timeout", "60s"],
+        dir.path(),
+    );
+    assert_eq!(code, 0, "{out}{err}");
+    let (_, body) = support::call(
+        Method::GET,
+        &format!("{}/v1/config/__system__/init-state/mark", server.url),
+        None,
+        None,
+    )
+    .await;
+    assert_eq!(body["value"], "v1", "{body}");
+    let ran = std::fs::read_to_string(dir.path().join("mark.log")).unwrap();
+    assert_eq!(ran, "ran\n", "the step ran once");
+}

@@ -112,13 +112,7 @@ impl ApiClient {
 
     /// Trusts these CA certificates beside the system's (for a server with a private CA).
     pub fn with_ca_certs(mut self, certs: &[reqwest::Certificate]) -> Result<Self, reqwest::Error> {
-        let targets = self
-            .failover
-            .servers()
-            .iter()
-            .map(|e| e.target.clone())
-            .collect();
-        let servers = Servers::connect(targets, |b| crate::tls::http_client(certs, b))?;
+        let servers = self.failover.servers().trusting(certs)?;
         self.failover = Arc::new(Failover::new(servers));
         Ok(self)
     }

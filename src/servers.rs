@@ -258,6 +258,12 @@ impl Servers {
         Ok(Self(endpoints.into()))
     }
 
+    /// The same servers with clients that trust `certs` beside the system's roots.
+    pub fn trusting(&self, certs: &[reqwest::Certificate]) -> reqwest::Result<Self> {
+        let targets = self.iter().map(|e| e.target.clone()).collect();
+        Self::connect(targets, |b| crate::tls::http_client(certs, b))
+    }
+
     /// One server over an existing client.
     pub fn one(url: impl Into<String>, http: reqwest::Client) -> Self {
         let target = Target {

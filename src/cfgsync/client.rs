@@ -173,13 +173,7 @@ impl CfgsyncClient {
 
     /// Trusts these CA certificates beside the system's (for a server with a private CA).
     pub fn with_ca_certs(mut self, certs: &[reqwest::Certificate]) -> Result<Self, reqwest::Error> {
-        let targets = self
-            .failover
-            .servers()
-            .iter()
-            .map(|e| e.target.clone())
-            .collect();
-        let servers = Servers::connect(targets, |b| crate::tls::http_client(certs, b))?;
+        let servers = self.failover.servers().trusting(certs)?;
         let order = self.failover.order();
         self.failover = Failover::new(servers).with_order(order);
         Ok(self)

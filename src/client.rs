@@ -58,11 +58,16 @@ pub enum Error {
 
 impl Error {
     /// Whether another server should be asked: the request never reached this one, or
-    /// (`repeatable`, a request that says the same when sent twice) it got no answer or a 5xx.
+    /// (`repeatable`, a request that says the same when sent twice) it got no answer or a 5xx
+    /// other than 500 (an error the request would meet on every server of the store).
     pub fn fails_over(&self, repeatable: bool) -> bool {
         match self {
             Error::Unreachable { source, .. } => repeatable || source.is_connect(),
-            Error::Status { status, .. } => repeatable && status.is_server_error(),
+            Error::Status { status, .. } => {
+                repeatable
+                    && status.is_server_error()
+                    && *status != StatusCode::INTERNAL_SERVER_ERROR
+            }
             Error::Decode { .. } => false,
         }
     }
@@ -130,7 +135,7 @@ impl ApiClient {
     }
 
     /// The servers it may use.
-    pub fn servers(&self) -> &Servers {
+    pub fn servers(&self) -> Servers {
         self.failover.servers()
     }
 
@@ -143,8 +148,9 @@ impl ApiClient {
         body: Option<&dyn erased::Body>,
         timeout: Duration,
     ) -> Result<T, Error> {
-        // GET, PUT and DELETE say the same when sent twice; a POST may not.
-        let repeatable = method != Method::POST;
+        // A GET or a PUT says the same when sent twice; a POST may not, and a DELETE sent
+        // again after it was done answers 404.
+        let repeatable = method == Method::GET || method == Method::PUT;
         let ask = |endpoint: &Endpoint| {
             let url = format!("{}{path}", endpoint.target.url);
             let mut builder = endpoint.http.request(method.clone(), &url).timeout(timeout);

@@ -46,7 +46,8 @@ pub enum ServerListError {
     },
 }
 
-/// A parsed, checked list of server base URLs (one scheme, no path, no duplicates).
+/// A parsed, checked list of server base URLs (one scheme, no query, no duplicates; a path
+/// is kept as a prefix, for a server behind a proxy).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ServerList {
     urls: Vec<Url>,
@@ -231,11 +232,51 @@ pub struct Endpoint {
     pub http: reqwest::Client,
 }
 
+/// Builds the HTTP client of one endpoint from a builder that already pins its address.
+pub type BuildClient =
+    Arc<dyn Fn(reqwest::ClientBuilder) -> reqwest::Result<reqwest::Client> + Send + Sync>;
+
 /// The servers one process talks to, shared by its clients; cheap to clone.
-#[derive(Debug, Clone)]
-pub struct Servers(Arc<[Endpoint]>);
+#[derive(Clone)]
+pub struct Servers {
+    endpoints: Arc<[Endpoint]>,
+    /// The list and client builder it was resolved from, when it names hosts: looked up again
+    /// when no server answers, as the addresses behind a name change.
+    source: Option<(ServerList, BuildClient)>,
+}
+
+impl std::fmt::Debug for Servers {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_list()
+            .entries(self.endpoints.iter().map(|e| e.target.label()))
+            .finish()
+    }
+}
 
 impl Servers {
+    /// The servers of `list`, its names looked up now (a name with several addresses is
+    /// several servers) and again when none of them answers.
+    pub async fn resolve(list: &ServerList, build: BuildClient) -> reqwest::Result<Self> {
+        let mut servers = Self::connect(list.resolve().await, |b| build(b))?;
+        if list.urls.iter().any(|url| url.domain().is_some()) {
+            servers.source = Some((list.clone(), build));
+        }
+        Ok(servers)
+    }
+
+    /// The same servers looked up again, if they name hosts and the addresses changed.
+    async fn resolved_again(&self) -> Option<Self> {
+        let (list, build) = self.source.clone()?;
+        let targets = list.resolve().await;
+        let now: Vec<&Target> = self.iter().map(|e| &e.target).collect();
+        if targets.iter().collect::<Vec<_>>() == now {
+            return None;
+        }
+        let mut servers = Self::connect(targets, |b| build(b)).ok()?;
+        servers.source = Some((list, build));
+        Some(servers)
+    }
+
     /// An endpoint per target, its client built by `build` from a builder that already pins
     /// its address.
     pub fn connect<E>(
@@ -255,13 +296,20 @@ impl Servers {
                 })
             })
             .collect::<Result<Vec<_>, E>>()?;
-        Ok(Self(endpoints.into()))
+        Ok(Self {
+            endpoints: endpoints.into(),
+            source: None,
+        })
     }
 
     /// The same servers with clients that trust `certs` beside the system's roots.
     pub fn trusting(&self, certs: &[reqwest::Certificate]) -> reqwest::Result<Self> {
         let targets = self.iter().map(|e| e.target.clone()).collect();
-        Self::connect(targets, |b| crate::tls::http_client(certs, b))
+        let certs = certs.to_vec();
+        let build: BuildClient = Arc::new(move |b| crate::tls::http_client(&certs, b));
+        let mut servers = Self::connect(targets, |b| build(b))?;
+        servers.source = self.source.clone().map(|(list, _)| (list, build));
+        Ok(servers)
     }
 
     /// One server over an existing client.
@@ -270,27 +318,30 @@ impl Servers {
             url: url.into().trim_end_matches('/').to_string(),
             pinned: None,
         };
-        Self(vec![Endpoint { target, http }].into())
+        Self {
+            endpoints: vec![Endpoint { target, http }].into(),
+            source: None,
+        }
     }
 
     /// How many there are.
     pub fn len(&self) -> usize {
-        self.0.len()
+        self.endpoints.len()
     }
 
     /// Whether there are none (never, for a parsed list).
     pub fn is_empty(&self) -> bool {
-        self.0.is_empty()
+        self.endpoints.is_empty()
     }
 
     /// The `i`-th endpoint.
     pub fn get(&self, i: usize) -> &Endpoint {
-        &self.0[i]
+        &self.endpoints[i]
     }
 
     /// Every endpoint.
     pub fn iter(&self) -> impl Iterator<Item = &Endpoint> {
-        self.0.iter()
+        self.endpoints.iter()
     }
 }
 
@@ -327,8 +378,12 @@ pub const LONGEST_STAY_AWAY: Duration = Duration::from_secs(300);
 /// one again.
 #[derive(Debug)]
 pub struct Failover {
-    servers: Servers,
+    servers: std::sync::RwLock<Servers>,
+    /// The key its order of preference is ranked by (a node's identifier), if any.
+    key: Option<String>,
     state: Mutex<Place>,
+    /// When the servers' names were last looked up again.
+    looked_up: Mutex<Option<Instant>>,
 }
 
 #[derive(Debug, Clone)]
@@ -343,31 +398,42 @@ struct Place {
     stay_away: Duration,
 }
 
+impl Place {
+    fn new(order: Vec<usize>) -> Self {
+        Self {
+            order,
+            at: 0,
+            back_at: None,
+            stay_away: FIRST_STAY_AWAY,
+        }
+    }
+}
+
+/// The least time between two lookups of the servers' names.
+const LOOKUP_INTERVAL: Duration = Duration::from_secs(30);
+
 impl Failover {
     /// A client of `servers` that prefers them in the listed order.
     pub fn new(servers: Servers) -> Self {
         let order = (0..servers.len()).collect();
         Self {
-            servers,
-            state: Mutex::new(Place {
-                order,
-                at: 0,
-                back_at: None,
-                stay_away: FIRST_STAY_AWAY,
-            }),
+            servers: std::sync::RwLock::new(servers),
+            key: None,
+            state: Mutex::new(Place::new(order)),
+            looked_up: Mutex::new(None),
         }
     }
 
     /// The same servers, preferred in the order `key` ranks them (a node's identifier).
-    pub fn prefer_for(self, key: &str) -> Self {
-        let order = rendezvous_order(key, &self.servers);
-        self.place().order = order;
+    pub fn prefer_for(mut self, key: &str) -> Self {
+        self.place().order = rendezvous_order(key, &self.servers());
+        self.key = Some(key.to_string());
         self
     }
 
     /// The same servers in this order of preference (indices into the servers).
     pub fn with_order(self, order: Vec<usize>) -> Self {
-        if order.len() == self.servers.len() {
+        if order.len() == self.servers().len() {
             self.place().order = order;
         }
         self
@@ -378,9 +444,12 @@ impl Failover {
         self.place().order.clone()
     }
 
-    /// The servers.
-    pub fn servers(&self) -> &Servers {
-        &self.servers
+    /// The servers (a cheap handle).
+    pub fn servers(&self) -> Servers {
+        self.servers
+            .read()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
     }
 
     fn place(&self) -> std::sync::MutexGuard<'_, Place> {
@@ -413,17 +482,18 @@ impl Failover {
     /// used from now on. A client that leaves its preferred server comes back after a
     /// jittered stay away, longer each time the preferred one is still down.
     pub fn failed(&self, server: usize) {
+        let count = self.place().order.len();
         let mut place = self.place();
         if place.order[place.at] != server {
             // Another request of this client moved on already.
             return;
         }
-        if place.at == 0 && self.servers.len() > 1 {
+        if place.at == 0 && count > 1 {
             let stay = place.stay_away.mul_f64(1.0 + fastrand::f64());
             place.back_at = Some(Instant::now() + stay);
             place.stay_away = (place.stay_away * 2).min(LONGEST_STAY_AWAY);
         }
-        place.at = (place.at + 1) % place.order.len();
+        place.at = (place.at + 1) % count;
         if place.at == 0 {
             // Round the whole list: the preferred one is being tried now.
             place.back_at = None;
@@ -439,9 +509,20 @@ impl Failover {
         }
     }
 
+    /// The servers one call tries, in order: the current one, then the rest of the order
+    /// after it, each once.
+    fn rotation(&self) -> Vec<usize> {
+        let first = self.current();
+        let place = self.place();
+        let start = place.order.iter().position(|&s| s == first).unwrap_or(0);
+        let n = place.order.len();
+        (0..n).map(|k| place.order[(start + k) % n]).collect()
+    }
+
     /// Runs `call` against the current server and, while `fails_over` says its error means
-    /// "this server cannot answer", against the next ones: each server at most once. The
-    /// last error comes back when none answered.
+    /// "this server cannot answer", against the next ones: each server once. The last error
+    /// comes back when none answered, after looking the servers' names up again (at most
+    /// every 30 s) in case their addresses changed.
     pub async fn call<T, E, F, Fut>(
         &self,
         mut call: F,
@@ -452,26 +533,50 @@ impl Failover {
         F: FnMut(&Endpoint) -> Fut,
         Fut: std::future::Future<Output = Result<T, E>>,
     {
-        let mut tries = 0;
-        loop {
-            let server = self.current();
-            tries += 1;
-            match call(self.servers.get(server)).await {
+        let servers = self.servers();
+        let rotation = self.rotation();
+        let mut last = None;
+        for (k, &server) in rotation.iter().enumerate() {
+            match call(servers.get(server)).await {
                 Ok(answer) => {
                     self.answered(server);
                     return Ok(answer);
                 }
-                Err(err) if fails_over(&err) && self.servers.len() > 1 => {
+                Err(err) if fails_over(&err) && servers.len() > 1 => {
                     self.failed(server);
-                    let next = self.servers.get(self.current()).target.label();
-                    tracing::warn!(error = %err, next = %next, "moving to the next server");
-                    if tries >= self.servers.len() {
-                        return Err(err);
+                    if let Some(&next) = rotation.get(k + 1) {
+                        let next = servers.get(next).target.label();
+                        tracing::warn!(error = %err, next = %next, "moving to the next server");
                     }
+                    last = Some(err);
                 }
                 Err(err) => return Err(err),
             }
         }
+        self.look_up_again().await;
+        Err(last.expect("a list of servers is never empty"))
+    }
+
+    /// Looks the servers' names up again, at most every 30 s; new addresses replace the
+    /// servers (and the place in them).
+    async fn look_up_again(&self) {
+        {
+            let mut last = self.looked_up.lock().unwrap_or_else(|e| e.into_inner());
+            if last.is_some_and(|at| at.elapsed() < LOOKUP_INTERVAL) {
+                return;
+            }
+            *last = Some(Instant::now());
+        }
+        let Some(servers) = self.servers().resolved_again().await else {
+            return;
+        };
+        let order = match &self.key {
+            Some(key) => rendezvous_order(key, &servers),
+            None => (0..servers.len()).collect(),
+        };
+        tracing::info!(servers = ?servers, "the servers' names resolve to other addresses now");
+        *self.servers.write().unwrap_or_else(|e| e.into_inner()) = servers;
+        *self.place() = Place::new(order);
     }
 }
 
@@ -590,6 +695,42 @@ mod tests {
         assert_eq!(failover.current(), 0);
         failover.answered(0);
         assert_eq!(failover.place().stay_away, FIRST_STAY_AWAY);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_return_that_comes_due_during_a_call_does_not_ask_a_server_twice() {
+        let failover = Failover::new(servers(3));
+        failover.failed(0);
+        let asked = Mutex::new(Vec::new());
+        let result: Result<(), &str> = failover
+            .call(
+                |endpoint| {
+                    let first = {
+                        let mut asked = asked.lock().unwrap();
+                        asked.push(endpoint.target.url.clone());
+                        asked.len() == 1
+                    };
+                    async move {
+                        if first {
+                            // The stay away from server 0 ends while server 1 is asked.
+                            tokio::time::advance(LONGEST_STAY_AWAY * 3).await;
+                        }
+                        Err("down")
+                    }
+                },
+                |_| true,
+            )
+            .await;
+        assert_eq!(result, Err("down"));
+        let asked = asked.lock().unwrap();
+        assert_eq!(
+            *asked,
+            [
+                "http://127.0.0.1:4401",
+                "http://127.0.0.1:4402",
+                "http://127.0.0.1:4400"
+            ]
+        );
     }
 
     #[tokio::test]

@@ -69,11 +69,14 @@ pub enum ClientError {
 
 impl ClientError {
     /// Whether the error says "this server cannot answer now", so another may: no answer, or
-    /// a 5xx.
+    /// a 5xx other than 500 (an error the request meets on every server of the store, such as
+    /// a template that fails for this node).
     pub fn fails_over(&self) -> bool {
         match self {
             ClientError::Unreachable { .. } => true,
-            ClientError::Refused { status, .. } => status.is_server_error(),
+            ClientError::Refused { status, .. } => {
+                status.is_server_error() && *status != StatusCode::INTERNAL_SERVER_ERROR
+            }
             _ => false,
         }
     }
@@ -191,10 +194,11 @@ impl CfgsyncClient {
         self
     }
 
-    /// The server in use now, as people see it.
+    /// The server in use, as people see it (a return to the preferred one shows once its
+    /// request is sent).
     pub fn server(&self) -> String {
         let failover = &self.failover;
-        failover.servers().get(failover.current()).target.label()
+        failover.servers().get(failover.in_use()).target.label()
     }
 
     /// The server this client goes back to when it can.

@@ -92,11 +92,14 @@ impl Reports {
         Ok(written.map_err(store::Error::Unavailable)?)
     }
 
-    /// Writes `identifier`'s fetched record with a later commit, unless too many records are
-    /// waiting already (it is an observation, not acknowledged data: the next fetch notes it).
-    pub fn note_fetched(&self, identifier: &str, fetched: Fetched) {
+    /// Writes `identifier`'s fetched record with a later commit; `false` when too many
+    /// records are waiting already (it is an observation, not acknowledged data: the next
+    /// fetch notes it again).
+    pub fn note_fetched(&self, identifier: &str, fetched: Fetched) -> bool {
         let value = serde_json::to_value(fetched).expect("a fetched record serialises");
-        let _ = self.queue.try_send((fetched_key(identifier), value, None));
+        self.queue
+            .try_send((fetched_key(identifier), value, None))
+            .is_ok()
     }
 
     /// What was written so far.

@@ -349,21 +349,19 @@ impl Service {
         {
             return;
         }
-        {
-            let mut noted = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
-            match noted.get_mut(identifier) {
-                Some(last) if *last >= epoch => return,
-                Some(last) => *last = epoch,
-                None => {
-                    noted.insert(identifier.to_string(), epoch);
-                }
-            }
+        let mut noted = self.fetched.lock().unwrap_or_else(|e| e.into_inner());
+        if noted.get(identifier).is_some_and(|last| *last >= epoch) {
+            return;
         }
         let record = super::state::Fetched {
             epoch,
             fetched_ms: crate::clock::now_ms(),
         };
-        self.reports.note_fetched(identifier, record);
+        // Noted only once queued: a record the queue had no room for is noted at the next
+        // fetch.
+        if self.reports.note_fetched(identifier, record) {
+            noted.insert(identifier.to_string(), epoch);
+        }
     }
 
     /// Registered nodes by the version they last reported and its result, most first.

@@ -671,13 +671,13 @@ impl View {
         let (members, settled): (Vec<Arc<str>>, usize) = match kind {
             VersionKind::Policy => {
                 let policy = next.policy.as_ref()?;
-                // Those registered before the rollout's install keep their slot order; those
-                // that joined since come after them, first come first.
+                // Those registered by the rollout's install keep their slot order; those that
+                // joined since come after them, first come first.
                 let created = |id: &str| self.created.get(id).copied().unwrap_or(0);
                 let (mut settled, mut joined): (Vec<_>, Vec<_>) =
                     super::epoch::members(&self.registrations, policy)
                         .into_iter()
-                        .partition(|r| created(&r.identifier) < stored.target());
+                        .partition(|r| created(&r.identifier) <= stored.target());
                 joined.sort_by(|a, b| {
                     (created(&a.identifier), &a.identifier)
                         .cmp(&(created(&b.identifier), &b.identifier))

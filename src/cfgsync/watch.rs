@@ -194,8 +194,10 @@ impl Watch<'_> {
                     register = true;
                     Some(backoff.fail())
                 }
+                // Not known here (404), or, in strict mode, no record for the node's secret
+                // (401): a server whose store started afresh. Registering again fixes both.
                 Err(ClientError::Refused {
-                    code: ErrorCode::MissingConfig,
+                    code: ErrorCode::MissingConfig | ErrorCode::Unauthorized,
                     message,
                     ..
                 }) => {

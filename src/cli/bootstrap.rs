@@ -19,7 +19,7 @@ use crate::api::system::DEFAULT_HISTORY_LEN;
 use crate::api::system::{INIT_STATE, INIT_STATUS, Status};
 use crate::bootstrap::{Engine, EngineOptions, Facts, HttpGate, Registry, Spec, assess, duration};
 use crate::client::{ApiClient, RemoteStore};
-use crate::servers::{Servers, Target};
+use crate::servers::{BuildClient, ServerList, Servers};
 use crate::store::{DynStore, SYSTEM_NAMESPACE};
 
 /// Flags of the reconciler shared by `run` and `bootstrap`.
@@ -63,17 +63,17 @@ struct ClientTls {
 }
 
 impl ClientTls {
-    fn client(&self, builder: reqwest::ClientBuilder) -> anyhow::Result<reqwest::Client> {
+    fn client(&self, builder: reqwest::ClientBuilder) -> reqwest::Result<reqwest::Client> {
         if self.own_listener {
             crate::tls::install_crypto_provider();
             // Only the server's own chain (and --ca-cert) is trusted here, never the system's.
-            return Ok(builder
+            return builder
                 .connect_timeout(Duration::from_secs(5))
                 .tls_certs_only(self.roots.iter().cloned())
                 .tls_danger_accept_invalid_hostnames(true)
-                .build()?);
+                .build();
         }
-        Ok(crate::tls::http_client(&self.roots, builder)?)
+        crate::tls::http_client(&self.roots, builder)
     }
 }
 
@@ -163,7 +163,7 @@ fn auth_headers(token: Option<&Token>) -> anyhow::Result<reqwest::header::Header
 async fn reconcile(
     args: &ReconcilerArgs,
     spec: Spec,
-    targets: Vec<Target>,
+    list: &ServerList,
     token: Option<Token>,
     tls: &ClientTls,
     metrics: Option<Arc<crate::metrics::Metrics>>,
@@ -173,13 +173,12 @@ async fn reconcile(
     // for the same token takes its place): the store's and the gate's, one per server, and
     // the initialisers'.
     let headers = auth_headers(token.as_ref())?;
-    let with_token =
-        |builder: reqwest::ClientBuilder| tls.client(builder.default_headers(headers.clone()));
-    let server_url = targets
-        .first()
-        .map(|t| t.url.clone())
-        .context("no server to reconcile against")?;
-    let servers = Servers::connect(targets, with_token)?;
+    let with_token: BuildClient = {
+        let tls = tls.clone();
+        Arc::new(move |builder| tls.client(builder.default_headers(headers.clone())))
+    };
+    let servers = Servers::resolve(list, with_token.clone()).await?;
+    let server_url = servers.get(0).target.url.clone();
     let http = with_token(reqwest::Client::builder())?;
     let store: DynStore = Arc::new(RemoteStore::new(
         ApiClient::with_servers(servers.clone()).with_admin_token(token),
@@ -240,8 +239,8 @@ pub(super) async fn run(args: RunArgs) -> anyhow::Result<u8> {
         );
         let metrics = Some(running.state().metrics.clone());
         tracker.spawn(async move {
-            let own = vec![Target { url, pinned: None }];
-            reconcile(&reconciler_args, spec, own, token, &tls, metrics, shutdown).await
+            let own = ServerList::single(&url)?;
+            reconcile(&reconciler_args, spec, &own, token, &tls, metrics, shutdown).await
         })
     };
     tracker.close();
@@ -290,7 +289,7 @@ pub(super) async fn bootstrap(args: BootstrapArgs) -> anyhow::Result<u8> {
     reconcile(
         &args.reconciler,
         spec,
-        args.remote.server.resolve().await,
+        &args.remote.server,
         token,
         &tls,
         None,

@@ -2,6 +2,7 @@
 
 use std::net::IpAddr;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use clap::Args;
@@ -14,7 +15,7 @@ use crate::cfgsync::client::{CfgsyncClient, ClientError};
 use crate::cfgsync::node::{NodeError, seed_routes};
 use crate::cfgsync::watch::{Ended, Watch};
 use crate::cfgsync::{ArtifactOutputMap, NodeRegistration};
-use crate::servers::{ServerList, Servers};
+use crate::servers::{BuildClient, ServerList, Servers};
 
 /// Flags of `bootsync client` (the seed's `CFG_*` variables work too).
 #[derive(Debug, Args)]
@@ -133,7 +134,8 @@ pub(super) async fn run(args: ClientArgs) -> anyhow::Result<u8> {
         Some(path) => crate::tls::load_ca(path)?,
         None => Vec::new(),
     };
-    let servers = Servers::connect(list.resolve().await, |b| crate::tls::http_client(&roots, b))?;
+    let build: BuildClient = Arc::new(move |b| crate::tls::http_client(&roots, b));
+    let servers = Servers::resolve(&list, build).await?;
     let client = CfgsyncClient::with_servers(servers)
         .preferring(&args.identifier)
         .with_join_token(token)

@@ -2,6 +2,7 @@
 
 use std::io::Read;
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::Context;
@@ -12,7 +13,7 @@ use super::{EXIT_OK, EXIT_USAGE};
 use crate::api::Token;
 use crate::api::config::PublicEvent;
 use crate::client::ApiClient;
-use crate::servers::{ServerList, Servers};
+use crate::servers::{BuildClient, ServerList, Servers};
 use crate::store::{Batch, ChangeEvent, Key, Precondition};
 
 /// Where the servers are and how to authenticate.
@@ -39,9 +40,8 @@ impl Remote {
             .map(Token::from_file)
             .transpose()?;
         let roots = self.ca_certs()?;
-        let servers = Servers::connect(self.server.resolve().await, |b| {
-            crate::tls::http_client(&roots, b)
-        })?;
+        let build: BuildClient = Arc::new(move |b| crate::tls::http_client(&roots, b));
+        let servers = Servers::resolve(&self.server, build).await?;
         Ok(ApiClient::with_servers(servers).with_admin_token(token))
     }
 

@@ -208,10 +208,45 @@ async fn fetch_once_both(d: &Path, url: &str) {
 
 #[it::test]
 async fn watch_survives_a_server_restart_and_registers_again() {
-    let (dir, mut server) = serving(1);
-    let (d, url) = (dir.path(), server.url.clone());
+    a_watcher_registers_again_after_its_server_lost_its_state("").await;
+}
+
+/// In strict mode the restarted server knows no secret for the node (401): the watcher
+/// registers again too, and gets a new one.
+#[it::test]
+async fn in_strict_mode_a_watcher_registers_again_after_its_server_lost_its_state() {
+    a_watcher_registers_again_after_its_server_lost_its_state(
+        "--join-token-file join.token --strict-nodes",
+    )
+    .await;
+}
+
+async fn a_watcher_registers_again_after_its_server_lost_its_state(flags: &str) {
+    let dir = support::dir_with(&[
+        ("policy.yaml", &peer_names(1)),
+        ("join.token", "j0in-t0ken-j0in-t0ken"),
+    ]);
+    let d = dir.path();
+    let server = Proc::start(
+        d,
+        &format!("serve --store memory: --policy policy.yaml {flags}"),
+    );
+    let mut server = server;
+    let url = server.url.clone();
     let port = url.rsplit(':').next().unwrap().to_string();
-    let mut watch = watcher(d, &url, "node-a", "10.0.0.1");
+    let token: &[&str] = if flags.is_empty() {
+        &[]
+    } else {
+        &["--join-token-file", "join.token"]
+    };
+    let mut watch = support::watcher(
+        d,
+        &url,
+        "node-a",
+        "10.0.0.1",
+        "echo $BOOTSYNC_EPOCH >> node-a.hook",
+        token,
+    );
     support::wait_for(Duration::from_secs(60), "the first write", || async {
         (read(d, "node-a/peers.txt") == "node-a\n").then_some(())
     })
@@ -219,7 +254,8 @@ async fn watch_survives_a_server_restart_and_registers_again() {
 
     // The server dies and comes back empty (a memory store): the watcher must register again.
     server.kill9();
-    let line = format!("serve --store memory: --policy policy.yaml --listen 127.0.0.1:{port}");
+    let line =
+        format!("serve --store memory: --policy policy.yaml --listen 127.0.0.1:{port} {flags}");
     let server = Proc::start(d, &line);
     support::wait_for(
         Duration::from_secs(90),
@@ -231,7 +267,23 @@ async fn watch_survives_a_server_restart_and_registers_again() {
     )
     .await;
     // A change after the restart reaches it: a second node joins the peer list.
-    fetch_once(d, &server.url, "node-b", "10.0.0.2");
+    let out = d.join("node-b");
+    let mut args = vec![
+        "client",
+        "--server",
+        &server.url,
+        "--identifier",
+        "node-b",
+        "--ip",
+        "10.0.0.2",
+        "--quiet",
+        "--output-dir",
+    ];
+    let out = out.display().to_string();
+    args.push(&out);
+    args.extend_from_slice(token);
+    let (code, _, err) = support::run_cli(&args, d);
+    assert_eq!(code, 0, "node-b: {err}");
     support::wait_for(Duration::from_secs(90), "the new peer list", || async {
         (read(d, "node-a/peers.txt") == "node-a\nnode-b\n").then_some(())
     })

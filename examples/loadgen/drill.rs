@@ -481,11 +481,10 @@ pub(crate) async fn drill(watchers: usize, seeds: usize) -> Value {
         );
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
-    let away = clients
-        .iter()
-        .filter(|c| c.preferred_server() == urls[0] && c.server() != urls[0])
-        .count();
-    println!("  before the kill, {away} watchers preferring server 0 were elsewhere");
+    // The watchers on server 0 when it dies.
+    let orphans: Vec<&Arc<CfgsyncClient>> =
+        clients.iter().filter(|c| c.server() == urls[0]).collect();
+    let orphaned = orphans.len();
     // Whether the member killed leads the cluster (its proposals in flight then time out).
     let status: Value = http
         .post(format!(
@@ -502,17 +501,14 @@ pub(crate) async fn drill(watchers: usize, seeds: usize) -> Value {
     let leader_killed = status["leader"] == status["header"]["member_id"];
     let rss_before_kill = servers[0].peak_rss_mb();
     let what = std::env::var("BOOTSYNC_DRILL_KILL").unwrap_or_else(|_| "both".into());
+    let killed = Instant::now();
     if what == "both" || what == "server" {
         servers[0].kill();
     }
     if what == "both" || what == "etcd" {
         etcd.kill(0);
     }
-    let killed = Instant::now();
-    // The watchers that were on server 0 move at once: their held requests broke.
-    let orphans: Vec<&Arc<CfgsyncClient>> =
-        clients.iter().filter(|c| c.server() == urls[0]).collect();
-    let orphaned = orphans.len();
+    // They move at once: their held requests broke.
     let moved = loop {
         if what == "etcd" || orphans.iter().all(|c| c.server() != urls[0]) {
             break Instant::now();

@@ -133,10 +133,14 @@ pub fn install_crypto_provider() {
     });
 }
 
-/// A plain HTTP client with the crypto provider installed (see [`install_crypto_provider`]).
+/// A plain HTTP client with the crypto provider installed (see [`install_crypto_provider`]):
+/// it does not ask for gzip, so what it reads is what is on the wire.
 pub fn plain_client() -> reqwest::Client {
     install_crypto_provider();
-    reqwest::Client::new()
+    reqwest::Client::builder()
+        .no_gzip()
+        .build()
+        .expect("a plain client always builds")
 }
 
 /// How long a connection may take to open: a server that does not accept within it counts

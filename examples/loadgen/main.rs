@@ -383,10 +383,14 @@ fn release_binary() -> PathBuf {
     binary
 }
 
+/// A pool for `n` concurrent clients. Like the seed's clients, they do not ask for gzip,
+/// unless `BOOTSYNC_LOADGEN_GZIP=1` (a variant, reported under its own name).
 fn http_pool(n: usize) -> reqwest::Client {
     bootsync::tls::install_crypto_provider();
+    let gzip = std::env::var_os("BOOTSYNC_LOADGEN_GZIP").is_some_and(|v| v == "1");
     reqwest::Client::builder()
         .pool_max_idle_per_host(n)
+        .gzip(gzip)
         .build()
         .unwrap()
 }
@@ -652,6 +656,7 @@ async fn b2(n: usize) -> Value {
     let url = start_server(store).await;
     bootsync::tls::install_crypto_provider();
     let http = reqwest::Client::builder()
+        .no_gzip()
         .pool_max_idle_per_host(n)
         .build()
         .unwrap();
@@ -830,6 +835,7 @@ async fn b8(n: usize, waves: bool) -> Value {
         _dir: dir,
     };
     let http = reqwest::Client::builder()
+        .no_gzip()
         .pool_max_idle_per_host(n + 64)
         .build()
         .unwrap();

@@ -484,6 +484,66 @@ async fn an_oversized_payload_writes_nothing() {
     assert!(!dir.path().join("out").exists(), "nothing was written");
 }
 
+/// A gzip bomb: 64 MiB of payload in ~64 KiB on the wire. The client asks for gzip, and the
+/// payload limit counts the bytes once decompressed: refused, nothing written.
+#[it::test]
+async fn a_gzip_bomb_is_refused_by_its_decompressed_size_and_writes_nothing() {
+    use std::io::Write as _;
+    let mut inner = br#"[{"path":"a.txt","content":""#.to_vec();
+    inner.resize(inner.len() + (64 << 20), b'x');
+    inner.extend_from_slice(br#""}]"#);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::best());
+    gz.write_all(br#"{"files":"#).unwrap();
+    gz.write_all(&inner).unwrap();
+    gz.write_all(b"}").unwrap();
+    let bomb = Arc::new(gz.finish().unwrap());
+    assert!(bomb.len() < 1 << 20, "{} bytes on the wire", bomb.len());
+    let asked_gzip = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let app = axum::Router::new()
+        .route("/register", post(|| async { StatusCode::ACCEPTED }))
+        .route(
+            "/node",
+            post({
+                let (bomb, asked_gzip) = (bomb.clone(), asked_gzip.clone());
+                move |headers: axum::http::HeaderMap| async move {
+                    let accepts = headers
+                        .get(axum::http::header::ACCEPT_ENCODING)
+                        .and_then(|v| v.to_str().ok())
+                        .is_some_and(|v| v.contains("gzip"));
+                    asked_gzip.store(accepts, std::sync::atomic::Ordering::SeqCst);
+                    (
+                        [
+                            (axum::http::header::CONTENT_ENCODING, "gzip"),
+                            (axum::http::header::CONTENT_TYPE, "application/json"),
+                        ],
+                        bomb.as_ref().clone(),
+                    )
+                }
+            }),
+        );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    let dir = tempfile::tempdir().unwrap();
+    let (code, _, stderr) = tokio::task::spawn_blocking({
+        let dir = dir.path().to_path_buf();
+        move || {
+            let mut args = client_args(&url, "a", "out", "30s");
+            args.extend(["--max-payload-bytes", "1000000"]);
+            support::run_cli(&args, &dir)
+        }
+    })
+    .await
+    .unwrap();
+    assert!(
+        asked_gzip.load(std::sync::atomic::Ordering::SeqCst),
+        "the client asks for gzip"
+    );
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("larger than 1000000 bytes"), "{stderr}");
+    assert!(!dir.path().join("out").exists(), "nothing was written");
+}
+
 /// A server that accepts connections and never answers cannot hold the client past
 /// `--timeout`.
 #[it::test]

@@ -118,7 +118,7 @@ impl ApiClient {
     /// Trusts these CA certificates beside the system's (for a server with a private CA).
     pub fn with_ca_certs(mut self, certs: &[reqwest::Certificate]) -> Result<Self, reqwest::Error> {
         let servers = self.failover.servers().trusting(certs)?;
-        self.failover = Arc::new(Failover::new(servers));
+        self.failover = Arc::new(self.failover.rebuilt(servers));
         Ok(self)
     }
 

@@ -431,17 +431,19 @@ impl Failover {
         self
     }
 
-    /// The same servers in this order of preference (indices into the servers).
-    pub fn with_order(self, order: Vec<usize>) -> Self {
-        if order.len() == self.servers().len() {
-            self.place().order = order;
+    /// A failover over `servers` (the same ones, rebuilt: trusting another CA, say) that
+    /// keeps this one's order of preference and key.
+    pub fn rebuilt(&self, servers: Servers) -> Self {
+        let mut order = self.place().order.clone();
+        if order.len() != servers.len() {
+            order = (0..servers.len()).collect();
         }
-        self
-    }
-
-    /// The order of preference.
-    pub fn order(&self) -> Vec<usize> {
-        self.place().order.clone()
+        Self {
+            servers: std::sync::RwLock::new(servers),
+            key: self.key.clone(),
+            state: Mutex::new(Place::new(order)),
+            looked_up: Mutex::new(None),
+        }
     }
 
     /// The servers (a cheap handle).
@@ -695,6 +697,20 @@ mod tests {
         assert_eq!(failover.current(), 0);
         failover.answered(0);
         assert_eq!(failover.place().stay_away, FIRST_STAY_AWAY);
+    }
+
+    #[test]
+    fn a_rebuilt_failover_keeps_its_node_s_order() {
+        let servers = servers(3);
+        let key = (0..)
+            .map(|i| format!("node-{i}"))
+            .find(|key| rendezvous_order(key, &servers) != [0, 1, 2])
+            .unwrap();
+        let failover = Failover::new(servers).prefer_for(&key);
+        let order = failover.place().order.clone();
+        let rebuilt = failover.rebuilt(failover.servers().trusting(&[]).unwrap());
+        assert_eq!(rebuilt.place().order, order);
+        assert_eq!(rebuilt.key.as_deref(), Some(key.as_str()));
     }
 
     #[tokio::test(start_paused = true)]

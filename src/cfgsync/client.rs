@@ -177,8 +177,7 @@ impl CfgsyncClient {
     /// Trusts these CA certificates beside the system's (for a server with a private CA).
     pub fn with_ca_certs(mut self, certs: &[reqwest::Certificate]) -> Result<Self, reqwest::Error> {
         let servers = self.failover.servers().trusting(certs)?;
-        let order = self.failover.order();
-        self.failover = Failover::new(servers).with_order(order);
+        self.failover = self.failover.rebuilt(servers);
         Ok(self)
     }
 

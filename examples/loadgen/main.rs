@@ -383,16 +383,44 @@ fn release_binary() -> PathBuf {
     binary
 }
 
-/// A pool for `n` concurrent clients. Like the seed's clients, they do not ask for gzip,
-/// unless `BOOTSYNC_LOADGEN_GZIP=1` (a variant, reported under its own name).
+/// A pool for `n` concurrent clients. Like the seed's clients, they do not ask for gzip.
 fn http_pool(n: usize) -> reqwest::Client {
     bootsync::tls::install_crypto_provider();
-    let gzip = std::env::var_os("BOOTSYNC_LOADGEN_GZIP").is_some_and(|v| v == "1");
     reqwest::Client::builder()
         .pool_max_idle_per_host(n)
-        .gzip(gzip)
+        .no_gzip()
         .build()
         .unwrap()
+}
+
+/// Whether B1's fetchers ask for gzip, as bootsync's own client does
+/// (`BOOTSYNC_LOADGEN_GZIP=1`: a variant, reported under its own name).
+fn gzip_fetchers() -> bool {
+    std::env::var_os("BOOTSYNC_LOADGEN_GZIP").is_some_and(|v| v == "1")
+}
+
+/// Node `i`'s `/node` answer asked with `Accept-Encoding: gzip`: its bytes on the wire, and
+/// the payload decoded from them.
+async fn fetch_gzip(http: &reqwest::Client, url: &str, i: usize) -> (usize, Vec<u8>) {
+    use std::io::Read as _;
+    let r = http
+        .post(format!("{url}/node"))
+        .header("accept-encoding", "gzip")
+        .json(&registration(i))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let gzipped = r.headers().get("content-encoding").is_some();
+    let wire = r.bytes().await.unwrap();
+    if !gzipped {
+        return (wire.len(), wire.to_vec());
+    }
+    let mut plain = Vec::new();
+    flate2::read::GzDecoder::new(&wire[..])
+        .read_to_end(&mut plain)
+        .unwrap();
+    (wire.len(), plain)
 }
 
 /// B1: n nodes, each node's own file listing all its peers. 64 registrants register the n
@@ -408,13 +436,16 @@ async fn b1(n: usize, form: PeerForm) -> Value {
     let last_registration = Instant::now();
     let next = Arc::new(AtomicUsize::new(0));
     let bytes = Arc::new(AtomicUsize::new(0));
+    let wire = Arc::new(AtomicUsize::new(0));
+    let gzip = gzip_fetchers();
     let mut tasks = Vec::new();
     for _ in 0..CONCURRENCY {
-        let (http, url, next, bytes) = (
+        let (http, url, next, bytes, wire) = (
             http.clone(),
             server.url.clone(),
             next.clone(),
             bytes.clone(),
+            wire.clone(),
         );
         tasks.push(tokio::spawn(async move {
             let mut latencies = Vec::new();
@@ -424,8 +455,14 @@ async fn b1(n: usize, form: PeerForm) -> Value {
                     return latencies;
                 }
                 let t = Instant::now();
-                let body = fetch(&http, &url, i).await;
-                bytes.fetch_add(body.len(), Ordering::Relaxed);
+                let (on_wire, payload) = if gzip {
+                    fetch_gzip(&http, &url, i).await
+                } else {
+                    let body = fetch(&http, &url, i).await;
+                    (body.len(), body.to_vec())
+                };
+                bytes.fetch_add(payload.len(), Ordering::Relaxed);
+                wire.fetch_add(on_wire, Ordering::Relaxed);
                 latencies.push(t.elapsed().as_secs_f64() * 1000.0);
             }
         }));
@@ -439,12 +476,14 @@ async fn b1(n: usize, form: PeerForm) -> Value {
     let (p50, p99) = (percentile(&all, 0.5), percentile(&all, 0.99));
     let rss = server.peak_rss_mb();
     let mean_kb = bytes.load(Ordering::Relaxed) as f64 / n as f64 / 1024.0;
+    let wire_mb = wire.load(Ordering::Relaxed) as f64 / (1 << 20) as f64;
     println!(
-        "B1 n={n:>6} peers={:<8}: every node served {:.2} s after the last registration; fetch p50 {p50:.2} ms p99 {p99:.2} ms; peak RSS {rss:.0} MB; storm {storm_rate:.0} registrations/s; {mean_kb:.0} KiB per payload",
+        "B1 n={n:>6} peers={:<8}{}: every node served {:.2} s after the last registration; fetch p50 {p50:.2} ms p99 {p99:.2} ms; peak RSS {rss:.0} MB; storm {storm_rate:.0} registrations/s; {mean_kb:.0} KiB per payload, {wire_mb:.0} MB on the wire",
         form.name(),
+        if gzip { " (gzip fetchers)" } else { "" },
         all_served.as_secs_f64()
     );
-    json!({"n": n, "form": form.name(), "all_served_s": all_served.as_secs_f64(), "fetch_p50_ms": p50, "fetch_p99_ms": p99, "peak_rss_mb": rss, "storm_registrations_per_sec": storm_rate, "payload_kib": mean_kb})
+    json!({"n": n, "form": form.name(), "gzip_fetchers": gzip, "all_served_s": all_served.as_secs_f64(), "fetch_p50_ms": p50, "fetch_p99_ms": p99, "peak_rss_mb": rss, "storm_registrations_per_sec": storm_rate, "payload_kib": mean_kb, "wire_mb": wire_mb})
 }
 
 /// The table: `expect_nodes: 1`, each node's file loops over every node's IP, nodes

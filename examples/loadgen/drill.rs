@@ -5,7 +5,9 @@
 //!
 //! It prints and returns: the time from the kill to every watcher being served the final
 //! version and to every report of it being stored, registrations and reports lost (must be
-//! 0), seed clients served, and peak RSS per server.
+//! 0), seed clients served, and peak RSS per server. `BOOTSYNC_DRILL_KILL=server|etcd` kills
+//! only one of the two (variants, reported under their own names); `RUST_LOG=warn` shows each
+//! watcher's move to another server.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -519,31 +521,6 @@ pub(crate) async fn drill(watchers: usize, seeds: usize) -> Value {
         );
         tokio::time::sleep(Duration::from_millis(1)).await;
     };
-    if std::env::var_os("BOOTSYNC_DRILL_TRACE").is_some() {
-        let (http, url) = (http.clone(), urls[1].clone());
-        tokio::spawn(async move {
-            for _ in 0..60 {
-                if let Ok(r) = http.get(format!("{url}/v1/rollout")).send().await
-                    && let Ok(v) = r.json::<Value>().await
-                {
-                    println!(
-                        "  {:.2} s: wave {} {} ok {} pending {} silent {} members {}",
-                        killed.elapsed().as_secs_f64(),
-                        v["wave"],
-                        v["state"],
-                        v["ok"],
-                        v["pending"].as_array().map_or(0, Vec::len),
-                        v["silent"],
-                        v["members"]
-                    );
-                    if v["state"] == "complete" {
-                        return;
-                    }
-                }
-                tokio::time::sleep(Duration::from_millis(250)).await;
-            }
-        });
-    }
     let served = all_written(&seen, watchers, v2, Duration::from_secs(300)).await;
     let (reported, _) = all_reported(&http, &urls[1], watchers, v2, Duration::from_secs(300)).await;
     let change = installed.elapsed();

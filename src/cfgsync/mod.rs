@@ -27,6 +27,7 @@ pub mod render;
 pub mod report;
 pub mod rollout;
 pub mod service;
+mod splice;
 pub mod state;
 mod steer;
 pub mod template;

@@ -147,7 +147,12 @@ impl Policy {
                 if !paths.insert(file.path.clone()) {
                     problems.push(format!("{section}[{i}]: duplicate path {:?}", file.path));
                 }
-                if let Err(err) = templates.add(format!("{section}/{i}"), file.template.clone()) {
+                let name = format!("{section}/{i}");
+                let added = match section {
+                    "files" => templates.add_per_node(name, file.template.clone()),
+                    _ => templates.add(name, file.template.clone()),
+                };
+                if let Err(err) = added {
                     problems.push(format!(
                         "{section}[{i}] ({}): template error: {err}",
                         file.path

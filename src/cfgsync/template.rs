@@ -13,7 +13,7 @@
 //! (`cfgsync::isolate`).
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use minijinja::machinery::ast::{self, CallArg, Expr, Stmt};
@@ -24,6 +24,7 @@ use minijinja::{Environment, context};
 
 use super::ArtifactFile;
 use super::materialize::DynCfgsyncError;
+use super::splice::{self, LoopOutput, Marks, NodeLoops, Over};
 
 /// Bounds on every render, so no template (or node data a template loops over) can pin a
 /// core, fill memory or hold a render thread: past any of them the render fails, and only the
@@ -60,6 +61,9 @@ struct Bounded {
     deadline: Instant,
     writes: u32,
     exceeded: Option<String>,
+    /// Told how much was written after every write, when the render marks where iterations
+    /// start (a spliced loop's epoch render).
+    marks: Option<Arc<Marks>>,
 }
 
 impl std::io::Write for Bounded {
@@ -79,6 +83,9 @@ impl std::io::Write for Bounded {
             return Err(std::io::Error::other("deadline"));
         }
         self.buf.extend_from_slice(data);
+        if let Some(marks) = &self.marks {
+            marks.wrote(self.buf.len());
+        }
         Ok(data.len())
     }
 
@@ -247,6 +254,9 @@ pub struct Scope {
     nodes: Arc<Vec<Value>>,
     ips: Arc<Vec<Arc<str>>>,
     index: HashMap<Arc<str>, usize>,
+    /// The spliced loops, rendered for this scope on the first node's render, and which
+    /// templates they belong to.
+    loops: OnceLock<(u64, Arc<EpochLoops>)>,
 }
 
 impl Scope {
@@ -272,6 +282,7 @@ impl Scope {
             nodes: Arc::new(nodes),
             ips: Arc::new(ips),
             index,
+            loops: OnceLock::new(),
         }
     }
 
@@ -288,6 +299,18 @@ impl Scope {
     /// A member's position in `nodes`.
     pub fn index_of(&self, identifier: &str) -> Option<usize> {
         self.index.get(identifier).copied()
+    }
+
+    /// `templates`' spliced loops rendered for this scope (once), or `None` when it has none.
+    fn loops(&self, templates: &Templates) -> Option<Arc<EpochLoops>> {
+        if templates.plans.is_empty() {
+            return None;
+        }
+        let (owner, loops) = self
+            .loops
+            .get_or_init(|| (templates.id, Arc::new(templates.epoch_loops(self))));
+        // A scope serves one policy's templates; another set renders node by node.
+        (*owner == templates.id).then(|| loops.clone())
     }
 
     fn nodes(&self, skip: Option<usize>) -> Value {
@@ -340,20 +363,67 @@ impl Scope {
 pub struct Templates {
     env: Environment<'static>,
     limits: RenderLimits,
+    /// Per-node templates with loops rendered once per epoch (`cfgsync::splice`): each one's
+    /// outer template under the same name, so errors read the same, and its loops' templates.
+    spliced: Environment<'static>,
+    /// Those templates' loops, by template name.
+    plans: HashMap<String, Vec<Over>>,
+    /// Tells a scope's cached loop renders from another set's.
+    id: u64,
 }
+
+/// A scope's loop renders for one set of templates: each spliced template's loops, by name
+/// (absent when one of them could not be rendered once for all).
+type EpochLoops = HashMap<String, Arc<[LoopOutput]>>;
 
 impl Templates {
     /// An empty set compiled under `limits`.
     pub fn new(limits: RenderLimits) -> Self {
+        static IDS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
         Self {
             env: environment(limits),
             limits,
+            spliced: environment(limits),
+            plans: HashMap::new(),
+            id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
 
     /// Compiles `source` under `name`.
     pub fn add(&mut self, name: String, source: String) -> Result<(), minijinja::Error> {
         self.env.add_template_owned(name, source)
+    }
+
+    /// Compiles a per-node template under `name`, and its loops over the member list to be
+    /// rendered once per epoch and spliced, where they can be.
+    pub fn add_per_node(&mut self, name: String, source: String) -> Result<(), minijinja::Error> {
+        let plan = splice::plan(&source);
+        self.add(name.clone(), source)?;
+        let Some(plan) = plan else { return Ok(()) };
+        let mut kinds = Vec::new();
+        for (k, (over, text)) in plan.loops.into_iter().enumerate() {
+            if self
+                .spliced
+                .add_template_owned(loop_name(&name, k), text)
+                .is_err()
+            {
+                return Ok(());
+            }
+            kinds.push(over);
+        }
+        if self
+            .spliced
+            .add_template_owned(name.clone(), plan.outer)
+            .is_ok()
+        {
+            self.plans.insert(name, kinds);
+        }
+        Ok(())
+    }
+
+    /// How many per-node templates have loops spliced.
+    pub fn spliced(&self) -> usize {
+        self.plans.len()
     }
 
     /// The limits every render runs under.
@@ -369,7 +439,22 @@ impl Templates {
         budget: usize,
         deadline: Instant,
     ) -> Result<String, DynCfgsyncError> {
-        let template = self.env.get_template(name)?;
+        self.render_in(&self.env, name, ctx, budget, deadline, None)
+            .map(|(text, _)| text)
+    }
+
+    /// Renders `name` of `env` within the limits, with the instructions it took; `marks`, when
+    /// given, learns how much was written after every write.
+    fn render_in(
+        &self,
+        env: &Environment<'static>,
+        name: &str,
+        ctx: Value,
+        budget: usize,
+        deadline: Instant,
+        marks: Option<Arc<Marks>>,
+    ) -> Result<(String, u64), DynCfgsyncError> {
+        let template = env.get_template(name)?;
         if Instant::now() > deadline {
             return Err("the render passed its deadline".into());
         }
@@ -379,17 +464,33 @@ impl Templates {
             deadline,
             writes: 0,
             exceeded: None,
+            marks,
         };
         match template.render_captured_to(ctx, &mut out) {
-            Ok(_) => Ok(String::from_utf8(out.buf)?),
+            Ok(captured) => {
+                let state = captured.state();
+                let fuel = state.fuel_levels().map_or(0, |(used, _)| used)
+                    + state
+                        .get_temp(splice::CHARGED)
+                        .and_then(|v| v.as_usize())
+                        .unwrap_or(0) as u64;
+                if fuel > self.limits.fuel {
+                    return Err(self.out_of_fuel());
+                }
+                Ok((String::from_utf8(out.buf)?, fuel))
+            }
             Err(_) if out.exceeded.is_some() => Err(out.exceeded.unwrap_or_default().into()),
-            Err(err) if err.kind() == minijinja::ErrorKind::OutOfFuel => Err(format!(
-                "the template ran more than its {} instructions",
-                self.limits.fuel
-            )
-            .into()),
+            Err(err) if err.kind() == minijinja::ErrorKind::OutOfFuel => Err(self.out_of_fuel()),
             Err(err) => Err(err.into()),
         }
+    }
+
+    fn out_of_fuel(&self) -> DynCfgsyncError {
+        format!(
+            "the template ran more than its {} instructions",
+            self.limits.fuel
+        )
+        .into()
     }
 
     /// Renders `files` (named `{section}/{i}`) for the node at `index` of `scope` (or the
@@ -405,19 +506,99 @@ impl Templates {
         let deadline = Instant::now() + self.limits.deadline;
         let mut budget = budget.min(self.limits.max_payload_bytes);
         let ctx = scope.context(index);
+        let loops = index.and_then(|_| scope.loops(self));
         let mut files = Vec::with_capacity(paths.len());
         for (i, path) in paths.iter().enumerate() {
-            let content = self
-                .render(&format!("{section}/{i}"), ctx.clone(), budget, deadline)
-                .map_err(|err| match index {
-                    Some(_) => format!("rendering {path}: {err}"),
-                    None => format!("rendering shared file {path}: {err}"),
-                })?;
+            let name = format!("{section}/{i}");
+            let spliced = loops.as_ref().and_then(|l| l.get(&name)).zip(index);
+            let rendered = match spliced {
+                Some((loops, index)) => {
+                    let node = Value::from_object(NodeLoops {
+                        loops: loops.clone(),
+                        index,
+                    });
+                    let ctx =
+                        context! { ..Value::from_iter([(splice::LOOPS, node)]), ..ctx.clone() };
+                    self.render_in(&self.spliced, &name, ctx, budget, deadline, None)
+                        .map(|(text, _)| text)
+                }
+                None => self.render(&name, ctx.clone(), budget, deadline),
+            };
+            let content = rendered.map_err(|err| match index {
+                Some(_) => format!("rendering {path}: {err}"),
+                None => format!("rendering shared file {path}: {err}"),
+            })?;
             budget -= content.len();
             files.push(ArtifactFile::new(path.clone(), content));
         }
         Ok(files)
     }
+}
+
+impl Templates {
+    /// The spliced templates' loops rendered once for `scope`. A template one of whose loops
+    /// cannot be (an error, a limit, too few members) keeps its per-node render, which then
+    /// meets the same error or limit itself.
+    fn epoch_loops(&self, scope: &Scope) -> EpochLoops {
+        let mut out = EpochLoops::new();
+        for (name, kinds) in &self.plans {
+            let loops: Option<Vec<LoopOutput>> = kinds
+                .iter()
+                .enumerate()
+                .map(|(k, over)| self.render_loop(&loop_name(name, k), *over, scope))
+                .collect();
+            if let Some(loops) = loops {
+                out.insert(name.clone(), loops.into());
+            }
+        }
+        out
+    }
+
+    /// One loop rendered for the epoch: once for a loop over `nodes`; as the last and as the
+    /// first member see it for a loop over `peers`.
+    fn render_loop(&self, name: &str, over: Over, scope: &Scope) -> Option<LoopOutput> {
+        let members = scope.len();
+        let run = |index: usize| {
+            let marks = Arc::new(Marks::default());
+            let ctx = context! {
+                ..Value::from_iter([(splice::MARKS, Value::from_dyn_object(marks.clone()))]),
+                ..scope.context(Some(index))
+            };
+            let deadline = Instant::now() + self.limits.deadline;
+            let budget = self.limits.max_file_bytes;
+            let rendered = self.render_in(
+                &self.spliced,
+                name,
+                ctx,
+                budget,
+                deadline,
+                Some(marks.clone()),
+            );
+            rendered.ok().map(|(text, fuel)| (text, marks.take(), fuel))
+        };
+        match over {
+            Over::All if members >= 1 => {
+                let (text, _, fuel) = run(0)?;
+                Some(LoopOutput::All { text, fuel })
+            }
+            Over::Peers if members >= 2 => {
+                let (upto, upto_at, upto_fuel) = run(members - 1)?;
+                let (from, from_at, from_fuel) = run(0)?;
+                LoopOutput::peers(
+                    members,
+                    (upto, upto_at),
+                    (from, from_at),
+                    upto_fuel.max(from_fuel),
+                )
+            }
+            _ => None,
+        }
+    }
+}
+
+/// The name loop `k` of per-node template `name` is compiled under.
+fn loop_name(name: &str, k: usize) -> String {
+    format!("{name}:loop{k}")
 }
 
 /// Filters whose result is no larger than a small multiple of their input and arguments, and

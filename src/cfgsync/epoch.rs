@@ -10,7 +10,9 @@ use tokio::sync::OnceCell;
 
 use super::NodeRegistration;
 use super::materialize::{RegistrationSnapshot, RegistrationSnapshotMaterializer};
-use super::payload::{Body, Prepared, Shared, Stamp, prepare_catalog, write_files};
+use super::payload::{
+    Body, Prepared, Shared, Stamp, prepare_catalog, write_files, write_laid_files,
+};
 use super::policy::CompiledPolicy;
 
 use super::isolate::{Member, Workers, load_message};
@@ -224,7 +226,10 @@ impl Epoch {
             .await
             .map_err(Arc::<str>::from)?;
         Ok(Arc::new(Body::assemble(
-            |out| write_files(out, &files),
+            |out| {
+                write_files(out, &files);
+                Vec::new()
+            },
             shared,
             stamp,
         )))
@@ -255,11 +260,11 @@ impl Epoch {
             .max_payload_bytes
             .saturating_sub(shared.json.len());
         let files = policy
-            .render_node(&scope, index, budget)
+            .render_node_laid(&scope, index, budget)
             .map_err(|err| Arc::from(err.to_string()));
         let body = files.map(|files| {
             Arc::new(Body::assemble(
-                |out| write_files(out, &files),
+                |out| write_laid_files(out, &files),
                 shared,
                 stamp,
             ))

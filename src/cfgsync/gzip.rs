@@ -1,30 +1,28 @@
-//! gzip for `/node` answers, built from parts so that what every node shares is compressed
+//! gzip for `/node` answers, built from parts so that what many nodes share is compressed
 //! once per epoch, not once per node or per request.
 //!
 //! A deflate stream may be cut into pieces, each compressed by its own compressor and ended
 //! with a sync flush (byte-aligned, not final), and the pieces concatenated: a decoder sees one
-//! stream. The shared files' piece is compressed once; a node's answer is its own head piece,
-//! the shared piece, and a final tail piece, wrapped in one gzip header and trailer whose CRC
-//! is combined from the pieces' CRCs.
+//! stream. The shared files, and the blocks of texts shared by many nodes' files
+//! (`cfgsync::text`), are compressed once; a node's answer compresses only its own bytes
+//! between them, and ends with a final empty block, in one gzip header and trailer.
 
 use bytes::{BufMut, Bytes, BytesMut};
 use flate2::{Compress, Compression, FlushCompress};
 
-/// One compressed piece: raw deflate ending on a byte boundary, with the CRC and length of
-/// the bytes it holds.
+/// One compressed piece: raw deflate ending on a byte boundary.
 #[derive(Debug, Clone)]
 pub struct Piece {
     deflate: Bytes,
-    crc: crc32fast::Hasher,
     len: usize,
 }
 
 /// Compression level: fast; payloads are text with long repeats and the CPU matters more.
 const LEVEL: u32 = 3;
 
-fn deflate(data: &[u8], last: bool) -> Vec<u8> {
+fn deflate(out: &mut Vec<u8>, data: &[u8], last: bool) {
     let mut compressor = Compress::new(Compression::new(LEVEL), false);
-    let mut out = Vec::with_capacity(data.len() / 2 + 128);
+    out.reserve(data.len() / 2 + 128);
     let flush = if last {
         FlushCompress::Finish
     } else {
@@ -33,7 +31,7 @@ fn deflate(data: &[u8], last: bool) -> Vec<u8> {
     loop {
         let consumed = compressor.total_in() as usize;
         let status = compressor
-            .compress_vec(&data[consumed..], &mut out, flush)
+            .compress_vec(&data[consumed..], out, flush)
             .expect("deflate into a vector cannot fail");
         let all_in = compressor.total_in() as usize == data.len();
         // A sync flush is complete once it left room unused; a finish says so.
@@ -43,7 +41,7 @@ fn deflate(data: &[u8], last: bool) -> Vec<u8> {
             all_in && out.len() < out.capacity()
         };
         if complete {
-            return out;
+            return;
         }
         out.reserve(out.capacity().max(1024));
     }
@@ -52,11 +50,10 @@ fn deflate(data: &[u8], last: bool) -> Vec<u8> {
 impl Piece {
     /// Compresses `data` as a middle piece.
     pub fn new(data: &[u8]) -> Self {
-        let mut crc = crc32fast::Hasher::new();
-        crc.update(data);
+        let mut out = Vec::new();
+        deflate(&mut out, data, false);
         Self {
-            deflate: Bytes::from(deflate(data, false)),
-            crc,
+            deflate: Bytes::from(out),
             len: data.len(),
         }
     }
@@ -65,27 +62,53 @@ impl Piece {
     pub fn weight(&self) -> usize {
         self.deflate.len()
     }
+
+    /// Bytes it decompresses to.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
 }
 
-/// gzip of `head ++ middle ++ tail`, compressing only `head` and `tail` here.
-pub fn around(head: &[u8], middle: &Piece, tail: &[u8]) -> Bytes {
-    let first = Piece::new(head);
-    let last = deflate(tail, true);
-    let mut crc = first.crc.clone();
-    crc.combine(&middle.crc);
-    let mut tail_crc = crc32fast::Hasher::new();
-    tail_crc.update(tail);
-    crc.combine(&tail_crc);
-    let total = first.len + middle.len + tail.len();
-    let mut out =
-        BytesMut::with_capacity(18 + first.deflate.len() + middle.deflate.len() + last.len());
+/// A part of a body for [`join`].
+#[derive(Debug)]
+pub enum Part<'a> {
+    /// Bytes compressed here.
+    Plain(&'a [u8]),
+    /// Bytes compressed before.
+    Piece(&'a Piece),
+}
+
+/// gzip of `whole`, given as `parts` in order (which together hold exactly `whole`),
+/// compressing only the plain ones here.
+pub fn join(whole: &[u8], parts: &[Part<'_>]) -> Bytes {
+    let mut deflated = Vec::new();
+    let mut held = 0;
+    for part in parts {
+        match part {
+            Part::Plain([]) => {}
+            Part::Plain(data) => {
+                deflate(&mut deflated, data, false);
+                held += data.len();
+            }
+            Part::Piece(piece) => {
+                deflated.extend_from_slice(&piece.deflate);
+                held += piece.len;
+            }
+        }
+    }
+    debug_assert_eq!(held, whole.len(), "the parts hold the whole");
+    deflate(&mut deflated, &[], true);
+    let mut out = BytesMut::with_capacity(18 + deflated.len());
     // Header: magic, deflate, no flags, no mtime, no extra flags, unknown OS.
     out.put_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255]);
-    out.put_slice(&first.deflate);
-    out.put_slice(&middle.deflate);
-    out.put_slice(&last);
-    out.put_u32_le(crc.finalize());
-    out.put_u32_le(total as u32);
+    out.put_slice(&deflated);
+    out.put_u32_le(crc32fast::hash(whole));
+    out.put_u32_le(whole.len() as u32);
     out.freeze()
 }
 
@@ -111,10 +134,13 @@ mod tests {
         let middle = Piece::new(&shared);
         let head = b"{\"schema_version\":1,\"files\":[{\"path\":\"a\",\"content\":\"x\"},";
         let tail = b"],\"epoch\":7}";
-        let gz = around(head, &middle, tail);
         let mut whole = head.to_vec();
         whole.extend_from_slice(&shared);
         whole.extend_from_slice(tail);
+        let gz = join(
+            &whole,
+            &[Part::Plain(head), Part::Piece(&middle), Part::Plain(tail)],
+        );
         assert_eq!(gunzip(&gz), whole);
         assert!(
             gz.len() < whole.len() / 3,
@@ -126,9 +152,13 @@ mod tests {
 
     #[test]
     fn empty_pieces_are_fine() {
-        let gz = around(b"", &Piece::new(b""), b"");
+        let gz = join(b"", &[Part::Plain(b""), Part::Piece(&Piece::new(b""))]);
         assert_eq!(gunzip(&gz), b"");
-        let gz = around(b"abc", &Piece::new(b""), b"");
+        let gz = join(
+            b"abc",
+            &[Part::Plain(b"abc"), Part::Piece(&Piece::new(b""))],
+        );
         assert_eq!(gunzip(&gz), b"abc");
+        assert_eq!(gunzip(&join(b"", &[])), b"");
     }
 }

@@ -31,6 +31,7 @@ mod splice;
 pub mod state;
 mod steer;
 pub mod template;
+pub mod text;
 pub mod view;
 pub mod watch;
 

@@ -8,9 +8,11 @@ use std::sync::{Arc, OnceLock};
 use bytes::Bytes;
 
 use super::ArtifactFile;
-use super::gzip::{self, Piece};
+use super::gzip::{self, Part, Piece};
 use super::materialize::NodeArtifactsCatalog;
 use super::render::Weigh;
+use super::template::Laid;
+use super::text::{Placed, TextPart, escape_with_spans};
 use crate::store::Revision;
 
 /// Files every node of an epoch (or of a bundle) gets: serialised once, compressed once.
@@ -64,6 +66,28 @@ pub(super) fn write_files(out: &mut Vec<u8>, files: &[ArtifactFile]) {
     }
 }
 
+/// As [`write_files`], copying the parts of each file that are slices of shared texts from
+/// their escaped form; returns where those went.
+pub(super) fn write_laid_files(out: &mut Vec<u8>, files: &[Laid]) -> Vec<Placed> {
+    let size: usize = files
+        .iter()
+        .map(|f| f.file.path.len() + f.file.content.len() + 24)
+        .sum();
+    out.reserve(size);
+    let mut placed = Vec::new();
+    for (i, Laid { file, spans }) in files.iter().enumerate() {
+        if i > 0 {
+            out.push(b',');
+        }
+        out.extend_from_slice(b"{\"path\":");
+        push_json_str(out, &file.path);
+        out.extend_from_slice(b",\"content\":\"");
+        placed.extend(escape_with_spans(out, &file.content, spans));
+        out.extend_from_slice(b"\"}");
+    }
+    placed
+}
+
 /// What a body says it is: its epoch, and the version it was rendered from.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Stamp {
@@ -87,17 +111,27 @@ pub struct Body {
     /// Length of the part before the shared files.
     head: usize,
     shared: Arc<Shared>,
+    /// Where slices of shared texts sit in the part before the shared files, in order.
+    placed: Vec<Placed>,
 }
 
 impl Body {
     pub(super) fn new(node_files: &[u8], shared: Arc<Shared>, stamp: Stamp) -> Self {
-        Self::assemble(|out| out.extend_from_slice(node_files), shared, stamp)
+        Self::assemble(
+            |out| {
+                out.extend_from_slice(node_files);
+                Vec::new()
+            },
+            shared,
+            stamp,
+        )
     }
 
     /// The body around the node's files, written by `node_files` straight into the one buffer
-    /// the answer is served from (a peer list is not copied once more to get there).
+    /// the answer is served from (a peer list is not copied once more to get there), which
+    /// says where slices of shared texts went.
     pub(super) fn assemble(
-        node_files: impl FnOnce(&mut Vec<u8>),
+        node_files: impl FnOnce(&mut Vec<u8>) -> Vec<Placed>,
         shared: Arc<Shared>,
         stamp: Stamp,
     ) -> Self {
@@ -105,7 +139,7 @@ impl Body {
         let mut out = Vec::with_capacity(shared.json.len() + 64);
         out.extend_from_slice(b"{\"schema_version\":1,\"files\":[");
         let start = out.len();
-        node_files(&mut out);
+        let placed = node_files(&mut out);
         if out.len() > start && !shared.json.is_empty() {
             out.push(b',');
         }
@@ -124,17 +158,36 @@ impl Body {
             from_bundle: false,
             head,
             shared,
+            placed,
         }
     }
 
-    /// The body gzip-compressed, the shared files' piece compressed once for all nodes.
+    /// The body gzip-compressed: the shared files and the shared texts' whole blocks were
+    /// compressed once for all nodes; only the rest is compressed here.
     pub fn gzip(&self) -> Bytes {
+        let whole = &self.bytes[..];
+        let mut parts = Vec::new();
+        // The bytes from `plain` to `at` are compressed here, in one run.
+        let mut plain = 0;
+        for placed in &self.placed {
+            let mut at = placed.at;
+            for part in placed.text.parts(placed.escaped.clone()) {
+                match part {
+                    TextPart::Plain(range) => at += range.len(),
+                    TextPart::Block(piece) => {
+                        parts.push(Part::Plain(&whole[plain..at]));
+                        parts.push(Part::Piece(piece));
+                        at += piece.len();
+                        plain = at;
+                    }
+                }
+            }
+        }
         let tail = self.head + self.shared.json.len();
-        gzip::around(
-            &self.bytes[..self.head],
-            self.shared.piece(),
-            &self.bytes[tail..],
-        )
+        parts.push(Part::Plain(&whole[plain..self.head]));
+        parts.push(Part::Piece(self.shared.piece()));
+        parts.push(Part::Plain(&whole[tail..]));
+        gzip::join(whole, &parts)
     }
 }
 

@@ -12,7 +12,7 @@ use super::materialize::{
     DynCfgsyncError, NodeArtifacts, NodeArtifactsCatalog, RegistrationSnapshot,
     RegistrationSnapshotMaterializer,
 };
-use super::template::{Scope, Templates};
+use super::template::{Laid, Scope, Templates};
 use super::{ArtifactFile, NodeRegistration};
 use crate::files::{FileError, check_canonical_payload_path, parse_file};
 
@@ -274,6 +274,20 @@ impl CompiledPolicy {
         let paths: Vec<String> = self.policy.files.iter().map(|f| f.path.clone()).collect();
         self.templates
             .render_files("files", &paths, scope, Some(index), budget)
+    }
+
+    /// As [`CompiledPolicy::render_node`], saying which parts of each file are slices of texts
+    /// the epoch's nodes share, for an answer body that copies their escaped bytes and a gzip
+    /// answer that reuses their compressed blocks.
+    pub fn render_node_laid(
+        &self,
+        scope: &Scope,
+        index: usize,
+        budget: usize,
+    ) -> Result<Vec<Laid>, DynCfgsyncError> {
+        let paths: Vec<String> = self.policy.files.iter().map(|f| f.path.clone()).collect();
+        self.templates
+            .render_laid("files", &paths, scope, Some(index), budget, true)
     }
 }
 

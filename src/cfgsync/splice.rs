@@ -14,14 +14,16 @@
 //! and the list's length. [`plan`] checks that on the syntax tree and keeps anything it is not
 //! sure of on the per-node render; the tests compare both ways over generated templates.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex};
+use std::ops::Range;
+use std::sync::Arc;
 
 use minijinja::machinery::ast::{self, CallArg, Expr, Stmt};
 use minijinja::machinery::{WhitespaceConfig, parse};
 use minijinja::syntax::SyntaxConfig;
 use minijinja::value::{Object, ObjectRepr, Value};
 use minijinja::{Error, ErrorKind, State};
+
+use super::text::{EpochText, Ledger};
 
 /// What generated templates call; a template that mentions the prefix is not spliced, so its
 /// own names can never meet these.
@@ -313,14 +315,14 @@ fn tag_close(bytes: &[u8], at: usize) -> Option<(usize, bool)> {
 #[derive(Debug)]
 pub(super) enum LoopOutput {
     /// A loop over `nodes`: the same text for every node.
-    All { text: String, fuel: u64 },
+    All { text: Arc<EpochText>, fuel: u64 },
     /// A loop over `peers`: `upto` as the last member renders it, `from` as the first does,
     /// and where each item starts in them (`upto_at[j]` for member j < n - 1, `from_at[j - 1]`
     /// for member j > 0).
     Peers {
-        upto: String,
+        upto: Arc<EpochText>,
         upto_at: Vec<usize>,
-        from: String,
+        from: Arc<EpochText>,
         from_at: Vec<usize>,
         fuel: u64,
     },
@@ -341,10 +343,10 @@ impl LoopOutput {
                 && at.last().is_none_or(|&last| last <= text.len())
                 && at.iter().all(|&i| text.is_char_boundary(i))
         };
-        (fits(&upto, &upto_at) && fits(&from, &from_at)).then_some(Self::Peers {
-            upto,
+        (fits(&upto, &upto_at) && fits(&from, &from_at)).then(|| Self::Peers {
+            upto: EpochText::new(upto),
             upto_at,
-            from,
+            from: EpochText::new(from),
             from_at,
             fuel,
         })
@@ -357,10 +359,10 @@ impl LoopOutput {
         }
     }
 
-    /// The loop's output for the member at `index`, as two slices.
-    fn parts(&self, index: usize) -> (&str, &str) {
+    /// The loop's output for the member at `index`: two slices of the epoch's texts.
+    fn parts(&self, index: usize) -> [(&Arc<EpochText>, Range<usize>); 2] {
         match self {
-            Self::All { text, .. } => (text, ""),
+            Self::All { text, .. } => [(text, 0..text.raw().len()), (text, 0..0)],
             Self::Peers {
                 upto,
                 upto_at,
@@ -368,33 +370,17 @@ impl LoopOutput {
                 from_at,
                 ..
             } => {
-                let head = upto_at.get(index).copied().unwrap_or(upto.len());
-                let tail = from_at.get(index).copied().unwrap_or(from.len());
-                (&upto[..head], &from[tail..])
+                let head = upto_at.get(index).copied().unwrap_or(upto.raw().len());
+                let tail = from_at.get(index).copied().unwrap_or(from.raw().len());
+                [(upto, 0..head), (from, tail..from.raw().len())]
             }
         }
     }
 }
 
-/// Marks where each iteration of a loop render starts: the render's writer keeps `written`
-/// up to date, and `{{ __bootsync_marks.mark() }}` records it.
-#[derive(Debug, Default)]
-pub(super) struct Marks {
-    written: AtomicUsize,
-    at: Mutex<Vec<usize>>,
-}
-
-impl Marks {
-    /// Notes how many bytes the render has written.
-    pub(super) fn wrote(&self, len: usize) {
-        self.written.store(len, Ordering::Relaxed);
-    }
-
-    /// The marks recorded.
-    pub(super) fn take(&self) -> Vec<usize> {
-        std::mem::take(&mut *self.at.lock().unwrap_or_else(|e| e.into_inner()))
-    }
-}
+/// `{{ __bootsync_marks.mark() }}` in a loop's epoch render: notes where an iteration starts.
+#[derive(Debug)]
+pub(super) struct Marks(pub(super) Arc<Ledger>);
 
 impl Object for Marks {
     fn repr(self: &Arc<Self>) -> ObjectRepr {
@@ -410,11 +396,7 @@ impl Object for Marks {
         if method != "mark" {
             return Err(Error::from(ErrorKind::UnknownMethod));
         }
-        let written = self.written.load(Ordering::Relaxed);
-        self.at
-            .lock()
-            .unwrap_or_else(|e| e.into_inner())
-            .push(written);
+        self.0.mark();
         Ok(Value::from(""))
     }
 }
@@ -425,6 +407,8 @@ impl Object for Marks {
 pub(super) struct NodeLoops {
     pub(super) loops: Arc<[LoopOutput]>,
     pub(super) index: usize,
+    /// Told which parts of the output are slices of the epoch's texts.
+    pub(super) ledger: Option<Arc<Ledger>>,
 }
 
 impl Object for NodeLoops {
@@ -442,7 +426,7 @@ impl Object for NodeLoops {
             ("splice", [k]) => k.as_usize(),
             _ => None,
         };
-        let Some(output) = k.and_then(|k| self.loops.get(k)) else {
+        let Some((k, output)) = k.and_then(|k| Some((k, self.loops.get(k)?))) else {
             return Err(Error::from(ErrorKind::UnknownMethod));
         };
         // Fuel bounds the spliced loop as it bounded the loop: a render is charged the
@@ -459,19 +443,17 @@ impl Object for NodeLoops {
             state.set_temp(CHARGED, Value::from(charged));
         }
         Ok(Value::from_object(Spliced {
-            loops: self.loops.clone(),
-            k: k.unwrap_or_default(),
-            index: self.index,
+            node: self.clone(),
+            k,
         }))
     }
 }
 
-/// One loop's output for one node, written as two slices of the epoch's renders.
+/// One loop's output for one node, written as two slices of the epoch's texts.
 #[derive(Debug)]
 struct Spliced {
-    loops: Arc<[LoopOutput]>,
+    node: Arc<NodeLoops>,
     k: usize,
-    index: usize,
 }
 
 impl Object for Spliced {
@@ -480,10 +462,27 @@ impl Object for Spliced {
     }
 
     fn render(self: &Arc<Self>, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let (head, tail) = self.loops[self.k].parts(self.index);
-        f.write_str(head)?;
-        f.write_str(tail)
+        write_slices(
+            f,
+            self.node.loops[self.k].parts(self.node.index),
+            self.node.ledger.as_deref(),
+        )
     }
+}
+
+/// Writes slices of epoch texts, telling `ledger` (when there is one) what they are.
+pub(super) fn write_slices<'a>(
+    f: &mut std::fmt::Formatter<'_>,
+    slices: impl IntoIterator<Item = (&'a Arc<EpochText>, Range<usize>)>,
+    ledger: Option<&Ledger>,
+) -> std::fmt::Result {
+    for (text, range) in slices {
+        if let Some(ledger) = ledger {
+            ledger.span(text, range.clone());
+        }
+        f.write_str(&text.raw()[range])?;
+    }
+    Ok(())
 }
 
 #[cfg(test)]
@@ -580,7 +579,9 @@ mod tests {
         use proptest::prelude::*;
         use proptest::test_runner::{Config, TestRunner};
 
-        use crate::cfgsync::template::{RenderLimits, Scope, Templates};
+        use crate::api::cfgsync::ArtifactFile;
+        use crate::cfgsync::payload::{Body, Shared, Stamp, join_files, write_laid_files};
+        use crate::cfgsync::template::{Laid, RenderLimits, Scope, Templates};
 
         /// Text outside loops: raw text, the node's own values, and a guard around a loop.
         const OUTER: &[&str] = &[
@@ -596,6 +597,9 @@ mod tests {
             "{{ peers | length }}",
             "{{ 60 // node.metadata.zero }}",
             "{# note #}",
+            "{{ peer_ips }}",
+            "{{ node_ips }}",
+            "{{ peer_ips | tojson }}",
         ];
 
         /// Pieces of loop bodies, node-independent or not, position-dependent or not.
@@ -727,6 +731,13 @@ mod tests {
                                     .map_err(|e| e.to_string())
                             };
                             prop_assert_eq!(render(&spliced, &a), render(&plain, &b), "node {}", k);
+                            let laid =
+                                spliced.render_laid("files", &paths, &a, Some(k), usize::MAX, true);
+                            if let Ok(laid) = laid {
+                                let (body, plain) = bodies(laid);
+                                prop_assert_eq!(&body.bytes, &plain, "node {}", k);
+                                prop_assert_eq!(gunzip(&body.gzip()), plain);
+                            }
                         }
                         Ok(())
                     },
@@ -738,6 +749,76 @@ mod tests {
                 planned * 4 > cases as usize,
                 "{planned} of {cases} templates spliced"
             );
+        }
+
+        /// The answer body made from `laid` (shared texts copied escaped), and the one made
+        /// by escaping the same files whole.
+        fn bodies(laid: Vec<Laid>) -> (Body, bytes::Bytes) {
+            let stamp = Stamp {
+                epoch: 7,
+                version: Some(3),
+            };
+            let shared = Shared::new(&[ArtifactFile::new("s", "shared \"text\"")]);
+            let files: Vec<ArtifactFile> = laid.iter().map(|l| l.file.clone()).collect();
+            let body = Body::assemble(|out| write_laid_files(out, &laid), shared.clone(), stamp);
+            let plain = Body::new(&join_files(&files), shared, stamp);
+            (body, plain.bytes)
+        }
+
+        fn gunzip(data: &[u8]) -> bytes::Bytes {
+            use std::io::Read as _;
+            let mut out = Vec::new();
+            flate2::read::GzDecoder::new(data)
+                .read_to_end(&mut out)
+                .expect("valid gzip");
+            out.into()
+        }
+
+        #[test]
+        fn answers_for_large_sets_copy_and_compress_the_shared_texts_exactly() {
+            // Past several compressed blocks: node k's slices start and end inside blocks.
+            let source = "id: {{ node.identifier }}\npeers: [{% for p in peers %}\"{{ p.ip }}\"{% if not loop.last %}, {% endif %}{% endfor %}]\nips: {{ peer_ips }}\nall: {% for p in nodes %}{{ p.identifier }}\t{% endfor %}\n";
+            let members: Vec<_> = (0..3000u32)
+                .map(|i| {
+                    let [_, _, a, b] = i.to_be_bytes();
+                    (
+                        format!("n{i:05}"),
+                        std::net::IpAddr::from([10, 1, a, b]),
+                        serde_json::json!({}),
+                    )
+                })
+                .collect();
+            let limits = RenderLimits::default();
+            let spliced = templates(source, limits, true);
+            let plain = templates(source, limits, false);
+            assert_eq!(spliced.spliced(), 1);
+            let scope = |m: &[(String, std::net::IpAddr, serde_json::Value)]| {
+                Scope::new(m.iter().map(|(id, ip, meta)| (id.as_str(), *ip, meta)))
+            };
+            let (a, b) = (scope(&members), scope(&members));
+            let paths = ["/config.yaml".to_string()];
+            for k in [0, 1, 2, 511, 1500, 2047, 2998, 2999] {
+                let laid = spliced
+                    .render_laid("files", &paths, &a, Some(k), usize::MAX, true)
+                    .unwrap();
+                // The loop's two slices (one at either end), the list's two, the `nodes` loop.
+                let spans = if k == 0 || k == 2999 { 4 } else { 5 };
+                assert_eq!(laid[0].spans.len(), spans, "node {k}");
+                let expected = plain
+                    .render_files("files", &paths, &b, Some(k), usize::MAX)
+                    .unwrap();
+                assert_eq!(laid[0].file.content, expected[0].content, "node {k}");
+                let (body, whole) = bodies(laid);
+                assert_eq!(body.bytes, whole, "node {k}");
+                let gz = body.gzip();
+                assert_eq!(gunzip(&gz), whole, "node {k}");
+                assert!(
+                    gz.len() * 4 < whole.len(),
+                    "node {k}: {} of {}",
+                    gz.len(),
+                    whole.len()
+                );
+            }
         }
 
         #[test]

@@ -25,6 +25,7 @@ use minijinja::{Environment, context};
 use super::ArtifactFile;
 use super::materialize::DynCfgsyncError;
 use super::splice::{self, LoopOutput, Marks, NodeLoops, Over};
+use super::text::{EpochText, Ledger, Span};
 
 /// Bounds on every render, so no template (or node data a template loops over) can pin a
 /// core, fill memory or hold a render thread: past any of them the render fails, and only the
@@ -62,8 +63,8 @@ struct Bounded {
     writes: u32,
     exceeded: Option<String>,
     /// Told how much was written after every write, when the render marks where iterations
-    /// start (a spliced loop's epoch render).
-    marks: Option<Arc<Marks>>,
+    /// start (a spliced loop's epoch render) or slices of shared texts (a node's answer).
+    ledger: Option<Arc<Ledger>>,
 }
 
 impl std::io::Write for Bounded {
@@ -83,8 +84,8 @@ impl std::io::Write for Bounded {
             return Err(std::io::Error::other("deadline"));
         }
         self.buf.extend_from_slice(data);
-        if let Some(marks) = &self.marks {
-            marks.wrote(self.buf.len());
+        if let Some(ledger) = &self.ledger {
+            ledger.wrote(self.buf.len());
         }
         Ok(data.len())
     }
@@ -171,11 +172,64 @@ impl Object for NodeList {
 struct IpList {
     ips: Arc<Vec<Arc<str>>>,
     skip: Option<usize>,
+    /// The whole list written once per epoch; a node's `peer_ips` is two slices of it.
+    json: Arc<OnceLock<IpsJson>>,
+    /// Told which parts of the output are slices of the epoch's list.
+    ledger: Option<Arc<Ledger>>,
+}
+
+/// Every member's IP as one JSON array, and where each item starts in it.
+#[derive(Debug)]
+struct IpsJson {
+    text: Arc<EpochText>,
+    starts: Vec<usize>,
+}
+
+impl IpsJson {
+    fn new(ips: &[Arc<str>]) -> Self {
+        let mut out = String::with_capacity(ips.len() * 18 + 2);
+        let mut starts = Vec::with_capacity(ips.len());
+        out.push('[');
+        for (i, ip) in ips.iter().enumerate() {
+            if i > 0 {
+                out.push_str(", ");
+            }
+            starts.push(out.len());
+            out.push('"');
+            out.push_str(ip);
+            out.push('"');
+        }
+        out.push(']');
+        Self {
+            text: EpochText::new(out),
+            starts,
+        }
+    }
 }
 
 impl IpList {
     fn len(&self) -> usize {
         self.ips.len() - usize::from(self.skip.is_some())
+    }
+
+    /// The list as two slices of the epoch's whole list: all of it, or without the node.
+    fn slices(&self) -> [(&Arc<EpochText>, std::ops::Range<usize>); 2] {
+        let json = self.json.get_or_init(|| IpsJson::new(&self.ips));
+        let (text, starts) = (&json.text, &json.starts);
+        let whole = text.raw().len();
+        match self.skip {
+            None => [(text, 0..whole), (text, 0..0)],
+            Some(k) => {
+                // Without item k: the last item also drops the ", " before it.
+                let head = if k + 1 == starts.len() && k > 0 {
+                    starts[k] - 2
+                } else {
+                    starts[k]
+                };
+                let tail = starts.get(k + 1).copied().unwrap_or(whole - 1);
+                [(text, 0..head), (text, tail..whole)]
+            }
+        }
     }
 
     fn iter(&self) -> impl Iterator<Item = &Arc<str>> {
@@ -224,9 +278,7 @@ impl Object for IpList {
     }
 
     fn render(self: &Arc<Self>, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        let mut out = String::new();
-        self.write_json(&mut out);
-        f.write_str(&out)
+        splice::write_slices(f, self.slices(), self.ledger.as_deref())
     }
 }
 
@@ -257,6 +309,8 @@ pub struct Scope {
     /// The spliced loops, rendered for this scope on the first node's render, and which
     /// templates they belong to.
     loops: OnceLock<(u64, Arc<EpochLoops>)>,
+    /// `node_ips` written once, made on first use.
+    ips_json: Arc<OnceLock<IpsJson>>,
 }
 
 impl Scope {
@@ -283,6 +337,7 @@ impl Scope {
             ips: Arc::new(ips),
             index,
             loops: OnceLock::new(),
+            ips_json: Arc::default(),
         }
     }
 
@@ -320,10 +375,12 @@ impl Scope {
         })
     }
 
-    fn ips(&self, skip: Option<usize>) -> Value {
+    fn ips(&self, skip: Option<usize>, ledger: Option<&Arc<Ledger>>) -> Value {
         Value::from_object(IpList {
             ips: self.ips.clone(),
             skip,
+            json: self.ips_json.clone(),
+            ledger: ledger.cloned(),
         })
     }
 }
@@ -344,16 +401,22 @@ impl Scope {
     /// `peers` (the members but this one), `node_ips` and `peer_ips`. Shared files (`None`):
     /// `nodes` and `node_ips`.
     pub fn context(&self, index: Option<usize>) -> Value {
+        self.context_in(index, None)
+    }
+
+    /// As [`Scope::context`], with the IP lists telling `ledger` what they write.
+    fn context_in(&self, index: Option<usize>, ledger: Option<Arc<Ledger>>) -> Value {
+        let ledger = ledger.as_ref();
         match index {
             Some(index) => context! {
                 node => self.nodes[index].clone(),
                 index => index,
                 nodes => self.nodes(None),
                 peers => self.nodes(Some(index)),
-                node_ips => self.ips(None),
-                peer_ips => self.ips(Some(index)),
+                node_ips => self.ips(None, ledger),
+                peer_ips => self.ips(Some(index), ledger),
             },
-            None => context! { nodes => self.nodes(None), node_ips => self.ips(None) },
+            None => context! { nodes => self.nodes(None), node_ips => self.ips(None, ledger) },
         }
     }
 }
@@ -443,8 +506,8 @@ impl Templates {
             .map(|(text, _)| text)
     }
 
-    /// Renders `name` of `env` within the limits, with the instructions it took; `marks`, when
-    /// given, learns how much was written after every write.
+    /// Renders `name` of `env` within the limits, with the instructions it took; `ledger`,
+    /// when given, learns how much was written after every write.
     fn render_in(
         &self,
         env: &Environment<'static>,
@@ -452,7 +515,7 @@ impl Templates {
         ctx: Value,
         budget: usize,
         deadline: Instant,
-        marks: Option<Arc<Marks>>,
+        ledger: Option<Arc<Ledger>>,
     ) -> Result<(String, u64), DynCfgsyncError> {
         let template = env.get_template(name)?;
         if Instant::now() > deadline {
@@ -464,7 +527,7 @@ impl Templates {
             deadline,
             writes: 0,
             exceeded: None,
-            marks,
+            ledger,
         };
         match template.render_captured_to(ctx, &mut out) {
             Ok(captured) => {
@@ -503,36 +566,75 @@ impl Templates {
         index: Option<usize>,
         budget: usize,
     ) -> Result<Vec<ArtifactFile>, DynCfgsyncError> {
+        let laid = self.render_laid(section, paths, scope, index, budget, false)?;
+        Ok(laid.into_iter().map(|l| l.file).collect())
+    }
+
+    /// As [`Templates::render_files`], saying which parts of each file are slices of texts
+    /// shared by the epoch's nodes (a spliced loop, the IP lists) when `spans` is set.
+    pub fn render_laid(
+        &self,
+        section: &str,
+        paths: &[String],
+        scope: &Scope,
+        index: Option<usize>,
+        budget: usize,
+        spans: bool,
+    ) -> Result<Vec<Laid>, DynCfgsyncError> {
         let deadline = Instant::now() + self.limits.deadline;
         let mut budget = budget.min(self.limits.max_payload_bytes);
-        let ctx = scope.context(index);
         let loops = index.and_then(|_| scope.loops(self));
+        let mut ctx = scope.context_in(index, None);
         let mut files = Vec::with_capacity(paths.len());
         for (i, path) in paths.iter().enumerate() {
             let name = format!("{section}/{i}");
+            // Spans are told apart per file: each file has its own ledger.
+            let ledger = spans.then(|| Arc::new(Ledger::default()));
+            if ledger.is_some() {
+                ctx = scope.context_in(index, ledger.clone());
+            }
             let spliced = loops.as_ref().and_then(|l| l.get(&name)).zip(index);
             let rendered = match spliced {
                 Some((loops, index)) => {
                     let node = Value::from_object(NodeLoops {
                         loops: loops.clone(),
                         index,
+                        ledger: ledger.clone(),
                     });
                     let ctx =
                         context! { ..Value::from_iter([(splice::LOOPS, node)]), ..ctx.clone() };
-                    self.render_in(&self.spliced, &name, ctx, budget, deadline, None)
-                        .map(|(text, _)| text)
+                    self.render_in(&self.spliced, &name, ctx, budget, deadline, ledger.clone())
                 }
-                None => self.render(&name, ctx.clone(), budget, deadline),
+                None => self.render_in(
+                    &self.env,
+                    &name,
+                    ctx.clone(),
+                    budget,
+                    deadline,
+                    ledger.clone(),
+                ),
             };
-            let content = rendered.map_err(|err| match index {
+            let content = rendered.map(|(text, _)| text).map_err(|err| match index {
                 Some(_) => format!("rendering {path}: {err}"),
                 None => format!("rendering shared file {path}: {err}"),
             })?;
             budget -= content.len();
-            files.push(ArtifactFile::new(path.clone(), content));
+            files.push(Laid {
+                file: ArtifactFile::new(path.clone(), content),
+                spans: ledger.map_or_else(Vec::new, |l| l.take_spans()),
+            });
         }
         Ok(files)
     }
+}
+
+/// A rendered file, and which parts of it are slices of texts shared by the epoch's nodes.
+#[derive(Debug)]
+pub struct Laid {
+    /// The file.
+    pub file: ArtifactFile,
+    /// The shared slices in it, in order.
+    pub spans: Vec<Span>,
 }
 
 impl Templates {
@@ -559,9 +661,10 @@ impl Templates {
     fn render_loop(&self, name: &str, over: Over, scope: &Scope) -> Option<LoopOutput> {
         let members = scope.len();
         let run = |index: usize| {
-            let marks = Arc::new(Marks::default());
+            let ledger = Arc::new(Ledger::default());
+            let marks = Value::from_object(Marks(ledger.clone()));
             let ctx = context! {
-                ..Value::from_iter([(splice::MARKS, Value::from_dyn_object(marks.clone()))]),
+                ..Value::from_iter([(splice::MARKS, marks)]),
                 ..scope.context(Some(index))
             };
             let deadline = Instant::now() + self.limits.deadline;
@@ -572,14 +675,19 @@ impl Templates {
                 ctx,
                 budget,
                 deadline,
-                Some(marks.clone()),
+                Some(ledger.clone()),
             );
-            rendered.ok().map(|(text, fuel)| (text, marks.take(), fuel))
+            rendered
+                .ok()
+                .map(|(text, fuel)| (text, ledger.take_marks(), fuel))
         };
         match over {
             Over::All if members >= 1 => {
                 let (text, _, fuel) = run(0)?;
-                Some(LoopOutput::All { text, fuel })
+                Some(LoopOutput::All {
+                    text: EpochText::new(text),
+                    fuel,
+                })
             }
             Over::Peers if members >= 2 => {
                 let (upto, upto_at, upto_fuel) = run(members - 1)?;

@@ -17,33 +17,42 @@ pub struct Piece {
     len: usize,
 }
 
-/// Compression level: fast; payloads are text with long repeats and the CPU matters more.
-const LEVEL: u32 = 3;
+/// Compression level of what is compressed once for many answers: worth a better ratio.
+const SHARED_LEVEL: u32 = 6;
+/// Compression level of a node's own bytes, compressed per answer: the fastest.
+const NODE_LEVEL: u32 = 1;
+/// Own bytes shorter than this are stored, not compressed: a compressor costs more to set up
+/// than such a run saves on the wire.
+const STORE_BELOW: usize = 512;
+/// An empty final block (fixed Huffman codes, end of block): ends the stream.
+const END: [u8; 2] = [0x03, 0x00];
 
-fn deflate(out: &mut Vec<u8>, data: &[u8], last: bool) {
-    let mut compressor = Compress::new(Compression::new(LEVEL), false);
+/// Appends `data` compressed at `level`, ending with a sync flush: byte-aligned, not final.
+fn deflate(out: &mut Vec<u8>, data: &[u8], level: u32) {
+    let mut compressor = Compress::new(Compression::new(level), false);
     out.reserve(data.len() / 2 + 128);
-    let flush = if last {
-        FlushCompress::Finish
-    } else {
-        FlushCompress::Sync
-    };
     loop {
         let consumed = compressor.total_in() as usize;
-        let status = compressor
-            .compress_vec(&data[consumed..], out, flush)
+        compressor
+            .compress_vec(&data[consumed..], out, FlushCompress::Sync)
             .expect("deflate into a vector cannot fail");
-        let all_in = compressor.total_in() as usize == data.len();
-        // A sync flush is complete once it left room unused; a finish says so.
-        let complete = if last {
-            matches!(status, flate2::Status::StreamEnd)
-        } else {
-            all_in && out.len() < out.capacity()
-        };
-        if complete {
+        // A sync flush is complete once it left room unused.
+        if compressor.total_in() as usize == data.len() && out.len() < out.capacity() {
             return;
         }
         out.reserve(out.capacity().max(1024));
+    }
+}
+
+/// Appends `data` as stored (uncompressed) deflate blocks.
+fn store(out: &mut Vec<u8>, data: &[u8]) {
+    for chunk in data.chunks(u16::MAX as usize) {
+        let len = chunk.len() as u16;
+        // Not final, stored, padded to the byte; then the length and its complement.
+        out.push(0);
+        out.extend_from_slice(&len.to_le_bytes());
+        out.extend_from_slice(&(!len).to_le_bytes());
+        out.extend_from_slice(chunk);
     }
 }
 
@@ -51,7 +60,7 @@ impl Piece {
     /// Compresses `data` as a middle piece.
     pub fn new(data: &[u8]) -> Self {
         let mut out = Vec::new();
-        deflate(&mut out, data, false);
+        deflate(&mut out, data, SHARED_LEVEL);
         Self {
             deflate: Bytes::from(out),
             len: data.len(),
@@ -91,8 +100,12 @@ pub fn join(whole: &[u8], parts: &[Part<'_>]) -> Bytes {
     for part in parts {
         match part {
             Part::Plain([]) => {}
+            Part::Plain(data) if data.len() < STORE_BELOW => {
+                store(&mut deflated, data);
+                held += data.len();
+            }
             Part::Plain(data) => {
-                deflate(&mut deflated, data, false);
+                deflate(&mut deflated, data, NODE_LEVEL);
                 held += data.len();
             }
             Part::Piece(piece) => {
@@ -102,7 +115,7 @@ pub fn join(whole: &[u8], parts: &[Part<'_>]) -> Bytes {
         }
     }
     debug_assert_eq!(held, whole.len(), "the parts hold the whole");
-    deflate(&mut deflated, &[], true);
+    deflated.extend_from_slice(&END);
     let mut out = BytesMut::with_capacity(18 + deflated.len());
     // Header: magic, deflate, no flags, no mtime, no extra flags, unknown OS.
     out.put_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255]);
@@ -160,5 +173,19 @@ mod tests {
         );
         assert_eq!(gunzip(&gz), b"abc");
         assert_eq!(gunzip(&join(b"", &[])), b"");
+        // Own runs long and short, compressed and stored, around a piece.
+        let long: Vec<u8> = (0..70_000u32).map(|i| (i % 251) as u8).collect();
+        let middle = Piece::new(b"middle");
+        let mut whole = long.clone();
+        whole.extend_from_slice(b"middle");
+        whole.extend_from_slice(b"x");
+        whole.extend_from_slice(&long);
+        let parts = [
+            Part::Plain(&long),
+            Part::Piece(&middle),
+            Part::Plain(b"x"),
+            Part::Plain(&long[..]),
+        ];
+        assert_eq!(gunzip(&join(&whole, &parts)), whole);
     }
 }

@@ -431,6 +431,9 @@ pub struct Templates {
     spliced: Environment<'static>,
     /// Those templates' loops, by template name.
     plans: HashMap<String, Vec<Over>>,
+    /// Per-node templates that can write slices of shared texts (a spliced loop, or an IP
+    /// list printed whole): only their renders keep a ledger.
+    sliced: std::collections::HashSet<String>,
     /// Tells a scope's cached loop renders from another set's.
     id: u64,
 }
@@ -448,6 +451,7 @@ impl Templates {
             limits,
             spliced: environment(limits),
             plans: HashMap::new(),
+            sliced: Default::default(),
             id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
@@ -461,6 +465,9 @@ impl Templates {
     /// rendered once per epoch and spliced, where they can be.
     pub fn add_per_node(&mut self, name: String, source: String) -> Result<(), minijinja::Error> {
         let plan = splice::plan(&source);
+        if source.contains("node_ips") || source.contains("peer_ips") {
+            self.sliced.insert(name.clone());
+        }
         self.add(name.clone(), source)?;
         let Some(plan) = plan else { return Ok(()) };
         let mut kinds = Vec::new();
@@ -479,6 +486,7 @@ impl Templates {
             .add_template_owned(name.clone(), plan.outer)
             .is_ok()
         {
+            self.sliced.insert(name.clone());
             self.plans.insert(name, kinds);
         }
         Ok(())
@@ -584,15 +592,17 @@ impl Templates {
         let deadline = Instant::now() + self.limits.deadline;
         let mut budget = budget.min(self.limits.max_payload_bytes);
         let loops = index.and_then(|_| scope.loops(self));
-        let mut ctx = scope.context_in(index, None);
+        let plain = scope.context_in(index, None);
         let mut files = Vec::with_capacity(paths.len());
         for (i, path) in paths.iter().enumerate() {
             let name = format!("{section}/{i}");
-            // Spans are told apart per file: each file has its own ledger.
-            let ledger = spans.then(|| Arc::new(Ledger::default()));
-            if ledger.is_some() {
-                ctx = scope.context_in(index, ledger.clone());
-            }
+            // Spans are told apart per file: each file that can write any has its own ledger.
+            let ledger =
+                (spans && self.sliced.contains(&name)).then(|| Arc::new(Ledger::default()));
+            let ctx = match &ledger {
+                Some(_) => scope.context_in(index, ledger.clone()),
+                None => plain.clone(),
+            };
             let spliced = loops.as_ref().and_then(|l| l.get(&name)).zip(index);
             let rendered = match spliced {
                 Some((loops, index)) => {

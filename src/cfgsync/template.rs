@@ -464,7 +464,8 @@ impl Templates {
     /// Compiles a per-node template under `name`, and its loops over the member list to be
     /// rendered once per epoch and spliced, where they can be.
     pub fn add_per_node(&mut self, name: String, source: String) -> Result<(), minijinja::Error> {
-        let plan = splice::plan(&source);
+        // Only a template that assigns nothing: see `splice::plan`.
+        let plan = growth(&source).ok().and_then(|()| splice::plan(&source));
         if source.contains("node_ips") || source.contains("peer_ips") {
             self.sliced.insert(name.clone());
         }
@@ -935,6 +936,30 @@ mod tests {
         ] {
             assert_eq!(growth(source), Ok(()), "{source}");
         }
+    }
+
+    #[test]
+    fn a_template_that_assigns_keeps_its_loops_per_node() {
+        // `x` holds the node's IP: a loop reading it differs per node although it reads no
+        // per-node name itself.
+        let source = "{% set x = node.ip %}{% for p in peers %}{{ x }}/{{ p.ip }} {% endfor %}";
+        let mut templates = Templates::new(RenderLimits::default());
+        templates
+            .add_per_node("files/0".into(), source.into())
+            .unwrap();
+        assert_eq!(templates.spliced(), 0);
+        let meta = serde_json::json!({});
+        let ips: Vec<std::net::IpAddr> = (1..=3).map(|i| [10, 0, 0, i].into()).collect();
+        let scope = Scope::new(
+            ["a", "b", "c"]
+                .into_iter()
+                .zip(ips)
+                .map(|(id, ip)| (id, ip, &meta)),
+        );
+        let files = templates
+            .render_files("files", &["/f".into()], &scope, Some(1), usize::MAX)
+            .unwrap();
+        assert_eq!(files[0].content, "10.0.0.2/10.0.0.1 10.0.0.2/10.0.0.3 ");
     }
 
     #[test]

@@ -166,6 +166,89 @@ shared_files:
     }
 }
 
+/// A loop over the peers and the `peer_ips` helper, at a size where the shared texts span
+/// several compressed blocks: every node gets exactly its own list, plain and gzip alike.
+#[it::test]
+async fn spliced_peer_lists_reach_each_node_exactly_plain_and_gzip() {
+    let n = 1_500;
+    let policy = format!(
+        r#"
+expect_nodes: {n}
+files:
+  - path: /config.yaml
+    template: |
+      id: {{{{ node.identifier }}}}
+      loop: [{{% for p in peers %}}"{{{{ p.ip }}}}"{{% if not loop.last %}}, {{% endif %}}{{% endfor %}}]
+      helper: {{{{ peer_ips }}}}
+"#
+    );
+    let proc = TestServer::with(Setup::policy(&policy)).await;
+    bootsync::tls::install_crypto_provider();
+    let http = reqwest::Client::builder().no_gzip().build().unwrap();
+    let url = proc.url().to_string();
+    futures_util::stream::iter(0..n)
+        .for_each_concurrent(32, |i| {
+            let (http, url) = (http.clone(), url.clone());
+            async move {
+                let r = http
+                    .post(format!("{url}/register"))
+                    .json(&registration(i))
+                    .send()
+                    .await
+                    .unwrap();
+                assert_eq!(r.status(), 202);
+            }
+        })
+        .await;
+    let ips: Vec<String> = (0..n)
+        .map(|i| registration(i)["ip"].as_str().unwrap().to_string())
+        .collect();
+    for i in [0, 1, 733, n - 2, n - 1] {
+        let fetch = |gzip: bool| {
+            let mut request = http.post(format!("{url}/node")).json(&registration(i));
+            if gzip {
+                request = request.header("accept-encoding", "gzip");
+            }
+            async move {
+                let r = request.send().await.unwrap();
+                assert_eq!(r.status(), 200);
+                let gzipped = r.headers().get("content-encoding").is_some();
+                (gzipped, r.bytes().await.unwrap())
+            }
+        };
+        let (gzipped, plain) = fetch(false).await;
+        assert!(!gzipped);
+        let (gzipped, compressed) = fetch(true).await;
+        assert!(gzipped, "node {i}: a gzip answer");
+        let mut decoded = Vec::new();
+        flate2::read::GzDecoder::new(&compressed[..])
+            .read_to_end(&mut decoded)
+            .unwrap();
+        assert_eq!(decoded, plain, "node {i}: gzip decodes to the plain body");
+        let payload: Value = serde_json::from_slice(&plain).unwrap();
+        let list: Vec<String> = ips
+            .iter()
+            .enumerate()
+            .filter(|(j, _)| *j != i)
+            .map(|(_, ip)| format!("\"{ip}\""))
+            .collect();
+        let list = list.join(", ");
+        // minijinja drops the template's last newline.
+        let expected = format!("id: node-{i:04}\nloop: [{list}]\nhelper: [{list}]");
+        let content = payload["files"][0]["content"].as_str().unwrap();
+        let differs = content
+            .bytes()
+            .zip(expected.bytes())
+            .position(|(a, b)| a != b);
+        assert!(
+            content == expected,
+            "node {i}: {} bytes, {} expected, first difference at {differs:?}",
+            content.len(),
+            expected.len()
+        );
+    }
+}
+
 #[it::test]
 async fn a_restart_with_many_registrations_serves_every_one_of_them() {
     let dir = support::dir_with(&[("policy.yaml", GROWING)]);

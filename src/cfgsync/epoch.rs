@@ -254,6 +254,8 @@ impl Epoch {
             return Err(Arc::from(format!("{identifier:?} is not a member")));
         };
         let shared = self.shared(policy, &scope)?;
+        // The epoch's once-only work (spliced loops, the IP list) is not this render's cost.
+        policy.prepare(&scope);
         let started = Instant::now();
         let budget = policy
             .limits()

@@ -276,6 +276,12 @@ impl CompiledPolicy {
             .render_files("files", &paths, scope, Some(index), budget)
     }
 
+    /// Does the work per-node renders share, once per scope: the spliced loops' renders and
+    /// the IP list (later calls are lookups).
+    pub fn prepare(&self, scope: &Scope) {
+        self.templates.prepare(scope);
+    }
+
     /// As [`CompiledPolicy::render_node`], saying which parts of each file are slices of texts
     /// the epoch's nodes share, for an answer body that copies their escaped bytes and a gzip
     /// answer that reuses their compressed blocks.

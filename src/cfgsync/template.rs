@@ -493,6 +493,15 @@ impl Templates {
         Ok(())
     }
 
+    /// Does the work `scope`'s per-node renders share, once: the spliced loops' renders and,
+    /// when a template prints an IP list, the list.
+    pub fn prepare(&self, scope: &Scope) {
+        scope.loops(self);
+        if !self.sliced.is_empty() {
+            scope.ips_json.get_or_init(|| IpsJson::new(&scope.ips));
+        }
+    }
+
     /// How many per-node templates have loops spliced.
     pub fn spliced(&self) -> usize {
         self.plans.len()

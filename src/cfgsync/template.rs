@@ -24,7 +24,7 @@ use minijinja::{Environment, context};
 
 use super::ArtifactFile;
 use super::materialize::DynCfgsyncError;
-use super::splice::{self, LoopOutput, Marks, NodeLoops, Over};
+use super::splice::{self, LoopOutput, Marks, NodeLoops, Over, Run};
 use super::text::{EpochText, Ledger, Span};
 
 /// Bounds on every render, so no template (or node data a template loops over) can pin a
@@ -599,9 +599,13 @@ impl Templates {
         budget: usize,
         spans: bool,
     ) -> Result<Vec<Laid>, DynCfgsyncError> {
+        // The epoch's once-only work is not this render's: done before its deadline starts.
+        let loops = index.and_then(|_| {
+            self.prepare(scope);
+            scope.loops(self)
+        });
         let deadline = Instant::now() + self.limits.deadline;
         let mut budget = budget.min(self.limits.max_payload_bytes);
-        let loops = index.and_then(|_| scope.loops(self));
         let plain = scope.context_in(index, None);
         let mut files = Vec::with_capacity(paths.len());
         for (i, path) in paths.iter().enumerate() {
@@ -661,13 +665,22 @@ impl Templates {
     /// The spliced templates' loops rendered once for `scope`. A template one of whose loops
     /// cannot be (an error, a limit, too few members) keeps its per-node render, which then
     /// meets the same error or limit itself.
+    ///
+    /// All of a scope's loop renders share one budget: one deadline, one fuel and one
+    /// payload's bytes (each text and its escaped copy), so a policy of many loops costs an
+    /// epoch what one node's render may cost, not that many times over.
     fn epoch_loops(&self, scope: &Scope) -> EpochLoops {
+        let mut budget = EpochBudget {
+            deadline: Instant::now() + self.limits.deadline,
+            fuel: self.limits.fuel,
+            bytes: self.limits.max_payload_bytes,
+        };
         let mut out = EpochLoops::new();
         for (name, kinds) in &self.plans {
             let loops: Option<Vec<LoopOutput>> = kinds
                 .iter()
                 .enumerate()
-                .map(|(k, over)| self.render_loop(&loop_name(name, k), *over, scope))
+                .map(|(k, over)| self.render_loop(&loop_name(name, k), *over, scope, &mut budget))
                 .collect();
             if let Some(loops) = loops {
                 out.insert(name.clone(), loops.into());
@@ -676,52 +689,63 @@ impl Templates {
         out
     }
 
-    /// One loop rendered for the epoch: once for a loop over `nodes`; as the last and as the
-    /// first member see it for a loop over `peers`.
-    fn render_loop(&self, name: &str, over: Over, scope: &Scope) -> Option<LoopOutput> {
+    /// One loop rendered for the epoch within what is left of `budget`: once for a loop over
+    /// `nodes`; as the last and as the first member see it for a loop over `peers`.
+    fn render_loop(
+        &self,
+        name: &str,
+        over: Over,
+        scope: &Scope,
+        budget: &mut EpochBudget,
+    ) -> Option<LoopOutput> {
         let members = scope.len();
-        let run = |index: usize| {
+        let mut run = |index: usize| {
+            if budget.fuel == 0 || budget.bytes == 0 {
+                return None;
+            }
             let ledger = Arc::new(Ledger::default());
             let marks = Value::from_object(Marks(ledger.clone()));
             let ctx = context! {
                 ..Value::from_iter([(splice::MARKS, marks)]),
                 ..scope.context(Some(index))
             };
-            let deadline = Instant::now() + self.limits.deadline;
-            let budget = self.limits.max_file_bytes;
             let rendered = self.render_in(
                 &self.spliced,
                 name,
                 ctx,
-                budget,
-                deadline,
+                budget.bytes,
+                budget.deadline,
                 Some(ledger.clone()),
             );
-            rendered
-                .ok()
-                .map(|(text, fuel)| (text, ledger.take_marks(), fuel))
+            let (text, fuel) = rendered.ok()?;
+            budget.fuel = budget.fuel.saturating_sub(fuel);
+            budget.bytes = budget.bytes.saturating_sub(text.len());
+            Some(Run {
+                text,
+                marks: ledger.take_marks(),
+                fuel,
+            })
         };
-        match over {
-            Over::All if members >= 1 => {
-                let (text, _, fuel) = run(0)?;
-                Some(LoopOutput::All {
-                    text: EpochText::new(text),
-                    fuel,
-                })
-            }
+        let output = match over {
+            Over::All if members >= 1 => LoopOutput::all(run(0)?),
             Over::Peers if members >= 2 => {
-                let (upto, upto_at, upto_fuel) = run(members - 1)?;
-                let (from, from_at, from_fuel) = run(0)?;
-                LoopOutput::peers(
-                    members,
-                    (upto, upto_at),
-                    (from, from_at),
-                    upto_fuel.max(from_fuel),
-                )
+                let upto = run(members - 1)?;
+                let from = run(0)?;
+                LoopOutput::peers(members, upto, from)?
             }
-            _ => None,
-        }
+            _ => return None,
+        };
+        // The escaped copies count too.
+        budget.bytes = budget.bytes.checked_sub(output.escaped_weight())?;
+        Some(output)
     }
+}
+
+/// What is left for a scope's loop renders.
+struct EpochBudget {
+    deadline: Instant,
+    fuel: u64,
+    bytes: usize,
 }
 
 /// The name loop `k` of per-node template `name` is compiled under.
@@ -969,6 +993,35 @@ mod tests {
             .render_files("files", &["/f".into()], &scope, Some(1), usize::MAX)
             .unwrap();
         assert_eq!(files[0].content, "10.0.0.2/10.0.0.1 10.0.0.2/10.0.0.3 ");
+    }
+
+    #[test]
+    fn a_scope_s_loop_renders_share_one_budget() {
+        // Five loops, each rendering ~6 KB twice: more than a 40 KB payload in all.
+        let one = "{% for p in peers %}{{ p.ip }}{{ ' ' * 0 }}{% endfor %}";
+        let one = one.replace("{{ ' ' * 0 }}", "................................");
+        let source = one.repeat(5);
+        let meta = serde_json::json!({});
+        let ids: Vec<String> = (0..150).map(|i| format!("n{i:03}")).collect();
+        let scope = Scope::new(
+            ids.iter()
+                .enumerate()
+                .map(|(i, id)| (id.as_str(), [10, 0, 0, i as u8].into(), &meta)),
+        );
+        let with = |bytes: usize| {
+            let limits = RenderLimits {
+                max_payload_bytes: bytes,
+                ..RenderLimits::default()
+            };
+            let mut templates = Templates::new(limits);
+            templates
+                .add_per_node("files/0".into(), source.clone())
+                .unwrap();
+            assert_eq!(templates.spliced(), 1);
+            templates.epoch_loops(&scope).len()
+        };
+        assert_eq!(with(1 << 20), 1, "an ample budget splices the template");
+        assert_eq!(with(40_000), 0, "past the budget it renders per node");
     }
 
     #[test]

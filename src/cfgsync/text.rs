@@ -178,9 +178,14 @@ fn escaped_len(bytes: &[u8]) -> usize {
 #[derive(Debug, Default)]
 pub struct Ledger {
     written: AtomicUsize,
-    marks: Mutex<Vec<usize>>,
+    marks: Mutex<Vec<(usize, u64)>>,
     spans: Mutex<Vec<Span>>,
 }
+
+/// Slices shorter than this are escaped with the rest of the file: not worth a record, and a
+/// template that prints a short list over and over cannot pile records up (at most one per
+/// this many bytes written).
+const MIN_SPAN: usize = 32;
 
 /// A part of a rendered file that is a slice of a shared text.
 #[derive(Debug, Clone)]
@@ -199,27 +204,35 @@ impl Ledger {
         self.written.store(len, Ordering::Relaxed);
     }
 
-    /// Marks that an iteration starts here.
-    pub fn mark(&self) {
+    /// Marks that an iteration starts here, `fuel` instructions into the render.
+    pub fn mark(&self, fuel: u64) {
         let at = self.written.load(Ordering::Relaxed);
-        lock(&self.marks).push(at);
+        lock(&self.marks).push((at, fuel));
     }
 
     /// Notes that what is written next is `range` of `text`.
     pub fn span(&self, text: &Arc<EpochText>, range: Range<usize>) {
-        if range.is_empty() {
+        if range.len() < MIN_SPAN {
             return;
         }
         let at = self.written.load(Ordering::Relaxed);
-        lock(&self.spans).push(Span {
+        let mut spans = lock(&self.spans);
+        // A slice made into a value (`peer_ips ~ ''`) is never written: its record goes.
+        if spans
+            .last()
+            .is_some_and(|last| at < last.at + last.range.len())
+        {
+            spans.pop();
+        }
+        spans.push(Span {
             at,
             text: text.clone(),
             range,
         });
     }
 
-    /// The marks recorded.
-    pub fn take_marks(&self) -> Vec<usize> {
+    /// The marks recorded: where each was in the output, and the instructions taken by then.
+    pub fn take_marks(&self) -> Vec<(usize, u64)> {
         std::mem::take(&mut *lock(&self.marks))
     }
 

@@ -743,6 +743,31 @@ mod tests {
             templates
         }
 
+        /// A member: identifier, IP, metadata.
+        type Member = (String, std::net::IpAddr, serde_json::Value);
+
+        /// `n` members, `n00000` on, at `10.1.x.y`, with the metadata `meta` gives each.
+        fn member_set(n: u32, meta: impl Fn(u32) -> serde_json::Value) -> Vec<Member> {
+            (0..n)
+                .map(|i| {
+                    let [_, _, a, b] = i.to_be_bytes();
+                    (
+                        format!("n{i:05}"),
+                        std::net::IpAddr::from([10, 1, a, b]),
+                        meta(i),
+                    )
+                })
+                .collect()
+        }
+
+        fn scope_of(members: &[Member]) -> Scope {
+            Scope::new(
+                members
+                    .iter()
+                    .map(|(id, ip, meta)| (id.as_str(), *ip, meta)),
+            )
+        }
+
         #[test]
         fn spliced_renders_are_byte_for_byte_the_per_node_renders() {
             let cases = 1500;
@@ -766,10 +791,7 @@ mod tests {
                         if spliced.spliced() > 0 {
                             planned.fetch_add(1, Ordering::Relaxed);
                         }
-                        let scope = |m: &[(String, std::net::IpAddr, serde_json::Value)]| {
-                            Scope::new(m.iter().map(|(id, ip, meta)| (id.as_str(), *ip, meta)))
-                        };
-                        let (a, b) = (scope(&members), scope(&members));
+                        let (a, b) = (scope_of(&members), scope_of(&members));
                         let paths = ["/f".to_string()];
                         for k in 0..members.len() {
                             let render = |t: &Templates, s: &Scope| {
@@ -825,24 +847,12 @@ mod tests {
         fn answers_for_large_sets_copy_and_compress_the_shared_texts_exactly() {
             // Past several compressed blocks: node k's slices start and end inside blocks.
             let source = "id: {{ node.identifier }}\npeers: [{% for p in peers %}\"{{ p.ip }}\"{% if not loop.last %}, {% endif %}{% endfor %}]\nips: {{ peer_ips }}\nall: {% for p in nodes %}{{ p.identifier }}\t{% endfor %}\n";
-            let members: Vec<_> = (0..3000u32)
-                .map(|i| {
-                    let [_, _, a, b] = i.to_be_bytes();
-                    (
-                        format!("n{i:05}"),
-                        std::net::IpAddr::from([10, 1, a, b]),
-                        serde_json::json!({}),
-                    )
-                })
-                .collect();
+            let members = member_set(3000, |_| serde_json::json!({}));
             let limits = RenderLimits::default();
             let spliced = templates(source, limits, true);
             let plain = templates(source, limits, false);
             assert_eq!(spliced.spliced(), 1);
-            let scope = |m: &[(String, std::net::IpAddr, serde_json::Value)]| {
-                Scope::new(m.iter().map(|(id, ip, meta)| (id.as_str(), *ip, meta)))
-            };
-            let (a, b) = (scope(&members), scope(&members));
+            let (a, b) = (scope_of(&members), scope_of(&members));
             let paths = ["/config.yaml".to_string()];
             for k in [0, 1, 2, 511, 1500, 2047, 2998, 2999] {
                 let laid = spliced
@@ -874,23 +884,8 @@ mod tests {
         fn each_node_is_charged_its_own_loop_s_instructions() {
             // Items of very different cost: node k's loop costs everything but item k.
             let source = "{% for p in peers %}{% if p.metadata.big %}{% for x in range(300) %}{{ x }}{% endfor %}{% endif %}.{% endfor %}";
-            let members: Vec<_> = (0..6u8)
-                .map(|i| {
-                    let big = i == 0 || i == 2 || i == 5;
-                    (
-                        format!("n{i}"),
-                        std::net::IpAddr::from([10, 0, 0, i]),
-                        serde_json::json!({"big": big}),
-                    )
-                })
-                .collect();
-            let scope = || {
-                Scope::new(
-                    members
-                        .iter()
-                        .map(|(id, ip, meta)| (id.as_str(), *ip, meta)),
-                )
-            };
+            let members = member_set(6, |i| serde_json::json!({"big": ([0, 2, 5].contains(&i))}));
+            let scope = || scope_of(&members);
             let paths = ["/f".to_string()];
             let render = |fuel: u64, spliced: bool, k: usize| {
                 let limits = RenderLimits {
@@ -927,20 +922,8 @@ mod tests {
         #[test]
         fn a_list_made_into_a_value_over_and_over_leaves_no_pile_of_records() {
             let source = "{% for a in range(2000) %}x{% if peer_ips ~ '' %}{% endif %}{% endfor %}{{ peer_ips }}";
-            let members: Vec<_> = (0..40u8)
-                .map(|i| {
-                    (
-                        format!("n{i:02}"),
-                        std::net::IpAddr::from([10, 0, 0, i]),
-                        serde_json::json!({}),
-                    )
-                })
-                .collect();
-            let scope = Scope::new(
-                members
-                    .iter()
-                    .map(|(id, ip, meta)| (id.as_str(), *ip, meta)),
-            );
+            let members = member_set(40, |_| serde_json::json!({}));
+            let scope = scope_of(&members);
             let templates = templates(source, RenderLimits::default(), true);
             let laid = templates
                 .render_laid(
@@ -965,22 +948,8 @@ mod tests {
         fn fuel_bounds_a_node_s_render_with_its_spliced_loop_counted() {
             // The loop alone fits the fuel, the node's own loop alone too, both do not.
             let source = "{% for p in peers %}{{ p.ip }},{% endfor %}{% for x in range(300) %}{{ x }}{% endfor %}";
-            let members: Vec<_> = (0..200u8)
-                .map(|i| {
-                    (
-                        format!("n{i:03}"),
-                        std::net::IpAddr::from([10, 0, 0, i]),
-                        serde_json::json!({}),
-                    )
-                })
-                .collect();
-            let scope = || {
-                Scope::new(
-                    members
-                        .iter()
-                        .map(|(id, ip, meta)| (id.as_str(), *ip, meta)),
-                )
-            };
+            let members = member_set(200, |_| serde_json::json!({}));
+            let scope = || scope_of(&members);
             let paths = ["/f".to_string()];
             let render = |fuel: u64, spliced: bool| {
                 let limits = RenderLimits {

@@ -271,9 +271,8 @@ impl CompiledPolicy {
         index: usize,
         budget: usize,
     ) -> Result<Vec<ArtifactFile>, DynCfgsyncError> {
-        let paths: Vec<String> = self.policy.files.iter().map(|f| f.path.clone()).collect();
-        self.templates
-            .render_files("files", &paths, scope, Some(index), budget)
+        let laid = self.render_node_files(scope, index, budget, false)?;
+        Ok(laid.into_iter().map(|l| l.file).collect())
     }
 
     /// Does the work per-node renders share, once per scope: the spliced loops' renders and
@@ -291,9 +290,19 @@ impl CompiledPolicy {
         index: usize,
         budget: usize,
     ) -> Result<Vec<Laid>, DynCfgsyncError> {
+        self.render_node_files(scope, index, budget, true)
+    }
+
+    fn render_node_files(
+        &self,
+        scope: &Scope,
+        index: usize,
+        budget: usize,
+        spans: bool,
+    ) -> Result<Vec<Laid>, DynCfgsyncError> {
         let paths: Vec<String> = self.policy.files.iter().map(|f| f.path.clone()).collect();
         self.templates
-            .render_laid("files", &paths, scope, Some(index), budget, true)
+            .render_laid("files", &paths, scope, Some(index), budget, spans)
     }
 }
 

@@ -431,9 +431,9 @@ pub struct Templates {
     spliced: Environment<'static>,
     /// Those templates' loops, by template name.
     plans: HashMap<String, Vec<Over>>,
-    /// Per-node templates that can write slices of shared texts (a spliced loop, or an IP
-    /// list printed whole): only their renders keep a ledger.
-    sliced: std::collections::HashSet<String>,
+    /// Per-node templates that name an IP list: with those that have spliced loops, the
+    /// ones that can write slices of shared texts, whose renders keep a ledger.
+    lists: std::collections::HashSet<String>,
     /// Tells a scope's cached loop renders from another set's.
     id: u64,
 }
@@ -451,7 +451,7 @@ impl Templates {
             limits,
             spliced: environment(limits),
             plans: HashMap::new(),
-            sliced: Default::default(),
+            lists: Default::default(),
             id: IDS.fetch_add(1, std::sync::atomic::Ordering::Relaxed),
         }
     }
@@ -467,7 +467,7 @@ impl Templates {
         // Only a template that assigns nothing: see `splice::plan`.
         let plan = growth(&source).ok().and_then(|()| splice::plan(&source));
         if source.contains("node_ips") || source.contains("peer_ips") {
-            self.sliced.insert(name.clone());
+            self.lists.insert(name.clone());
         }
         self.add(name.clone(), source)?;
         let Some(plan) = plan else { return Ok(()) };
@@ -487,7 +487,6 @@ impl Templates {
             .add_template_owned(name.clone(), plan.outer)
             .is_ok()
         {
-            self.sliced.insert(name.clone());
             self.plans.insert(name, kinds);
         }
         Ok(())
@@ -497,7 +496,7 @@ impl Templates {
     /// when a template prints an IP list, the list.
     pub fn prepare(&self, scope: &Scope) {
         scope.loops(self);
-        if !self.sliced.is_empty() {
+        if !self.lists.is_empty() {
             scope.ips_json.get_or_init(|| IpsJson::new(&scope.ips));
         }
     }
@@ -611,8 +610,8 @@ impl Templates {
         for (i, path) in paths.iter().enumerate() {
             let name = format!("{section}/{i}");
             // Spans are told apart per file: each file that can write any has its own ledger.
-            let ledger =
-                (spans && self.sliced.contains(&name)).then(|| Arc::new(Ledger::default()));
+            let ledger = (spans && (self.plans.contains_key(&name) || self.lists.contains(&name)))
+                .then(|| Arc::new(Ledger::default()));
             let ctx = match &ledger {
                 Some(_) => scope.context_in(index, ledger.clone()),
                 None => plain.clone(),
@@ -998,9 +997,8 @@ mod tests {
     #[test]
     fn a_scope_s_loop_renders_share_one_budget() {
         // Five loops, each rendering ~6 KB twice: more than a 40 KB payload in all.
-        let one = "{% for p in peers %}{{ p.ip }}{{ ' ' * 0 }}{% endfor %}";
-        let one = one.replace("{{ ' ' * 0 }}", "................................");
-        let source = one.repeat(5);
+        let source =
+            "{% for p in peers %}{{ p.ip }}................................{% endfor %}".repeat(5);
         let meta = serde_json::json!({});
         let ids: Vec<String> = (0..150).map(|i| format!("n{i:03}")).collect();
         let scope = Scope::new(
